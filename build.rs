@@ -1,0 +1,28 @@
+//! Generates the C header from the FFI layer with cbindgen (into `OUT_DIR`, and into
+//! `include/hbitmap.h` when `HBITMAP_UPDATE_HEADER` is set) and gives the shared library its
+//! SONAME.
+
+use std::env;
+use std::path::PathBuf;
+
+fn main() {
+    let crate_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
+    println!("cargo::rerun-if-changed=src/ffi");
+    println!("cargo::rerun-if-changed=src/bitmap/mod.rs");
+    println!("cargo::rerun-if-changed=cbindgen.toml");
+    println!("cargo::rerun-if-env-changed=HBITMAP_UPDATE_HEADER");
+    println!("cargo::rustc-cdylib-link-arg=-Wl,-soname,libhbitmap.so.1");
+
+    let config =
+        cbindgen::Config::from_file(crate_dir.join("cbindgen.toml")).expect("cbindgen.toml");
+    let bindings = cbindgen::Builder::new()
+        .with_crate(&crate_dir)
+        .with_config(config)
+        .generate()
+        .expect("generating the C header");
+    bindings.write_to_file(out_dir.join("hbitmap.h"));
+    if env::var_os("HBITMAP_UPDATE_HEADER").is_some() {
+        bindings.write_to_file(crate_dir.join("include/hbitmap.h"));
+    }
+}

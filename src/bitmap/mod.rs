@@ -1,0 +1,653 @@
+//! The hierarchical bitmap itself: storage, set/reset with upward propagation, queries, resize,
+//! merge and meta bitmaps.
+//!
+//! An `HBitmap` stacks [`LEVELS`] bitmaps of 64-bit words. The last level holds one bit per
+//! *group* of `2^granularity` items; in every level above it, bit N is set iff word N of the
+//! level below is nonzero. Level 0 is a single word whose most significant bit is a sentinel
+//! that stops iteration. This is exactly the layout of QEMU's `util/hbitmap.c`, kept word for
+//! word so that iteration, serialization and SHA-256 agree with it to the bit.
+
+pub(crate) mod iter;
+mod search;
+mod update;
+
+pub use iter::{Extents, Iter};
+
+use std::fmt;
+
+/// Bits in one storage word (`unsigned long` on 64-bit hosts).
+pub const BITS_PER_WORD: u32 = 64;
+/// log2 of [`BITS_PER_WORD`]: how far an index shifts to move one level up.
+pub const BITS_PER_LEVEL: u32 = 6;
+/// log2 of the largest number of groups a bitmap may hold.
+pub const LOG_MAX_SIZE: u32 = 41;
+/// Number of levels, the last one being the bitmap proper.
+pub const LEVELS: usize = (LOG_MAX_SIZE / BITS_PER_LEVEL) as usize + 1;
+/// The level that holds one bit per group.
+pub(crate) const LAST: usize = LEVELS - 1;
+/// Marks the end of iteration in level 0, which never uses its top bit otherwise.
+pub(crate) const SENTINEL: u64 = 1 << (BITS_PER_WORD - 1);
+/// Largest number of groups: `2^LOG_MAX_SIZE`.
+pub const MAX_GROUPS: u64 = 1 << LOG_MAX_SIZE;
+
+/// Why an [`HBitmap`] could not be created.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BitmapError {
+    /// The granularity is not below 64.
+    #[error("granularity {0} is out of range: it must be below 64")]
+    Granularity(u32),
+    /// The size needs more than 2^41 groups at this granularity.
+    #[error("size {size} at granularity {granularity} needs {groups} groups, more than 2^41")]
+    TooLarge {
+        /// Requested size in items.
+        size: u64,
+        /// Requested granularity.
+        granularity: u32,
+        /// Groups the size needs.
+        groups: u64,
+    },
+}
+
+/// A hierarchical dirty bitmap: QEMU's `HBitmap`.
+///
+/// The bitmap covers `size` items; each bit stands for a group of `2^granularity` items. Setting
+/// or resetting any item of a group sets or resets the whole group, and iteration reports the
+/// first item of each dirty group.
+///
+/// ```
+/// use hbitmap::HBitmap;
+///
+/// // 1 MiB tracked at 4 KiB granularity.
+/// let mut bitmap = HBitmap::new(1 << 20, 12)?;
+/// bitmap.set(5000, 10); // dirties the group 4096..8192
+/// assert_eq!(bitmap.count(), 4096);
+/// assert_eq!(bitmap.iter().collect::<Vec<_>>(), vec![4096]);
+/// assert_eq!(bitmap.extents().collect::<Vec<_>>(), vec![4096..8192]);
+/// # Ok::<(), hbitmap::BitmapError>(())
+/// ```
+pub struct HBitmap {
+    /// Size in items, as requested.
+    pub(crate) orig_size: u64,
+    /// Size in groups: bits used in the last level.
+    pub(crate) size: u64,
+    /// Set groups in the last level.
+    pub(crate) count: u64,
+    pub(crate) granularity: u32,
+    /// `levels[LAST]` is the bitmap proper; each level above summarizes the one below.
+    pub(crate) levels: [Vec<u64>; LEVELS],
+    /// Tracks which chunks of this bitmap changed (migration's "dirty-dirty" bitmap).
+    pub(crate) meta: Option<Box<HBitmap>>,
+    /// True while the summary levels may disagree with the last level: after a deserialization
+    /// step without `finish`. Counting then follows the summary levels, as the original does.
+    pub(crate) stale: bool,
+}
+
+/// Groups needed for `size` items, rounding up exactly as the original does (the addition wraps
+/// for sizes within `2^granularity` of `u64::MAX`).
+pub(crate) fn groups_for(size: u64, granularity: u32) -> u64 {
+    size.wrapping_add((1u64 << granularity) - 1) >> granularity
+}
+
+/// Words a level needs to hold `bits` bits; never fewer than one.
+pub(crate) fn words_for(bits: u64) -> usize {
+    bits.div_ceil(u64::from(BITS_PER_WORD)).max(1) as usize
+}
+
+/// Mask of bits `start..=last` of one word (both taken modulo 64).
+#[inline]
+pub(crate) fn word_mask(start: u64, last: u64) -> u64 {
+    let hi = last & 63;
+    let lo = start & 63;
+    (u64::MAX >> (63 - hi)) & (u64::MAX << lo)
+}
+
+impl HBitmap {
+    /// Creates an empty bitmap of `size` items, one bit per `2^granularity` items.
+    ///
+    /// Fails when `granularity >= 64` or when the size needs more than 2^41 groups.
+    pub fn new(size: u64, granularity: u32) -> Result<HBitmap, BitmapError> {
+        if granularity >= BITS_PER_WORD {
+            return Err(BitmapError::Granularity(granularity));
+        }
+        let groups = groups_for(size, granularity);
+        if groups > MAX_GROUPS {
+            return Err(BitmapError::TooLarge {
+                size,
+                granularity,
+                groups,
+            });
+        }
+        let mut levels: [Vec<u64>; LEVELS] = Default::default();
+        let mut bits = groups;
+        for level in levels.iter_mut().rev() {
+            let words = words_for(bits);
+            *level = vec![0; words];
+            bits = words as u64;
+        }
+        levels[0][0] = SENTINEL;
+        Ok(HBitmap {
+            orig_size: size,
+            size: groups,
+            count: 0,
+            granularity,
+            levels,
+            meta: None,
+            stale: false,
+        })
+    }
+
+    /// Size in items, as given to [`new`](Self::new) or [`truncate`](Self::truncate).
+    pub fn size(&self) -> u64 {
+        self.orig_size
+    }
+
+    /// Number of groups (bits of the last level).
+    pub fn groups(&self) -> u64 {
+        self.size
+    }
+
+    /// log2 of the number of items in a group.
+    pub fn granularity(&self) -> u32 {
+        self.granularity
+    }
+
+    /// Dirty items: the number of dirty groups times the group size (wrapping, as the original).
+    pub fn count(&self) -> u64 {
+        self.count << self.granularity
+    }
+
+    /// Number of dirty groups.
+    pub fn dirty_groups(&self) -> u64 {
+        self.count
+    }
+
+    /// True when no group is dirty.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Words of one level (0 is the coarsest, [`LEVELS`]` - 1` the bitmap proper).
+    pub fn level_words(&self, level: usize) -> &[u64] {
+        &self.levels[level]
+    }
+
+    /// Whether the group holding `item` is dirty.
+    ///
+    /// # Panics
+    /// When `item` lies beyond the last group.
+    pub fn get(&self, item: u64) -> bool {
+        if let Err(why) = self.check_item(item) {
+            panic!("HBitmap::get: {why}");
+        }
+        self.get_unchecked_range(item)
+    }
+
+    /// `get` once the caller has checked the item.
+    #[inline]
+    pub(crate) fn get_unchecked_range(&self, item: u64) -> bool {
+        let group = item >> self.granularity;
+        self.levels[LAST][(group >> BITS_PER_LEVEL) as usize] & (1 << (group & 63)) != 0
+    }
+
+    /// Checks that `item` lies within the bitmap.
+    pub(crate) fn check_item(&self, item: u64) -> Result<(), String> {
+        let group = item >> self.granularity;
+        if group < self.size {
+            Ok(())
+        } else {
+            Err(format!(
+                "item {item} is in group {group}, beyond the bitmap's {} groups",
+                self.size
+            ))
+        }
+    }
+
+    /// Checks an item range and converts it to groups `first..=last`; `None` for an empty range.
+    pub(crate) fn check_range(&self, start: u64, count: u64) -> Result<Option<(u64, u64)>, String> {
+        if count == 0 {
+            return Ok(None);
+        }
+        let last = match start.checked_add(count - 1) {
+            Some(last) => last,
+            None => return Err(format!("range start {start} count {count} wraps past 2^64")),
+        };
+        let (first, last) = (start >> self.granularity, last >> self.granularity);
+        if last >= self.size {
+            return Err(format!(
+                "range start {start} count {count} ends in group {last}, beyond the bitmap's {} groups",
+                self.size
+            ));
+        }
+        Ok(Some((first, last)))
+    }
+
+    /// Marks every group touched by `start..start + count` dirty. A zero count does nothing.
+    ///
+    /// # Panics
+    /// When the range ends beyond the last group.
+    pub fn set(&mut self, start: u64, count: u64) {
+        match self.check_range(start, count) {
+            Ok(Some((first, last))) => self.set_groups(start, count, first, last),
+            Ok(None) => {}
+            Err(why) => panic!("HBitmap::set: {why}"),
+        }
+    }
+
+    /// Marks every group touched by `start..start + count` clean: a range that covers a group
+    /// only partly still cleans all of it. A zero count does nothing.
+    ///
+    /// # Panics
+    /// When the range ends beyond the last group.
+    pub fn reset(&mut self, start: u64, count: u64) {
+        match self.check_range(start, count) {
+            Ok(Some((first, last))) => self.reset_groups(start, count, first, last),
+            Ok(None) => {}
+            Err(why) => panic!("HBitmap::reset: {why}"),
+        }
+    }
+
+    /// Marks the whole bitmap clean. The meta bitmap, if any, is not touched.
+    pub fn reset_all(&mut self) {
+        if self.stale {
+            for level in &mut self.levels[1..] {
+                level.fill(0);
+            }
+        } else {
+            self.clear_dirty_words();
+        }
+        self.levels[0][0] = SENTINEL;
+        self.count = 0;
+        self.stale = false;
+    }
+
+    /// Zeroes the nonzero words of levels 1.. found through the summary above each, bottom
+    /// level first so every summary is read before it is cleared: a huge, mostly clean bitmap is
+    /// cleared without touching its clean pages.
+    fn clear_dirty_words(&mut self) {
+        for level in (1..LEVELS).rev() {
+            let (upper, lower) = self.levels.split_at_mut(level);
+            let words = &mut lower[0];
+            let len = words.len();
+            for_each_marked_block(&upper[level - 1], level == 1, len, |range| {
+                words[range].fill(0)
+            });
+        }
+        self.levels[0].fill(0);
+    }
+
+    /// Counts the dirty groups in `first..=last` by walking the summary levels, as the original
+    /// does; differs from a plain popcount only while the summary is stale.
+    pub(crate) fn count_between_via_summary(&self, first: u64, last: u64) -> u64 {
+        let end = last + 1;
+        let end_word = (end >> BITS_PER_LEVEL) as usize;
+        let mut cursor = iter::Cursor::at_group(self, first);
+        let mut count = 0;
+        loop {
+            let (pos, word) = cursor.next_word(self);
+            if pos >= end_word {
+                if pos == end_word {
+                    count += u64::from((word & ((1u64 << (end & 63)) - 1)).count_ones());
+                }
+                return count;
+            }
+            count += u64::from(word.count_ones());
+        }
+    }
+
+    /// Recomputes the dirty-group count over the whole bitmap, as the original does after merge
+    /// and deserialization.
+    pub(crate) fn recount(&mut self) {
+        self.count = if self.size == 0 {
+            0
+        } else if self.stale {
+            self.count_between_via_summary(0, self.size - 1)
+        } else {
+            popcount_below(&self.levels[LAST], self.size)
+        };
+    }
+
+    /// Resizes the bitmap to `size` items. Shrinking first cleans the groups that disappear
+    /// (which marks them in the meta bitmap); growing adds clean groups. The meta bitmap
+    /// follows.
+    ///
+    /// # Panics
+    /// When the new size needs more than 2^41 groups.
+    pub fn truncate(&mut self, size: u64) {
+        if let Err(why) = self.check_truncate(size) {
+            panic!("HBitmap::truncate: {why}");
+        }
+        self.truncate_checked(size);
+    }
+
+    pub(crate) fn check_truncate(&self, size: u64) -> Result<(), String> {
+        let groups = groups_for(size, self.granularity);
+        if groups > MAX_GROUPS {
+            return Err(format!(
+                "size {size} at granularity {} needs {groups} groups, more than 2^41",
+                self.granularity
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn truncate_checked(&mut self, size: u64) {
+        let granularity = self.granularity;
+        let groups = groups_for(size, granularity);
+        // Kept current so next_zero and next_dirty_area see the new end (QEMU 4.1, 4e4de22279).
+        self.orig_size = size;
+        if groups == self.size {
+            return;
+        }
+        let shrink = groups < self.size;
+        if shrink {
+            // Clean whole groups from the first one wholly past the new end.
+            let group_size = 1u64 << granularity;
+            let start = size.wrapping_add(group_size - 1) & group_size.wrapping_neg();
+            let fix_count = (self.size << granularity).wrapping_sub(start);
+            self.reset_groups(start, fix_count, groups, self.size - 1);
+        }
+        self.size = groups;
+        let mut bits = groups;
+        for level in self.levels.iter_mut().rev() {
+            let words = words_for(bits);
+            if level.len() == words {
+                break;
+            }
+            if shrink {
+                level.truncate(words);
+                level.shrink_to_fit();
+            } else {
+                level.reserve_exact(words - level.len());
+                level.resize(words, 0);
+            }
+            bits = words as u64;
+        }
+        if let Some(meta) = self.meta.as_mut() {
+            meta.truncate_checked(self.size << granularity);
+        }
+    }
+
+    /// Whether `self` and `other` have the same number of groups and the same granularity.
+    pub fn can_merge(&self, other: &HBitmap) -> bool {
+        self.size == other.size && self.granularity == other.granularity
+    }
+
+    /// `self |= other`. Returns false, changing nothing, when the bitmaps cannot be merged.
+    /// The meta bitmap is not updated.
+    pub fn merge(&mut self, other: &HBitmap) -> bool {
+        if !self.can_merge(other) {
+            return false;
+        }
+        if other.count() == 0 {
+            return true;
+        }
+        let stale = self.stale || other.stale;
+        if stale {
+            for (dst, src) in self.levels.iter_mut().zip(&other.levels) {
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d |= s);
+            }
+        } else {
+            for (dst, src) in self.levels[..LAST].iter_mut().zip(&other.levels) {
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d |= s);
+            }
+            // The last level only where `other` has dirty words, which the (already merged)
+            // summary of `other` tells.
+            merge_dirty_blocks(
+                &mut self.levels[LAST],
+                &other.levels[LAST],
+                &other.levels[LAST - 1],
+            );
+        }
+        self.stale = stale;
+        self.recount();
+        true
+    }
+
+    /// `self |= self`: changes nothing but recounts, as the original does when all three
+    /// arguments of its merge are one bitmap.
+    pub(crate) fn merge_with_itself(&mut self) -> bool {
+        if self.count() != 0 {
+            self.recount();
+        }
+        true
+    }
+
+    /// `result = a | b`. Returns false, changing nothing, when the three bitmaps do not all have
+    /// the same size and granularity. For `a |= b`, use [`merge`](Self::merge).
+    pub fn merge_into(a: &HBitmap, b: &HBitmap, result: &mut HBitmap) -> bool {
+        if !a.can_merge(b) || !a.can_merge(result) {
+            return false;
+        }
+        if a.count() == 0 && b.count() == 0 {
+            result.reset_all();
+            return true;
+        }
+        let stale = a.stale || b.stale;
+        if stale || result.stale {
+            for ((dst, x), y) in result.levels.iter_mut().zip(&a.levels).zip(&b.levels) {
+                dst.iter_mut()
+                    .zip(x.iter().zip(y))
+                    .for_each(|(d, (x, y))| *d = x | y);
+            }
+        } else {
+            let (result_upper, result_last) = result.levels.split_at_mut(LAST);
+            or_dirty_blocks(
+                &mut result_last[0],
+                [&a.levels[LAST], &b.levels[LAST]],
+                [
+                    &a.levels[LAST - 1],
+                    &b.levels[LAST - 1],
+                    &result_upper[LAST - 1],
+                ],
+            );
+            for ((dst, x), y) in result.levels[..LAST]
+                .iter_mut()
+                .zip(&a.levels)
+                .zip(&b.levels)
+            {
+                dst.iter_mut()
+                    .zip(x.iter().zip(y))
+                    .for_each(|(d, (x, y))| *d = x | y);
+            }
+        }
+        result.stale = stale;
+        result.recount();
+        true
+    }
+
+    /// Creates the meta bitmap: one bit per `chunk_size` groups' worth of items, set whenever a
+    /// set or reset changes this bitmap. Returns it.
+    ///
+    /// # Panics
+    /// When a meta bitmap exists already, when `chunk_size` is not a power of two, or when
+    /// the resulting granularity would reach 64.
+    pub fn create_meta(&mut self, chunk_size: u32) -> &mut HBitmap {
+        if let Err(why) = self.check_create_meta(chunk_size as i32) {
+            panic!("HBitmap::create_meta: {why}");
+        }
+        self.create_meta_checked(chunk_size as i32)
+    }
+
+    pub(crate) fn meta_granularity(&self, chunk_size: i32) -> u32 {
+        self.granularity + (chunk_size as u32).trailing_zeros()
+    }
+
+    pub(crate) fn check_create_meta(&self, chunk_size: i32) -> Result<(), String> {
+        if chunk_size & chunk_size.wrapping_sub(1) != 0 {
+            return Err(format!("chunk size {chunk_size} is not a power of two"));
+        }
+        if self.meta.is_some() {
+            return Err("the bitmap already has a meta bitmap".into());
+        }
+        let granularity = self.meta_granularity(chunk_size);
+        if granularity >= BITS_PER_WORD {
+            return Err(format!(
+                "chunk size {chunk_size} at granularity {} gives meta granularity {granularity}, not below 64",
+                self.granularity
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn create_meta_checked(&mut self, chunk_size: i32) -> &mut HBitmap {
+        let granularity = self.meta_granularity(chunk_size);
+        // The meta bitmap has at most as many groups as this one: it cannot be too large.
+        let meta = HBitmap::new(self.size << self.granularity, granularity)
+            .expect("meta bitmap is never larger than its bitmap");
+        self.meta.insert(Box::new(meta))
+    }
+
+    /// The meta bitmap, if one was created.
+    pub fn meta(&self) -> Option<&HBitmap> {
+        self.meta.as_deref()
+    }
+
+    /// The meta bitmap, mutably (to reset chunks once they were sent).
+    pub fn meta_mut(&mut self) -> Option<&mut HBitmap> {
+        self.meta.as_deref_mut()
+    }
+
+    /// Drops the meta bitmap; returns false when there was none.
+    pub fn free_meta(&mut self) -> bool {
+        self.meta.take().is_some()
+    }
+
+    /// Iterates over the first item of every dirty group, in order.
+    pub fn iter(&self) -> Iter<'_> {
+        Iter::new(self, 0)
+    }
+
+    /// Iterates over the first item of every dirty group from the group holding `first` on.
+    /// Yields nothing when `first` lies beyond the last group.
+    pub fn iter_from(&self, first: u64) -> Iter<'_> {
+        Iter::new(self, first)
+    }
+
+    /// Iterates over maximal dirty extents as item ranges, clipped to the bitmap's size.
+    pub fn extents(&self) -> Extents<'_> {
+        Extents::new(self)
+    }
+}
+
+/// Popcount of the first `bits` bits of `words`.
+pub(crate) fn popcount_below(words: &[u64], bits: u64) -> u64 {
+    let full = (bits / 64) as usize;
+    let mut count: u64 = words[..full]
+        .iter()
+        .map(|w| u64::from(w.count_ones()))
+        .sum();
+    let tail = bits % 64;
+    if tail != 0 {
+        count += u64::from((words[full] & ((1u64 << tail) - 1)).count_ones());
+    }
+    count
+}
+
+/// `dst |= src` over the 64-word blocks that `src_summary` marks as holding dirty words.
+fn merge_dirty_blocks(dst: &mut [u64], src: &[u64], src_summary: &[u64]) {
+    for_each_marked_block(src_summary, false, src.len(), |range| {
+        dst[range.clone()]
+            .iter_mut()
+            .zip(&src[range])
+            .for_each(|(d, s)| *d |= s);
+    });
+}
+
+/// `dst = a | b` block by block, skipping blocks that are clean in all three (per their
+/// summaries) and zeroing blocks dirty only in `dst`.
+fn or_dirty_blocks(dst: &mut [u64], src: [&[u64]; 2], summaries: [&[u64]; 3]) {
+    let len = dst.len();
+    for (index, ((&sa, &sb), &sd)) in summaries[0]
+        .iter()
+        .zip(summaries[1])
+        .zip(summaries[2])
+        .enumerate()
+    {
+        if sa | sb | sd == 0 {
+            continue;
+        }
+        let range = index * 64..(index * 64 + 64).min(len);
+        let (d, a, b) = (
+            &mut dst[range.clone()],
+            &src[0][range.clone()],
+            &src[1][range],
+        );
+        if sa | sb == 0 {
+            d.fill(0);
+        } else {
+            d.iter_mut()
+                .zip(a.iter().zip(b))
+                .for_each(|(d, (a, b))| *d = a | b);
+        }
+    }
+}
+
+/// Calls `f` with the range of 64 words (clipped to `len`) below each nonzero word of
+/// `summary`. `skip_sentinel` ignores level 0's sentinel bit.
+fn for_each_marked_block(
+    summary: &[u64],
+    skip_sentinel: bool,
+    len: usize,
+    mut f: impl FnMut(std::ops::Range<usize>),
+) {
+    for (index, &bits) in summary.iter().enumerate() {
+        let bits = if skip_sentinel {
+            bits & !SENTINEL
+        } else {
+            bits
+        };
+        let base = index * 64;
+        if bits != 0 && base < len {
+            f(base..(base + 64).min(len));
+        }
+    }
+}
+
+impl fmt::Debug for HBitmap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut out = f.debug_struct("HBitmap");
+        out.field("size", &self.orig_size)
+            .field("granularity", &self.granularity)
+            .field("groups", &self.size)
+            .field("dirty_groups", &self.count);
+        if !self.stale && self.size > 0 {
+            const SHOWN: usize = 8;
+            let extents: Vec<_> = self.extents().take(SHOWN + 1).collect();
+            if extents.len() > SHOWN {
+                out.field("first_extents", &&extents[..SHOWN]);
+            } else {
+                out.field("extents", &extents);
+            }
+        }
+        if self.stale {
+            out.field("stale_summary", &true);
+        }
+        out.field("meta", &self.meta).finish()
+    }
+}
+
+impl Clone for HBitmap {
+    fn clone(&self) -> Self {
+        HBitmap {
+            orig_size: self.orig_size,
+            size: self.size,
+            count: self.count,
+            granularity: self.granularity,
+            levels: self.levels.clone(),
+            meta: self.meta.clone(),
+            stale: self.stale,
+        }
+    }
+}
+
+impl PartialEq for HBitmap {
+    /// Same size, granularity and dirty groups (the meta bitmap is not compared).
+    fn eq(&self, other: &Self) -> bool {
+        self.orig_size == other.orig_size
+            && self.granularity == other.granularity
+            && self.count == other.count
+            && self.levels[LAST] == other.levels[LAST]
+    }
+}
+
+impl Eq for HBitmap {}

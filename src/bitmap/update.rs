@@ -1,0 +1,149 @@
+//! Setting and resetting ranges of groups, level by level.
+//!
+//! Each level is updated over a bit range; a change is propagated to the level above over the
+//! range of words touched, exactly when and where the original propagates it, so that the
+//! summary levels (and the meta bitmap, which follows the same "changed" answers) match it bit
+//! for bit. The last level also counts the bits it flips, so no second pass is needed.
+
+use super::{word_mask, HBitmap, BITS_PER_LEVEL, LAST};
+
+/// Sets bits `start..=last` of one level. Returns whether the level above needs updating: a
+/// first or last word changed, or a middle word was zero. Adds newly set bits to `added`.
+#[inline]
+fn set_range(words: &mut [u64], start: u64, last: u64, added: &mut u64) -> bool {
+    let pos = (start >> BITS_PER_LEVEL) as usize;
+    let lastpos = (last >> BITS_PER_LEVEL) as usize;
+    if pos == lastpos {
+        let old = words[pos];
+        let new = old | word_mask(start, last);
+        words[pos] = new;
+        *added += u64::from((new ^ old).count_ones());
+        return new != old;
+    }
+    let old = words[pos];
+    let new = old | word_mask(start, 63);
+    words[pos] = new;
+    *added += u64::from((new ^ old).count_ones());
+    let mut changed = new != old;
+    for word in &mut words[pos + 1..lastpos] {
+        changed |= *word == 0;
+        *added += u64::from(64 - word.count_ones());
+        *word = u64::MAX;
+    }
+    let old = words[lastpos];
+    let new = old | word_mask(0, last);
+    words[lastpos] = new;
+    *added += u64::from((new ^ old).count_ones());
+    changed | (new != old)
+}
+
+/// Clears bits `start..=last` of one level. Returns the range of this level's words that
+/// became blank (for the level above), or `None` when none did. Adds cleared bits to `removed`.
+#[inline]
+fn reset_range(words: &mut [u64], start: u64, last: u64, removed: &mut u64) -> Option<(u64, u64)> {
+    let mut pos = start >> BITS_PER_LEVEL;
+    let mut lastpos = last >> BITS_PER_LEVEL;
+    let mut changed = false;
+    // The first and last words are passed up only if they became entirely zero.
+    let clear = |word: &mut u64, mask: u64, removed: &mut u64| {
+        let old = *word;
+        *word = old & !mask;
+        *removed += u64::from((old & mask).count_ones());
+        old != 0 && old & !mask == 0
+    };
+    if pos < lastpos {
+        if clear(&mut words[pos as usize], word_mask(start, 63), removed) {
+            changed = true;
+        } else {
+            pos += 1;
+        }
+        for word in &mut words[(start >> BITS_PER_LEVEL) as usize + 1..lastpos as usize] {
+            changed |= *word != 0;
+            *removed += u64::from(word.count_ones());
+            *word = 0;
+        }
+        if clear(&mut words[lastpos as usize], word_mask(0, last), removed) {
+            changed = true;
+        } else {
+            lastpos = lastpos.wrapping_sub(1);
+        }
+    } else if clear(&mut words[pos as usize], word_mask(start, last), removed) {
+        changed = true;
+    } else {
+        lastpos = lastpos.wrapping_sub(1);
+    }
+    changed.then_some((pos, lastpos))
+}
+
+impl HBitmap {
+    /// Sets groups `first..=last` (the checked form of the item range `start`, `count`), then the
+    /// summary levels and the meta bitmap.
+    pub(crate) fn set_groups(&mut self, start: u64, count: u64, first: u64, last: u64) {
+        let mut added = 0;
+        let changed = if self.stale {
+            // Count as the original does, through the (stale) summary.
+            let already = self.count_between_via_summary(first, last);
+            added = (last - first + 1).wrapping_sub(already);
+            self.set_levels(first, last, &mut 0)
+        } else {
+            self.set_levels(first, last, &mut added)
+        };
+        self.count = self.count.wrapping_add(added);
+        if changed {
+            if let Some(meta) = self.meta.as_mut() {
+                meta.set(start, count);
+            }
+        }
+    }
+
+    /// Sets bits `first..=last` of the last level and propagates; true if the last level changed.
+    fn set_levels(&mut self, first: u64, last: u64, added: &mut u64) -> bool {
+        if !set_range(&mut self.levels[LAST], first, last, added) {
+            return false;
+        }
+        let (mut start, mut last) = (first >> BITS_PER_LEVEL, last >> BITS_PER_LEVEL);
+        let mut ignored = 0;
+        for level in (0..LAST).rev() {
+            if !set_range(&mut self.levels[level], start, last, &mut ignored) {
+                break;
+            }
+            start >>= BITS_PER_LEVEL;
+            last >>= BITS_PER_LEVEL;
+        }
+        true
+    }
+
+    /// Resets groups `first..=last` (the checked form of the item range `start`, `count`), then
+    /// the summary levels and, if a word became blank, the meta bitmap.
+    pub(crate) fn reset_groups(&mut self, start: u64, count: u64, first: u64, last: u64) {
+        let mut removed = 0;
+        let blanked = if self.stale {
+            removed = self.count_between_via_summary(first, last);
+            self.reset_levels(first, last, &mut 0)
+        } else {
+            self.reset_levels(first, last, &mut removed)
+        };
+        self.count = self.count.wrapping_sub(removed);
+        if blanked {
+            if let Some(meta) = self.meta.as_mut() {
+                meta.set(start, count);
+            }
+        }
+    }
+
+    /// Clears bits `first..=last` of the last level and propagates; true if a word of the last
+    /// level became blank (the original's notion of "changed" for the meta bitmap).
+    fn reset_levels(&mut self, first: u64, last: u64, removed: &mut u64) -> bool {
+        let Some(mut range) = reset_range(&mut self.levels[LAST], first, last, removed) else {
+            return false;
+        };
+        let mut ignored = 0;
+        for level in (0..LAST).rev() {
+            match reset_range(&mut self.levels[level], range.0, range.1, &mut ignored) {
+                Some(next) => range = next,
+                None => break,
+            }
+        }
+        true
+    }
+}

@@ -1,0 +1,549 @@
+//! `hbitmap_*`: the functions of QEMU's `util/hbitmap.c`, with the same names and signatures.
+
+use std::ptr;
+
+use libc::{c_char, c_int, c_ulong};
+use static_assertions::{assert_eq_size, const_assert_eq};
+
+use super::{borrow, borrow_mut, require, violated};
+use crate::bitmap::{iter as iter_state, HBitmap, LEVELS};
+
+#[cfg(not(all(target_pointer_width = "64", not(windows))))]
+compile_error!("the C ABI follows QEMU's LP64 layout: 64-bit `unsigned long` and pointers");
+
+/// Number of levels of an `HBitmap` (defined as a macro in the header, as QEMU does).
+pub const HBITMAP_LEVELS: usize = LEVELS;
+
+/// QEMU's `Error`: never set by this library, accepted for signature compatibility.
+pub struct Error {
+    _private: [u8; 0],
+}
+
+/// Iteration state over an `HBitmap`, laid out exactly as QEMU's `HBitmapIter` on 64-bit hosts
+/// so that it lives on the caller's stack and the header's inline `hbitmap_iter_next_word` reads
+/// it. Initialize it with `hbitmap_iter_init`; do not use it after its bitmap is freed.
+#[repr(C)]
+pub struct HBitmapIter {
+    /// The bitmap being iterated.
+    pub hb: *const HBitmap,
+    /// Copy of the bitmap's granularity.
+    pub granularity: c_int,
+    /// Index of the current word in the last level.
+    pub pos: usize,
+    /// Per level, the bits of the current word still to visit.
+    pub cur: [c_ulong; HBITMAP_LEVELS],
+}
+
+assert_eq_size!(HBitmapIter, [u8; 80]);
+assert_eq_size!(c_ulong, u64);
+const_assert_eq!(std::mem::offset_of!(HBitmapIter, hb), 0);
+const_assert_eq!(std::mem::offset_of!(HBitmapIter, granularity), 8);
+const_assert_eq!(std::mem::offset_of!(HBitmapIter, pos), 16);
+const_assert_eq!(std::mem::offset_of!(HBitmapIter, cur), 24);
+const_assert_eq!(std::mem::align_of::<HBitmapIter>(), 8);
+
+/// Allocate a new bitmap of `size` items, one bit per `2^granularity` items.
+///
+/// Aborts unless `0 <= granularity < 64` and the size needs at most 2^41 groups.
+/// Free it with `hbitmap_free`.
+#[no_mangle]
+pub extern "C" fn hbitmap_alloc(size: u64, granularity: c_int) -> *mut HBitmap {
+    if !(0..64).contains(&granularity) {
+        violated(
+            "hbitmap_alloc",
+            &format!("granularity {granularity} is not in 0..64"),
+        );
+    }
+    let bitmap = require!(
+        "hbitmap_alloc",
+        HBitmap::new(size, granularity as u32).map_err(|e| e.to_string())
+    );
+    Box::into_raw(Box::new(bitmap))
+}
+
+/// Free a bitmap; NULL does nothing. Aborts if its meta bitmap was not freed first
+/// (`hbitmap_free_meta`).
+///
+/// # Safety
+/// `hb` is NULL or was returned by `hbitmap_alloc` and not freed since.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_free(hb: *mut HBitmap) {
+    if hb.is_null() {
+        return;
+    }
+    // SAFETY: `hb` came from `Box::into_raw` in `hbitmap_alloc` (the caller's contract).
+    let bitmap = unsafe { Box::from_raw(hb) };
+    if bitmap.meta().is_some() {
+        // Leave it allocated: the caller still holds the meta bitmap's pointer.
+        let _ = Box::into_raw(bitmap);
+        violated(
+            "hbitmap_free",
+            "the bitmap still has a meta bitmap (call hbitmap_free_meta first)",
+        );
+    }
+}
+
+/// Resize to `size` items: shrinking cleans the groups that disappear (marking the meta
+/// bitmap), growing adds clean groups; the meta bitmap is resized too. Aborts if the new size
+/// needs more than 2^41 groups.
+///
+/// # Safety
+/// `hb` points to a live bitmap.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_truncate(hb: *mut HBitmap, size: u64) {
+    // SAFETY: the caller's contract.
+    let bitmap = unsafe { borrow_mut("hbitmap_truncate", "hb", hb) };
+    require!("hbitmap_truncate", bitmap.check_truncate(size));
+    bitmap.truncate_checked(size);
+}
+
+/// Whether `a` and `b` have the same number of groups and the same granularity.
+///
+/// # Safety
+/// `a` and `b` point to live bitmaps.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_can_merge(a: *const HBitmap, b: *const HBitmap) -> bool {
+    // SAFETY: the caller's contract.
+    let (a, b) = unsafe {
+        (
+            borrow("hbitmap_can_merge", "a", a),
+            borrow("hbitmap_can_merge", "b", b),
+        )
+    };
+    a.can_merge(b)
+}
+
+/// `result = a | b`; `result` may be `a` or `b`. Returns false, changing nothing, unless all
+/// three have the same size and granularity. `a` and `b` are not modified unless aliased by
+/// `result`.
+///
+/// # Safety
+/// The three point to live bitmaps.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_merge(
+    a: *const HBitmap,
+    b: *const HBitmap,
+    result: *mut HBitmap,
+) -> bool {
+    const F: &str = "hbitmap_merge";
+    for (name, ptr) in [("a", a), ("b", b), ("result", result.cast_const())] {
+        if ptr.is_null() {
+            violated(F, &format!("{name} is NULL"));
+        }
+    }
+    let result_ptr = result.cast_const();
+    if result_ptr == a || result_ptr == b {
+        let other = if result_ptr == a { b } else { a };
+        if other == result_ptr {
+            // SAFETY: non-NULL; the only reference made to the bitmap.
+            let bitmap = unsafe { &mut *result };
+            return bitmap.merge_with_itself();
+        }
+        // SAFETY: non-NULL, distinct from `result`: a shared and an exclusive borrow of two
+        // different live bitmaps.
+        let (target, source) = unsafe { (&mut *result, &*other) };
+        return target.merge(source);
+    }
+    // SAFETY: non-NULL; `result` differs from `a` and `b`, which may be the same bitmap (two
+    // shared borrows).
+    let (a, b, result) = unsafe { (&*a, &*b, &mut *result) };
+    HBitmap::merge_into(a, b, result)
+}
+
+/// Whether no group is dirty.
+///
+/// # Safety
+/// `hb` points to a live bitmap.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_empty(hb: *const HBitmap) -> bool {
+    // SAFETY: the caller's contract.
+    unsafe { borrow("hbitmap_empty", "hb", hb) }.is_empty()
+}
+
+/// The granularity given to `hbitmap_alloc`.
+///
+/// # Safety
+/// `hb` points to a live bitmap.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_granularity(hb: *const HBitmap) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { borrow("hbitmap_granularity", "hb", hb) }.granularity() as c_int
+}
+
+/// Number of dirty items: dirty groups times `2^granularity`.
+///
+/// # Safety
+/// `hb` points to a live bitmap.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_count(hb: *const HBitmap) -> u64 {
+    // SAFETY: the caller's contract.
+    unsafe { borrow("hbitmap_count", "hb", hb) }.count()
+}
+
+/// Mark every group touched by `start .. start + count - 1` dirty; `count == 0` does nothing.
+/// Aborts if the range ends past the last group. Marks the meta bitmap if a bit changed.
+///
+/// # Safety
+/// `hb` points to a live bitmap.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_set(hb: *mut HBitmap, start: u64, count: u64) {
+    // SAFETY: the caller's contract.
+    let bitmap = unsafe { borrow_mut("hbitmap_set", "hb", hb) };
+    if let Some((first, last)) = require!("hbitmap_set", bitmap.check_range(start, count)) {
+        bitmap.set_groups(start, count, first, last);
+    }
+}
+
+/// Mark every group touched by `start .. start + count - 1` clean, including groups the range
+/// covers only partly; `count == 0` does nothing. Aborts if the range ends past the last group.
+/// Marks the meta bitmap if a word became clean.
+///
+/// # Safety
+/// `hb` points to a live bitmap.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_reset(hb: *mut HBitmap, start: u64, count: u64) {
+    // SAFETY: the caller's contract.
+    let bitmap = unsafe { borrow_mut("hbitmap_reset", "hb", hb) };
+    if let Some((first, last)) = require!("hbitmap_reset", bitmap.check_range(start, count)) {
+        bitmap.reset_groups(start, count, first, last);
+    }
+}
+
+/// Mark the whole bitmap clean (the meta bitmap is not marked).
+///
+/// # Safety
+/// `hb` points to a live bitmap.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_reset_all(hb: *mut HBitmap) {
+    // SAFETY: the caller's contract.
+    unsafe { borrow_mut("hbitmap_reset_all", "hb", hb) }.reset_all();
+}
+
+/// Whether the group holding `item` is dirty. Aborts if `item` is past the last group.
+///
+/// # Safety
+/// `hb` points to a live bitmap.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_get(hb: *const HBitmap, item: u64) -> bool {
+    // SAFETY: the caller's contract.
+    let bitmap = unsafe { borrow("hbitmap_get", "hb", hb) };
+    require!("hbitmap_get", bitmap.check_item(item));
+    bitmap.get_unchecked_range(item)
+}
+
+/// Whether the bitmap can be serialized: granularity below 58.
+///
+/// # Safety
+/// `hb` points to a live bitmap.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_is_serializable(hb: *const HBitmap) -> bool {
+    // SAFETY: the caller's contract.
+    unsafe { borrow("hbitmap_is_serializable", "hb", hb) }.is_serializable()
+}
+
+/// Items per serialized 64-bit word (`64 << granularity`): chunk starts, and the lengths of all
+/// chunks but the last, must be multiples of it. Aborts if the bitmap is not serializable.
+///
+/// # Safety
+/// `hb` points to a live bitmap.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_serialization_align(hb: *const HBitmap) -> u64 {
+    // SAFETY: the caller's contract.
+    let bitmap = unsafe { borrow("hbitmap_serialization_align", "hb", hb) };
+    if !bitmap.is_serializable() {
+        violated(
+            "hbitmap_serialization_align",
+            &format!("granularity {} is not below 58", bitmap.granularity()),
+        );
+    }
+    bitmap.serialization_align()
+}
+
+/// Checks a serialization chunk for `function`, aborting on a bad one; the words it covers.
+fn chunk_words(
+    function: &str,
+    bitmap: &HBitmap,
+    start: u64,
+    count: u64,
+) -> Option<std::ops::Range<usize>> {
+    bitmap
+        .check_chunk(start, count)
+        .unwrap_or_else(|why| violated(function, &why))
+}
+
+/// Bytes needed to serialize the chunk `start .. start + count - 1` (0 when `count == 0`).
+/// Aborts on a misaligned or out-of-range chunk.
+///
+/// # Safety
+/// `hb` points to a live bitmap.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_serialization_size(
+    hb: *const HBitmap,
+    start: u64,
+    count: u64,
+) -> u64 {
+    // SAFETY: the caller's contract.
+    let bitmap = unsafe { borrow("hbitmap_serialization_size", "hb", hb) };
+    chunk_words("hbitmap_serialization_size", bitmap, start, count)
+        .map_or(0, |words| words.len() as u64 * 8)
+}
+
+/// Write the chunk `start .. start + count - 1` to `buf` as little-endian 64-bit words
+/// (`hbitmap_serialization_size` bytes). Aborts on a misaligned or out-of-range chunk.
+///
+/// # Safety
+/// `hb` points to a live bitmap; `buf` has room for `hbitmap_serialization_size` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_serialize_part(
+    hb: *const HBitmap,
+    buf: *mut u8,
+    start: u64,
+    count: u64,
+) {
+    const F: &str = "hbitmap_serialize_part";
+    // SAFETY: the caller's contract.
+    let bitmap = unsafe { borrow(F, "hb", hb) };
+    if let Some(words) = chunk_words(F, bitmap, start, count) {
+        if buf.is_null() {
+            violated(F, "buf is NULL");
+        }
+        // SAFETY: the caller provides room for the chunk's bytes; non-NULL checked.
+        let out = unsafe { std::slice::from_raw_parts_mut(buf, words.len() * 8) };
+        crate::serialize::write_le_words(&bitmap.level_words(crate::bitmap::LAST)[words], out);
+    }
+}
+
+/// Load the chunk `start .. start + count - 1` from `buf` (little-endian 64-bit words). With
+/// `finish` false, call `hbitmap_deserialize_finish` after the last chunk and before any
+/// other use. Aborts on a misaligned or out-of-range chunk.
+///
+/// # Safety
+/// `hb` points to a live bitmap; `buf` holds `hbitmap_serialization_size` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_deserialize_part(
+    hb: *mut HBitmap,
+    buf: *mut u8,
+    start: u64,
+    count: u64,
+    finish: bool,
+) {
+    const F: &str = "hbitmap_deserialize_part";
+    // SAFETY: the caller's contract.
+    let bitmap = unsafe { borrow_mut(F, "hb", hb) };
+    if let Some(words) = chunk_words(F, bitmap, start, count) {
+        if buf.is_null() {
+            violated(F, "buf is NULL");
+        }
+        // SAFETY: the caller provides the chunk's bytes; non-NULL checked.
+        let bytes = unsafe { std::slice::from_raw_parts(buf.cast_const(), words.len() * 8) };
+        bitmap.deserialize_part(bytes, start, count, finish);
+    }
+}
+
+/// Make the chunk `start .. start + count - 1` clean, whole words at a time, as a
+/// deserialization step (see `hbitmap_deserialize_part` for `finish`).
+///
+/// # Safety
+/// `hb` points to a live bitmap.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_deserialize_zeroes(
+    hb: *mut HBitmap,
+    start: u64,
+    count: u64,
+    finish: bool,
+) {
+    const F: &str = "hbitmap_deserialize_zeroes";
+    // SAFETY: the caller's contract.
+    let bitmap = unsafe { borrow_mut(F, "hb", hb) };
+    chunk_words(F, bitmap, start, count);
+    bitmap.deserialize_zeroes(start, count, finish);
+}
+
+/// Make the chunk `start .. start + count - 1` dirty, whole words at a time, as a
+/// deserialization step (see `hbitmap_deserialize_part` for `finish`).
+///
+/// # Safety
+/// `hb` points to a live bitmap.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_deserialize_ones(
+    hb: *mut HBitmap,
+    start: u64,
+    count: u64,
+    finish: bool,
+) {
+    const F: &str = "hbitmap_deserialize_ones";
+    // SAFETY: the caller's contract.
+    let bitmap = unsafe { borrow_mut(F, "hb", hb) };
+    chunk_words(F, bitmap, start, count);
+    bitmap.deserialize_ones(start, count, finish);
+}
+
+/// Rebuild the upper levels and the count after deserialization steps with `finish` false.
+///
+/// # Safety
+/// `hb` points to a live bitmap.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_deserialize_finish(hb: *mut HBitmap) {
+    // SAFETY: the caller's contract.
+    unsafe { borrow_mut("hbitmap_deserialize_finish", "hb", hb) }.deserialize_finish();
+}
+
+/// SHA-256 of the last level as it lies in memory, as 64 lowercase hex digits in a
+/// NUL-terminated string that the caller releases with `free()` (or `g_free()`). `errp` is
+/// never set and may be NULL.
+///
+/// # Safety
+/// `bitmap` points to a live bitmap.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_sha256(
+    bitmap: *const HBitmap,
+    errp: *mut *mut Error,
+) -> *mut c_char {
+    let _ = errp;
+    // SAFETY: the caller's contract.
+    let bitmap = unsafe { borrow("hbitmap_sha256", "bitmap", bitmap) };
+    let hex = bitmap.sha256();
+    // SAFETY: plain allocation; checked for NULL below.
+    let out = unsafe { libc::malloc(hex.len() + 1) }.cast::<u8>();
+    if out.is_null() {
+        violated("hbitmap_sha256", "out of memory");
+    }
+    // SAFETY: `out` has room for the digits and the NUL.
+    unsafe {
+        ptr::copy_nonoverlapping(hex.as_ptr(), out, hex.len());
+        *out.add(hex.len()) = 0;
+    }
+    out.cast()
+}
+
+/// Position `hbi` on the group holding `first`. Groups cleaned later are skipped; groups dirtied
+/// later may or may not be seen. Aborts if `first` is past the last group (so never succeeds on
+/// a bitmap of size 0).
+///
+/// # Safety
+/// `hbi` points to writable `HBitmapIter` storage; `hb` points to a live bitmap that outlives
+/// the iteration.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_iter_init(hbi: *mut HBitmapIter, hb: *const HBitmap, first: u64) {
+    const F: &str = "hbitmap_iter_init";
+    // SAFETY: the caller's contract.
+    let (iter, bitmap) = unsafe { (borrow_mut(F, "hbi", hbi), borrow(F, "hb", hb)) };
+    require!("hbitmap_iter_init", bitmap.check_item(first));
+    let (pos, cur) = iter_state::init(bitmap, first >> bitmap.granularity());
+    *iter = HBitmapIter {
+        hb,
+        granularity: bitmap.granularity() as c_int,
+        pos,
+        cur,
+    };
+}
+
+/// Borrow an initialized iterator and its bitmap.
+///
+/// # Safety
+/// `hbi` was initialized by `hbitmap_iter_init` and its bitmap is live.
+unsafe fn iter_parts<'a>(
+    function: &str,
+    hbi: *mut HBitmapIter,
+) -> (&'a mut HBitmapIter, &'a HBitmap) {
+    // SAFETY: the caller's contract.
+    let iter = unsafe { borrow_mut(function, "hbi", hbi) };
+    // SAFETY: `hbitmap_iter_init` stored a live bitmap (the caller's contract).
+    let bitmap = unsafe { borrow(function, "hbi->hb", iter.hb) };
+    (iter, bitmap)
+}
+
+/// Advance `hbi` to the next nonzero word of the last level and return it (its index is
+/// `hbi->pos`); 0 at the end. Used by the inline `hbitmap_iter_next_word`.
+///
+/// # Safety
+/// `hbi` was initialized by `hbitmap_iter_init` and its bitmap is live.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_iter_skip_words(hbi: *mut HBitmapIter) -> c_ulong {
+    // SAFETY: the caller's contract.
+    let (iter, bitmap) = unsafe { iter_parts("hbitmap_iter_skip_words", hbi) };
+    iter_state::skip_words(bitmap, &mut iter.pos, &mut iter.cur)
+}
+
+/// The first item of the next dirty group, or -1 at the end. With `advance` false the same item
+/// is returned again by the next call.
+///
+/// # Safety
+/// `hbi` was initialized by `hbitmap_iter_init` and its bitmap is live.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_iter_next(hbi: *mut HBitmapIter, advance: bool) -> i64 {
+    // SAFETY: the caller's contract.
+    let (iter, bitmap) = unsafe { iter_parts("hbitmap_iter_next", hbi) };
+    let granularity = iter.granularity as u32 & 63;
+    iter_state::next_item(bitmap, granularity, &mut iter.pos, &mut iter.cur, advance)
+}
+
+/// The first clean item in `start .. start + count - 1` (or `start` itself if its group is
+/// clean), or -1 if there is none, `count` is 0 or `start` is at or past the bitmap's size.
+///
+/// # Safety
+/// `hb` points to a live bitmap.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_next_zero(hb: *const HBitmap, start: u64, count: u64) -> i64 {
+    // SAFETY: the caller's contract.
+    unsafe { borrow("hbitmap_next_zero", "hb", hb) }.next_zero_raw(start, count)
+}
+
+/// Find the first dirty extent intersecting `*start .. *start + *count - 1` (clipped to the
+/// bitmap's size). If there is one, store its start (never before `*start`) and length in
+/// `*start` and `*count` and return true; otherwise leave them alone and return false.
+///
+/// # Safety
+/// `hb` points to a live bitmap; `start` and `count` point to readable, writable `uint64_t`s.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_next_dirty_area(
+    hb: *const HBitmap,
+    start: *mut u64,
+    count: *mut u64,
+) -> bool {
+    const F: &str = "hbitmap_next_dirty_area";
+    // SAFETY: the caller's contract.
+    let (bitmap, start, count) = unsafe {
+        (
+            borrow(F, "hb", hb),
+            borrow_mut(F, "start", start),
+            borrow_mut(F, "count", count),
+        )
+    };
+    match bitmap.next_dirty_area(*start, *count) {
+        Some((area_start, area_count)) => {
+            *start = area_start;
+            *count = area_count;
+            true
+        }
+        None => false,
+    }
+}
+
+/// Create the meta bitmap of `hb`, with one bit per `chunk_size` groups' worth of items: set
+/// whenever `hbitmap_set` changes a bit or `hbitmap_reset` cleans a word. `hb` owns it; free it
+/// with `hbitmap_free_meta`. Aborts if `hb` has one already or `chunk_size` is not a power of
+/// two.
+///
+/// # Safety
+/// `hb` points to a live bitmap.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_create_meta(hb: *mut HBitmap, chunk_size: c_int) -> *mut HBitmap {
+    // SAFETY: the caller's contract.
+    let bitmap = unsafe { borrow_mut("hbitmap_create_meta", "hb", hb) };
+    require!("hbitmap_create_meta", bitmap.check_create_meta(chunk_size));
+    bitmap.create_meta_checked(chunk_size)
+}
+
+/// Free the meta bitmap of `hb`. Aborts if it has none.
+///
+/// # Safety
+/// `hb` points to a live bitmap; its meta bitmap's pointer is not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_free_meta(hb: *mut HBitmap) {
+    // SAFETY: the caller's contract.
+    let bitmap = unsafe { borrow_mut("hbitmap_free_meta", "hb", hb) };
+    if !bitmap.free_meta() {
+        violated("hbitmap_free_meta", "the bitmap has no meta bitmap");
+    }
+}

@@ -1,0 +1,227 @@
+//! Serialization of the last level in QEMU's format: little-endian 64-bit words, independent of
+//! the host's word size, in chunks aligned to `64 << granularity` items. Only the last level is
+//! stored; [`HBitmap::deserialize_finish`] rebuilds the summary levels.
+
+use sha2::{Digest, Sha256};
+
+use crate::bitmap::{HBitmap, BITS_PER_LEVEL, LAST, LEVELS, SENTINEL};
+
+/// Granularities from this one up cannot be serialized: `64 << granularity` must fit 64 bits.
+pub const MAX_SERIALIZABLE_GRANULARITY: u32 = 58;
+
+impl HBitmap {
+    /// Whether the bitmap can be serialized (granularity below 58).
+    pub fn is_serializable(&self) -> bool {
+        self.granularity < MAX_SERIALIZABLE_GRANULARITY
+    }
+
+    /// Items covered by one serialized word: chunk starts and lengths are multiples of this.
+    ///
+    /// # Panics
+    /// When the bitmap is not serializable.
+    pub fn serialization_align(&self) -> u64 {
+        assert!(
+            self.is_serializable(),
+            "HBitmap::serialization_align: granularity {} is not below 58",
+            self.granularity
+        );
+        64 << self.granularity
+    }
+
+    /// Checks a chunk (item range) and returns the range of last-level words it covers.
+    /// `Ok(None)` for an empty chunk.
+    pub(crate) fn check_chunk(
+        &self,
+        start: u64,
+        count: u64,
+    ) -> Result<Option<std::ops::Range<usize>>, String> {
+        if count == 0 {
+            return Ok(None);
+        }
+        if !self.is_serializable() {
+            return Err(format!("granularity {} is not below 58", self.granularity));
+        }
+        let align = 64u64 << self.granularity;
+        let last = start
+            .checked_add(count - 1)
+            .ok_or_else(|| format!("chunk start {start} count {count} wraps past 2^64"))?;
+        if start & (align - 1) != 0 {
+            return Err(format!("chunk start {start} is not a multiple of {align}"));
+        }
+        let last_group = last >> self.granularity;
+        if last_group >= self.size {
+            return Err(format!(
+                "chunk start {start} count {count} ends in group {last_group}, beyond the bitmap's {} groups",
+                self.size
+            ));
+        }
+        if last_group != self.size - 1 && count & (align - 1) != 0 {
+            return Err(format!(
+                "chunk count {count} is not a multiple of {align} and the chunk is not the last one"
+            ));
+        }
+        let first_word = ((start >> self.granularity) >> BITS_PER_LEVEL) as usize;
+        let last_word = (last_group >> BITS_PER_LEVEL) as usize;
+        Ok(Some(first_word..last_word + 1))
+    }
+
+    fn chunk_or_panic(&self, what: &str, start: u64, count: u64) -> Option<std::ops::Range<usize>> {
+        match self.check_chunk(start, count) {
+            Ok(words) => words,
+            Err(why) => panic!("HBitmap::{what}: {why}"),
+        }
+    }
+
+    /// Bytes that serializing the chunk `start..start + count` takes (0 for an empty chunk).
+    ///
+    /// # Panics
+    /// On a misaligned or out-of-range chunk, or a bitmap that is not serializable.
+    pub fn serialization_size(&self, start: u64, count: u64) -> u64 {
+        self.chunk_or_panic("serialization_size", start, count)
+            .map_or(0, |words| words.len() as u64 * 8)
+    }
+
+    /// Writes the chunk `start..start + count` into `buf` as little-endian 64-bit words.
+    ///
+    /// # Panics
+    /// On a misaligned or out-of-range chunk, or when `buf` is shorter than
+    /// [`serialization_size`](Self::serialization_size).
+    pub fn serialize_part(&self, buf: &mut [u8], start: u64, count: u64) {
+        if let Some(words) = self.chunk_or_panic("serialize_part", start, count) {
+            let needed = words.len() * 8;
+            assert!(
+                buf.len() >= needed,
+                "HBitmap::serialize_part: buffer of {} bytes, {needed} needed",
+                buf.len()
+            );
+            write_le_words(&self.levels[LAST][words], &mut buf[..needed]);
+        }
+    }
+
+    /// Loads the chunk `start..start + count` from `buf` (little-endian 64-bit words). With
+    /// `finish` false the summary levels are stale until
+    /// [`deserialize_finish`](Self::deserialize_finish) is called.
+    ///
+    /// # Panics
+    /// As [`serialize_part`](Self::serialize_part).
+    pub fn deserialize_part(&mut self, buf: &[u8], start: u64, count: u64, finish: bool) {
+        if let Some(words) = self.chunk_or_panic("deserialize_part", start, count) {
+            let needed = words.len() * 8;
+            assert!(
+                buf.len() >= needed,
+                "HBitmap::deserialize_part: buffer of {} bytes, {needed} needed",
+                buf.len()
+            );
+            read_le_words(&buf[..needed], &mut self.levels[LAST][words]);
+            self.after_deserialize(finish);
+        }
+    }
+
+    /// Makes the chunk `start..start + count` clean (whole words), as a deserialization step.
+    pub fn deserialize_zeroes(&mut self, start: u64, count: u64, finish: bool) {
+        if let Some(words) = self.chunk_or_panic("deserialize_zeroes", start, count) {
+            self.levels[LAST][words].fill(0);
+            self.after_deserialize(finish);
+        }
+    }
+
+    /// Makes the chunk `start..start + count` dirty (whole words, so the last chunk's padding
+    /// bits are set too, as in the original), as a deserialization step.
+    pub fn deserialize_ones(&mut self, start: u64, count: u64, finish: bool) {
+        if let Some(words) = self.chunk_or_panic("deserialize_ones", start, count) {
+            self.levels[LAST][words].fill(u64::MAX);
+            self.after_deserialize(finish);
+        }
+    }
+
+    fn after_deserialize(&mut self, finish: bool) {
+        if finish {
+            self.deserialize_finish();
+        } else {
+            self.stale = true;
+        }
+    }
+
+    /// Rebuilds the summary levels from the last level and recounts the dirty groups.
+    pub fn deserialize_finish(&mut self) {
+        for level in (0..LAST).rev() {
+            let (upper, lower) = self.levels.split_at_mut(level + 1);
+            let ones = summarize(&lower[0], &mut upper[level]);
+            if level == LAST - 1 {
+                // Padding bits past the last group are not counted.
+                self.count = ones - padding_ones(&lower[0], self.size);
+            }
+        }
+        self.levels[0][0] |= SENTINEL;
+        self.stale = false;
+    }
+
+    /// SHA-256 of the last level's words as they lie in memory, in lowercase hex: the
+    /// original's `hbitmap_sha256`.
+    pub fn sha256(&self) -> String {
+        let mut hasher = Sha256::new();
+        let words = &self.levels[LAST];
+        let mut block = [0u8; 8 * 512];
+        for chunk in words.chunks(512) {
+            let bytes = &mut block[..chunk.len() * 8];
+            for (out, word) in bytes.chunks_exact_mut(8).zip(chunk) {
+                out.copy_from_slice(&word.to_ne_bytes());
+            }
+            hasher.update(bytes);
+        }
+        hasher
+            .finalize()
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect()
+    }
+}
+
+/// Sets `summary` to one bit per nonzero word of `words`, clearing its other bits, and returns
+/// the popcount of `words`: one pass does both.
+fn summarize(words: &[u64], summary: &mut [u64]) -> u64 {
+    let mut total = 0u64;
+    for (out, block) in summary.iter_mut().zip(words.chunks(64)) {
+        let mut bits = 0u64;
+        let mut ones = 0u32;
+        for (index, &word) in block.iter().enumerate() {
+            bits |= u64::from(word != 0) << index;
+            ones += word.count_ones();
+        }
+        *out = bits;
+        total += u64::from(ones);
+    }
+    let covered = words.len().div_ceil(64);
+    let len = summary.len();
+    summary[covered.min(len)..].fill(0);
+    total
+}
+
+/// Set bits of `words` at index `bits` and beyond.
+fn padding_ones(words: &[u64], bits: u64) -> u64 {
+    let full = ((bits / 64) as usize).min(words.len());
+    let partial = !((1u64 << (bits % 64)) - 1);
+    words[full..]
+        .iter()
+        .enumerate()
+        .map(|(index, &word)| {
+            u64::from((if index == 0 { word & partial } else { word }).count_ones())
+        })
+        .sum()
+}
+
+/// Little-endian encoding of `words` into `out` (exactly 8 bytes per word).
+pub(crate) fn write_le_words(words: &[u64], out: &mut [u8]) {
+    for (bytes, word) in out.chunks_exact_mut(8).zip(words) {
+        bytes.copy_from_slice(&word.to_le_bytes());
+    }
+}
+
+/// Decoding of little-endian bytes (exactly 8 per word) into `words`.
+pub(crate) fn read_le_words(bytes: &[u8], words: &mut [u64]) {
+    for (word, bytes) in words.iter_mut().zip(bytes.chunks_exact(8)) {
+        *word = u64::from_le_bytes(bytes.try_into().expect("chunks of 8"));
+    }
+}
+
+const _: () = assert!(LEVELS == 7);
