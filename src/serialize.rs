@@ -2,9 +2,11 @@
 //! the host's word size, in chunks aligned to `64 << granularity` items. Only the last level is
 //! stored; [`HBitmap::deserialize_finish`] rebuilds the summary levels.
 
+use std::ops::Range;
+
 use sha2::{Digest, Sha256};
 
-use crate::bitmap::{HBitmap, BITS_PER_LEVEL, LAST, LEVELS, SENTINEL};
+use crate::bitmap::{HBitmap, Violation, BITS_PER_LEVEL, LAST, LEVELS, SENTINEL};
 
 /// Granularities from this one up cannot be serialized: `64 << granularity` must fit 64 bits.
 pub const MAX_SERIALIZABLE_GRANULARITY: u32 = 58;
@@ -34,38 +36,38 @@ impl HBitmap {
         &self,
         start: u64,
         count: u64,
-    ) -> Result<Option<std::ops::Range<usize>>, String> {
+    ) -> Result<Option<Range<usize>>, Violation> {
         if count == 0 {
             return Ok(None);
         }
         if !self.is_serializable() {
-            return Err(format!("granularity {} is not below 58", self.granularity));
+            return Err(Violation::NotSerializable(self.granularity));
         }
         let align = 64u64 << self.granularity;
-        let last = start
-            .checked_add(count - 1)
-            .ok_or_else(|| format!("chunk start {start} count {count} wraps past 2^64"))?;
+        let Some(last) = start.checked_add(count - 1) else {
+            return Err(Violation::RangeWraps { start, count });
+        };
         if start & (align - 1) != 0 {
-            return Err(format!("chunk start {start} is not a multiple of {align}"));
+            return Err(Violation::ChunkStart { start, align });
         }
         let last_group = last >> self.granularity;
-        if last_group >= self.size {
-            return Err(format!(
-                "chunk start {start} count {count} ends in group {last_group}, beyond the bitmap's {} groups",
-                self.size
-            ));
+        if last_group >= self.groups {
+            return Err(Violation::RangeOutOfRange {
+                start,
+                count,
+                last: last_group,
+                groups: self.groups,
+            });
         }
-        if last_group != self.size - 1 && count & (align - 1) != 0 {
-            return Err(format!(
-                "chunk count {count} is not a multiple of {align} and the chunk is not the last one"
-            ));
+        if last_group != self.groups - 1 && count & (align - 1) != 0 {
+            return Err(Violation::ChunkCount { count, align });
         }
         let first_word = ((start >> self.granularity) >> BITS_PER_LEVEL) as usize;
         let last_word = (last_group >> BITS_PER_LEVEL) as usize;
         Ok(Some(first_word..last_word + 1))
     }
 
-    fn chunk_or_panic(&self, what: &str, start: u64, count: u64) -> Option<std::ops::Range<usize>> {
+    fn chunk_or_panic(&self, what: &str, start: u64, count: u64) -> Option<Range<usize>> {
         match self.check_chunk(start, count) {
             Ok(words) => words,
             Err(why) => panic!("HBitmap::{what}: {why}"),
@@ -149,7 +151,7 @@ impl HBitmap {
             let ones = summarize(&lower[0], &mut upper[level]);
             if level == LAST - 1 {
                 // Padding bits past the last group are not counted.
-                self.count = ones - padding_ones(&lower[0], self.size);
+                self.count = ones - padding_ones(&lower[0], self.groups);
             }
         }
         self.levels[0][0] |= SENTINEL;

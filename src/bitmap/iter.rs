@@ -60,21 +60,45 @@ pub(crate) fn next_item(
     cur: &mut [u64; LEVELS],
     advance: bool,
 ) -> i64 {
-    let mut word = cur[LAST] & hb.levels[LAST][*pos];
+    let word = cur[LAST] & hb.levels[LAST][*pos];
     if word == 0 {
-        word = skip_words(hb, pos, cur);
-        if word == 0 {
-            return -1;
-        }
+        return next_item_in_next_word(hb, granularity, pos, cur, advance);
     }
+    take_item(word, granularity, *pos, cur, advance)
+}
+
+/// `next_item` once the current word is exhausted: kept out of line so the common case needs
+/// no stack frame.
+#[inline(never)]
+fn next_item_in_next_word(
+    hb: &HBitmap,
+    granularity: u32,
+    pos: &mut usize,
+    cur: &mut [u64; LEVELS],
+    advance: bool,
+) -> i64 {
+    match skip_words(hb, pos, cur) {
+        0 => -1,
+        word => take_item(word, granularity, *pos, cur, advance),
+    }
+}
+
+#[inline(always)]
+fn take_item(
+    word: u64,
+    granularity: u32,
+    pos: usize,
+    cur: &mut [u64; LEVELS],
+    advance: bool,
+) -> i64 {
     cur[LAST] = if advance { word & (word - 1) } else { word };
-    let group = ((*pos as u64) << BITS_PER_LEVEL) + u64::from(word.trailing_zeros());
+    let group = ((pos as u64) << BITS_PER_LEVEL) + u64::from(word.trailing_zeros());
     (group << granularity) as i64
 }
 
 /// Cursor state positioned at `group`, which must lie within the bitmap.
 pub(crate) fn init(hb: &HBitmap, group: u64) -> (usize, [u64; LEVELS]) {
-    debug_assert!(group < hb.size);
+    debug_assert!(group < hb.groups);
     let mut cur = [0u64; LEVELS];
     let mut index = group;
     for level in (0..LEVELS).rev() {
@@ -131,7 +155,7 @@ pub struct Iter<'a> {
 impl<'a> Iter<'a> {
     pub(crate) fn new(hb: &'a HBitmap, first: u64) -> Iter<'a> {
         let group = first >> hb.granularity;
-        let cursor = (group < hb.size).then(|| Cursor::at_group(hb, group));
+        let cursor = (group < hb.groups).then(|| Cursor::at_group(hb, group));
         Iter { hb, cursor }
     }
 

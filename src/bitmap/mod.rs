@@ -8,10 +8,12 @@
 //! word so that iteration, serialization and SHA-256 agree with it to the bit.
 
 pub(crate) mod iter;
+mod precondition;
 mod search;
 mod update;
 
 pub use iter::{Extents, Iter};
+pub use precondition::Violation;
 
 use std::fmt;
 
@@ -69,7 +71,7 @@ pub struct HBitmap {
     /// Size in items, as requested.
     pub(crate) orig_size: u64,
     /// Size in groups: bits used in the last level.
-    pub(crate) size: u64,
+    pub(crate) groups: u64,
     /// Set groups in the last level.
     pub(crate) count: u64,
     pub(crate) granularity: u32,
@@ -127,7 +129,7 @@ impl HBitmap {
         levels[0][0] = SENTINEL;
         Ok(HBitmap {
             orig_size: size,
-            size: groups,
+            groups,
             count: 0,
             granularity,
             levels,
@@ -143,7 +145,7 @@ impl HBitmap {
 
     /// Number of groups (bits of the last level).
     pub fn groups(&self) -> u64 {
-        self.size
+        self.groups
     }
 
     /// log2 of the number of items in a group.
@@ -190,33 +192,41 @@ impl HBitmap {
     }
 
     /// Checks that `item` lies within the bitmap.
-    pub(crate) fn check_item(&self, item: u64) -> Result<(), String> {
+    #[inline]
+    pub(crate) fn check_item(&self, item: u64) -> Result<(), Violation> {
         let group = item >> self.granularity;
-        if group < self.size {
+        if group < self.groups {
             Ok(())
         } else {
-            Err(format!(
-                "item {item} is in group {group}, beyond the bitmap's {} groups",
-                self.size
-            ))
+            Err(Violation::ItemOutOfRange {
+                item,
+                group,
+                groups: self.groups,
+            })
         }
     }
 
     /// Checks an item range and converts it to groups `first..=last`; `None` for an empty range.
-    pub(crate) fn check_range(&self, start: u64, count: u64) -> Result<Option<(u64, u64)>, String> {
+    #[inline]
+    pub(crate) fn check_range(
+        &self,
+        start: u64,
+        count: u64,
+    ) -> Result<Option<(u64, u64)>, Violation> {
         if count == 0 {
             return Ok(None);
         }
-        let last = match start.checked_add(count - 1) {
-            Some(last) => last,
-            None => return Err(format!("range start {start} count {count} wraps past 2^64")),
+        let Some(last) = start.checked_add(count - 1) else {
+            return Err(Violation::RangeWraps { start, count });
         };
         let (first, last) = (start >> self.granularity, last >> self.granularity);
-        if last >= self.size {
-            return Err(format!(
-                "range start {start} count {count} ends in group {last}, beyond the bitmap's {} groups",
-                self.size
-            ));
+        if last >= self.groups {
+            return Err(Violation::RangeOutOfRange {
+                start,
+                count,
+                last,
+                groups: self.groups,
+            });
         }
         Ok(Some((first, last)))
     }
@@ -297,12 +307,12 @@ impl HBitmap {
     /// Recomputes the dirty-group count over the whole bitmap, as the original does after merge
     /// and deserialization.
     pub(crate) fn recount(&mut self) {
-        self.count = if self.size == 0 {
+        self.count = if self.groups == 0 {
             0
         } else if self.stale {
-            self.count_between_via_summary(0, self.size - 1)
+            self.count_between_via_summary(0, self.groups - 1)
         } else {
-            popcount_below(&self.levels[LAST], self.size)
+            popcount_below(&self.levels[LAST], self.groups)
         };
     }
 
@@ -319,13 +329,14 @@ impl HBitmap {
         self.truncate_checked(size);
     }
 
-    pub(crate) fn check_truncate(&self, size: u64) -> Result<(), String> {
-        let groups = groups_for(size, self.granularity);
+    pub(crate) fn check_truncate(&self, size: u64) -> Result<(), Violation> {
+        let (granularity, groups) = (self.granularity, groups_for(size, self.granularity));
         if groups > MAX_GROUPS {
-            return Err(format!(
-                "size {size} at granularity {} needs {groups} groups, more than 2^41",
-                self.granularity
-            ));
+            return Err(Violation::TooLarge {
+                size,
+                granularity,
+                groups,
+            });
         }
         Ok(())
     }
@@ -335,18 +346,18 @@ impl HBitmap {
         let groups = groups_for(size, granularity);
         // Kept current so next_zero and next_dirty_area see the new end (QEMU 4.1, 4e4de22279).
         self.orig_size = size;
-        if groups == self.size {
+        if groups == self.groups {
             return;
         }
-        let shrink = groups < self.size;
+        let shrink = groups < self.groups;
         if shrink {
             // Clean whole groups from the first one wholly past the new end.
             let group_size = 1u64 << granularity;
             let start = size.wrapping_add(group_size - 1) & group_size.wrapping_neg();
-            let fix_count = (self.size << granularity).wrapping_sub(start);
-            self.reset_groups(start, fix_count, groups, self.size - 1);
+            let fix_count = (self.groups << granularity).wrapping_sub(start);
+            self.reset_groups(start, fix_count, groups, self.groups - 1);
         }
-        self.size = groups;
+        self.groups = groups;
         let mut bits = groups;
         for level in self.levels.iter_mut().rev() {
             let words = words_for(bits);
@@ -363,13 +374,13 @@ impl HBitmap {
             bits = words as u64;
         }
         if let Some(meta) = self.meta.as_mut() {
-            meta.truncate_checked(self.size << granularity);
+            meta.truncate_checked(self.groups << granularity);
         }
     }
 
     /// Whether `self` and `other` have the same number of groups and the same granularity.
     pub fn can_merge(&self, other: &HBitmap) -> bool {
-        self.size == other.size && self.granularity == other.granularity
+        self.groups == other.groups && self.granularity == other.granularity
     }
 
     /// `self |= other`. Returns false, changing nothing, when the bitmaps cannot be merged.
@@ -472,19 +483,19 @@ impl HBitmap {
         self.granularity + (chunk_size as u32).trailing_zeros()
     }
 
-    pub(crate) fn check_create_meta(&self, chunk_size: i32) -> Result<(), String> {
+    pub(crate) fn check_create_meta(&self, chunk_size: i32) -> Result<(), Violation> {
         if chunk_size & chunk_size.wrapping_sub(1) != 0 {
-            return Err(format!("chunk size {chunk_size} is not a power of two"));
+            return Err(Violation::ChunkNotPowerOfTwo(chunk_size));
         }
         if self.meta.is_some() {
-            return Err("the bitmap already has a meta bitmap".into());
+            return Err(Violation::MetaExists);
         }
         let granularity = self.meta_granularity(chunk_size);
         if granularity >= BITS_PER_WORD {
-            return Err(format!(
-                "chunk size {chunk_size} at granularity {} gives meta granularity {granularity}, not below 64",
-                self.granularity
-            ));
+            return Err(Violation::MetaGranularity {
+                chunk_size,
+                granularity,
+            });
         }
         Ok(())
     }
@@ -492,7 +503,7 @@ impl HBitmap {
     pub(crate) fn create_meta_checked(&mut self, chunk_size: i32) -> &mut HBitmap {
         let granularity = self.meta_granularity(chunk_size);
         // The meta bitmap has at most as many groups as this one: it cannot be too large.
-        let meta = HBitmap::new(self.size << self.granularity, granularity)
+        let meta = HBitmap::new(self.groups << self.granularity, granularity)
             .expect("meta bitmap is never larger than its bitmap");
         self.meta.insert(Box::new(meta))
     }
@@ -608,9 +619,9 @@ impl fmt::Debug for HBitmap {
         let mut out = f.debug_struct("HBitmap");
         out.field("size", &self.orig_size)
             .field("granularity", &self.granularity)
-            .field("groups", &self.size)
+            .field("groups", &self.groups)
             .field("dirty_groups", &self.count);
-        if !self.stale && self.size > 0 {
+        if !self.stale && self.groups > 0 {
             const SHOWN: usize = 8;
             let extents: Vec<_> = self.extents().take(SHOWN + 1).collect();
             if extents.len() > SHOWN {
@@ -630,7 +641,7 @@ impl Clone for HBitmap {
     fn clone(&self) -> Self {
         HBitmap {
             orig_size: self.orig_size,
-            size: self.size,
+            groups: self.groups,
             count: self.count,
             granularity: self.granularity,
             levels: self.levels.clone(),

@@ -22,7 +22,7 @@ impl HBitmap {
         let words = &self.levels[LAST];
         let first = start >> granularity;
         let end_bit = if count > self.orig_size - start {
-            self.size
+            self.groups
         } else {
             ((start + count - 1) >> granularity) + 1
         };
@@ -65,7 +65,7 @@ impl HBitmap {
             start + count
         };
         let group = start >> self.granularity;
-        if group >= self.size {
+        if group >= self.groups {
             // Only reachable when the size's rounding wrapped (see `groups_for`).
             return None;
         }

@@ -5,8 +5,8 @@ use std::ptr;
 use libc::{c_char, c_int, c_ulong};
 use static_assertions::{assert_eq_size, const_assert_eq};
 
-use super::{borrow, borrow_mut, require, violated};
-use crate::bitmap::{iter as iter_state, HBitmap, LEVELS};
+use super::{borrow, borrow_mut, null_pointer, require, violated};
+use crate::bitmap::{iter as iter_state, HBitmap, Violation, LEVELS};
 
 #[cfg(not(all(target_pointer_width = "64", not(windows))))]
 compile_error!("the C ABI follows QEMU's LP64 layout: 64-bit `unsigned long` and pointers");
@@ -49,10 +49,7 @@ const_assert_eq!(std::mem::align_of::<HBitmapIter>(), 8);
 #[no_mangle]
 pub extern "C" fn hbitmap_alloc(size: u64, granularity: c_int) -> *mut HBitmap {
     if !(0..64).contains(&granularity) {
-        violated(
-            "hbitmap_alloc",
-            &format!("granularity {granularity} is not in 0..64"),
-        );
+        violated("hbitmap_alloc", &Violation::Granularity(granularity.into()));
     }
     let bitmap = require!(
         "hbitmap_alloc",
@@ -78,7 +75,7 @@ pub unsafe extern "C" fn hbitmap_free(hb: *mut HBitmap) {
         let _ = Box::into_raw(bitmap);
         violated(
             "hbitmap_free",
-            "the bitmap still has a meta bitmap (call hbitmap_free_meta first)",
+            &"the bitmap still has a meta bitmap (call hbitmap_free_meta first)",
         );
     }
 }
@@ -128,7 +125,7 @@ pub unsafe extern "C" fn hbitmap_merge(
     const F: &str = "hbitmap_merge";
     for (name, ptr) in [("a", a), ("b", b), ("result", result.cast_const())] {
         if ptr.is_null() {
-            violated(F, &format!("{name} is NULL"));
+            null_pointer(F, name);
         }
     }
     let result_ptr = result.cast_const();
@@ -253,7 +250,7 @@ pub unsafe extern "C" fn hbitmap_serialization_align(hb: *const HBitmap) -> u64 
     if !bitmap.is_serializable() {
         violated(
             "hbitmap_serialization_align",
-            &format!("granularity {} is not below 58", bitmap.granularity()),
+            &Violation::NotSerializable(bitmap.granularity()),
         );
     }
     bitmap.serialization_align()
@@ -305,7 +302,7 @@ pub unsafe extern "C" fn hbitmap_serialize_part(
     let bitmap = unsafe { borrow(F, "hb", hb) };
     if let Some(words) = chunk_words(F, bitmap, start, count) {
         if buf.is_null() {
-            violated(F, "buf is NULL");
+            null_pointer(F, "buf");
         }
         // SAFETY: the caller provides room for the chunk's bytes; non-NULL checked.
         let out = unsafe { std::slice::from_raw_parts_mut(buf, words.len() * 8) };
@@ -332,7 +329,7 @@ pub unsafe extern "C" fn hbitmap_deserialize_part(
     let bitmap = unsafe { borrow_mut(F, "hb", hb) };
     if let Some(words) = chunk_words(F, bitmap, start, count) {
         if buf.is_null() {
-            violated(F, "buf is NULL");
+            null_pointer(F, "buf");
         }
         // SAFETY: the caller provides the chunk's bytes; non-NULL checked.
         let bytes = unsafe { std::slice::from_raw_parts(buf.cast_const(), words.len() * 8) };
@@ -406,7 +403,7 @@ pub unsafe extern "C" fn hbitmap_sha256(
     // SAFETY: plain allocation; checked for NULL below.
     let out = unsafe { libc::malloc(hex.len() + 1) }.cast::<u8>();
     if out.is_null() {
-        violated("hbitmap_sha256", "out of memory");
+        violated("hbitmap_sha256", &"out of memory");
     }
     // SAFETY: `out` has room for the digits and the NUL.
     unsafe {
@@ -442,6 +439,7 @@ pub unsafe extern "C" fn hbitmap_iter_init(hbi: *mut HBitmapIter, hb: *const HBi
 ///
 /// # Safety
 /// `hbi` was initialized by `hbitmap_iter_init` and its bitmap is live.
+#[inline(always)]
 unsafe fn iter_parts<'a>(
     function: &str,
     hbi: *mut HBitmapIter,
@@ -544,6 +542,6 @@ pub unsafe extern "C" fn hbitmap_free_meta(hb: *mut HBitmap) {
     // SAFETY: the caller's contract.
     let bitmap = unsafe { borrow_mut("hbitmap_free_meta", "hb", hb) };
     if !bitmap.free_meta() {
-        violated("hbitmap_free_meta", "the bitmap has no meta bitmap");
+        violated("hbitmap_free_meta", &"the bitmap has no meta bitmap");
     }
 }

@@ -13,7 +13,7 @@ pub use self::hbitmap::*;
 /// Ends the process after a broken precondition, naming the function and what was wrong.
 #[cold]
 #[inline(never)]
-pub(crate) fn violated(function: &str, why: &str) -> ! {
+pub(crate) fn violated(function: &str, why: &dyn std::fmt::Display) -> ! {
     eprintln!("libhbitmap: {function}: precondition failed: {why}");
     std::process::abort()
 }
@@ -29,13 +29,21 @@ macro_rules! require {
 }
 pub(crate) use require;
 
+/// Ends the process after a NULL pointer was passed where a valid one is required.
+#[cold]
+#[inline(never)]
+pub(crate) fn null_pointer(function: &str, what: &str) -> ! {
+    violated(function, &format_args!("{what} is NULL"))
+}
+
 /// Borrows a caller's pointer, aborting on NULL.
 ///
 /// # Safety
 /// A non-NULL `ptr` must point to a live `T` that nothing mutates for `'a`.
+#[inline(always)]
 pub(crate) unsafe fn borrow<'a, T>(function: &str, what: &str, ptr: *const T) -> &'a T {
     if ptr.is_null() {
-        violated(function, &format!("{what} is NULL"));
+        null_pointer(function, what);
     }
     // SAFETY: non-NULL checked above; liveness and exclusivity are the caller's contract.
     unsafe { &*ptr }
@@ -45,9 +53,10 @@ pub(crate) unsafe fn borrow<'a, T>(function: &str, what: &str, ptr: *const T) ->
 ///
 /// # Safety
 /// A non-NULL `ptr` must point to a live `T` that nothing else accesses for `'a`.
+#[inline(always)]
 pub(crate) unsafe fn borrow_mut<'a, T>(function: &str, what: &str, ptr: *mut T) -> &'a mut T {
     if ptr.is_null() {
-        violated(function, &format!("{what} is NULL"));
+        null_pointer(function, what);
     }
     // SAFETY: non-NULL checked above; liveness and exclusivity are the caller's contract.
     unsafe { &mut *ptr }
