@@ -662,3 +662,6 @@ impl PartialEq for HBitmap {
 }
 
 impl Eq for HBitmap {}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,183 @@
+//! Unit tests of the core against hand-worked examples and a plain bit vector.
+
+use super::*;
+
+fn items(bitmap: &HBitmap) -> Vec<u64> {
+    bitmap.iter().collect()
+}
+
+#[test]
+fn word_mask_covers_inclusive_bit_ranges() {
+    assert_eq!(word_mask(0, 63), u64::MAX);
+    assert_eq!(word_mask(0, 0), 1);
+    assert_eq!(word_mask(63, 63), 1 << 63);
+    assert_eq!(word_mask(4, 7), 0xf0);
+    assert_eq!(word_mask(64 + 4, 64 + 7), 0xf0);
+}
+
+#[test]
+fn granularity_example_from_the_original() {
+    // The size-16, granularity-1 example of util/hbitmap.c.
+    let mut bitmap = HBitmap::new(16, 1).unwrap();
+    bitmap.set(0, 9);
+    assert_eq!(items(&bitmap), [0, 2, 4, 6, 8]);
+    bitmap.reset(1, 3);
+    assert_eq!(items(&bitmap), [4, 6, 8]);
+    bitmap.set(9, 2);
+    assert_eq!(items(&bitmap), [4, 6, 8, 10]);
+    // The comment in the original says this empties the bitmap, but its code (and so this one)
+    // keeps group 5: items 5..=9 end in group 4.
+    bitmap.reset(5, 5);
+    assert_eq!(items(&bitmap), [10]);
+}
+
+#[test]
+fn level_sizes_and_sentinel() {
+    let bitmap = HBitmap::new(1 << 20, 0).unwrap();
+    let sizes: Vec<usize> = (0..LEVELS).map(|level| bitmap.level_words(level).len()).collect();
+    assert_eq!(sizes, [1, 1, 1, 1, 4, 256, 16384]);
+    assert_eq!(bitmap.level_words(0)[0], SENTINEL);
+    // Size 0 still has one word per level.
+    let empty = HBitmap::new(0, 3).unwrap();
+    assert!((0..LEVELS).all(|level| empty.level_words(level).len() == 1));
+    assert_eq!(empty.iter().next(), None);
+}
+
+#[test]
+fn new_rejects_bad_granularity_and_size() {
+    assert_eq!(HBitmap::new(1, 64).unwrap_err(), BitmapError::Granularity(64));
+    assert!(matches!(HBitmap::new(u64::MAX, 0), Err(BitmapError::TooLarge { .. })));
+    assert!(HBitmap::new(MAX_GROUPS + 1, 0).is_err());
+}
+
+#[test]
+fn counts_are_scaled_by_granularity() {
+    let mut bitmap = HBitmap::new(1000, 3).unwrap();
+    bitmap.set(9, 1);
+    assert_eq!(bitmap.count(), 8);
+    assert_eq!(bitmap.dirty_groups(), 1);
+    bitmap.set(0, 1000);
+    assert_eq!(bitmap.dirty_groups(), 125);
+}
+
+#[test]
+fn set_and_reset_propagate_through_every_level() {
+    let size = 1u64 << 30;
+    let mut bitmap = HBitmap::new(size, 0).unwrap();
+    bitmap.set(size - 1, 1);
+    for level in 1..LEVELS {
+        assert!(bitmap.level_words(level).iter().any(|&w| w != 0), "level {level}");
+    }
+    assert_eq!(items(&bitmap), [size - 1]);
+    bitmap.reset(size - 1, 1);
+    for level in 1..LEVELS {
+        assert!(bitmap.level_words(level).iter().all(|&w| w == 0), "level {level}");
+    }
+}
+
+#[test]
+fn reset_all_clears_sparse_and_dense_bitmaps() {
+    let mut bitmap = HBitmap::new(1 << 24, 0).unwrap();
+    for start in (0..1u64 << 24).step_by(999_983) {
+        bitmap.set(start, 300);
+    }
+    bitmap.set(5_000_000, 100_000);
+    bitmap.reset_all();
+    assert!(bitmap.is_empty());
+    for level in 1..LEVELS {
+        assert!(bitmap.level_words(level).iter().all(|&w| w == 0), "level {level}");
+    }
+    assert_eq!(bitmap.level_words(0), [SENTINEL]);
+    assert_eq!(bitmap.iter().next(), None);
+}
+
+#[test]
+fn stale_summary_counts_through_the_summary() {
+    // A deserialization step without finish leaves the summary stale: set does not see the
+    // dirty word the summary does not know of, and counts its bits as newly set, as the
+    // original does (a popcount of the changes would say 64).
+    let mut bitmap = HBitmap::new(64 * 64, 0).unwrap();
+    bitmap.deserialize_ones(64, 64, false);
+    bitmap.deserialize_ones(256, 64, false);
+    bitmap.set(0, 128);
+    assert_eq!(bitmap.dirty_groups(), 128);
+    bitmap.deserialize_finish();
+    assert_eq!(bitmap.dirty_groups(), 192);
+}
+
+#[test]
+fn meta_marks_set_changes_and_blanking_resets() {
+    let mut bitmap = HBitmap::new(1 << 16, 0).unwrap();
+    bitmap.create_meta(512);
+    bitmap.set(1000, 10);
+    assert_eq!(bitmap.meta().unwrap().iter().collect::<Vec<_>>(), [512]);
+    bitmap.meta_mut().unwrap().reset_all();
+    bitmap.set(1000, 10); // no change
+    assert!(bitmap.meta().unwrap().is_empty());
+    bitmap.set(1030, 1);
+    bitmap.meta_mut().unwrap().reset_all();
+    bitmap.reset(1000, 1); // the word keeps bits: not a blanking reset
+    assert!(bitmap.meta().unwrap().is_empty());
+    bitmap.reset(960, 100); // words 15 and 16 become clean
+    assert_eq!(bitmap.meta().unwrap().iter().collect::<Vec<_>>(), [512, 1024]);
+    assert!(bitmap.free_meta());
+    assert!(!bitmap.free_meta());
+}
+
+#[test]
+fn truncate_grows_and_shrinks() {
+    let mut bitmap = HBitmap::new(1000, 0).unwrap();
+    bitmap.set(900, 100);
+    bitmap.truncate(950);
+    assert_eq!(bitmap.size(), 950);
+    assert_eq!(bitmap.count(), 50);
+    bitmap.truncate(1 << 20);
+    assert_eq!(bitmap.count(), 50);
+    assert_eq!(bitmap.next_zero(900, 1 << 20), Some(950));
+    bitmap.set((1 << 20) - 1, 1);
+    assert_eq!(items(&bitmap).last(), Some(&((1 << 20) - 1)));
+}
+
+#[test]
+fn merges_follow_qemu_4_2() {
+    let mut a = HBitmap::new(4096, 2).unwrap();
+    let b = HBitmap::new(4096, 2).unwrap();
+    let mut result = HBitmap::new(4096, 2).unwrap();
+    a.set(100, 1);
+    result.set(3000, 1);
+    assert!(HBitmap::merge_into(&a, &b, &mut result));
+    assert_eq!(items(&result), [100]);
+    let other = HBitmap::new(4096, 3).unwrap();
+    assert!(!a.merge(&other));
+}
+
+#[test]
+fn extents_are_maximal_and_clipped() {
+    let mut bitmap = HBitmap::new(1000, 4).unwrap();
+    bitmap.set(0, 1);
+    bitmap.set(16, 16);
+    bitmap.set(995, 1);
+    assert_eq!(bitmap.extents().collect::<Vec<_>>(), [0..32, 992..1000]);
+}
+
+#[test]
+fn next_word_and_peek() {
+    let mut bitmap = HBitmap::new(256, 0).unwrap();
+    bitmap.set(3, 2);
+    bitmap.set(130, 1);
+    let mut iter = bitmap.iter();
+    assert_eq!(iter.peek(), Some(3));
+    assert_eq!(iter.next(), Some(3));
+    assert_eq!(iter.next_word(), Some((0, 0b10000)));
+    assert_eq!(iter.next_word(), Some((2, 0b100)));
+    assert_eq!(iter.next_word(), None);
+}
+
+#[test]
+fn debug_shows_shape_and_extents() {
+    let mut bitmap = HBitmap::new(1 << 20, 9).unwrap();
+    bitmap.set(4096, 1);
+    let text = format!("{bitmap:?}");
+    assert!(text.contains("granularity: 9"), "{text}");
+    assert!(text.contains("4096..4608"), "{text}");
+}
