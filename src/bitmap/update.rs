@@ -78,7 +78,62 @@ fn reset_range(words: &mut [u64], start: u64, last: u64, removed: &mut u64) -> O
 impl HBitmap {
     /// Sets groups `first..=last` (the checked form of the item range `start`, `count`), then the
     /// summary levels and the meta bitmap.
+    #[inline]
     pub(crate) fn set_groups(&mut self, start: u64, count: u64, first: u64, last: u64) {
+        let pos = (first >> BITS_PER_LEVEL) as usize;
+        if self.stale || pos != (last >> BITS_PER_LEVEL) as usize {
+            return self.set_groups_general(start, count, first, last);
+        }
+        // One word of a consistent bitmap: the guest write path.
+        let word = &mut self.levels[LAST][pos];
+        let old = *word;
+        let new = old | word_mask(first, last);
+        if new == old {
+            return;
+        }
+        *word = new;
+        self.count += u64::from((new ^ old).count_ones());
+        if old == 0 {
+            self.mark_in_summary(pos);
+        }
+        if let Some(meta) = self.meta.as_mut() {
+            meta.set(start, count);
+        }
+    }
+
+    /// Marks word `pos` of the last level, which just became nonzero, in the summary levels of a
+    /// consistent bitmap: up to the first level whose word was already nonzero.
+    #[inline]
+    fn mark_in_summary(&mut self, pos: usize) {
+        let mut index = pos;
+        for level in (0..LAST).rev() {
+            let word = &mut self.levels[level][index >> BITS_PER_LEVEL];
+            let old = *word;
+            *word = old | 1 << (index & 63);
+            if old != 0 {
+                return;
+            }
+            index >>= BITS_PER_LEVEL;
+        }
+    }
+
+    /// Clears word `pos` of the last level, which just became zero, from the summary levels of a
+    /// consistent bitmap: up to the first level whose word keeps other bits.
+    #[inline]
+    fn unmark_in_summary(&mut self, pos: usize) {
+        let mut index = pos;
+        for level in (0..LAST).rev() {
+            let word = &mut self.levels[level][index >> BITS_PER_LEVEL];
+            *word &= !(1 << (index & 63));
+            if *word != 0 {
+                return;
+            }
+            index >>= BITS_PER_LEVEL;
+        }
+    }
+
+    #[inline(never)]
+    fn set_groups_general(&mut self, start: u64, count: u64, first: u64, last: u64) {
         let mut added = 0;
         let changed = if self.stale {
             // Count as the original does, through the (stale) summary.
@@ -115,7 +170,32 @@ impl HBitmap {
 
     /// Resets groups `first..=last` (the checked form of the item range `start`, `count`), then
     /// the summary levels and, if a word became blank, the meta bitmap.
+    #[inline]
     pub(crate) fn reset_groups(&mut self, start: u64, count: u64, first: u64, last: u64) {
+        let pos = (first >> BITS_PER_LEVEL) as usize;
+        if self.stale || pos != (last >> BITS_PER_LEVEL) as usize {
+            return self.reset_groups_general(start, count, first, last);
+        }
+        // One word of a consistent bitmap.
+        let word = &mut self.levels[LAST][pos];
+        let old = *word;
+        let mask = word_mask(first, last);
+        let new = old & !mask;
+        if new == old {
+            return;
+        }
+        *word = new;
+        self.count -= u64::from((old & mask).count_ones());
+        if new == 0 {
+            self.unmark_in_summary(pos);
+            if let Some(meta) = self.meta.as_mut() {
+                meta.set(start, count);
+            }
+        }
+    }
+
+    #[inline(never)]
+    fn reset_groups_general(&mut self, start: u64, count: u64, first: u64, last: u64) {
         let mut removed = 0;
         let blanked = if self.stale {
             removed = self.count_between_via_summary(first, last);
