@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use sha2::{Digest, Sha256};
 
-use crate::bitmap::{HBitmap, Violation, BITS_PER_LEVEL, LAST, LEVELS, SENTINEL};
+use crate::bitmap::{words, HBitmap, Violation, BITS_PER_LEVEL, LAST, LEVELS, SENTINEL};
 
 /// Granularities from this one up cannot be serialized: `64 << granularity` must fit 64 bits.
 pub const MAX_SERIALIZABLE_GRANULARITY: u32 = 58;
@@ -148,7 +148,7 @@ impl HBitmap {
     pub fn deserialize_finish(&mut self) {
         for level in (0..LAST).rev() {
             let (upper, lower) = self.levels.split_at_mut(level + 1);
-            let ones = summarize(&lower[0], &mut upper[level]);
+            let ones = words::summarize(&lower[0], &mut upper[level]);
             if level == LAST - 1 {
                 // Padding bits past the last group are not counted.
                 self.count = ones - padding_ones(&lower[0], self.groups);
@@ -179,26 +179,6 @@ impl HBitmap {
     }
 }
 
-/// Sets `summary` to one bit per nonzero word of `words`, clearing its other bits, and returns
-/// the popcount of `words`: one pass does both.
-fn summarize(words: &[u64], summary: &mut [u64]) -> u64 {
-    let mut total = 0u64;
-    for (out, block) in summary.iter_mut().zip(words.chunks(64)) {
-        let mut bits = 0u64;
-        let mut ones = 0u32;
-        for (index, &word) in block.iter().enumerate() {
-            bits |= u64::from(word != 0) << index;
-            ones += word.count_ones();
-        }
-        *out = bits;
-        total += u64::from(ones);
-    }
-    let covered = words.len().div_ceil(64);
-    let len = summary.len();
-    summary[covered.min(len)..].fill(0);
-    total
-}
-
 /// Set bits of `words` at index `bits` and beyond.
 fn padding_ones(words: &[u64], bits: u64) -> u64 {
     let full = ((bits / 64) as usize).min(words.len());
@@ -214,15 +194,24 @@ fn padding_ones(words: &[u64], bits: u64) -> u64 {
 
 /// Little-endian encoding of `words` into `out` (exactly 8 bytes per word).
 pub(crate) fn write_le_words(words: &[u64], out: &mut [u8]) {
-    for (bytes, word) in out.chunks_exact_mut(8).zip(words) {
-        bytes.copy_from_slice(&word.to_le_bytes());
+    if cfg!(target_endian = "little") {
+        // The words' memory is their encoding: a plain copy.
+        out.copy_from_slice(bytemuck::cast_slice(words));
+    } else {
+        for (bytes, word) in out.chunks_exact_mut(8).zip(words) {
+            bytes.copy_from_slice(&word.to_le_bytes());
+        }
     }
 }
 
 /// Decoding of little-endian bytes (exactly 8 per word) into `words`.
 pub(crate) fn read_le_words(bytes: &[u8], words: &mut [u64]) {
-    for (word, bytes) in words.iter_mut().zip(bytes.chunks_exact(8)) {
-        *word = u64::from_le_bytes(bytes.try_into().expect("chunks of 8"));
+    if cfg!(target_endian = "little") {
+        bytemuck::cast_slice_mut(words).copy_from_slice(bytes);
+    } else {
+        for (word, bytes) in words.iter_mut().zip(bytes.chunks_exact(8)) {
+            *word = u64::from_le_bytes(bytes.try_into().expect("chunks of 8"));
+        }
     }
 }
 

@@ -11,6 +11,7 @@ pub(crate) mod iter;
 mod precondition;
 mod search;
 mod update;
+pub(crate) mod words;
 
 pub use iter::{Extents, Iter};
 pub use precondition::Violation;
@@ -543,10 +544,7 @@ impl HBitmap {
 /// Popcount of the first `bits` bits of `words`.
 pub(crate) fn popcount_below(words: &[u64], bits: u64) -> u64 {
     let full = (bits / 64) as usize;
-    let mut count: u64 = words[..full]
-        .iter()
-        .map(|w| u64::from(w.count_ones()))
-        .sum();
+    let mut count = self::words::popcount(&words[..full]);
     let tail = bits % 64;
     if tail != 0 {
         count += u64::from((words[full] & ((1u64 << tail) - 1)).count_ones());
