@@ -5,12 +5,13 @@
 //! summary levels (and the meta bitmap, which follows the same "changed" answers) match it bit
 //! for bit. The last level also counts the bits it flips, so no second pass is needed.
 
-use super::{word_mask, HBitmap, BITS_PER_LEVEL, LAST};
+use super::{word_mask, words, HBitmap, BITS_PER_LEVEL, LAST};
 
 /// Sets bits `start..=last` of one level. Returns whether the level above needs updating: a
-/// first or last word changed, or a middle word was zero. Adds newly set bits to `added`.
+/// first or last word changed, or a middle word was zero. With `COUNT`, adds the newly set bits
+/// to `added`.
 #[inline]
-fn set_range(words: &mut [u64], start: u64, last: u64, added: &mut u64) -> bool {
+fn set_range<const COUNT: bool>(words: &mut [u64], start: u64, last: u64, added: &mut u64) -> bool {
     let pos = (start >> BITS_PER_LEVEL) as usize;
     let lastpos = (last >> BITS_PER_LEVEL) as usize;
     if pos == lastpos {
@@ -25,10 +26,13 @@ fn set_range(words: &mut [u64], start: u64, last: u64, added: &mut u64) -> bool 
     words[pos] = new;
     *added += u64::from((new ^ old).count_ones());
     let mut changed = new != old;
-    for word in &mut words[pos + 1..lastpos] {
-        changed |= *word == 0;
-        *added += u64::from(64 - word.count_ones());
-        *word = u64::MAX;
+    let middle = &mut words[pos + 1..lastpos];
+    if !middle.is_empty() {
+        changed |= middle.contains(&0);
+        if COUNT {
+            *added += 64 * middle.len() as u64 - words::popcount(middle);
+        }
+        middle.fill(u64::MAX);
     }
     let old = words[lastpos];
     let new = old | word_mask(0, last);
@@ -38,9 +42,15 @@ fn set_range(words: &mut [u64], start: u64, last: u64, added: &mut u64) -> bool 
 }
 
 /// Clears bits `start..=last` of one level. Returns the range of this level's words that
-/// became blank (for the level above), or `None` when none did. Adds cleared bits to `removed`.
+/// became blank (for the level above), or `None` when none did. Adds the cleared bits to
+/// `removed`.
 #[inline]
-fn reset_range(words: &mut [u64], start: u64, last: u64, removed: &mut u64) -> Option<(u64, u64)> {
+fn reset_range(
+    words: &mut [u64],
+    start: u64,
+    last: u64,
+    removed: &mut u64,
+) -> Option<(u64, u64)> {
     let mut pos = start >> BITS_PER_LEVEL;
     let mut lastpos = last >> BITS_PER_LEVEL;
     let mut changed = false;
@@ -57,10 +67,13 @@ fn reset_range(words: &mut [u64], start: u64, last: u64, removed: &mut u64) -> O
         } else {
             pos += 1;
         }
-        for word in &mut words[(start >> BITS_PER_LEVEL) as usize + 1..lastpos as usize] {
-            changed |= *word != 0;
-            *removed += u64::from(word.count_ones());
-            *word = 0;
+        let middle = &mut words[(start >> BITS_PER_LEVEL) as usize + 1..lastpos as usize];
+        if !middle.is_empty() {
+            // Some middle word was nonzero iff the middle has set bits.
+            let ones = words::popcount(middle);
+            changed |= ones != 0;
+            *removed += ones;
+            middle.fill(0);
         }
         if clear(&mut words[lastpos as usize], word_mask(0, last), removed) {
             changed = true;
@@ -153,13 +166,13 @@ impl HBitmap {
 
     /// Sets bits `first..=last` of the last level and propagates; true if the last level changed.
     fn set_levels(&mut self, first: u64, last: u64, added: &mut u64) -> bool {
-        if !set_range(&mut self.levels[LAST], first, last, added) {
+        if !set_range::<true>(&mut self.levels[LAST], first, last, added) {
             return false;
         }
         let (mut start, mut last) = (first >> BITS_PER_LEVEL, last >> BITS_PER_LEVEL);
         let mut ignored = 0;
         for level in (0..LAST).rev() {
-            if !set_range(&mut self.levels[level], start, last, &mut ignored) {
+            if !set_range::<false>(&mut self.levels[level], start, last, &mut ignored) {
                 break;
             }
             start >>= BITS_PER_LEVEL;
