@@ -13,16 +13,16 @@ use super::{HBitmap, BITS_PER_LEVEL, LAST, LEVELS, SENTINEL};
 /// # Panics
 /// When a summary bit leads to a clean word, which only a deserialization without `finish`
 /// leaves behind (the original asserts the same).
+#[inline(always)]
 pub(crate) fn skip_words(hb: &HBitmap, pos: &mut usize, cur: &mut [u64; LEVELS]) -> u64 {
     let mut index = *pos;
     let mut level = LAST;
     let mut word;
     // Climb until some level still has words to visit; level 0's sentinel stops the climb.
     loop {
-        if level == 0 {
-            panic!("hbitmap iterator: no level has words left to visit (uninitialized iterator?)");
-        }
-        level -= 1;
+        // An iterator not set up by `init` may lack the sentinel: `level` then wraps and the
+        // index below panics rather than reading out of bounds.
+        level = level.wrapping_sub(1);
         index >>= BITS_PER_LEVEL;
         word = cur[level] & hb.levels[level][index];
         if word != 0 {
@@ -38,16 +38,22 @@ pub(crate) fn skip_words(hb: &HBitmap, pos: &mut usize, cur: &mut [u64; LEVELS])
         cur[level] = word & (word - 1);
         word = hb.levels[level + 1][index];
         if word == 0 {
-            panic!(
-                "hbitmap iterator: level {level} marks word {index} of level {} dirty but it is \
-                 clean (deserialized without finish?)",
-                level + 1
-            );
+            stale_summary(level, index);
         }
         level += 1;
     }
     *pos = index;
     word
+}
+
+#[cold]
+#[inline(never)]
+fn stale_summary(level: usize, index: usize) -> ! {
+    panic!(
+        "hbitmap iterator: level {level} marks word {index} of level {} dirty but it is clean \
+         (deserialized without finish?)",
+        level + 1
+    )
 }
 
 /// The next dirty group at or after the cursor, as its first item (`group << granularity`);

@@ -181,3 +181,16 @@ fn debug_shows_shape_and_extents() {
     assert!(text.contains("granularity: 9"), "{text}");
     assert!(text.contains("4096..4608"), "{text}");
 }
+
+#[test]
+fn level_lengths_follow_the_size_through_truncates() {
+    let mut bitmap = HBitmap::new(100, 0).unwrap();
+    for size in [100u64, 1 << 20, 65, 64, 1, 0, 4097, (1 << 18) + 1, 3] {
+        bitmap.truncate(size);
+        let mut bits = bitmap.groups();
+        for level in (0..LEVELS).rev() {
+            assert_eq!(bitmap.level_words(level).len(), words_for(bits), "size {size} level {level}");
+            bits = words_for(bits) as u64;
+        }
+    }
+}
