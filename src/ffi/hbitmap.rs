@@ -224,8 +224,21 @@ pub unsafe extern "C" fn hbitmap_reset_all(hb: *mut HBitmap) {
 pub unsafe extern "C" fn hbitmap_get(hb: *const HBitmap, item: u64) -> bool {
     // SAFETY: the caller's contract.
     let bitmap = unsafe { borrow("hbitmap_get", "hb", hb) };
-    require!("hbitmap_get", bitmap.check_item(item));
-    bitmap.get_unchecked_range(item)
+    match bitmap.get_checked(item) {
+        Some(dirty) => dirty,
+        None => item_out_of_range("hbitmap_get", bitmap, item),
+    }
+}
+
+/// Aborts for an item past the last group; out of line so that the callers' fast paths need no
+/// stack frame.
+#[cold]
+#[inline(never)]
+fn item_out_of_range(function: &str, bitmap: &HBitmap, item: u64) -> ! {
+    match bitmap.check_item(item) {
+        Err(why) => violated(function, &why),
+        Ok(()) => unreachable!("{function}: item {item} is in range"),
+    }
 }
 
 /// Whether the bitmap can be serialized: granularity below 58.
