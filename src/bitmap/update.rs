@@ -43,10 +43,13 @@ fn set_range<const COUNT: bool>(words: &mut [u64], start: u64, last: u64, added:
 
 /// Clears bits `start..=last` of one level. Returns the range of this level's words that
 /// became blank (for the level above), or `None` when none did. Adds the cleared bits to
-/// `removed`.
+/// `removed`. With the (still unmodified, consistent) level above as `summary`, the words in the
+/// middle of the range are visited only where the summary marks them dirty, so cleaning a huge,
+/// mostly clean range costs in proportion to what is dirty.
 #[inline]
 fn reset_range(
     words: &mut [u64],
+    summary: Option<&[u64]>,
     start: u64,
     last: u64,
     removed: &mut u64,
@@ -67,14 +70,19 @@ fn reset_range(
         } else {
             pos += 1;
         }
-        let middle = &mut words[(start >> BITS_PER_LEVEL) as usize + 1..lastpos as usize];
-        if !middle.is_empty() {
-            // Some middle word was nonzero iff the middle has set bits.
-            let ones = words::popcount(middle);
-            changed |= ones != 0;
-            *removed += ones;
-            middle.fill(0);
-        }
+        let middle = (start >> BITS_PER_LEVEL) as usize + 1..lastpos as usize;
+        // Some middle word was nonzero iff the middle had set bits.
+        let ones = match summary {
+            Some(summary) => clear_marked_words(words, summary, middle),
+            None => {
+                let middle = &mut words[middle];
+                let ones = words::popcount(middle);
+                middle.fill(0);
+                ones
+            }
+        };
+        changed |= ones != 0;
+        *removed += ones;
         if clear(&mut words[lastpos as usize], word_mask(0, last), removed) {
             changed = true;
         } else {
@@ -86,6 +94,29 @@ fn reset_range(
         lastpos = lastpos.wrapping_sub(1);
     }
     changed.then_some((pos, lastpos))
+}
+
+/// Zeroes the words in `range` that `summary` marks as nonzero and returns their popcount.
+fn clear_marked_words(words: &mut [u64], summary: &[u64], range: std::ops::Range<usize>) -> u64 {
+    let mut ones = 0;
+    let mut index = range.start;
+    while index < range.end {
+        // The summary word covering `index`, without the bits before it or past the range.
+        let base = index & !63;
+        let mut marks = summary[index >> BITS_PER_LEVEL] & (u64::MAX << (index & 63));
+        let end = range.end - base;
+        if end < 64 {
+            marks &= (1u64 << end) - 1;
+        }
+        while marks != 0 {
+            let word = &mut words[base + marks.trailing_zeros() as usize];
+            ones += u64::from(word.count_ones());
+            *word = 0;
+            marks &= marks - 1;
+        }
+        index = base + 64;
+    }
+    ones
 }
 
 impl HBitmap {
@@ -227,12 +258,18 @@ impl HBitmap {
     /// Clears bits `first..=last` of the last level and propagates; true if a word of the last
     /// level became blank (the original's notion of "changed" for the meta bitmap).
     fn reset_levels(&mut self, first: u64, last: u64, removed: &mut u64) -> bool {
-        let Some(mut range) = reset_range(&mut self.levels[LAST], first, last, removed) else {
+        // The summary can guide the clearing only while it matches the level below.
+        let guided = !self.stale;
+        let (upper, lower) = self.levels.split_at_mut(LAST);
+        let summary = guided.then_some(&upper[LAST - 1][..]);
+        let Some(mut range) = reset_range(&mut lower[0], summary, first, last, removed) else {
             return false;
         };
         let mut ignored = 0;
         for level in (0..LAST).rev() {
-            match reset_range(&mut self.levels[level], range.0, range.1, &mut ignored) {
+            let (upper, lower) = self.levels.split_at_mut(level);
+            let summary = upper.last().filter(|_| guided).map(|words| &words[..]);
+            match reset_range(&mut lower[0], summary, range.0, range.1, &mut ignored) {
                 Some(next) => range = next,
                 None => break,
             }
