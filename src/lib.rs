@@ -9,6 +9,7 @@
 mod bitmap;
 #[doc(hidden)]
 pub mod ffi;
+pub mod qcow2;
 pub mod serialize;
 
 pub use crate::bitmap::{

@@ -7,8 +7,10 @@
 //! `extern "C"` function aborts the process.
 
 mod hbitmap;
+mod qcow2;
 
 pub use self::hbitmap::*;
+pub use self::qcow2::*;
 
 /// Ends the process after a broken precondition, naming the function and what was wrong.
 #[cold]

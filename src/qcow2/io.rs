@@ -1,0 +1,239 @@
+//! I/O on the image file, behind a trait so that tests can inject faults.
+//!
+//! [`FileIo`] is the real thing. [`FailingIo`] fails chosen operations (an I/O error at the
+//! N-th write, every write from then on, or a flush), and [`CrashIo`] lets the first N writes
+//! reach the file and then behaves as if the process had died: nothing more is written.
+#![forbid(unsafe_code)]
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Positioned I/O on an image file.
+///
+/// Reads are exact: reading past the end of the file is an error (the image layer checks every
+/// offset against [`len`](ImageIo::len) first). Writes past the end extend the file.
+#[allow(clippy::len_without_is_empty)]
+pub trait ImageIo: Send {
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    fn pread(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`.
+    fn pwrite(&mut self, offset: u64, buf: &[u8]) -> io::Result<()>;
+    /// Makes every completed write durable (fdatasync).
+    fn flush(&mut self) -> io::Result<()>;
+    /// The file's length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncates or extends the file.
+    fn set_len(&mut self, len: u64) -> io::Result<()>;
+}
+
+/// [`ImageIo`] on a real file.
+#[derive(Debug)]
+pub struct FileIo {
+    file: File,
+}
+
+impl FileIo {
+    /// Wraps an open file.
+    pub fn new(file: File) -> FileIo {
+        FileIo { file }
+    }
+}
+
+impl ImageIo for FileIo {
+    fn pread(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn pwrite(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+}
+
+/// Which operations a [`FailingIo`] fails.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Fail the write with this index (0-based, counting `pwrite` and `set_len`).
+    pub write: Option<u64>,
+    /// Fail every write from this index on.
+    pub writes_from: Option<u64>,
+    /// Fail the flush with this index (0-based).
+    pub flush: Option<u64>,
+    /// Fail the read with this index (0-based).
+    pub read: Option<u64>,
+}
+
+/// An [`ImageIo`] that returns `EIO` for the operations chosen in [`Faults`] and passes the
+/// others to the wrapped one.
+pub struct FailingIo<I: ImageIo> {
+    inner: I,
+    faults: Faults,
+    writes: u64,
+    flushes: u64,
+    reads: AtomicU64,
+}
+
+impl<I: ImageIo> FailingIo<I> {
+    /// Wraps `inner`.
+    pub fn new(inner: I, faults: Faults) -> FailingIo<I> {
+        FailingIo {
+            inner,
+            faults,
+            writes: 0,
+            flushes: 0,
+            reads: AtomicU64::new(0),
+        }
+    }
+
+    fn injected(what: &str) -> io::Error {
+        io::Error::other(format!("injected {what} failure"))
+    }
+
+    fn write_fails(&mut self) -> bool {
+        let index = self.writes;
+        self.writes += 1;
+        self.faults.write == Some(index) || self.faults.writes_from.is_some_and(|n| index >= n)
+    }
+}
+
+impl<I: ImageIo> ImageIo for FailingIo<I> {
+    fn pread(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let index = self.reads.fetch_add(1, Ordering::Relaxed);
+        if self.faults.read == Some(index) {
+            return Err(Self::injected("read"));
+        }
+        self.inner.pread(offset, buf)
+    }
+
+    fn pwrite(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        if self.write_fails() {
+            return Err(Self::injected("write"));
+        }
+        self.inner.pwrite(offset, buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let index = self.flushes;
+        self.flushes += 1;
+        if self.faults.flush == Some(index) {
+            return Err(Self::injected("flush"));
+        }
+        self.inner.flush()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        if self.write_fails() {
+            return Err(Self::injected("set_len"));
+        }
+        self.inner.set_len(len)
+    }
+}
+
+/// An [`ImageIo`] that simulates a crash: the first `crash_at` writes (`pwrite` and `set_len`)
+/// reach the wrapped file; that write and every later write or flush fail without touching it,
+/// as if the process had died just before. Reads keep working.
+///
+/// [`writes`](CrashIo::writes) shares the count of attempted writes, so a test can first run an
+/// operation with `crash_at = u64::MAX` to learn how many writes it makes, then crash it after
+/// each of them in turn.
+pub struct CrashIo<I: ImageIo> {
+    inner: I,
+    crash_at: u64,
+    writes: Arc<AtomicU64>,
+}
+
+impl<I: ImageIo> CrashIo<I> {
+    /// Wraps `inner`; write number `crash_at` (0-based) is the first one lost.
+    pub fn new(inner: I, crash_at: u64) -> CrashIo<I> {
+        CrashIo {
+            inner,
+            crash_at,
+            writes: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The shared count of writes attempted so far (including the lost ones).
+    pub fn writes(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.writes)
+    }
+
+    fn crashed(&self) -> bool {
+        self.writes.load(Ordering::SeqCst) > self.crash_at
+    }
+
+    fn lost() -> io::Error {
+        io::Error::other("simulated crash: write lost")
+    }
+
+    fn next_write_lost(&mut self) -> bool {
+        let index = self.writes.fetch_add(1, Ordering::SeqCst);
+        index >= self.crash_at
+    }
+}
+
+impl<I: ImageIo> ImageIo for CrashIo<I> {
+    fn pread(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.pread(offset, buf)
+    }
+
+    fn pwrite(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        if self.next_write_lost() {
+            return Err(Self::lost());
+        }
+        self.inner.pwrite(offset, buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.crashed() {
+            return Err(Self::lost());
+        }
+        self.inner.flush()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        if self.next_write_lost() {
+            return Err(Self::lost());
+        }
+        self.inner.set_len(len)
+    }
+}
+
+impl ImageIo for Box<dyn ImageIo> {
+    fn pread(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        (**self).pread(offset, buf)
+    }
+    fn pwrite(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        (**self).pwrite(offset, buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+}

@@ -1,0 +1,889 @@
+//! Reading and validating an image's structures: header, refcounts, the metadata map (L1/L2
+//! tables, refcount table and blocks, snapshot table and snapshot L1 tables, LUKS header) and
+//! the bitmaps extension with its directory, tables and data clusters.
+//!
+//! Every size read from the file is checked against the file's length and QEMU's limits before
+//! anything is allocated for it, and bitmap tables are read only once they are known not to
+//! overlap each other or other metadata, so memory stays proportional to the file. Problems are
+//! collected rather than returned at the first one, for [`check`](super::Image::check).
+#![forbid(unsafe_code)]
+
+use std::collections::HashSet;
+
+use super::bitmap_dir::{self, DirEntry};
+use super::bitmap_table;
+use super::error::{corrupt, Error};
+use super::header::{
+    be16, be32, be64, read_exact, BitmapsExt, Header, AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN,
+    INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_KNOWN,
+};
+use super::io::ImageIo;
+use super::refcount::{past_end, Refcounts};
+
+const MAX_L1_BYTES: u64 = 32 << 20;
+const MAX_SNAPSHOTS: u64 = 65536;
+const MAX_SNAPSHOTS_SIZE: u64 = 1024 * MAX_SNAPSHOTS;
+const MAX_SNAPSHOT_EXTRA: u64 = 1024;
+const SNAPSHOT_HEADER: u64 = 40;
+const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Overlaps reported at most, then summarized.
+const MAX_REPORTED: usize = 20;
+
+/// What a region of the file holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Owner {
+    Header,
+    L1Table,
+    L2Table(u64),
+    RefcountTable,
+    RefcountBlock(usize),
+    SnapshotTable,
+    SnapshotL1(u64),
+    CryptoHeader,
+    Directory,
+    BitmapTable(usize),
+    BitmapData(usize, u64),
+}
+
+/// A cluster-aligned range of the file and what uses it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Region {
+    pub start: u64,
+    /// Exclusive, rounded up to a cluster boundary.
+    pub end: u64,
+    pub owner: Owner,
+}
+
+/// One bitmap: its directory entry and its table (empty if it could not be read).
+#[derive(Clone, Debug)]
+pub(crate) struct Bitmap {
+    pub entry: DirEntry,
+    pub table: Vec<u64>,
+}
+
+impl Bitmap {
+    pub(crate) fn name(&self) -> String {
+        self.entry.display_name()
+    }
+}
+
+/// State of the bitmaps extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ExtState {
+    Absent,
+    /// Present but the autoclear bit is clear: ignored, dropped by the next write.
+    Stale,
+    Valid,
+}
+
+/// Everything read from an image.
+#[derive(Clone, Debug)]
+pub(crate) struct Layout {
+    pub header: Header,
+    pub file_len: u64,
+    pub refcounts: Refcounts,
+    pub ext: ExtState,
+    /// Offset and size of the bitmap directory, when the extension is valid.
+    pub directory: Option<(u64, u64)>,
+    pub bitmaps: Vec<Bitmap>,
+    /// Metadata other than the bitmaps': where new clusters must never go.
+    pub metadata: Vec<Region>,
+}
+
+impl Layout {
+    pub(crate) fn cluster_size(&self) -> u64 {
+        self.header.cluster_size()
+    }
+
+    /// Updates the metadata map after the refcount table moved or blocks were added.
+    pub(crate) fn refresh_refcount_regions(&mut self) {
+        let cluster_size = self.cluster_size();
+        self.metadata
+            .retain(|r| !matches!(r.owner, Owner::RefcountTable | Owner::RefcountBlock(_)));
+        let table = &self.refcounts;
+        self.metadata.push(Region {
+            start: table.table_offset,
+            end: table.table_offset + u64::from(table.table_clusters) * cluster_size,
+            owner: Owner::RefcountTable,
+        });
+        for (index, offset) in table.blocks() {
+            self.metadata.push(Region {
+                start: offset,
+                end: offset + cluster_size,
+                owner: Owner::RefcountBlock(index),
+            });
+        }
+        self.metadata.sort_by_key(|r| (r.start, r.end));
+    }
+
+    /// The virtual disk size QEMU uses for bitmaps (`bdrv_getlength`: whole sectors).
+    pub(crate) fn virtual_len(&self) -> u64 {
+        self.header.size / 512 * 512
+    }
+}
+
+/// Problems found while reading.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Problems {
+    /// The image is malformed: it is refused.
+    pub errors: Vec<String>,
+    /// Worth knowing; reading works.
+    pub warnings: Vec<String>,
+    /// Reading works but writing is refused (with these reasons).
+    pub write_blockers: Vec<String>,
+}
+
+fn round_up(value: u64, to: u64) -> u64 {
+    value.div_ceil(to) * to
+}
+
+/// Describes a region for messages.
+pub(crate) fn describe(region: &Region, bitmaps: &[Bitmap]) -> String {
+    let at = region.start;
+    let name = |index: usize| {
+        bitmaps
+            .get(index)
+            .map(|b| b.name())
+            .unwrap_or_else(|| format!("#{index}"))
+    };
+    match region.owner {
+        Owner::Header => "the header cluster at 0x0".to_string(),
+        Owner::L1Table => format!("the active L1 table at {at:#x}"),
+        Owner::L2Table(i) => format!("the L2 table at {at:#x} (L1 entry {i})"),
+        Owner::RefcountTable => format!("the refcount table at {at:#x}"),
+        Owner::RefcountBlock(i) => format!("refcount block {i} at {at:#x}"),
+        Owner::SnapshotTable => format!("the snapshot table at {at:#x}"),
+        Owner::SnapshotL1(i) => format!("the L1 table of snapshot {i} at {at:#x}"),
+        Owner::CryptoHeader => format!("the encryption header at {at:#x}"),
+        Owner::Directory => format!("the bitmap directory at {at:#x}"),
+        Owner::BitmapTable(b) => format!("the bitmap table of bitmap '{}' at {at:#x}", name(b)),
+        Owner::BitmapData(b, e) => {
+            let table = bitmaps.get(b).map(|b| b.entry.table_offset).unwrap_or(0);
+            format!(
+                "a data cluster of bitmap '{}' at {at:#x} (bitmap table entry {e} at {:#x})",
+                name(b),
+                table + 8 * e
+            )
+        }
+    }
+}
+
+fn is_bitmap_owner(owner: Owner) -> bool {
+    matches!(
+        owner,
+        Owner::Directory | Owner::BitmapTable(_) | Owner::BitmapData(..)
+    )
+}
+
+/// Finds overlapping regions; `report` filters which pairs are reported. Returns the messages
+/// and the set of bitmap indices involved.
+fn overlaps(
+    regions: &mut [Region],
+    bitmaps: &[Bitmap],
+    report: impl Fn(&Region, &Region) -> bool,
+) -> (Vec<String>, HashSet<usize>) {
+    regions.sort_by_key(|r| (r.start, r.end));
+    let mut messages = Vec::new();
+    let mut involved = HashSet::new();
+    let mut found = 0usize;
+    let mut widest: Option<usize> = None;
+    for index in 0..regions.len() {
+        let region = regions[index];
+        if let Some(w) = widest {
+            let other = regions[w];
+            let same_l2 = matches!(region.owner, Owner::L2Table(_))
+                && matches!(other.owner, Owner::L2Table(_))
+                && region.start == other.start;
+            if region.start < other.end && !same_l2 && report(&region, &other) {
+                for owner in [region.owner, other.owner] {
+                    match owner {
+                        Owner::BitmapTable(b) | Owner::BitmapData(b, _) => {
+                            involved.insert(b);
+                        }
+                        _ => {}
+                    }
+                }
+                found += 1;
+                if found <= MAX_REPORTED {
+                    messages.push(format!(
+                        "{} overlaps {}",
+                        capitalize(&describe(&region, bitmaps)),
+                        describe(&other, bitmaps)
+                    ));
+                }
+            }
+            if region.end > other.end {
+                widest = Some(index);
+            }
+        } else {
+            widest = Some(index);
+        }
+    }
+    if found > MAX_REPORTED {
+        messages.push(format!("... and {} more overlaps", found - MAX_REPORTED));
+    }
+    (messages, involved)
+}
+
+fn capitalize(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// Reads the image. Fatal problems (no usable header or refcount table) are returned as
+/// errors; the others are collected in [`Problems`].
+pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
+    let file_len = io
+        .len()
+        .map_err(|e| Error::io("getting the image file's size", e))?;
+    let header = Header::read(io, file_len)?;
+    let cluster_size = header.cluster_size();
+    let mut problems = Problems::default();
+
+    let unknown = header.incompatible & !INCOMPAT_KNOWN;
+    if unknown != 0 {
+        let message = format!(
+            "the image has unknown incompatible features ({unknown:#x}): QEMU refuses to open \
+             it; only read-only inspection is possible"
+        );
+        problems.warnings.push(message.clone());
+        problems.write_blockers.push(message);
+    }
+    if header.incompatible & INCOMPAT_DIRTY != 0 {
+        let message = "the image has the dirty bit set (its refcounts may be stale after an \
+                       unclean shutdown with lazy refcounts); repair it with 'qemu-img check -r \
+                       all' before writing"
+            .to_string();
+        problems.warnings.push(message.clone());
+        problems.write_blockers.push(message);
+    }
+    if header.incompatible & INCOMPAT_CORRUPT != 0 {
+        let message = "the image is marked corrupt (incompatible feature bit 1); QEMU refuses \
+                       to write it until 'qemu-img check -r all' repairs it"
+            .to_string();
+        problems.warnings.push(message.clone());
+        problems.write_blockers.push(message);
+    }
+    if header.version < 3 {
+        problems.write_blockers.push(
+            "qcow2 version 2 (compat=0.10) images cannot hold persistent bitmaps (they have no \
+             autoclear feature bits); upgrade with 'qemu-img amend -o compat=1.1'"
+                .into(),
+        );
+    }
+    if header.autoclear & !AUTOCLEAR_KNOWN != 0 {
+        problems.warnings.push(format!(
+            "unknown autoclear feature bits {:#x} are set; the next write clears them",
+            header.autoclear & !AUTOCLEAR_KNOWN
+        ));
+    }
+
+    let refcounts = Refcounts::load(
+        io,
+        header.cluster_bits,
+        header.refcount_order,
+        header.refcount_table_offset,
+        header.refcount_table_clusters,
+        file_len,
+    )?;
+
+    let mut metadata = Vec::new();
+    let region = |start: u64, len: u64, owner: Owner| Region {
+        start,
+        end: round_up(start.saturating_add(len), cluster_size),
+        owner,
+    };
+    metadata.push(region(0, cluster_size, Owner::Header));
+    metadata.push(region(
+        refcounts.table_offset,
+        u64::from(refcounts.table_clusters) * cluster_size,
+        Owner::RefcountTable,
+    ));
+    for (index, offset) in refcounts.blocks() {
+        metadata.push(region(offset, cluster_size, Owner::RefcountBlock(index)));
+    }
+
+    // The active L1 table and the L2 tables it points to.
+    let l1_bytes = u64::from(header.l1_size) * 8;
+    if l1_bytes > MAX_L1_BYTES {
+        return Err(corrupt(format!(
+            "header: l1_size {} (offset 36) exceeds QEMU's 32 MiB L1 table limit",
+            header.l1_size
+        )));
+    }
+    let l2_coverage = cluster_size * (cluster_size / 8);
+    let needed_l1 = header.size.div_ceil(l2_coverage);
+    if u64::from(header.l1_size) < needed_l1 {
+        return Err(corrupt(format!(
+            "header: l1_size {} (offset 36) is too small for the virtual size {} (needs {})",
+            header.l1_size, header.size, needed_l1
+        )));
+    }
+    if l1_bytes > 0 {
+        if header.l1_table_offset % cluster_size != 0 || header.l1_table_offset == 0 {
+            return Err(corrupt(format!(
+                "header: l1_table_offset {:#x} (offset 40) is not a nonzero multiple of the \
+                 cluster size",
+                header.l1_table_offset
+            )));
+        }
+        if past_end(header.l1_table_offset, l1_bytes, file_len) {
+            return Err(corrupt(format!(
+                "header: the L1 table at {:#x} ({l1_bytes} bytes) extends past the end of the \
+                 file ({file_len} bytes)",
+                header.l1_table_offset
+            )));
+        }
+        metadata.push(region(header.l1_table_offset, l1_bytes, Owner::L1Table));
+        let l1 = read_exact(io, header.l1_table_offset, l1_bytes, "the L1 table")?;
+        for (index, chunk) in l1.chunks_exact(8).enumerate() {
+            let offset = be64(chunk, 0) & L1_OFFSET_MASK;
+            if offset == 0 {
+                continue;
+            }
+            if offset % cluster_size != 0 {
+                problems.errors.push(format!(
+                    "L1 table entry {index} at {:#x}: L2 table offset {offset:#x} is not \
+                     cluster-aligned",
+                    header.l1_table_offset + 8 * index as u64
+                ));
+                continue;
+            }
+            if offset.saturating_add(cluster_size) > file_len {
+                problems.errors.push(format!(
+                    "L1 table entry {index} at {:#x}: the L2 table at {offset:#x} lies past the \
+                     end of the file ({file_len} bytes)",
+                    header.l1_table_offset + 8 * index as u64
+                ));
+                continue;
+            }
+            metadata.push(region(offset, cluster_size, Owner::L2Table(index as u64)));
+        }
+    }
+
+    // Snapshots: the table and each snapshot's L1 table.
+    if header.nb_snapshots > 0 {
+        read_snapshots(io, &header, file_len, &mut metadata, &mut problems)?;
+    }
+    if let Some((offset, len)) = header.crypto_area() {
+        if offset % cluster_size != 0 || offset.saturating_add(len) > file_len {
+            problems.errors.push(format!(
+                "encryption header extension: the area at {offset:#x} ({len} bytes) is not \
+                 cluster-aligned or lies past the end of the file"
+            ));
+        } else if len > 0 {
+            metadata.push(region(offset, len, Owner::CryptoHeader));
+        }
+    }
+
+    let mut layout = Layout {
+        header,
+        file_len,
+        refcounts,
+        ext: ExtState::Absent,
+        directory: None,
+        bitmaps: Vec::new(),
+        metadata,
+    };
+    read_bitmaps(io, &mut layout, &mut problems)?;
+
+    // Overlaps among the other metadata (bitmap ones were reported by read_bitmaps).
+    let mut regions = layout.metadata.clone();
+    let (messages, _) = overlaps(&mut regions, &[], |_, _| true);
+    problems.errors.extend(messages);
+
+    check_refcounts(io, &mut layout, &mut problems)?;
+    layout.metadata.sort_by_key(|r| (r.start, r.end));
+    Ok((layout, problems))
+}
+
+fn read_snapshots(
+    io: &dyn ImageIo,
+    header: &Header,
+    file_len: u64,
+    metadata: &mut Vec<Region>,
+    problems: &mut Problems,
+) -> Result<(), Error> {
+    let cluster_size = header.cluster_size();
+    let count = u64::from(header.nb_snapshots);
+    let offset = header.snapshots_offset;
+    if count > MAX_SNAPSHOTS {
+        return Err(corrupt(format!(
+            "header: nb_snapshots {count} (offset 60) exceeds QEMU's limit of {MAX_SNAPSHOTS}"
+        )));
+    }
+    if offset % cluster_size != 0 || offset == 0 {
+        return Err(corrupt(format!(
+            "header: snapshots_offset {offset:#x} (offset 64) is not a nonzero multiple of the \
+             cluster size"
+        )));
+    }
+    let mut pos = offset;
+    for index in 0..count {
+        let limit = (offset + MAX_SNAPSHOTS_SIZE).min(file_len);
+        if pos.saturating_add(SNAPSHOT_HEADER) > limit {
+            return Err(corrupt(format!(
+                "snapshot table: entry {index} at {pos:#x} extends past the end of the file or \
+                 QEMU's 64 MiB snapshot table limit"
+            )));
+        }
+        let head = read_exact(io, pos, SNAPSHOT_HEADER, "the snapshot table")?;
+        let l1_offset = be64(&head, 0);
+        let l1_size = u64::from(be32(&head, 8));
+        let id_size = u64::from(be16(&head, 12));
+        let name_size = u64::from(be16(&head, 14));
+        let extra = u64::from(be32(&head, 36));
+        if extra > MAX_SNAPSHOT_EXTRA {
+            return Err(corrupt(format!(
+                "snapshot table: entry {index} at {pos:#x} has {extra} bytes of extra data, more \
+                 than QEMU's limit of {MAX_SNAPSHOT_EXTRA}"
+            )));
+        }
+        let size = round_up(SNAPSHOT_HEADER + extra + id_size + name_size, 8);
+        if pos + size > limit {
+            return Err(corrupt(format!(
+                "snapshot table: entry {index} at {pos:#x} ({size} bytes) extends past the end \
+                 of the file or QEMU's 64 MiB snapshot table limit"
+            )));
+        }
+        let l1_bytes = l1_size * 8;
+        if l1_bytes > MAX_L1_BYTES
+            || l1_offset % cluster_size != 0
+            || (l1_bytes > 0 && l1_offset.saturating_add(l1_bytes) > file_len)
+        {
+            problems.errors.push(format!(
+                "snapshot {index} (table entry at {pos:#x}): its L1 table at {l1_offset:#x} \
+                 ({l1_size} entries) is misaligned, too large or past the end of the file"
+            ));
+        } else if l1_bytes > 0 {
+            metadata.push(Region {
+                start: l1_offset,
+                end: round_up(l1_offset + l1_bytes, cluster_size),
+                owner: Owner::SnapshotL1(index),
+            });
+        }
+        pos += size;
+    }
+    metadata.push(Region {
+        start: offset,
+        end: round_up(pos, cluster_size),
+        owner: Owner::SnapshotTable,
+    });
+    Ok(())
+}
+
+/// Checks one directory entry against QEMU's rules (`check_dir_entry` and the load path).
+fn entry_problems(entry: &DirEntry, len: u64, cluster_size: u64, file_len: u64) -> Vec<String> {
+    let mut out = Vec::new();
+    let gran = u32::from(entry.granularity_bits);
+    if entry.name.is_empty() {
+        out.push("name_size is 0 (a bitmap needs a name)".to_string());
+    }
+    if entry.name.len() > bitmap_dir::MAX_NAME_SIZE {
+        out.push(format!(
+            "name_size {} exceeds QEMU's limit of {}",
+            entry.name.len(),
+            bitmap_dir::MAX_NAME_SIZE
+        ));
+    }
+    if entry.name.contains(&0) {
+        out.push("the name contains a NUL byte".to_string());
+    }
+    if entry.bitmap_type != bitmap_dir::TYPE_DIRTY_TRACKING {
+        out.push(format!(
+            "type {} is not supported (only 1, dirty tracking)",
+            entry.bitmap_type
+        ));
+    }
+    if !(bitmap_dir::MIN_GRANULARITY_BITS..=bitmap_dir::MAX_GRANULARITY_BITS).contains(&gran) {
+        out.push(format!(
+            "granularity_bits {gran} is out of range (QEMU supports 9 to 31)"
+        ));
+    }
+    if entry.flags & bitmap_dir::RESERVED_FLAGS != 0 {
+        out.push(format!(
+            "flags {:#x} has reserved bits set (only bit 0 in_use and bit 1 auto are supported)",
+            entry.flags
+        ));
+    }
+    if entry.table_size == 0 {
+        out.push("bitmap_table_size is 0".to_string());
+    }
+    if u64::from(entry.table_size) > bitmap_dir::MAX_TABLE_SIZE {
+        out.push(format!(
+            "bitmap_table_size {} exceeds QEMU's limit of {}",
+            entry.table_size,
+            bitmap_dir::MAX_TABLE_SIZE
+        ));
+    }
+    let phys = u64::from(entry.table_size) * cluster_size;
+    if phys > bitmap_dir::MAX_PHYS_SIZE {
+        out.push(format!(
+            "bitmap_table_size {} describes {phys} bytes of bitmap data, more than QEMU's \
+             512 MiB limit",
+            entry.table_size
+        ));
+    }
+    if entry.table_offset == 0 || entry.table_offset % cluster_size != 0 {
+        out.push(format!(
+            "bitmap_table_offset {:#x} is not a nonzero multiple of the cluster size",
+            entry.table_offset
+        ));
+    }
+    let table_bytes = u64::from(entry.table_size) * 8;
+    if past_end(entry.table_offset, table_bytes, file_len) {
+        out.push(format!(
+            "the bitmap table at {:#x} ({} entries) extends past the end of the file ({file_len} \
+             bytes)",
+            entry.table_offset, entry.table_size
+        ));
+    }
+    if out.is_empty() && !entry.in_use() {
+        let expected = bitmap_table::table_size_for(len, gran, cluster_size);
+        if expected != u64::from(entry.table_size) {
+            out.push(format!(
+                "bitmap_table_size {} does not match the virtual size: a {len}-byte disk at \
+                 granularity {} with {cluster_size}-byte clusters needs {expected} entries",
+                entry.table_size,
+                1u64 << gran
+            ));
+        }
+    }
+    out
+}
+
+fn read_bitmaps(
+    io: &dyn ImageIo,
+    layout: &mut Layout,
+    problems: &mut Problems,
+) -> Result<(), Error> {
+    let Some(ext) = layout.header.bitmaps_ext().cloned() else {
+        if layout.header.autoclear & AUTOCLEAR_BITMAPS != 0 {
+            problems.warnings.push(
+                "autoclear bit 0 (bitmaps) is set but there is no bitmaps extension; the next \
+                 write clears it"
+                    .into(),
+            );
+        }
+        return Ok(());
+    };
+    let at = ext.offset;
+    if ext.data.len() != 24 {
+        problems.errors.push(format!(
+            "bitmaps extension at {:#x}: length {} is not 24",
+            at - 8,
+            ext.data.len()
+        ));
+        return Ok(());
+    }
+    if layout.header.autoclear & AUTOCLEAR_BITMAPS == 0 {
+        layout.ext = ExtState::Stale;
+        problems.warnings.push(
+            "the bitmaps extension is stale (autoclear bit 0 is clear: a program without bitmap \
+             support modified the image), so the image has no usable bitmaps; their clusters are \
+             leaked ('qemu-img check -r leaks' reclaims them) and the next write drops the \
+             extension"
+                .into(),
+        );
+        return Ok(());
+    }
+    let fields = BitmapsExt::parse(&ext.data);
+    let cluster_size = layout.cluster_size();
+    let file_len = layout.file_len;
+    let mut errors = Vec::new();
+    if fields.reserved != 0 {
+        errors.push(format!(
+            "bitmaps extension at {:#x}: the reserved field (bytes 4-7) is {:#x}, not zero",
+            at - 8,
+            fields.reserved
+        ));
+    }
+    if fields.nb_bitmaps == 0 {
+        errors.push(format!(
+            "bitmaps extension at {:#x}: nb_bitmaps is 0",
+            at - 8
+        ));
+    }
+    if u64::from(fields.nb_bitmaps) > bitmap_dir::MAX_BITMAPS {
+        errors.push(format!(
+            "bitmaps extension at {:#x}: nb_bitmaps {} exceeds QEMU's limit of 65535",
+            at - 8,
+            fields.nb_bitmaps
+        ));
+    }
+    if fields.directory_offset % cluster_size != 0 || fields.directory_offset == 0 {
+        errors.push(format!(
+            "bitmaps extension at {:#x}: bitmap_directory_offset {:#x} is not a nonzero \
+             multiple of the cluster size",
+            at - 8,
+            fields.directory_offset
+        ));
+    }
+    if fields.directory_size == 0 {
+        errors.push(format!(
+            "bitmaps extension at {:#x}: bitmap_directory_size is 0",
+            at - 8
+        ));
+    }
+    if fields.directory_size > bitmap_dir::MAX_DIRECTORY_SIZE {
+        errors.push(format!(
+            "bitmaps extension at {:#x}: bitmap_directory_size {} exceeds QEMU's limit of {}",
+            at - 8,
+            fields.directory_size,
+            bitmap_dir::MAX_DIRECTORY_SIZE
+        ));
+    }
+    if past_end(fields.directory_offset, fields.directory_size, file_len) {
+        errors.push(format!(
+            "bitmaps extension at {:#x}: the bitmap directory at {:#x} ({} bytes) extends past \
+             the end of the file ({file_len} bytes)",
+            at - 8,
+            fields.directory_offset,
+            fields.directory_size
+        ));
+    }
+    if !errors.is_empty() {
+        problems.errors.extend(errors);
+        return Ok(());
+    }
+    let raw = read_exact(
+        io,
+        fields.directory_offset,
+        fields.directory_size,
+        "the bitmap directory",
+    )?;
+    let entries = match bitmap_dir::parse(&raw, fields.nb_bitmaps, fields.directory_offset) {
+        Ok(entries) => entries,
+        Err(message) => {
+            problems.errors.push(message);
+            return Ok(());
+        }
+    };
+    let len = layout.virtual_len();
+    let mut names = HashSet::new();
+    let mut bitmaps: Vec<Bitmap> = Vec::with_capacity(entries.len());
+    let mut entry_ok = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let name = entry.display_name();
+        let pos = fields.directory_offset + entry.dir_pos;
+        let found = entry_problems(&entry, len, cluster_size, file_len);
+        for message in &found {
+            problems.errors.push(format!(
+                "bitmap '{name}' (directory entry at {pos:#x}): {message}"
+            ));
+        }
+        if !names.insert(entry.name.clone()) {
+            problems.errors.push(format!(
+                "bitmap '{name}' (directory entry at {pos:#x}): the name is used by another \
+                 bitmap too (names must be unique)"
+            ));
+        }
+        if std::str::from_utf8(&entry.name).is_err() {
+            problems.warnings.push(format!(
+                "bitmap '{name}' (directory entry at {pos:#x}): the name is not valid UTF-8"
+            ));
+        }
+        if entry.in_use() {
+            problems.warnings.push(format!(
+                "bitmap '{name}' is in use (flag in_use): it was not saved properly and its \
+                 content may be inconsistent; it cannot be loaded, only inspected or removed"
+            ));
+        }
+        entry_ok.push(found.is_empty());
+        bitmaps.push(Bitmap {
+            entry,
+            table: Vec::new(),
+        });
+    }
+
+    // Before reading any table: tables must not overlap each other or other metadata.
+    let dir_region = Region {
+        start: fields.directory_offset,
+        end: round_up(
+            fields.directory_offset + fields.directory_size,
+            cluster_size,
+        ),
+        owner: Owner::Directory,
+    };
+    let mut regions = layout.metadata.clone();
+    regions.push(dir_region);
+    for (index, bitmap) in bitmaps.iter().enumerate() {
+        if entry_ok[index] {
+            regions.push(Region {
+                start: bitmap.entry.table_offset,
+                end: round_up(
+                    bitmap.entry.table_offset + u64::from(bitmap.entry.table_size) * 8,
+                    cluster_size,
+                ),
+                owner: Owner::BitmapTable(index),
+            });
+        }
+    }
+    let (messages, involved) = overlaps(&mut regions, &bitmaps, |a, b| {
+        is_bitmap_owner(a.owner) || is_bitmap_owner(b.owner)
+    });
+    problems.errors.extend(messages);
+    for index in involved {
+        entry_ok[index] = false;
+    }
+
+    // The tables, then the data clusters they point to.
+    let mut data_regions = Vec::new();
+    for (index, bitmap) in bitmaps.iter_mut().enumerate() {
+        if !entry_ok[index] {
+            continue;
+        }
+        let name = bitmap.name();
+        let offset = bitmap.entry.table_offset;
+        let raw = read_exact(
+            io,
+            offset,
+            u64::from(bitmap.entry.table_size) * 8,
+            &format!("the bitmap table of '{name}'"),
+        )?;
+        let table = bitmap_table::decode(&raw);
+        let mut ok = true;
+        for (i, &entry) in table.iter().enumerate() {
+            let entry_at = offset + 8 * i as u64;
+            if let Some(why) = bitmap_table::entry_problem(entry, cluster_size) {
+                problems.errors.push(format!(
+                    "bitmap '{name}': bitmap table entry {i} at {entry_at:#x} is {entry:#x}: {why}"
+                ));
+                ok = false;
+                continue;
+            }
+            let data = entry & bitmap_table::ENTRY_OFFSET_MASK;
+            if data == 0 {
+                continue;
+            }
+            if data.saturating_add(cluster_size) > file_len {
+                problems.errors.push(format!(
+                    "bitmap '{name}': bitmap table entry {i} at {entry_at:#x} points to a data \
+                     cluster at {data:#x}, past the end of the file ({file_len} bytes)"
+                ));
+                ok = false;
+                continue;
+            }
+            data_regions.push(Region {
+                start: data,
+                end: data + cluster_size,
+                owner: Owner::BitmapData(index, i as u64),
+            });
+        }
+        if ok {
+            bitmap.table = table;
+        } else {
+            entry_ok[index] = false;
+        }
+    }
+    let mut all = regions;
+    all.extend(data_regions);
+    let (messages, involved) = overlaps(&mut all, &bitmaps, |a, b| {
+        matches!(a.owner, Owner::BitmapData(..)) || matches!(b.owner, Owner::BitmapData(..))
+    });
+    problems.errors.extend(messages);
+    for index in involved {
+        entry_ok[index] = false;
+    }
+
+    // Padding bits of the last data cluster of every consistent bitmap.
+    for (index, bitmap) in bitmaps.iter().enumerate() {
+        if !entry_ok[index] || bitmap.entry.in_use() {
+            continue;
+        }
+        let Some(&last) = bitmap.table.last() else {
+            continue;
+        };
+        let data = last & bitmap_table::ENTRY_OFFSET_MASK;
+        if data == 0 {
+            continue;
+        }
+        let gran = u32::from(bitmap.entry.granularity_bits);
+        let buf = read_exact(io, data, cluster_size, "a bitmap data cluster")?;
+        let last_index = bitmap.table.len() as u64 - 1;
+        if let Some(bit) = bitmap_table::padding_bit(&buf, len, gran, cluster_size, last_index) {
+            problems.errors.push(format!(
+                "bitmap '{}': the last data cluster at {data:#x} (bitmap table entry {last_index} \
+                 at {:#x}) has padding bit {bit} set past the end of the bitmap (padding must be \
+                 zero)",
+                bitmap.name(),
+                bitmap.entry.table_offset + 8 * last_index
+            ));
+        }
+    }
+    layout.ext = ExtState::Valid;
+    layout.directory = Some((fields.directory_offset, fields.directory_size));
+    layout.bitmaps = bitmaps;
+    Ok(())
+}
+
+/// Every metadata cluster must be counted (refcount at least 1): an uncounted cluster would be
+/// handed out by the next allocation. Uncounted clusters block writing; for bitmap clusters a
+/// refcount above 1 is worth a warning.
+fn check_refcounts(
+    io: &dyn ImageIo,
+    layout: &mut Layout,
+    problems: &mut Problems,
+) -> Result<(), Error> {
+    let cluster_bits = layout.header.cluster_bits;
+    let cluster_size = layout.cluster_size();
+    let mut regions = layout.metadata.clone();
+    if let Some((offset, size)) = layout.directory {
+        regions.push(Region {
+            start: offset,
+            end: round_up(offset + size, cluster_size),
+            owner: Owner::Directory,
+        });
+    }
+    for (index, bitmap) in layout.bitmaps.iter().enumerate() {
+        if bitmap.table.is_empty() {
+            continue;
+        }
+        let start = bitmap.entry.table_offset;
+        regions.push(Region {
+            start,
+            end: round_up(start + u64::from(bitmap.entry.table_size) * 8, cluster_size),
+            owner: Owner::BitmapTable(index),
+        });
+        for (i, &entry) in bitmap.table.iter().enumerate() {
+            let data = entry & bitmap_table::ENTRY_OFFSET_MASK;
+            if data != 0 {
+                regions.push(Region {
+                    start: data,
+                    end: data + cluster_size,
+                    owner: Owner::BitmapData(index, i as u64),
+                });
+            }
+        }
+    }
+    let mut reported = 0usize;
+    for region in &regions {
+        let mut cluster = region.start >> cluster_bits;
+        while cluster < region.end >> cluster_bits {
+            let count = layout.refcounts.get(io, cluster)?;
+            let at = cluster << cluster_bits;
+            if count == 0 {
+                reported += 1;
+                if reported <= MAX_REPORTED {
+                    let message = format!(
+                        "the cluster at {at:#x} ({}) has refcount 0: it is used but counted \
+                         free; repair the image with 'qemu-img check -r all'",
+                        describe(region, &layout.bitmaps)
+                    );
+                    problems.warnings.push(message.clone());
+                    problems.write_blockers.push(message);
+                }
+            } else if count > 1 && is_bitmap_owner(region.owner) {
+                problems.warnings.push(format!(
+                    "the cluster at {at:#x} ({}) has refcount {count}, expected 1",
+                    describe(region, &layout.bitmaps)
+                ));
+            }
+            cluster += 1;
+        }
+    }
+    Ok(())
+}

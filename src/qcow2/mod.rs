@@ -1,0 +1,955 @@
+//! Persistent dirty bitmaps in qcow2 images: the qcow2 "bitmaps" header extension, read and
+//! written offline, interoperating with QEMU 10.
+//!
+//! An [`Image`] is an open qcow2 file. Its bitmaps are listed by [`Image::bitmaps`], read into
+//! an [`HBitmap`] by [`Image::load_bitmap`] (or [`Image::inspect_bitmap`]) and written back by
+//! [`Image::store_bitmap`]. An in-memory bitmap is byte-addressed over the virtual disk:
+//! `HBitmap::new(virtual_size, log2(granularity))`.
+//!
+//! ```no_run
+//! use hbitmap::qcow2::{BitmapFlags, Image, OpenOptions};
+//!
+//! let mut image = Image::open("disk.qcow2", OpenOptions { write: true, force_share: false })?;
+//! let mut bitmap = image.load_bitmap("backup-0")?; // marked in use on disk until stored
+//! bitmap.set(0, 65536);
+//! image.store_bitmap("backup-0", &bitmap, BitmapFlags { in_use: false, auto: true })?;
+//! image.close()?;
+//! # Ok::<(), hbitmap::qcow2::Error>(())
+//! ```
+//!
+//! # Rules enforced (QEMU 10's, and stricter where QEMU would silently misread)
+//!
+//! - The extension counts only with autoclear bit 0 set; present with the bit clear it is
+//!   stale: the image reads as having no bitmaps and the next write drops it (as QEMU does).
+//!   Unknown autoclear bits are cleared, in a header write of their own, before anything else
+//!   is written.
+//! - At most 65535 bitmaps, a directory of at most 64 MiB; names of 1 to 1023 bytes, unique,
+//!   without NUL; granularity 512 B to 2 GiB; type 1 only; no extra data; reserved flags, fields
+//!   and padding zero; the table size must match the virtual size, granularity and cluster size
+//!   (unless the bitmap is in use); at most 512 MiB of bitmap data.
+//! - Tables, data clusters and the directory must lie within the file, be cluster-aligned and
+//!   overlap nothing else (header, L1/L2 tables, refcount table and blocks, snapshot table and
+//!   L1 tables, LUKS header, another bitmap's clusters); the last data cluster's padding bits
+//!   must be zero. Such images are refused with a message naming the bitmap, the field and the
+//!   file offset. Every size is checked against the file size and QEMU's limits before memory
+//!   is allocated for it.
+//! - A bitmap marked in use is listed, can be inspected and removed, but not loaded.
+//! - Writing is refused for version 2 images, images with the dirty or corrupt bit, unknown
+//!   incompatible features, or metadata clusters whose refcount is 0.
+//!
+//! # Crash consistency
+//!
+//! A change never overwrites live metadata: new data clusters, tables and the directory go to
+//! newly allocated clusters (their refcounts written first), everything is flushed, the header
+//! cluster is rewritten in one write and flushed, and only then are the old clusters freed. An
+//! interruption at any point leaves the old or the new bitmaps, with at worst leaked clusters.
+//!
+//! # Locking
+//!
+//! Images are locked as QEMU locks them (OFD byte-range locks, see `lock.rs`): a writer keeps QEMU
+//! from opening the image, and a QEMU process using the image makes opening fail with
+//! [`Error::Locked`]. [`OpenOptions::force_share`] skips locking for read-only access.
+// `forbid` cannot be lifted by a submodule: every file but lock.rs forbids unsafe code itself,
+// and lock.rs (QEMU's OFD locks need fcntl) allows it under this `deny`.
+#![deny(unsafe_code)]
+
+mod bitmap_dir;
+mod bitmap_table;
+mod create;
+mod error;
+mod header;
+pub mod io;
+mod layout;
+mod lock;
+mod refcount;
+
+use std::fs::OpenOptions as FsOpenOptions;
+use std::path::{Path, PathBuf};
+
+use crate::HBitmap;
+
+use self::bitmap_dir::{DirEntry, FLAG_AUTO, FLAG_IN_USE};
+use self::header::{BitmapsExt, AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN};
+use self::io::{FileIo, ImageIo};
+use self::layout::{Bitmap, ExtState, Layout, Problems};
+use self::lock::ImageLock;
+
+pub use self::error::Error;
+
+/// How to open an image.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpenOptions {
+    /// Open for writing (takes QEMU's write locks).
+    pub write: bool,
+    /// Read-only access without taking or checking locks, like `qemu-img -U`: works while QEMU
+    /// has the image open, but what is read may be stale. Invalid with `write`.
+    pub force_share: bool,
+}
+
+/// One bitmap of the directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BitmapInfo {
+    /// The name (bytes that are not UTF-8 are shown as U+FFFD).
+    pub name: String,
+    /// Bytes of the virtual disk per bit.
+    pub granularity: u64,
+    /// Flag `in_use`: the bitmap was not saved properly and may be inconsistent.
+    pub in_use: bool,
+    /// Flag `auto`: the bitmap is enabled (tracks writes).
+    pub auto: bool,
+    /// The bitmap type (1: dirty tracking).
+    pub bitmap_type: u8,
+    /// File offset of the bitmap table.
+    pub table_offset: u64,
+    /// Entries of the bitmap table.
+    pub table_size: u32,
+}
+
+/// Flags of a stored bitmap.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BitmapFlags {
+    /// Mark the bitmap in use (inconsistent).
+    pub in_use: bool,
+    /// Mark the bitmap enabled.
+    pub auto: bool,
+}
+
+/// What [`Image::check`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Malformed or inconsistent structures.
+    pub errors: Vec<String>,
+    /// Things worth knowing that do not make the image unreadable (bitmaps in use, a stale
+    /// extension, flags that block writing...).
+    pub warnings: Vec<String>,
+}
+
+impl CheckReport {
+    /// No errors and no warnings.
+    pub fn is_clean(&self) -> bool {
+        self.errors.is_empty() && self.warnings.is_empty()
+    }
+}
+
+/// An open qcow2 image.
+pub struct Image {
+    path: PathBuf,
+    io: Box<dyn ImageIo>,
+    _lock: Option<ImageLock>,
+    writable: bool,
+    layout: Layout,
+    infos: Vec<BitmapInfo>,
+    warnings: Vec<String>,
+    /// Set after a failed write whose effect could not be undone: further writes are refused.
+    poisoned: Option<String>,
+    /// Clusters allocated by the write in progress, freed again if it fails before the header.
+    pending: Vec<(u64, u64)>,
+    header_attempted: bool,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("path", &self.path)
+            .field("writable", &self.writable)
+            .field("virtual_size", &self.virtual_size())
+            .field("cluster_size", &self.cluster_size())
+            .field("bitmaps", &self.infos)
+            .finish()
+    }
+}
+
+fn summarize(errors: &[String]) -> String {
+    match errors.len() {
+        0 => String::new(),
+        1 => errors[0].clone(),
+        n => format!(
+            "{} (and {} more problem{})",
+            errors[0],
+            n - 1,
+            if n == 2 { "" } else { "s" }
+        ),
+    }
+}
+
+fn info_of(bitmap: &Bitmap) -> BitmapInfo {
+    let entry = &bitmap.entry;
+    BitmapInfo {
+        name: entry.display_name(),
+        granularity: 1u64 << entry.granularity_bits.min(63),
+        in_use: entry.flags & FLAG_IN_USE != 0,
+        auto: entry.flags & FLAG_AUTO != 0,
+        bitmap_type: entry.bitmap_type,
+        table_offset: entry.table_offset,
+        table_size: entry.table_size,
+    }
+}
+
+/// The clusters a bitmap occupies: its table and its data clusters.
+fn clusters_of(bitmap: &Bitmap, cluster_size: u64) -> Vec<(u64, u64)> {
+    let mut out = vec![(
+        bitmap.entry.table_offset,
+        u64::from(bitmap.entry.table_size) * 8,
+    )];
+    for &entry in &bitmap.table {
+        let offset = entry & bitmap_table::ENTRY_OFFSET_MASK;
+        if offset != 0 {
+            out.push((offset, cluster_size));
+        }
+    }
+    out
+}
+
+impl Image {
+    /// Opens an image.
+    ///
+    /// Takes QEMU's locks unless `force_share` is set, then reads and validates the header,
+    /// the refcount table, the metadata map and the whole bitmaps extension (directory, every
+    /// table, the padding of every last data cluster). A malformed image is refused with
+    /// [`Error::Corrupt`] naming the first problem; opening for writing is also refused (with
+    /// [`Error::ReadOnly`] giving the reason) for version 2 images, images marked dirty or
+    /// corrupt, with unknown incompatible features, or with uncounted metadata clusters.
+    /// Opening never writes.
+    pub fn open(path: impl AsRef<Path>, options: OpenOptions) -> Result<Image, Error> {
+        let path = path.as_ref();
+        if options.write && options.force_share {
+            return Err(Error::InvalidArgument(
+                "force_share is only for read-only access".into(),
+            ));
+        }
+        let lock = if options.force_share {
+            None
+        } else {
+            Some(ImageLock::acquire(path, options.write)?)
+        };
+        let file = FsOpenOptions::new()
+            .read(true)
+            .write(options.write)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        Image::from_parts(
+            path.to_path_buf(),
+            Box::new(FileIo::new(file)),
+            lock,
+            options.write,
+        )
+    }
+
+    /// Opens an image through any [`ImageIo`] (no locking): for fault injection in tests.
+    /// `path` is only reported back by [`path`](Self::path).
+    pub fn open_io(
+        io: Box<dyn ImageIo>,
+        path: impl Into<PathBuf>,
+        write: bool,
+    ) -> Result<Image, Error> {
+        Image::from_parts(path.into(), io, None, write)
+    }
+
+    pub(crate) fn from_parts(
+        path: PathBuf,
+        io: Box<dyn ImageIo>,
+        lock: Option<ImageLock>,
+        writable: bool,
+    ) -> Result<Image, Error> {
+        let (layout, problems) = layout::read(&*io)?;
+        if !problems.errors.is_empty() {
+            return Err(Error::Corrupt(summarize(&problems.errors)));
+        }
+        if writable && !problems.write_blockers.is_empty() {
+            return Err(Error::ReadOnly(format!(
+                "cannot open {} for writing: {}",
+                path.display(),
+                summarize(&problems.write_blockers)
+            )));
+        }
+        let mut image = Image {
+            path,
+            io,
+            _lock: lock,
+            writable,
+            layout,
+            infos: Vec::new(),
+            warnings: problems.warnings,
+            poisoned: None,
+            pending: Vec::new(),
+            header_attempted: false,
+        };
+        image.refresh_infos();
+        Ok(image)
+    }
+
+    /// Creates a new, empty version 3 image (refcount_order 4, as `qemu-img create -f qcow2`
+    /// makes it) of `virtual_size` bytes (a multiple of 512) with clusters of `cluster_size`
+    /// bytes (a power of two, 512 B to 2 MiB), overwriting any file at `path` (unless QEMU holds
+    /// it), and opens it for writing.
+    pub fn create(
+        path: impl AsRef<Path>,
+        virtual_size: u64,
+        cluster_size: u64,
+    ) -> Result<Image, Error> {
+        create::create(path.as_ref(), virtual_size, cluster_size)
+    }
+
+    /// Reads and checks an image without opening it as an [`Image`]: a malformed image gives a
+    /// report listing every problem found rather than an error. Fails only when the file cannot
+    /// be opened, locked or read.
+    pub fn check_file(path: impl AsRef<Path>, options: OpenOptions) -> Result<CheckReport, Error> {
+        let path = path.as_ref();
+        let _lock = if options.force_share {
+            None
+        } else {
+            Some(ImageLock::acquire(path, false)?)
+        };
+        let file = FsOpenOptions::new()
+            .read(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        Ok(Self::check_io(&FileIo::new(file)))
+    }
+
+    fn check_io(io: &dyn ImageIo) -> CheckReport {
+        match layout::read(io) {
+            Ok((
+                _,
+                Problems {
+                    errors, warnings, ..
+                },
+            )) => CheckReport { errors, warnings },
+            Err(Error::Io { context, source }) => CheckReport {
+                errors: vec![format!("{context}: {source}")],
+                warnings: Vec::new(),
+            },
+            Err(error) => CheckReport {
+                errors: vec![error.to_string()],
+                warnings: Vec::new(),
+            },
+        }
+    }
+
+    /// The image's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The virtual disk size in bytes, as QEMU sees it (the header's size in whole 512-byte
+    /// sectors): the size of every bitmap.
+    pub fn virtual_size(&self) -> u64 {
+        self.layout.virtual_len()
+    }
+
+    /// The cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.layout.cluster_size()
+    }
+
+    /// Whether the image was opened for writing.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The bitmaps, in directory order.
+    pub fn bitmaps(&self) -> &[BitmapInfo] {
+        &self.infos
+    }
+
+    /// The bitmap called `name`.
+    pub fn bitmap(&self, name: &str) -> Option<&BitmapInfo> {
+        self.find(name).map(|index| &self.infos[index])
+    }
+
+    /// Warnings found when the image was opened (bitmaps in use, a stale extension...).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// The stored bytes of the name of bitmap number `index` (directory order).
+    pub(crate) fn raw_name(&self, index: usize) -> &[u8] {
+        self.layout
+            .bitmaps
+            .get(index)
+            .map_or(&[][..], |b| b.entry.name.as_slice())
+    }
+
+    fn find(&self, name: &str) -> Option<usize> {
+        self.layout
+            .bitmaps
+            .iter()
+            .position(|b| b.entry.name == name.as_bytes())
+    }
+
+    fn refresh_infos(&mut self) {
+        self.infos = self.layout.bitmaps.iter().map(info_of).collect();
+    }
+
+    fn index_of(&self, name: &str) -> Result<usize, Error> {
+        self.find(name)
+            .ok_or_else(|| Error::NotFound(name.to_string()))
+    }
+
+    fn consistent(&self, name: &str, doing: &str) -> Result<usize, Error> {
+        let index = self.index_of(name)?;
+        if self.layout.bitmaps[index].entry.in_use() {
+            return Err(Error::InUse(format!(
+                "cannot {doing} bitmap '{name}': it is marked in use (it was not saved properly, \
+                 e.g. QEMU did not shut down cleanly, so its content may be inconsistent); \
+                 inspect it or remove it instead"
+            )));
+        }
+        Ok(index)
+    }
+
+    fn read_bitmap(&self, index: usize, check_padding: bool) -> Result<HBitmap, Error> {
+        let bitmap = &self.layout.bitmaps[index];
+        let name = bitmap.name();
+        let len = self.virtual_size();
+        let gran = u32::from(bitmap.entry.granularity_bits);
+        let cluster_size = self.cluster_size();
+        let expected = bitmap_table::table_size_for(len, gran, cluster_size);
+        if expected != u64::from(bitmap.entry.table_size) || bitmap.table.is_empty() {
+            return Err(Error::InUse(format!(
+                "bitmap '{name}' is in use and its bitmap_table_size {} does not match the \
+                 virtual size ({expected} entries needed): its content cannot be read",
+                bitmap.entry.table_size
+            )));
+        }
+        bitmap_table::load(
+            &*self.io,
+            &bitmap.table,
+            len,
+            gran,
+            cluster_size,
+            &name,
+            check_padding,
+        )
+    }
+
+    /// Loads a bitmap for tracking: refused for a bitmap marked in use (its content may be
+    /// inconsistent: [`Error::InUse`]). On an image opened for writing the bitmap is then marked
+    /// in use on disk, as QEMU marks the bitmaps it loads, until it is stored back with
+    /// [`store_bitmap`](Self::store_bitmap).
+    pub fn load_bitmap(&mut self, name: &str) -> Result<HBitmap, Error> {
+        let index = self.consistent(name, "load")?;
+        let bitmap = self.read_bitmap(index, true)?;
+        if self.writable {
+            self.write_op(|image| {
+                let mut bitmaps = image.layout.bitmaps.clone();
+                bitmaps[index].entry.flags |= FLAG_IN_USE;
+                image.commit(bitmaps, Vec::new())
+            })?;
+        }
+        Ok(bitmap)
+    }
+
+    /// Reads a bitmap without changing anything, even one marked in use (explicit inspection:
+    /// its content may be inconsistent). An in-use bitmap whose table does not match the virtual
+    /// size cannot be read.
+    pub fn inspect_bitmap(&self, name: &str) -> Result<HBitmap, Error> {
+        let index = self.index_of(name)?;
+        let in_use = self.layout.bitmaps[index].entry.in_use();
+        self.read_bitmap(index, !in_use)
+    }
+
+    fn check_bitmap_arg(&self, name: &str, bitmap: &HBitmap) -> Result<(), Error> {
+        bitmap_dir::check_name(name).map_err(Error::InvalidArgument)?;
+        let len = self.virtual_size();
+        if bitmap.size() != len {
+            return Err(Error::InvalidArgument(format!(
+                "bitmap '{name}' covers {} bytes but the virtual disk has {len}",
+                bitmap.size()
+            )));
+        }
+        self.check_constraints(name, bitmap.granularity())
+    }
+
+    fn check_constraints(&self, name: &str, granularity_bits: u32) -> Result<(), Error> {
+        let len = self.virtual_size();
+        if !(bitmap_dir::MIN_GRANULARITY_BITS..=bitmap_dir::MAX_GRANULARITY_BITS)
+            .contains(&granularity_bits)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "bitmap '{name}': granularity 2^{granularity_bits} is out of range (512 B to \
+                 2 GiB)"
+            )));
+        }
+        if len == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "bitmap '{name}': a virtual disk of 0 bytes cannot hold a persistent bitmap"
+            )));
+        }
+        let bytes = bitmap_table::groups(len, granularity_bits).div_ceil(8);
+        if bytes > bitmap_dir::MAX_PHYS_SIZE
+            || bytes > bitmap_dir::MAX_TABLE_SIZE * self.cluster_size()
+        {
+            return Err(Error::Limit(format!(
+                "bitmap '{name}': too much space ({bytes} bytes) would be occupied by the \
+                 bitmap; use a larger granularity"
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_directory_limits(&self, bitmaps: &[&[u8]]) -> Result<(), Error> {
+        if bitmaps.len() as u64 > bitmap_dir::MAX_BITMAPS {
+            return Err(Error::Limit(format!(
+                "too many persistent bitmaps ({}; QEMU's limit is 65535)",
+                bitmaps.len()
+            )));
+        }
+        let size: u64 = bitmaps
+            .iter()
+            .map(|name| bitmap_dir::entry_size(name.len()))
+            .sum();
+        if size > bitmap_dir::MAX_DIRECTORY_SIZE {
+            return Err(Error::Limit(format!(
+                "the bitmap directory would be too large ({size} bytes; QEMU's limit is {})",
+                bitmap_dir::MAX_DIRECTORY_SIZE
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stores `bitmap` as `name`, creating it or replacing the bitmap of that name (even one in
+    /// use), with the given flags. The bitmap must cover the virtual size in bytes with a
+    /// granularity of 512 B to 2 GiB (`HBitmap::new(virtual_size, 9..=31)`). Clusters without a
+    /// dirty bit are stored as zero table entries.
+    pub fn store_bitmap(
+        &mut self,
+        name: &str,
+        bitmap: &HBitmap,
+        flags: BitmapFlags,
+    ) -> Result<(), Error> {
+        self.ensure_writable()?;
+        self.check_bitmap_arg(name, bitmap)?;
+        let existing = self.find(name);
+        if existing.is_none() {
+            let mut names: Vec<&[u8]> = self
+                .layout
+                .bitmaps
+                .iter()
+                .map(|b| b.entry.name.as_slice())
+                .collect();
+            names.push(name.as_bytes());
+            self.check_directory_limits(&names)?;
+        }
+        self.write_op(|image| image.store(name, bitmap, flags, existing))
+    }
+
+    fn store(
+        &mut self,
+        name: &str,
+        bitmap: &HBitmap,
+        flags: BitmapFlags,
+        existing: Option<usize>,
+    ) -> Result<(), Error> {
+        let cluster_size = self.cluster_size();
+        let len = self.virtual_size();
+        let gran = bitmap.granularity();
+        let table_size = bitmap_table::table_size_for(len, gran, cluster_size);
+        let dirty = bitmap_table::dirty_clusters(bitmap, cluster_size);
+        let mut data_offsets = Vec::with_capacity(dirty.len());
+        for _ in &dirty {
+            data_offsets.push(self.alloc(1)?);
+        }
+        let table_clusters = (table_size * 8).div_ceil(cluster_size);
+        let table_offset = self.alloc(table_clusters)?;
+        self.layout.refcounts.write_dirty(&mut *self.io)?;
+        self.flush("flushing refcounts")?;
+
+        let mut table = vec![0u64; table_size as usize];
+        let mut unused = Vec::new();
+        let mut buf = vec![0u8; cluster_size as usize];
+        for (&index, &offset) in dirty.iter().zip(&data_offsets) {
+            if bitmap_table::serialize_cluster(bitmap, index, cluster_size, &mut buf) {
+                self.write(offset, &buf, &format!("bitmap '{name}' data"))?;
+                table[index as usize] = offset;
+            } else {
+                unused.push((offset, cluster_size));
+            }
+        }
+        self.write(
+            table_offset,
+            &bitmap_table::encode(&table, cluster_size),
+            &format!("the bitmap table of '{name}'"),
+        )?;
+
+        let mut entry_flags = 0;
+        if flags.in_use {
+            entry_flags |= FLAG_IN_USE;
+        }
+        if flags.auto {
+            entry_flags |= FLAG_AUTO;
+        }
+        let new = Bitmap {
+            entry: DirEntry {
+                table_offset,
+                table_size: table_size as u32,
+                flags: entry_flags,
+                bitmap_type: bitmap_dir::TYPE_DIRTY_TRACKING,
+                granularity_bits: gran as u8,
+                name: name.as_bytes().to_vec(),
+                dir_pos: 0,
+            },
+            table,
+        };
+        let mut bitmaps = self.layout.bitmaps.clone();
+        let mut to_free = unused;
+        match existing {
+            Some(index) => {
+                to_free.extend(clusters_of(&bitmaps[index], cluster_size));
+                bitmaps[index] = new;
+            }
+            None => bitmaps.push(new),
+        }
+        self.commit(bitmaps, to_free)
+    }
+
+    /// Adds an empty bitmap of `granularity` bytes (a power of two, 512 B to 2 GiB), enabled
+    /// (`auto`) or not. Fails if the name exists.
+    pub fn add_bitmap(&mut self, name: &str, granularity: u64, enabled: bool) -> Result<(), Error> {
+        self.ensure_writable()?;
+        bitmap_dir::check_name(name).map_err(Error::InvalidArgument)?;
+        if self.find(name).is_some() {
+            return Err(Error::Exists(name.to_string()));
+        }
+        if !granularity.is_power_of_two() {
+            return Err(Error::InvalidArgument(format!(
+                "bitmap '{name}': granularity {granularity} is not a power of two"
+            )));
+        }
+        let bits = granularity.trailing_zeros();
+        self.check_constraints(name, bits)?;
+        let bitmap = HBitmap::new(self.virtual_size(), bits)
+            .map_err(|e| Error::Limit(format!("bitmap '{name}': {e}")))?;
+        self.store_bitmap(
+            name,
+            &bitmap,
+            BitmapFlags {
+                in_use: false,
+                auto: enabled,
+            },
+        )
+    }
+
+    /// Removes a bitmap (also one marked in use) and frees its clusters.
+    pub fn remove_bitmap(&mut self, name: &str) -> Result<(), Error> {
+        self.ensure_writable()?;
+        let index = self.index_of(name)?;
+        self.write_op(|image| {
+            let mut bitmaps = image.layout.bitmaps.clone();
+            let removed = bitmaps.remove(index);
+            let to_free = clusters_of(&removed, image.cluster_size());
+            image.commit(bitmaps, to_free)
+        })
+    }
+
+    /// Clears a bitmap (keeps its granularity and flags). Refused for a bitmap in use.
+    pub fn clear_bitmap(&mut self, name: &str) -> Result<(), Error> {
+        self.ensure_writable()?;
+        let index = self.consistent(name, "clear")?;
+        let entry = self.layout.bitmaps[index].entry.clone();
+        let bitmap = HBitmap::new(self.virtual_size(), u32::from(entry.granularity_bits))
+            .map_err(|e| Error::Limit(format!("bitmap '{name}': {e}")))?;
+        self.store_bitmap(
+            name,
+            &bitmap,
+            BitmapFlags {
+                in_use: false,
+                auto: entry.flags & FLAG_AUTO != 0,
+            },
+        )
+    }
+
+    /// Enables or disables a bitmap (its `auto` flag). Refused for a bitmap in use.
+    pub fn set_enabled(&mut self, name: &str, enabled: bool) -> Result<(), Error> {
+        self.ensure_writable()?;
+        let index = self.consistent(name, if enabled { "enable" } else { "disable" })?;
+        let flags = self.layout.bitmaps[index].entry.flags;
+        let new_flags = if enabled {
+            flags | FLAG_AUTO
+        } else {
+            flags & !FLAG_AUTO
+        };
+        if new_flags == flags {
+            return Ok(());
+        }
+        self.write_op(|image| {
+            let mut bitmaps = image.layout.bitmaps.clone();
+            bitmaps[index].entry.flags = new_flags;
+            image.commit(bitmaps, Vec::new())
+        })
+    }
+
+    /// Merges bitmap `source` into bitmap `target` (`target |= source`), both of this image and
+    /// not in use. Granularities may differ: every dirty range of the source dirties the target.
+    pub fn merge_bitmap(&mut self, source: &str, target: &str) -> Result<(), Error> {
+        self.ensure_writable()?;
+        let source_index = self.consistent(source, "merge from")?;
+        let source_bitmap = self.read_bitmap(source_index, true)?;
+        self.merge_into(&source_bitmap, target)
+    }
+
+    /// Merges bitmap `source` of another image (of the same virtual size) into bitmap `target`
+    /// of this one.
+    pub fn merge_bitmap_from(
+        &mut self,
+        source_image: &Image,
+        source: &str,
+        target: &str,
+    ) -> Result<(), Error> {
+        self.ensure_writable()?;
+        if source_image.virtual_size() != self.virtual_size() {
+            return Err(Error::InvalidArgument(format!(
+                "cannot merge bitmap '{source}' of {} ({} bytes) into {} ({} bytes): the \
+                 virtual sizes differ",
+                source_image.path().display(),
+                source_image.virtual_size(),
+                self.path.display(),
+                self.virtual_size()
+            )));
+        }
+        let source_index = source_image.consistent(source, "merge from")?;
+        let source_bitmap = source_image.read_bitmap(source_index, true)?;
+        self.merge_into(&source_bitmap, target)
+    }
+
+    fn merge_into(&mut self, source: &HBitmap, target: &str) -> Result<(), Error> {
+        let target_index = self.consistent(target, "merge into")?;
+        let mut merged = self.read_bitmap(target_index, true)?;
+        if !merged.merge(source) {
+            for extent in source.extents() {
+                merged.set(extent.start, extent.end - extent.start);
+            }
+        }
+        let flags = self.layout.bitmaps[target_index].entry.flags;
+        self.store_bitmap(
+            target,
+            &merged,
+            BitmapFlags {
+                in_use: false,
+                auto: flags & FLAG_AUTO != 0,
+            },
+        )
+    }
+
+    /// Validates the image again from the file: the extension, every bitmap (directory entry,
+    /// table, overlaps, padding), refcounts of the metadata. Never writes.
+    pub fn check(&self) -> CheckReport {
+        let mut report = Self::check_io(&*self.io);
+        if let Some(why) = &self.poisoned {
+            report.warnings.push(format!(
+                "an earlier write through this handle failed ({why}); reopen the image"
+            ));
+        }
+        report
+    }
+
+    /// Flushes and closes the image, releasing its locks. (Dropping releases them too.)
+    pub fn close(mut self) -> Result<(), Error> {
+        if self.writable {
+            self.flush("flushing the image on close")?;
+        }
+        Ok(())
+    }
+
+    // Writing machinery.
+
+    fn ensure_writable(&self) -> Result<(), Error> {
+        if !self.writable {
+            return Err(Error::ReadOnly(format!(
+                "the image {} is open read-only",
+                self.path.display()
+            )));
+        }
+        if let Some(why) = &self.poisoned {
+            return Err(Error::ReadOnly(format!(
+                "an earlier write to {} failed ({why}); reopen the image",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8], what: &str) -> Result<(), Error> {
+        self.io
+            .pwrite(offset, data)
+            .map_err(|e| Error::io(format!("writing {what} at {offset:#x}"), e))
+    }
+
+    fn flush(&mut self, what: &str) -> Result<(), Error> {
+        self.io.flush().map_err(|e| Error::io(what, e))
+    }
+
+    /// Allocates `clusters` contiguous clusters, remembering them in case the write fails.
+    fn alloc(&mut self, clusters: u64) -> Result<u64, Error> {
+        let generation = self.layout.refcounts.generation;
+        let offset = self.layout.refcounts.alloc(&mut *self.io, clusters)?;
+        let refcounts = &self.layout.refcounts;
+        self.layout
+            .header
+            .set_refcount_table(refcounts.table_offset, refcounts.table_clusters);
+        if refcounts.generation != generation {
+            self.layout.refresh_refcount_regions();
+        }
+        let len = clusters * self.cluster_size();
+        self.pending.push((offset, len));
+        let end = offset + len;
+        let metadata = &self.layout.metadata;
+        let before = metadata.partition_point(|r| r.start < end);
+        for region in metadata[..before].iter().rev().take(2) {
+            if offset < region.end && region.start < end {
+                return Err(Error::Corrupt(format!(
+                    "refusing to write: the free cluster at {offset:#x} handed out by the \
+                     refcounts is used by {}; the refcounts are inconsistent (repair with \
+                     'qemu-img check -r all')",
+                    layout::describe(region, &self.layout.bitmaps)
+                )));
+            }
+        }
+        Ok(offset)
+    }
+
+    /// Runs a write; if it fails, frees what it allocated (when the header was not touched) and
+    /// reloads the state from the file, or refuses further writes when that is not possible.
+    fn write_op<T>(&mut self, op: impl FnOnce(&mut Image) -> Result<T, Error>) -> Result<T, Error> {
+        self.ensure_writable()?;
+        self.pending.clear();
+        self.header_attempted = false;
+        let result = self.prepare_write().and_then(|()| op(self));
+        if let Err(error) = &result {
+            self.recover(error.to_string());
+        }
+        self.pending.clear();
+        result
+    }
+
+    fn recover(&mut self, why: String) {
+        if !self.header_attempted {
+            // Best effort: a failure here only leaks the clusters.
+            let pending = std::mem::take(&mut self.pending);
+            let _ = self.free_clusters(&pending);
+        }
+        self.reload(why);
+    }
+
+    fn free_clusters(&mut self, regions: &[(u64, u64)]) -> Result<(), Error> {
+        for &(offset, len) in regions {
+            self.layout.refcounts.free(&*self.io, offset, len)?;
+        }
+        self.layout.refcounts.write_dirty(&mut *self.io)?;
+        self.flush("flushing freed clusters")
+    }
+
+    /// Reads the state again from the file, or refuses further writes when that fails.
+    fn reload(&mut self, why: String) {
+        match layout::read(&*self.io) {
+            Ok((layout, problems)) if problems.errors.is_empty() => {
+                self.layout = layout;
+                self.refresh_infos();
+            }
+            _ => {
+                self.poisoned = Some(why);
+            }
+        }
+    }
+
+    /// Before the first change: clears unknown autoclear bits in a header write of its own.
+    fn prepare_write(&mut self) -> Result<(), Error> {
+        let autoclear = self.layout.header.autoclear;
+        if autoclear & !AUTOCLEAR_KNOWN == 0 {
+            return Ok(());
+        }
+        let ext = self.current_ext();
+        let new_autoclear = autoclear & AUTOCLEAR_KNOWN;
+        self.write_header(ext, new_autoclear)?;
+        // That header kept the bitmaps as they were: a later failure may still free clusters.
+        self.header_attempted = false;
+        Ok(())
+    }
+
+    fn current_ext(&self) -> Option<BitmapsExt> {
+        match (self.layout.ext, self.layout.directory) {
+            (ExtState::Valid, Some((offset, size))) => Some(BitmapsExt {
+                nb_bitmaps: self.layout.bitmaps.len() as u32,
+                reserved: 0,
+                directory_size: size,
+                directory_offset: offset,
+            }),
+            _ => None,
+        }
+    }
+
+    fn write_header(&mut self, ext: Option<BitmapsExt>, autoclear: u64) -> Result<(), Error> {
+        let refcounts = &self.layout.refcounts;
+        let rendered = self.layout.header.render(
+            ext,
+            autoclear,
+            (refcounts.table_offset, refcounts.table_clusters),
+        )?;
+        self.header_attempted = true;
+        self.write(0, &rendered, "the header")?;
+        self.flush("flushing the header")?;
+        self.layout.header.apply_rendered(&rendered, ext);
+        self.layout.ext = if ext.is_some() {
+            ExtState::Valid
+        } else {
+            ExtState::Absent
+        };
+        Ok(())
+    }
+
+    /// Writes a new directory for `bitmaps`, switches the header to it and frees the old
+    /// directory and `to_free`.
+    fn commit(&mut self, mut bitmaps: Vec<Bitmap>, to_free: Vec<(u64, u64)>) -> Result<(), Error> {
+        let cluster_size = self.cluster_size();
+        let names: Vec<&[u8]> = bitmaps.iter().map(|b| b.entry.name.as_slice()).collect();
+        self.check_directory_limits(&names)?;
+        let entries: Vec<DirEntry> = bitmaps.iter().map(|b| b.entry.clone()).collect();
+        let ext = if entries.is_empty() {
+            None
+        } else {
+            let mut dir = bitmap_dir::serialize(&entries);
+            let size = dir.len() as u64;
+            let clusters = size.div_ceil(cluster_size);
+            let offset = self.alloc(clusters)?;
+            dir.resize((clusters * cluster_size) as usize, 0);
+            self.layout.refcounts.write_dirty(&mut *self.io)?;
+            self.write(offset, &dir, "the bitmap directory")?;
+            let mut pos = 0;
+            for bitmap in &mut bitmaps {
+                bitmap.entry.dir_pos = pos;
+                pos += bitmap_dir::entry_size(bitmap.entry.name.len());
+            }
+            Some(BitmapsExt {
+                nb_bitmaps: entries.len() as u32,
+                reserved: 0,
+                directory_size: size,
+                directory_offset: offset,
+            })
+        };
+        self.layout.refcounts.write_dirty(&mut *self.io)?;
+        self.flush("flushing the new bitmaps")?;
+
+        let autoclear = (self.layout.header.autoclear & AUTOCLEAR_KNOWN & !AUTOCLEAR_BITMAPS)
+            | if ext.is_some() { AUTOCLEAR_BITMAPS } else { 0 };
+        let old_directory = self.layout.directory;
+        self.write_header(ext, autoclear)?;
+        self.layout.directory = ext.map(|e| (e.directory_offset, e.directory_size));
+        self.layout.bitmaps = bitmaps;
+        self.refresh_infos();
+
+        // Committed: now the old clusters can go. A failure from here on only leaks them (as
+        // QEMU, which ignores errors when freeing): the change itself is durable.
+        let mut to_free = to_free;
+        if let Some((offset, size)) = old_directory {
+            to_free.push((offset, size));
+        }
+        if let Err(error) = self.free_clusters(&to_free) {
+            self.warnings.push(format!(
+                "clusters of the replaced bitmap data could not be freed ({error}); they are \
+                 leaked ('qemu-img check -r leaks' reclaims them)"
+            ));
+            self.reload(error.to_string());
+        }
+        Ok(())
+    }
+}

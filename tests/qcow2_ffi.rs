@@ -1,0 +1,193 @@
+//! The C ABI of the qcow2 layer, called as C would call it.
+mod qcow2_util;
+
+use std::ffi::{CStr, CString};
+use std::ptr;
+
+use hbitmap::ffi::*;
+use hbitmap::HBitmap;
+use libc::c_char;
+use qcow2_util::*;
+
+fn take_message(message: *mut c_char) -> String {
+    assert!(!message.is_null());
+    // SAFETY: set by the library to a malloc'd NUL-terminated string.
+    let text = unsafe { CStr::from_ptr(message) }
+        .to_string_lossy()
+        .into_owned();
+    // SAFETY: malloc'd by the library, freed once.
+    unsafe { libc::free(message.cast()) };
+    text
+}
+
+#[test]
+fn c_abi_roundtrip() {
+    let s = Scratch::new("ffi");
+    let path = CString::new(s.path("a.qcow2").to_str().unwrap()).unwrap();
+    let size: u64 = 64 << 20;
+    let mut image: *mut HBitmapQcow2 = ptr::null_mut();
+    let mut message: *mut c_char = ptr::null_mut();
+    // SAFETY: valid pointers throughout, as a C caller would pass them.
+    unsafe {
+        assert_eq!(
+            hbitmap_qcow2_create(path.as_ptr(), size, 65536, &mut image, &mut message),
+            0
+        );
+        assert!(message.is_null());
+        assert_eq!(hbitmap_qcow2_virtual_size(image), size);
+        let name = CString::new("b0").unwrap();
+        assert_eq!(
+            hbitmap_qcow2_add(image, name.as_ptr(), 65536, true, ptr::null_mut()),
+            0
+        );
+        let bitmap = hbitmap_alloc(size, 12);
+        hbitmap_set(bitmap, 4096 * 10, 4096 * 3);
+        let other = CString::new("b1").unwrap();
+        assert_eq!(
+            hbitmap_qcow2_store(
+                image,
+                other.as_ptr(),
+                bitmap,
+                HBITMAP_QCOW2_BITMAP_AUTO,
+                &mut message
+            ),
+            0
+        );
+        hbitmap_free(bitmap);
+        assert_eq!(hbitmap_qcow2_bitmap_count(image), 2);
+        let mut info: HBitmapQcow2BitmapInfo = std::mem::zeroed();
+        assert_eq!(
+            hbitmap_qcow2_bitmap_info(image, 1, &mut info, ptr::null_mut()),
+            0
+        );
+        assert_eq!(CStr::from_ptr(info.name.as_ptr()).to_str().unwrap(), "b1");
+        assert_eq!(
+            (info.granularity, info.auto_, info.in_use, info.bitmap_type),
+            (4096, true, false, 1)
+        );
+        assert_eq!(
+            hbitmap_qcow2_bitmap_info(image, 2, &mut info, &mut message),
+            -libc::ENOENT
+        );
+        take_message(message);
+        message = ptr::null_mut();
+
+        // Errors: a duplicate name, an unknown bitmap, a bad granularity.
+        assert_eq!(
+            hbitmap_qcow2_add(image, name.as_ptr(), 65536, true, &mut message),
+            -libc::EEXIST
+        );
+        assert!(take_message(message).contains("b0"));
+        message = ptr::null_mut();
+        let missing = CString::new("nope").unwrap();
+        let mut out: *mut HBitmap = ptr::null_mut();
+        assert_eq!(
+            hbitmap_qcow2_load(image, missing.as_ptr(), &mut out, &mut message),
+            -libc::ENOENT
+        );
+        assert!(out.is_null(), "outputs are written only on success");
+        take_message(message);
+        message = ptr::null_mut();
+        assert_eq!(
+            hbitmap_qcow2_add(image, missing.as_ptr(), 100, true, &mut message),
+            -libc::EINVAL
+        );
+        take_message(message);
+        message = ptr::null_mut();
+
+        assert_eq!(
+            hbitmap_qcow2_merge(image, other.as_ptr(), name.as_ptr(), ptr::null_mut()),
+            0
+        );
+        assert_eq!(
+            hbitmap_qcow2_set_enabled(image, name.as_ptr(), false, ptr::null_mut()),
+            0
+        );
+        assert_eq!(
+            hbitmap_qcow2_inspect(image, name.as_ptr(), &mut out, ptr::null_mut()),
+            0
+        );
+        assert_eq!(hbitmap_count(out), 65536);
+        hbitmap_free(out);
+        out = ptr::null_mut();
+        // Load marks the bitmap in use; a second load is refused.
+        assert_eq!(
+            hbitmap_qcow2_load(image, other.as_ptr(), &mut out, ptr::null_mut()),
+            0
+        );
+        assert_eq!(hbitmap_count(out), 3 * 4096);
+        assert_eq!(
+            hbitmap_qcow2_load(image, other.as_ptr(), &mut ptr::null_mut(), &mut message),
+            -libc::EBUSY
+        );
+        assert!(take_message(message).contains("in use"));
+        message = ptr::null_mut();
+        assert_eq!(
+            hbitmap_qcow2_store(image, other.as_ptr(), out, 0, ptr::null_mut()),
+            0
+        );
+        hbitmap_free(out);
+        assert_eq!(
+            hbitmap_qcow2_clear(image, other.as_ptr(), ptr::null_mut()),
+            0
+        );
+        assert_eq!(
+            hbitmap_qcow2_remove(image, name.as_ptr(), ptr::null_mut()),
+            0
+        );
+        assert_eq!(hbitmap_qcow2_bitmap_count(image), 1);
+        assert_eq!(hbitmap_qcow2_close(image, ptr::null_mut()), 0);
+
+        // Locked out while another handle writes.
+        let mut writer: *mut HBitmapQcow2 = ptr::null_mut();
+        assert_eq!(
+            hbitmap_qcow2_open(
+                path.as_ptr(),
+                HBITMAP_QCOW2_OPEN_WRITE,
+                &mut writer,
+                ptr::null_mut()
+            ),
+            0
+        );
+        let mut reader: *mut HBitmapQcow2 = ptr::null_mut();
+        assert_eq!(
+            hbitmap_qcow2_open(path.as_ptr(), 0, &mut reader, &mut message),
+            -libc::EAGAIN
+        );
+        assert!(reader.is_null());
+        take_message(message);
+        message = ptr::null_mut();
+        assert_eq!(
+            hbitmap_qcow2_open(
+                path.as_ptr(),
+                HBITMAP_QCOW2_OPEN_FORCE_SHARE,
+                &mut reader,
+                ptr::null_mut()
+            ),
+            0
+        );
+        let empty = hbitmap_alloc(size, 16);
+        assert_eq!(
+            hbitmap_qcow2_store(reader, name.as_ptr(), empty, 0, &mut message),
+            -libc::EROFS
+        );
+        assert!(take_message(message).contains("read-only"));
+        message = ptr::null_mut();
+        hbitmap_free(empty);
+        hbitmap_qcow2_close(reader, ptr::null_mut());
+        hbitmap_qcow2_close(writer, ptr::null_mut());
+
+        // A file that is not qcow2.
+        let junk = s.path("junk");
+        std::fs::write(&junk, vec![0u8; 4096]).unwrap();
+        let junk = CString::new(junk.to_str().unwrap()).unwrap();
+        assert_eq!(
+            hbitmap_qcow2_open(junk.as_ptr(), 0, &mut reader, &mut message),
+            -libc::EINVAL
+        );
+        assert!(take_message(message).contains("not a qcow2 image"));
+    }
+    if have("qemu-img") {
+        qemu_check(&s.path("a.qcow2"), false);
+    }
+}

@@ -1,0 +1,642 @@
+//! Hand-made malformed images: each is refused (for reading, or for writing where QEMU would
+//! only refuse to write) with a message naming what is wrong, the file is left unchanged, and
+//! memory stays bounded whatever the sizes in the file claim.
+mod qcow2_util;
+
+use hbitmap::qcow2::{BitmapFlags, Error, Image, OpenOptions};
+use hbitmap::HBitmap;
+use qcow2_util::*;
+
+const CLUSTER: usize = 65536;
+const SIZE: u64 = 64 << 20;
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+}
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+fn put32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+}
+fn put64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+}
+
+/// Offsets in the base image.
+#[derive(Clone, Copy, Debug)]
+struct Map {
+    ext: usize, // bitmaps extension data
+    dir: usize, // directory
+    entry_b: usize,
+    table_a: usize,
+    table_b: usize,
+    data_a: usize,
+    data_b: usize,
+    l1: usize,
+    reftable: usize,
+}
+
+fn map_of(bytes: &[u8]) -> Map {
+    let mut pos = be32(bytes, 100) as usize;
+    let ext = loop {
+        let magic = be32(bytes, pos);
+        let len = be32(bytes, pos + 4) as usize;
+        assert_ne!(magic, 0, "no bitmaps extension");
+        if magic == 0x2385_2875 {
+            break pos + 8;
+        }
+        pos += 8 + len.div_ceil(8) * 8;
+    };
+    let dir = be64(bytes, ext + 16) as usize;
+    let entry_b = dir + 32;
+    let table_a = be64(bytes, dir) as usize;
+    let table_b = be64(bytes, entry_b) as usize;
+    Map {
+        ext,
+        dir,
+        entry_b,
+        table_a,
+        table_b,
+        data_a: be64(bytes, table_a) as usize,
+        data_b: be64(bytes, table_b) as usize,
+        l1: be64(bytes, 40) as usize,
+        reftable: be64(bytes, 48) as usize,
+    }
+}
+
+fn peak_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// How a case must fail.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// Opening at all.
+    Open,
+    /// Opening for writing only (read-only inspection works).
+    Write,
+}
+
+type Mutation = fn(&mut Vec<u8>, &Map);
+
+#[test]
+fn malformed_images_are_refused() {
+    let s = Scratch::new("malformed");
+    let base = s.path("base.qcow2");
+    let mut a = HBitmap::new(SIZE, 16).unwrap(); // 1024 bits: 128 bytes of data
+    a.set(0, 1 << 20);
+    let mut b = HBitmap::new(SIZE, 9).unwrap();
+    b.set(5 << 20, 1 << 20);
+    let mut image = Image::create(&base, SIZE, CLUSTER as u64).unwrap();
+    image
+        .store_bitmap(
+            "a",
+            &a,
+            BitmapFlags {
+                in_use: false,
+                auto: true,
+            },
+        )
+        .unwrap();
+    image.store_bitmap("b", &b, BitmapFlags::default()).unwrap();
+    image.close().unwrap();
+    let original = std::fs::read(&base).unwrap();
+    let map = map_of(&original);
+
+    let cases: Vec<(&str, Mutation, &str, Refused)> = vec![
+        (
+            "bad magic",
+            |b, _| b[0] = b'X',
+            "not a qcow2 image",
+            Refused::Open,
+        ),
+        (
+            "version 4",
+            |b, _| put32(b, 4, 4),
+            "version 4",
+            Refused::Open,
+        ),
+        (
+            "cluster_bits 8",
+            |b, _| put32(b, 20, 8),
+            "cluster_bits 8",
+            Refused::Open,
+        ),
+        (
+            "cluster_bits 22",
+            |b, _| put32(b, 20, 22),
+            "cluster_bits 22",
+            Refused::Open,
+        ),
+        (
+            "header_length 96",
+            |b, _| put32(b, 100, 96),
+            "header_length 96",
+            Refused::Open,
+        ),
+        (
+            "header_length 116",
+            |b, _| put32(b, 100, 116),
+            "not a multiple of 8",
+            Refused::Open,
+        ),
+        (
+            "refcount_order 7",
+            |b, _| put32(b, 96, 7),
+            "refcount_order 7",
+            Refused::Open,
+        ),
+        (
+            "refcount table past EOF",
+            |b, _| put64(b, 48, 1 << 40),
+            "refcount table",
+            Refused::Open,
+        ),
+        (
+            "no refcount table",
+            |b, _| put32(b, 56, 0),
+            "refcount_table_clusters",
+            Refused::Open,
+        ),
+        (
+            "huge refcount table",
+            |b, _| put32(b, 56, 1 << 20),
+            "8 MiB",
+            Refused::Open,
+        ),
+        (
+            "l1_size too large",
+            |b, _| put32(b, 36, 1 << 30),
+            "l1_size",
+            Refused::Open,
+        ),
+        (
+            "l1_size too small",
+            |b, _| put64(b, 24, 1 << 40),
+            "l1_size",
+            Refused::Open,
+        ),
+        (
+            "extension past the cluster",
+            |b, m| put32(b, m.ext - 4, 70000),
+            "header extension",
+            Refused::Open,
+        ),
+        (
+            "bitmaps extension length 32",
+            |b, m| put32(b, m.ext - 4, 32),
+            "length 32 is not 24",
+            Refused::Open,
+        ),
+        (
+            "extension reserved field",
+            |b, m| put32(b, m.ext + 4, 1),
+            "reserved field",
+            Refused::Open,
+        ),
+        (
+            "nb_bitmaps 0",
+            |b, m| put32(b, m.ext, 0),
+            "nb_bitmaps is 0",
+            Refused::Open,
+        ),
+        (
+            "nb_bitmaps 65536",
+            |b, m| put32(b, m.ext, 65536),
+            "65535",
+            Refused::Open,
+        ),
+        (
+            "nb_bitmaps 3",
+            |b, m| put32(b, m.ext, 3),
+            "fewer than the 3 nb_bitmaps",
+            Refused::Open,
+        ),
+        (
+            "nb_bitmaps 1",
+            |b, m| put32(b, m.ext, 1),
+            "more entries than the 1 nb_bitmaps",
+            Refused::Open,
+        ),
+        (
+            "directory offset misaligned",
+            |b, m| put64(b, m.ext + 16, m.dir as u64 + 8),
+            "bitmap_directory_offset",
+            Refused::Open,
+        ),
+        (
+            "directory size 0",
+            |b, m| put64(b, m.ext + 8, 0),
+            "bitmap_directory_size is 0",
+            Refused::Open,
+        ),
+        (
+            "directory size 64 MiB+",
+            |b, m| put64(b, m.ext + 8, 1 << 26),
+            "bitmap_directory_size 67108864 exceeds",
+            Refused::Open,
+        ),
+        (
+            "directory past EOF",
+            |b, m| put64(b, m.ext + 8, 1 << 22),
+            "past the end of the file",
+            Refused::Open,
+        ),
+        (
+            "directory truncated",
+            |b, m| put64(b, m.ext + 8, 48),
+            "truncated",
+            Refused::Open,
+        ),
+        (
+            "extra data",
+            |b, m| put32(b, m.entry_b + 20, 8),
+            "extra_data_size",
+            Refused::Open,
+        ),
+        (
+            "type 2",
+            |b, m| b[m.entry_b + 16] = 2,
+            "type 2",
+            Refused::Open,
+        ),
+        (
+            "granularity_bits 8",
+            |b, m| b[m.entry_b + 17] = 8,
+            "granularity_bits 8",
+            Refused::Open,
+        ),
+        (
+            "granularity_bits 32",
+            |b, m| b[m.entry_b + 17] = 32,
+            "granularity_bits 32",
+            Refused::Open,
+        ),
+        (
+            "reserved flag bit 2",
+            |b, m| put32(b, m.entry_b + 12, 4),
+            "reserved bits",
+            Refused::Open,
+        ),
+        (
+            "table size 0",
+            |b, m| put32(b, m.entry_b + 8, 0),
+            "bitmap_table_size is 0",
+            Refused::Open,
+        ),
+        (
+            "table size mismatch",
+            |b, m| put32(b, m.entry_b + 8, 2),
+            "does not match the virtual size",
+            Refused::Open,
+        ),
+        (
+            "table size beyond QEMU's limit",
+            |b, m| put32(b, m.entry_b + 8, 0x0800_0001),
+            "exceeds QEMU's limit",
+            Refused::Open,
+        ),
+        (
+            "table data over 512 MiB",
+            |b, m| put32(b, m.entry_b + 8, 8193),
+            "512 MiB",
+            Refused::Open,
+        ),
+        (
+            "table offset misaligned",
+            |b, m| put64(b, m.entry_b, m.table_b as u64 + 512),
+            "bitmap_table_offset",
+            Refused::Open,
+        ),
+        (
+            "table past EOF",
+            |b, m| put64(b, m.entry_b, 1 << 40),
+            "past the end of the file",
+            Refused::Open,
+        ),
+        (
+            "name_size 0",
+            |b, m| {
+                b[m.entry_b + 18] = 0;
+                b[m.entry_b + 19] = 0;
+                b[m.entry_b + 24] = 0;
+                put64(b, m.ext + 8, 56);
+            },
+            "name_size is 0",
+            Refused::Open,
+        ),
+        (
+            "duplicate name",
+            |b, m| b[m.entry_b + 24] = b'a',
+            "unique",
+            Refused::Open,
+        ),
+        (
+            "NUL in name",
+            |b, m| {
+                b[m.entry_b + 19] = 2;
+                b[m.entry_b + 25] = 0;
+            },
+            "NUL",
+            Refused::Open,
+        ),
+        (
+            "padding after name",
+            |b, m| b[m.entry_b + 30] = 1,
+            "padding after the name",
+            Refused::Open,
+        ),
+        (
+            "table entry reserved bits",
+            |b, m| b[m.table_b + 7] |= 0x02,
+            "reserved bits (1-8, 56-63)",
+            Refused::Open,
+        ),
+        (
+            "table entry bit 0 with offset",
+            |b, m| b[m.table_b + 7] |= 0x01,
+            "bit 0",
+            Refused::Open,
+        ),
+        (
+            "data cluster misaligned",
+            |b, m| put64(b, m.table_b, m.data_b as u64 + 512),
+            "not cluster-aligned",
+            Refused::Open,
+        ),
+        (
+            "data cluster past EOF",
+            |b, m| put64(b, m.table_b, 1 << 40),
+            "past the end of the file",
+            Refused::Open,
+        ),
+        (
+            "table overlaps the L1 table",
+            |b, m| put64(b, m.entry_b, m.l1 as u64),
+            "overlaps the active L1 table",
+            Refused::Open,
+        ),
+        (
+            "data over the refcount table",
+            |b, m| put64(b, m.table_b, m.reftable as u64),
+            "the refcount table",
+            Refused::Open,
+        ),
+        (
+            "data over a refcount block",
+            |b, m| {
+                let block = be64(b, m.reftable);
+                put64(b, m.table_b, block);
+            },
+            "refcount block 0",
+            Refused::Open,
+        ),
+        (
+            "data shared by two bitmaps",
+            |b, m| put64(b, m.table_b, m.data_a as u64),
+            "data cluster of bitmap 'a'",
+            Refused::Open,
+        ),
+        (
+            "tables shared by two bitmaps",
+            |b, m| put64(b, m.entry_b, m.table_a as u64),
+            "the bitmap table of bitmap 'a'",
+            Refused::Open,
+        ),
+        (
+            "data over the directory",
+            |b, m| put64(b, m.table_b, m.dir as u64),
+            "the bitmap directory",
+            Refused::Open,
+        ),
+        (
+            "directory over the L1 table",
+            |b, m| {
+                let dir: Vec<u8> = b[m.dir..m.dir + 64].to_vec();
+                b[m.l1..m.l1 + 64].copy_from_slice(&dir);
+                put64(b, m.ext + 16, m.l1 as u64);
+            },
+            "overlaps",
+            Refused::Open,
+        ),
+        (
+            "padding bit in the last data cluster",
+            |b, m| b[m.data_a + 200] = 0x10,
+            "padding bit",
+            Refused::Open,
+        ),
+        (
+            "padding bit next to the last bit",
+            |b, m| b[m.data_a + 128] = 0x01,
+            "padding bit 1024",
+            Refused::Open,
+        ),
+        (
+            "backing file offset past cluster",
+            |b, _| put64(b, 8, 1 << 20),
+            "backing_file_offset",
+            Refused::Open,
+        ),
+        (
+            "unknown incompatible feature",
+            |b, _| b[79] |= 0x80,
+            "unknown incompatible features",
+            Refused::Write,
+        ),
+        (
+            "dirty bit",
+            |b, _| b[79] |= 0x01,
+            "dirty bit",
+            Refused::Write,
+        ),
+        (
+            "corrupt bit",
+            |b, _| b[79] |= 0x02,
+            "corrupt",
+            Refused::Write,
+        ),
+        (
+            "version 2",
+            |b, _| put32(b, 4, 2),
+            "version 2",
+            Refused::Write,
+        ),
+        (
+            "bitmap table counted free",
+            |b, m| {
+                // Refcount block at 0x20000, 16-bit entries: zero the table cluster's refcount.
+                let block = be64(b, m.reftable) as usize;
+                let index = m.table_b / CLUSTER;
+                b[block + 2 * index] = 0;
+                b[block + 2 * index + 1] = 0;
+            },
+            "refcount 0",
+            Refused::Write,
+        ),
+    ];
+    assert!(cases.len() >= 30);
+    let rss_before = peak_rss_kib();
+    for (what, mutate, expected, refused) in cases {
+        let path = s.path("case.qcow2");
+        let mut bytes = original.clone();
+        mutate(&mut bytes, &map);
+        std::fs::write(&path, &bytes).unwrap();
+        let before = file_hash(&path);
+        let read = Image::open(&path, OpenOptions::default());
+        match refused {
+            Refused::Open => {
+                let err = read.expect_err(what).to_string();
+                assert!(
+                    err.contains(expected),
+                    "{what}: '{err}' does not say '{expected}'"
+                );
+                let report = Image::check_file(&path, OpenOptions::default()).unwrap();
+                assert!(
+                    report.errors.iter().any(|e| e.contains(expected)),
+                    "{what}: check_file errors {:?}",
+                    report.errors
+                );
+            }
+            Refused::Write => {
+                let image = read.unwrap_or_else(|e| panic!("{what}: read-only open failed: {e}"));
+                assert!(!image.check().warnings.is_empty() || refused == Refused::Write);
+            }
+        }
+        match Image::open(
+            &path,
+            OpenOptions {
+                write: true,
+                force_share: false,
+            },
+        ) {
+            Ok(_) => panic!("{what}: opened for writing"),
+            Err(err) => {
+                let text = err.to_string();
+                println!("{what}: {text}");
+                assert!(
+                    text.contains(expected),
+                    "{what}: '{text}' does not say '{expected}'"
+                );
+                if refused == Refused::Write {
+                    assert!(matches!(err, Error::ReadOnly(_)), "{what}: {err:?}");
+                }
+            }
+        }
+        assert_eq!(file_hash(&path), before, "{what}: the file changed");
+    }
+    let grown = peak_rss_kib().saturating_sub(rss_before);
+    assert!(grown < 256 * 1024, "peak memory grew by {grown} KiB");
+}
+
+/// A stale extension (autoclear bit clear) reads as no bitmaps; the first write drops it.
+#[test]
+fn stale_extension_is_ignored_then_dropped() {
+    let s = Scratch::new("stale");
+    let path = s.path("a.qcow2");
+    let mut image = Image::create(&path, SIZE, CLUSTER as u64).unwrap();
+    image.add_bitmap("old", 65536, true).unwrap();
+    image.close().unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[95] &= !1;
+    std::fs::write(&path, &bytes).unwrap();
+    let image = Image::open(&path, OpenOptions::default()).unwrap();
+    assert!(image.bitmaps().is_empty());
+    assert!(image.check().warnings.iter().any(|w| w.contains("stale")));
+    drop(image);
+    let mut image = Image::open(
+        &path,
+        OpenOptions {
+            write: true,
+            force_share: false,
+        },
+    )
+    .unwrap();
+    image.add_bitmap("new", 65536, true).unwrap();
+    image.close().unwrap();
+    let image = Image::open(&path, OpenOptions::default()).unwrap();
+    let names: Vec<_> = image.bitmaps().iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(names, ["new"]);
+    if have("qemu-img") {
+        qemu_check(&path, true);
+    }
+}
+
+/// Unknown autoclear bits are cleared before anything else is written.
+#[test]
+fn unknown_autoclear_bits_are_cleared() {
+    let s = Scratch::new("autoclear");
+    let path = s.path("a.qcow2");
+    Image::create(&path, SIZE, CLUSTER as u64)
+        .unwrap()
+        .close()
+        .unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[88] |= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    let mut image = Image::open(
+        &path,
+        OpenOptions {
+            write: true,
+            force_share: false,
+        },
+    )
+    .unwrap();
+    image.add_bitmap("x", 65536, true).unwrap();
+    image.close().unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(be64(&bytes, 88), 1);
+}
+
+/// Every truncation of a valid image is refused or read without panicking.
+#[test]
+fn truncated_images_never_panic() {
+    let s = Scratch::new("truncated");
+    let path = s.path("a.qcow2");
+    let mut image = Image::create(&path, SIZE, 4096).unwrap();
+    image.add_bitmap("x", 65536, true).unwrap();
+    let mut b = HBitmap::new(SIZE, 12).unwrap();
+    b.set(0, 1 << 20);
+    image.store_bitmap("y", &b, BitmapFlags::default()).unwrap();
+    image.close().unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = s.path("cut.qcow2");
+    let mut len = 0;
+    while len < bytes.len() {
+        std::fs::write(&cut, &bytes[..len]).unwrap();
+        if let Ok(image) = Image::open(&cut, OpenOptions::default()) {
+            for info in image.bitmaps().to_vec() {
+                let _ = image.inspect_bitmap(&info.name);
+            }
+        }
+        len += 509;
+    }
+    // And random byte flips.
+    let mut rng = Rng(99);
+    for _ in 0..300 {
+        let mut copy = bytes.clone();
+        for _ in 0..4 {
+            let at = rng.below(copy.len() as u64) as usize;
+            copy[at] ^= 1 << rng.below(8);
+        }
+        std::fs::write(&cut, &copy).unwrap();
+        if let Ok(mut image) = Image::open(
+            &cut,
+            OpenOptions {
+                write: true,
+                force_share: false,
+            },
+        ) {
+            for info in image.bitmaps().to_vec() {
+                let _ = image.inspect_bitmap(&info.name);
+            }
+            let _ = image.add_bitmap("z", 65536, true);
+        }
+    }
+}
