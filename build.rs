@@ -8,8 +8,8 @@ use std::path::PathBuf;
 fn main() {
     let crate_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
-    println!("cargo::rerun-if-changed=src/ffi");
-    println!("cargo::rerun-if-changed=src/bitmap/mod.rs");
+    // cbindgen reads the whole crate.
+    println!("cargo::rerun-if-changed=src");
     println!("cargo::rerun-if-changed=cbindgen.toml");
     println!("cargo::rerun-if-env-changed=HBITMAP_UPDATE_HEADER");
     println!("cargo::rustc-cdylib-link-arg=-Wl,-soname,libhbitmap.so.1");

@@ -34,9 +34,40 @@ typedef struct HBitmap HBitmap;
 
 
 /*
+ `hbitmap_qcow2_open` flag: open for writing (takes QEMU's write locks).
+ */
+#define HBITMAP_QCOW2_OPEN_WRITE 1
+
+/*
+ `hbitmap_qcow2_open` flag: read-only without locking, like `qemu-img -U`.
+ */
+#define HBITMAP_QCOW2_OPEN_FORCE_SHARE 2
+
+/*
+ Bitmap flag: in use (inconsistent).
+ */
+#define HBITMAP_QCOW2_BITMAP_IN_USE 1
+
+/*
+ Bitmap flag: auto (enabled).
+ */
+#define HBITMAP_QCOW2_BITMAP_AUTO 2
+
+/*
  QEMU's `Error`: never set by this library, accepted for signature compatibility.
  */
 typedef struct Error Error;
+
+/*
+ An open qcow2 image (opaque). Close it with `hbitmap_qcow2_close`.
+
+ The `hbitmap_qcow2_*` functions return 0 on success or a negative errno (-EINVAL malformed
+ image or bad argument, -ENOENT unknown bitmap, -EEXIST, -EBUSY bitmap in use, -EAGAIN image
+ locked by another process, -EROFS write refused, -ENOTSUP, -EFBIG QEMU limit, -EIO or the OS
+ error for I/O). On failure, when `errmsg` is not NULL, `*errmsg` receives a message to
+ `free()`; outputs are written only on success. NULL handles and strings abort.
+ */
+typedef struct HBitmapQcow2 HBitmapQcow2;
 
 /*
  Iteration state over an `HBitmap`, laid out exactly as QEMU's `HBitmapIter` on 64-bit hosts
@@ -61,6 +92,40 @@ typedef struct HBitmapIter {
    */
   unsigned long cur[HBITMAP_LEVELS];
 } HBitmapIter;
+
+/*
+ One bitmap of an image's directory, filled by `hbitmap_qcow2_bitmap_info`.
+ */
+typedef struct HBitmapQcow2BitmapInfo {
+  /*
+   The name's bytes as stored, NUL-terminated (names have at most 1023 bytes).
+   */
+  char name[1024];
+  /*
+   Bytes of the virtual disk per bit.
+   */
+  uint64_t granularity;
+  /*
+   File offset of the bitmap table.
+   */
+  uint64_t table_offset;
+  /*
+   Entries of the bitmap table.
+   */
+  uint32_t table_size;
+  /*
+   Flag in_use: the bitmap may be inconsistent and cannot be loaded.
+   */
+  bool in_use;
+  /*
+   Flag auto: the bitmap is enabled.
+   */
+  bool auto_;
+  /*
+   Bitmap type (1: dirty tracking).
+   */
+  uint8_t bitmap_type;
+} HBitmapQcow2BitmapInfo;
 
 #ifdef __cplusplus
 extern "C" {
@@ -322,12 +387,169 @@ HBitmap *hbitmap_create_meta(HBitmap *hb, int chunk_size);
  */
 void hbitmap_free_meta(HBitmap *hb);
 
+/*
+ Opens the qcow2 image at `path`: `flags` is 0 (read-only), `HBITMAP_QCOW2_OPEN_WRITE` or
+ `HBITMAP_QCOW2_OPEN_FORCE_SHARE`. The image is validated whole (a malformed bitmaps extension
+ gives -EINVAL) and locked as QEMU locks it (-EAGAIN if QEMU holds it). On success `*image`
+ receives the handle.
+
+ # Safety
+ `path` is a NUL-terminated string; `image` is valid for writing; `errmsg` is NULL or valid
+ for writing.
+ */
+int hbitmap_qcow2_open(const char *path,
+                       uint32_t flags,
+                       struct HBitmapQcow2 **image,
+                       char **errmsg);
+
+/*
+ Creates (or overwrites) `path` as an empty qcow2 v3 image of `virtual_size` bytes (a multiple
+ of 512) with `cluster_size`-byte clusters (a power of two, 512 to 2 MiB) and opens it for
+ writing into `*image`.
+
+ # Safety
+ As `hbitmap_qcow2_open`.
+ */
+int hbitmap_qcow2_create(const char *path,
+                         uint64_t virtual_size,
+                         uint64_t cluster_size,
+                         struct HBitmapQcow2 **image,
+                         char **errmsg);
+
+/*
+ Flushes and closes an image, releasing its locks; the handle is freed even when flushing
+ fails. NULL does nothing.
+
+ # Safety
+ `image` is NULL or a handle from `hbitmap_qcow2_open`/`_create` not closed since.
+ */
+int hbitmap_qcow2_close(struct HBitmapQcow2 *image, char **errmsg);
+
+/*
+ Virtual size of the image in bytes: the size of every bitmap.
+
+ # Safety
+ `image` is a live handle.
+ */
+uint64_t hbitmap_qcow2_virtual_size(const struct HBitmapQcow2 *image);
+
+/*
+ Number of bitmaps in the image.
+
+ # Safety
+ `image` is a live handle.
+ */
+size_t hbitmap_qcow2_bitmap_count(const struct HBitmapQcow2 *image);
+
+/*
+ Describes bitmap number `index` (directory order) into `*info`; -ENOENT past the last.
+
+ # Safety
+ `image` is a live handle; `info` is valid for writing.
+ */
+int hbitmap_qcow2_bitmap_info(const struct HBitmapQcow2 *image,
+                              size_t index,
+                              struct HBitmapQcow2BitmapInfo *info,
+                              char **errmsg);
+
+/*
+ Loads bitmap `name` into a new `HBitmap` (byte-addressed over the virtual size; free it with
+ `hbitmap_free`) stored in `*bitmap`. Refused (-EBUSY) for a bitmap marked in use. On an image
+ opened for writing the bitmap is marked in use on disk until stored back.
+
+ # Safety
+ `image` is a live handle; `name` a NUL-terminated string; `bitmap` valid for writing.
+ */
+int hbitmap_qcow2_load(struct HBitmapQcow2 *image,
+                       const char *name,
+                       HBitmap **bitmap,
+                       char **errmsg);
+
+/*
+ Reads bitmap `name` without changing the image, even when it is marked in use (its content
+ may then be inconsistent), into a new `HBitmap` in `*bitmap`.
+
+ # Safety
+ As `hbitmap_qcow2_load`.
+ */
+int hbitmap_qcow2_inspect(const struct HBitmapQcow2 *image,
+                          const char *name,
+                          HBitmap **bitmap,
+                          char **errmsg);
+
+/*
+ Stores `bitmap` as `name` (created or replaced) with `flags` (`HBITMAP_QCOW2_BITMAP_IN_USE`,
+ `HBITMAP_QCOW2_BITMAP_AUTO`). The bitmap must be byte-addressed over the virtual size with a
+ granularity of 9 to 31.
+
+ # Safety
+ `image` is a live handle; `name` a NUL-terminated string; `bitmap` a live `HBitmap`.
+ */
+int hbitmap_qcow2_store(struct HBitmapQcow2 *image,
+                        const char *name,
+                        const HBitmap *bitmap,
+                        uint32_t flags,
+                        char **errmsg);
+
+/*
+ Adds an empty bitmap `name` of `granularity` bytes (a power of two, 512 B to 2 GiB), enabled
+ or not; -EEXIST if the name exists.
+
+ # Safety
+ `image` is a live handle; `name` a NUL-terminated string.
+ */
+int hbitmap_qcow2_add(struct HBitmapQcow2 *image,
+                      const char *name,
+                      uint64_t granularity,
+                      bool enabled,
+                      char **errmsg);
+
+/*
+ Removes bitmap `name` (also one marked in use).
+
+ # Safety
+ `image` is a live handle; `name` a NUL-terminated string.
+ */
+int hbitmap_qcow2_remove(struct HBitmapQcow2 *image, const char *name, char **errmsg);
+
+/*
+ Clears bitmap `name`; -EBUSY for a bitmap in use.
+
+ # Safety
+ `image` is a live handle; `name` a NUL-terminated string.
+ */
+int hbitmap_qcow2_clear(struct HBitmapQcow2 *image, const char *name, char **errmsg);
+
+/*
+ Enables or disables bitmap `name` (its auto flag); -EBUSY for a bitmap in use.
+
+ # Safety
+ `image` is a live handle; `name` a NUL-terminated string.
+ */
+int hbitmap_qcow2_set_enabled(struct HBitmapQcow2 *image,
+                              const char *name,
+                              bool enabled,
+                              char **errmsg);
+
+/*
+ Merges bitmap `source` into bitmap `target` of the same image (`target |= source`).
+
+ # Safety
+ `image` is a live handle; `source` and `target` NUL-terminated strings.
+ */
+int hbitmap_qcow2_merge(struct HBitmapQcow2 *image,
+                        const char *source,
+                        const char *target,
+                        char **errmsg);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus
 
 #endif  /* HBITMAP_H */
 
+#ifndef HBITMAP_ITER_NEXT_WORD_DEFINED
+#define HBITMAP_ITER_NEXT_WORD_DEFINED
 /*
  * Return the next nonzero word of the last level and its index, consuming the word whole;
  * (size_t)-1 with *p_cur = 0 at the end. Words partly consumed by hbitmap_iter_next are
@@ -350,3 +572,4 @@ static inline size_t hbitmap_iter_next_word(HBitmapIter *hbi, unsigned long *p_c
     *p_cur = cur;
     return hbi->pos;
 }
+#endif /* HBITMAP_ITER_NEXT_WORD_DEFINED */

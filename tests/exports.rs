@@ -1,0 +1,141 @@
+//! The shared library is a drop-in for QEMU's util/hbitmap.c: it exports every function of the
+//! original, nothing but the library's own C API, under the SONAME libhbitmap.so.1.
+//!
+//! `cargo test` compiles the library with all its crate types next to this test's executable
+//! (`target/<profile>/deps/libhbitmap.so`); `cargo build` puts it in `target/<profile>/`.
+//! Skips, saying so, when binutils' `nm` or `readelf` is missing.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The 28 functions of the original util/hbitmap.c (its static inline hbitmap_iter_next_word
+/// lives in the header).
+const ORIGINAL_FUNCTIONS: [&str; 28] = [
+    "hbitmap_alloc",
+    "hbitmap_truncate",
+    "hbitmap_merge",
+    "hbitmap_can_merge",
+    "hbitmap_empty",
+    "hbitmap_granularity",
+    "hbitmap_count",
+    "hbitmap_set",
+    "hbitmap_reset",
+    "hbitmap_reset_all",
+    "hbitmap_get",
+    "hbitmap_is_serializable",
+    "hbitmap_serialization_align",
+    "hbitmap_serialization_size",
+    "hbitmap_serialize_part",
+    "hbitmap_deserialize_part",
+    "hbitmap_deserialize_zeroes",
+    "hbitmap_deserialize_ones",
+    "hbitmap_deserialize_finish",
+    "hbitmap_sha256",
+    "hbitmap_free",
+    "hbitmap_iter_init",
+    "hbitmap_iter_skip_words",
+    "hbitmap_next_zero",
+    "hbitmap_next_dirty_area",
+    "hbitmap_create_meta",
+    "hbitmap_free_meta",
+    "hbitmap_iter_next",
+];
+
+/// Prefixes of the library's own C API: the original's functions and the qcow2 layer's.
+const EXPORT_PREFIXES: [&str; 3] = ["hbitmap_", "hbq_", "qcow2_"];
+
+fn cdylib() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let deps = exe.parent().expect("target/<profile>/deps");
+    [deps.join("libhbitmap.so"), deps.join("../libhbitmap.so")]
+        .into_iter()
+        .find(|path| path.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "libhbitmap.so is neither in {} nor its parent",
+                deps.display()
+            )
+        })
+}
+
+/// The tool's standard output, or `None` (after saying so) when it is not installed.
+fn run(tool: &str, args: &[&str]) -> Option<String> {
+    let lib = cdylib();
+    let output = match Command::new(tool).args(args).arg(&lib).output() {
+        Ok(output) => output,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("skipped: `{tool}` is not installed (binutils)");
+            return None;
+        }
+        Err(e) => panic!("running {tool}: {e}"),
+    };
+    assert!(
+        output.status.success(),
+        "{tool} {args:?} {} failed: {}",
+        lib.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Some(String::from_utf8(output.stdout).expect("UTF-8 output"))
+}
+
+/// Names of the defined dynamic symbols: `nm -D --defined-only` lines are `ADDRESS TYPE NAME`.
+fn exported_symbols() -> Option<Vec<String>> {
+    let listing = run("nm", &["-D", "--defined-only"])?;
+    Some(
+        listing
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(2))
+            .map(|name| name.split('@').next().unwrap_or(name).to_owned())
+            .collect(),
+    )
+}
+
+#[test]
+fn exports_every_function_of_the_original() {
+    let Some(symbols) = exported_symbols() else {
+        return;
+    };
+    let missing: Vec<_> = ORIGINAL_FUNCTIONS
+        .iter()
+        .filter(|f| !symbols.iter().any(|s| s == *f))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} does not export {missing:?}",
+        cdylib().display()
+    );
+}
+
+#[test]
+fn exports_nothing_but_the_c_api() {
+    let Some(symbols) = exported_symbols() else {
+        return;
+    };
+    let foreign: Vec<_> = symbols
+        .iter()
+        .filter(|s| !EXPORT_PREFIXES.iter().any(|prefix| s.starts_with(prefix)))
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "{} exports symbols outside the C API (prefixes {EXPORT_PREFIXES:?}): {foreign:?}",
+        cdylib().display()
+    );
+}
+
+#[test]
+fn soname_is_libhbitmap_so_1() {
+    let Some(dynamic) = run("readelf", &["-d"]) else {
+        return;
+    };
+    let soname = dynamic
+        .lines()
+        .find(|line| line.contains("(SONAME)"))
+        .and_then(|line| line.split('[').nth(1))
+        .and_then(|rest| rest.split(']').next());
+    assert_eq!(
+        soname,
+        Some("libhbitmap.so.1"),
+        "SONAME of {}",
+        cdylib().display()
+    );
+}
