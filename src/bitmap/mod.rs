@@ -385,8 +385,38 @@ impl HBitmap {
             }
             bits = words as u64;
         }
+        if shrink {
+            self.drop_summary_past_end();
+        }
         if let Some(meta) = self.meta.as_mut() {
             meta.truncate_checked(self.groups << granularity);
+        }
+    }
+
+    /// After a shrink, clears the summary bits of words that went away with the levels, and the
+    /// bits of summary words that thereby became blank. Only padding bits past the old last group
+    /// (deserialization writes whole words) survive the reset that precedes the shrink, so this
+    /// changes nothing unless those were set; the original then leaves a summary bit pointing
+    /// past the shortened level and reads out of bounds when iterating.
+    fn drop_summary_past_end(&mut self) {
+        let mut blank_below = false;
+        for level in (0..LAST).rev() {
+            // Bits 0..below of this level's last word summarize the words of the level below.
+            let below = self.levels[level + 1].len() as u64;
+            let top = (below - 1) % 64;
+            let mut keep = u64::MAX >> (63 - top);
+            if blank_below {
+                keep &= !(1 << top);
+            }
+            if level == 0 {
+                keep |= SENTINEL;
+            }
+            let word = self.levels[level]
+                .last_mut()
+                .expect("levels are never empty");
+            let old = *word;
+            *word &= keep;
+            blank_below = old != 0 && *word == 0;
         }
     }
 

@@ -34,7 +34,9 @@ fn granularity_example_from_the_original() {
 #[test]
 fn level_sizes_and_sentinel() {
     let bitmap = HBitmap::new(1 << 20, 0).unwrap();
-    let sizes: Vec<usize> = (0..LEVELS).map(|level| bitmap.level_words(level).len()).collect();
+    let sizes: Vec<usize> = (0..LEVELS)
+        .map(|level| bitmap.level_words(level).len())
+        .collect();
     assert_eq!(sizes, [1, 1, 1, 1, 4, 256, 16384]);
     assert_eq!(bitmap.level_words(0)[0], SENTINEL);
     // Size 0 still has one word per level.
@@ -45,8 +47,14 @@ fn level_sizes_and_sentinel() {
 
 #[test]
 fn new_rejects_bad_granularity_and_size() {
-    assert_eq!(HBitmap::new(1, 64).unwrap_err(), BitmapError::Granularity(64));
-    assert!(matches!(HBitmap::new(u64::MAX, 0), Err(BitmapError::TooLarge { .. })));
+    assert_eq!(
+        HBitmap::new(1, 64).unwrap_err(),
+        BitmapError::Granularity(64)
+    );
+    assert!(matches!(
+        HBitmap::new(u64::MAX, 0),
+        Err(BitmapError::TooLarge { .. })
+    ));
     assert!(HBitmap::new(MAX_GROUPS + 1, 0).is_err());
 }
 
@@ -66,12 +74,18 @@ fn set_and_reset_propagate_through_every_level() {
     let mut bitmap = HBitmap::new(size, 0).unwrap();
     bitmap.set(size - 1, 1);
     for level in 1..LEVELS {
-        assert!(bitmap.level_words(level).iter().any(|&w| w != 0), "level {level}");
+        assert!(
+            bitmap.level_words(level).iter().any(|&w| w != 0),
+            "level {level}"
+        );
     }
     assert_eq!(items(&bitmap), [size - 1]);
     bitmap.reset(size - 1, 1);
     for level in 1..LEVELS {
-        assert!(bitmap.level_words(level).iter().all(|&w| w == 0), "level {level}");
+        assert!(
+            bitmap.level_words(level).iter().all(|&w| w == 0),
+            "level {level}"
+        );
     }
 }
 
@@ -85,7 +99,10 @@ fn reset_all_clears_sparse_and_dense_bitmaps() {
     bitmap.reset_all();
     assert!(bitmap.is_empty());
     for level in 1..LEVELS {
-        assert!(bitmap.level_words(level).iter().all(|&w| w == 0), "level {level}");
+        assert!(
+            bitmap.level_words(level).iter().all(|&w| w == 0),
+            "level {level}"
+        );
     }
     assert_eq!(bitmap.level_words(0), [SENTINEL]);
     assert_eq!(bitmap.iter().next(), None);
@@ -119,7 +136,10 @@ fn meta_marks_set_changes_and_blanking_resets() {
     bitmap.reset(1000, 1); // the word keeps bits: not a blanking reset
     assert!(bitmap.meta().unwrap().is_empty());
     bitmap.reset(960, 100); // words 15 and 16 become clean
-    assert_eq!(bitmap.meta().unwrap().iter().collect::<Vec<_>>(), [512, 1024]);
+    assert_eq!(
+        bitmap.meta().unwrap().iter().collect::<Vec<_>>(),
+        [512, 1024]
+    );
     assert!(bitmap.free_meta());
     assert!(!bitmap.free_meta());
 }
@@ -189,7 +209,11 @@ fn level_lengths_follow_the_size_through_truncates() {
         bitmap.truncate(size);
         let mut bits = bitmap.groups();
         for level in (0..LEVELS).rev() {
-            assert_eq!(bitmap.level_words(level).len(), words_for(bits), "size {size} level {level}");
+            assert_eq!(
+                bitmap.level_words(level).len(),
+                words_for(bits),
+                "size {size} level {level}"
+            );
             bits = words_for(bits) as u64;
         }
     }

@@ -136,7 +136,7 @@ impl HBitmap {
             return;
         }
         *word = new;
-        self.count += u64::from((new ^ old).count_ones());
+        self.count = self.count.wrapping_add(u64::from((new ^ old).count_ones()));
         if old == 0 {
             self.mark_in_summary(pos);
         }
@@ -229,7 +229,10 @@ impl HBitmap {
             return;
         }
         *word = new;
-        self.count -= u64::from((old & mask).count_ones());
+        // Wrapping, as the original's: a truncate over dirty padding bits leaves them uncounted.
+        self.count = self
+            .count
+            .wrapping_sub(u64::from((old & mask).count_ones()));
         if new == 0 {
             self.unmark_in_summary(pos);
             if let Some(meta) = self.meta.as_mut() {

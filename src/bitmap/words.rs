@@ -68,13 +68,22 @@ mod tests {
 
     #[test]
     fn summary_and_popcount_agree_with_a_plain_loop() {
-        let words: Vec<u64> = (0..200u64).map(|i| if i % 3 == 0 { 0 } else { i * 0x9e37_79b9 }).collect();
+        let words: Vec<u64> = (0..200u64)
+            .map(|i| if i % 3 == 0 { 0 } else { i * 0x9e37_79b9 })
+            .collect();
         let mut summary = vec![u64::MAX; 5];
         let total = summarize(&words, &mut summary);
-        assert_eq!(total, words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>());
+        assert_eq!(
+            total,
+            words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>()
+        );
         assert_eq!(popcount(&words), total);
         for (index, word) in words.iter().enumerate() {
-            assert_eq!(summary[index / 64] >> (index % 64) & 1 == 1, *word != 0, "word {index}");
+            assert_eq!(
+                summary[index / 64] >> (index % 64) & 1 == 1,
+                *word != 0,
+                "word {index}"
+            );
         }
         assert_eq!(summary[4], 0);
     }
