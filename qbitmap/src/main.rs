@@ -1,1 +1,194 @@
-fn main() {}
+//! `qbitmap`: inspect and edit the persistent dirty bitmaps of qcow2 images.
+//!
+//! The work is done by the `hbitmap` library (`hbitmap::qcow2`); this binary parses arguments,
+//! calls it and formats what it returns. Exit status: 0 on success, 1 on an error (reported on
+//! stderr with the image it concerns), 2 on bad usage.
+
+mod cli;
+mod commands;
+mod demo;
+mod extents;
+mod output;
+mod size;
+mod workload;
+
+use hbitmap::qcow2;
+
+use std::io::{self, Write};
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser};
+
+use cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.force_share && cli.command.writes() {
+        usage_error(
+            ErrorKind::ArgumentConflict,
+            "-U/--force-share opens images read-only; it cannot be used with a command that \
+             changes the image",
+        );
+    }
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    let result = run(cli, &mut out).and_then(|ok| {
+        out.flush()?;
+        Ok(ok)
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
+        Err(error) => {
+            drop(out);
+            eprintln!("qbitmap: {}", render(&error));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs a command; Ok(false) when it ran but found something wrong (check, demo).
+fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<bool> {
+    let share = cli.force_share;
+    match cli.command {
+        Command::List { image, output } => commands::list(out, &image, share, output)?,
+        Command::Dump {
+            image,
+            name,
+            force,
+            output,
+        } => commands::dump(out, &image, &name, force, share, output)?,
+        Command::Add {
+            image,
+            name,
+            granularity,
+            disabled,
+        } => {
+            check_granularity(granularity);
+            commands::add(&image, &name, granularity, disabled)?
+        }
+        Command::Remove { image, name } => commands::remove(&image, &name)?,
+        Command::Clear { image, name } => commands::clear(&image, &name)?,
+        Command::Enable { image, name } => commands::set_enabled(&image, &name, true)?,
+        Command::Disable { image, name } => commands::set_enabled(&image, &name, false)?,
+        Command::Merge {
+            image,
+            source,
+            target,
+            source_image,
+        } => commands::merge(&image, &source, &target, source_image.as_deref(), share)?,
+        Command::Set(range) => {
+            commands::set_range(&range.image, &range.name, range.offset, range.length, true)?
+        }
+        Command::Reset(range) => {
+            commands::set_range(&range.image, &range.name, range.offset, range.length, false)?
+        }
+        Command::Import {
+            image,
+            name,
+            granularity,
+            disabled,
+            file,
+        } => {
+            if let Some(granularity) = granularity {
+                check_granularity(granularity);
+            }
+            commands::import(&image, &name, granularity, disabled, file.as_deref())?
+        }
+        Command::Check { image, output } => return commands::check(out, &image, share, output),
+        Command::Create {
+            image,
+            size,
+            options,
+        } => {
+            let cluster_size = cli::cluster_size_option(&options)
+                .unwrap_or_else(|why| usage_error(ErrorKind::InvalidValue, &why));
+            commands::create(&image, size, cluster_size)?
+        }
+        Command::Demo(args) => return demo::run(&args, out),
+    }
+    Ok(true)
+}
+
+impl Command {
+    /// Whether the command opens an image for writing.
+    /// (`merge -b` opens its source image read-only: -U applies to that one.)
+    fn writes(&self) -> bool {
+        !matches!(
+            self,
+            Command::List { .. }
+                | Command::Dump { .. }
+                | Command::Check { .. }
+                | Command::Demo(_)
+                | Command::Merge {
+                    source_image: Some(_),
+                    ..
+                }
+        )
+    }
+}
+
+/// qcow2 bitmaps have granularities from 512 bytes to 2 GiB.
+fn check_granularity(granularity: u64) {
+    if !(512..=1 << 31).contains(&granularity) {
+        usage_error(
+            ErrorKind::InvalidValue,
+            &format!("granularity {granularity} is out of range: it must be from 512 to 2G"),
+        );
+    }
+}
+
+/// Reports bad usage the way clap does, and exits with status 2.
+fn usage_error(kind: ErrorKind, message: &str) -> ! {
+    Cli::command().error(kind, message).exit()
+}
+
+/// An error and its causes, `: `-separated, without repeating what a later message already
+/// says (the image's path) or what the previous one ended with (a wrapped OS error).
+fn render(error: &anyhow::Error) -> String {
+    let messages: Vec<String> = error.chain().map(|cause| cause.to_string()).collect();
+    let mut text = String::new();
+    for (index, message) in messages.iter().enumerate() {
+        let said_later = messages[index + 1..]
+            .iter()
+            .any(|m| m.contains(message.as_str()));
+        if message.is_empty() || said_later || text.ends_with(message.as_str()) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(message);
+    }
+    text
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn renders_errors_without_repeating_them() {
+        let os = io::Error::from(io::ErrorKind::NotFound);
+        let error = Err::<(), _>(anyhow::Error::new(os).context(format!(
+            "opening x.qcow2: {}",
+            io::Error::from(io::ErrorKind::NotFound)
+        )))
+        .context("x.qcow2")
+        .unwrap_err();
+        assert_eq!(render(&error), "opening x.qcow2: entity not found");
+        let error = anyhow::anyhow!("no bitmap named 'b'").context("x.qcow2");
+        assert_eq!(render(&error), "x.qcow2: no bitmap named 'b'");
+    }
+}

@@ -1,0 +1,246 @@
+//! The command line: clap's derive structures and the value parsers they use.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::size::{parse_power_of_two, parse_size};
+
+/// Inspect and edit the persistent dirty bitmaps of qcow2 images.
+///
+/// Sizes and offsets take qemu-img's suffixes: 512, 64K, 1M, 2G, 1T (binary units), or plain
+/// bytes. Exit status: 0 on success, 1 on an error, 2 on bad usage.
+#[derive(Debug, Parser)]
+#[command(name = "qbitmap", version, max_term_width = 100)]
+pub struct Cli {
+    /// Open images read-only without taking QEMU's locks, to read an image that another
+    /// process (a running VM) has open. What is read may be stale or in-use.
+    #[arg(short = 'U', long, global = true)]
+    pub force_share: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List the bitmaps of an image: name, granularity, flags and dirty bytes.
+    List {
+        /// The qcow2 image.
+        image: PathBuf,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Print the dirty extents of one bitmap.
+    Dump {
+        /// The qcow2 image.
+        image: PathBuf,
+        /// The bitmap.
+        name: String,
+        /// Dump a bitmap even though it is marked in-use (its content may be inconsistent).
+        #[arg(short, long, visible_alias = "inspect")]
+        force: bool,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Add a new, empty persistent bitmap.
+    Add {
+        /// The qcow2 image.
+        image: PathBuf,
+        /// The new bitmap's name.
+        name: String,
+        /// Bytes per bit: a power of two from 512 to 2G.
+        #[arg(short, long, default_value = "64K", value_parser = parse_power_of_two)]
+        granularity: u64,
+        /// Add it disabled: without the auto flag, QEMU does not track writes in it.
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// Remove a bitmap, also one marked in-use.
+    #[command(visible_alias = "rm")]
+    Remove {
+        /// The qcow2 image.
+        image: PathBuf,
+        /// The bitmap.
+        name: String,
+    },
+    /// Mark a whole bitmap clean.
+    Clear {
+        /// The qcow2 image.
+        image: PathBuf,
+        /// The bitmap.
+        name: String,
+    },
+    /// Set a bitmap's auto flag: QEMU tracks guest writes in it.
+    Enable {
+        /// The qcow2 image.
+        image: PathBuf,
+        /// The bitmap.
+        name: String,
+    },
+    /// Drop a bitmap's auto flag: QEMU keeps it as it is.
+    Disable {
+        /// The qcow2 image.
+        image: PathBuf,
+        /// The bitmap.
+        name: String,
+    },
+    /// Merge bitmap SOURCE into bitmap TARGET (TARGET |= SOURCE).
+    Merge {
+        /// The qcow2 image holding TARGET (and SOURCE, unless -b is given).
+        image: PathBuf,
+        /// The bitmap to merge from.
+        source: String,
+        /// The bitmap to merge into.
+        target: String,
+        /// Take SOURCE from this other qcow2 image (opened read-only; -U applies to it).
+        #[arg(short = 'b', long = "source-image", value_name = "SOURCE_IMAGE")]
+        source_image: Option<PathBuf>,
+    },
+    /// Mark a byte range dirty (whole granules are marked).
+    Set(RangeArgs),
+    /// Mark a byte range clean; it must start and end on granule boundaries.
+    Reset(RangeArgs),
+    /// Create or replace a bitmap from extents JSON (the schema `dump --output=json` prints).
+    Import {
+        /// The qcow2 image.
+        image: PathBuf,
+        /// The bitmap to create or replace.
+        name: String,
+        /// Bytes per bit; default: the JSON's "granularity", else the existing bitmap's, else 64K.
+        #[arg(short, long, value_parser = parse_power_of_two)]
+        granularity: Option<u64>,
+        /// Create it without the auto flag (an existing bitmap keeps its flag otherwise).
+        #[arg(long)]
+        disabled: bool,
+        /// The JSON file; standard input when absent or "-".
+        file: Option<PathBuf>,
+    },
+    /// Validate an image's bitmaps without changing anything; exit 1 when anything is wrong.
+    Check {
+        /// The qcow2 image.
+        image: PathBuf,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Create a new, empty qcow2 (v3) image.
+    Create {
+        /// The image to create.
+        image: PathBuf,
+        /// Its virtual size.
+        #[arg(value_parser = parse_size)]
+        size: u64,
+        /// Creation options, as qemu-img's: cluster_size=SIZE (default 64K).
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+    },
+    /// Run a self-checking demonstration: a 1 TiB sparse image, a simulated guest, bitmaps
+    /// stored, reloaded and compared (and checked by qemu-img when it is installed).
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RangeArgs {
+    /// The qcow2 image.
+    pub image: PathBuf,
+    /// The bitmap.
+    pub name: String,
+    /// First byte of the range.
+    #[arg(value_parser = parse_size)]
+    pub offset: u64,
+    /// Bytes in the range.
+    #[arg(value_parser = parse_size)]
+    pub length: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Where to put the image (kept afterwards); a temporary directory, removed at the end,
+    /// when absent.
+    pub dir: Option<PathBuf>,
+    /// Seed of the simulated guest's writes.
+    #[arg(long, default_value_t = 0x0051_b17a)]
+    pub seed: u64,
+    /// Number of small random writes the guest makes.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(0..=100_000_000))]
+    pub writes: u64,
+    /// Skip the comparison with qemu-img even when it is installed.
+    #[arg(long)]
+    pub no_qemu: bool,
+}
+
+#[derive(Debug, Args, Clone, Copy)]
+pub struct OutputArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Human)]
+    pub output: Format,
+    /// Same as --output=json.
+    #[arg(long, conflicts_with = "output")]
+    pub json: bool,
+}
+
+impl OutputArgs {
+    pub fn json(self) -> bool {
+        self.json || self.output == Format::Json
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Human,
+    Json,
+}
+
+/// Parses `-o` options (`cluster_size=64K,...`, possibly repeated) into the cluster size.
+pub fn cluster_size_option(options: &[String]) -> Result<u64, String> {
+    let mut cluster_size = 64 * 1024;
+    for option in options.iter().flat_map(|o| o.split(',')) {
+        if option.is_empty() {
+            continue;
+        }
+        let (key, value) = option
+            .split_once('=')
+            .ok_or_else(|| format!("option '{option}' needs a value: KEY=VALUE"))?;
+        match key {
+            "cluster_size" => cluster_size = parse_power_of_two(value)?,
+            // Accepted for qemu-img compatibility: this tool only writes what they select.
+            "compat" if value == "1.1" || value == "v3" => {}
+            _ => {
+                return Err(format!(
+                    "unsupported option '{option}' (supported: cluster_size=SIZE, compat=1.1)"
+                ))
+            }
+        }
+    }
+    if !(512..=2 << 20).contains(&cluster_size) {
+        return Err(format!(
+            "cluster size {cluster_size} is out of range: it must be from 512 to 2M"
+        ));
+    }
+    Ok(cluster_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn cluster_size_options() {
+        assert_eq!(cluster_size_option(&[]), Ok(65536));
+        assert_eq!(cluster_size_option(&["cluster_size=4K".into()]), Ok(4096));
+        assert_eq!(
+            cluster_size_option(&["compat=1.1,cluster_size=2M".into()]),
+            Ok(2 << 20)
+        );
+        assert!(cluster_size_option(&["cluster_size=3000".into()]).is_err());
+        assert!(cluster_size_option(&["cluster_size=4M".into()]).is_err());
+        assert!(cluster_size_option(&["preallocation=full".into()]).is_err());
+        assert!(cluster_size_option(&["cluster_size".into()]).is_err());
+    }
+}

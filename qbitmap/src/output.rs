@@ -1,0 +1,347 @@
+//! What the commands print: the JSON documents (qemu-img's kebab-case style) and aligned text
+//! tables for people.
+
+use std::io::{self, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::extents::Extent;
+use crate::size::{format_size, group_digits};
+
+/// `list --output=json`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ImageReport {
+    pub image: String,
+    pub virtual_size: u64,
+    pub cluster_size: u64,
+    pub bitmaps: Vec<BitmapReport>,
+}
+
+/// One bitmap of `list`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BitmapReport {
+    pub name: String,
+    pub granularity: u64,
+    /// As `qemu-img info` prints them: "in-use" before "auto".
+    pub flags: Vec<&'static str>,
+    /// None for an in-use bitmap, whose content cannot be trusted.
+    pub dirty_bytes: Option<u64>,
+}
+
+/// The flags of a bitmap as qemu-img names them.
+pub fn flag_names(in_use: bool, auto: bool) -> Vec<&'static str> {
+    let mut flags = Vec::new();
+    if in_use {
+        flags.push("in-use");
+    }
+    if auto {
+        flags.push("auto");
+    }
+    flags
+}
+
+/// `dump --output=json`; also what `import` reads (every field but `extents` optional).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DumpReport {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granularity: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_bytes: Option<u64>,
+    pub extents: Vec<Extent>,
+}
+
+/// `check --output=json`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CheckOutput {
+    pub image: String,
+    /// None when the image is too damaged to open.
+    pub bitmaps: Option<usize>,
+    pub clean: bool,
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// Writes a value as pretty JSON followed by a newline.
+pub fn write_json(out: &mut impl Write, value: &impl Serialize) -> io::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, value)?;
+    writeln!(out)
+}
+
+/// Column alignment of a [`Table`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Align {
+    Left,
+    Right,
+}
+
+/// A text table: a header row and columns as wide as their widest cell, two spaces apart.
+pub struct Table {
+    headers: Vec<&'static str>,
+    align: Vec<Align>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(columns: &[(&'static str, Align)]) -> Table {
+        Table {
+            headers: columns.iter().map(|c| c.0).collect(),
+            align: columns.iter().map(|c| c.1).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        debug_assert_eq!(cells.len(), self.headers.len());
+        self.rows.push(cells);
+    }
+
+    pub fn write(&self, out: &mut impl Write, indent: &str) -> io::Result<()> {
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.len()).collect();
+        for row in &self.rows {
+            for (width, cell) in widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+        let header: Vec<String> = self.headers.iter().map(|h| h.to_string()).collect();
+        for row in std::iter::once(&header).chain(&self.rows) {
+            let mut line = String::from(indent);
+            for (index, cell) in row.iter().enumerate() {
+                if index > 0 {
+                    line.push_str("  ");
+                }
+                let width = widths[index];
+                match self.align[index] {
+                    Align::Left if index + 1 == row.len() => line.push_str(cell),
+                    Align::Left => line.push_str(&format!("{cell:<width$}")),
+                    Align::Right => line.push_str(&format!("{cell:>width$}")),
+                }
+            }
+            writeln!(out, "{}", line.trim_end())?;
+        }
+        Ok(())
+    }
+}
+
+/// A share of the disk as a percentage with enough digits to not read 0 when it is not.
+pub fn percent(part: u64, whole: u64) -> String {
+    if whole == 0 || part == 0 {
+        return "0%".into();
+    }
+    let value = part as f64 * 100.0 / whole as f64;
+    if part == whole {
+        "100%".into()
+    } else if value >= 10.0 {
+        format!("{value:.1}%")
+    } else if value >= 0.01 {
+        format!("{value:.2}%")
+    } else {
+        format!("{value:.2e}%")
+    }
+}
+
+/// The human form of `list`.
+pub fn write_list(out: &mut impl Write, report: &ImageReport) -> io::Result<()> {
+    writeln!(
+        out,
+        "{}: virtual size {} ({} bytes), cluster size {}",
+        report.image,
+        format_size(report.virtual_size),
+        report.virtual_size,
+        format_size(report.cluster_size)
+    )?;
+    if report.bitmaps.is_empty() {
+        return writeln!(out, "No bitmaps.");
+    }
+    write_bitmap_table(out, &report.bitmaps, report.virtual_size, "")
+}
+
+/// The bitmap table of `list` (and of `demo`).
+pub fn write_bitmap_table(
+    out: &mut impl Write,
+    bitmaps: &[BitmapReport],
+    virtual_size: u64,
+    indent: &str,
+) -> io::Result<()> {
+    let mut table = Table::new(&[
+        ("NAME", Align::Left),
+        ("GRANULARITY", Align::Right),
+        ("FLAGS", Align::Left),
+        ("DIRTY", Align::Right),
+        ("OF DISK", Align::Right),
+    ]);
+    for bitmap in bitmaps {
+        let flags = if bitmap.flags.is_empty() {
+            "-".to_string()
+        } else {
+            bitmap.flags.join(",")
+        };
+        let (dirty, share) = match bitmap.dirty_bytes {
+            Some(bytes) => (format_size(bytes), percent(bytes, virtual_size)),
+            None => ("?".into(), "in use".into()),
+        };
+        table.row(vec![
+            bitmap.name.clone(),
+            format_size(bitmap.granularity),
+            flags,
+            dirty,
+            share,
+        ]);
+    }
+    table.write(out, indent)
+}
+
+/// The extents table of `dump` (and of `demo`): exact offsets and lengths in bytes, and the
+/// length for people.
+pub fn write_extent_table(
+    out: &mut impl Write,
+    extents: &[Extent],
+    indent: &str,
+) -> io::Result<()> {
+    let mut table = Table::new(&[
+        ("OFFSET", Align::Right),
+        ("LENGTH", Align::Right),
+        ("", Align::Left),
+    ]);
+    for extent in extents {
+        table.row(vec![
+            extent.offset.to_string(),
+            extent.length.to_string(),
+            format_size(extent.length),
+        ]);
+    }
+    table.write(out, indent)
+}
+
+/// `dump --output=json`: pretty like qemu-img's JSON, but one line per extent, so that a
+/// bitmap with a million extents stays a million lines.
+pub fn write_dump_json(out: &mut impl Write, dump: &DumpReport) -> io::Result<()> {
+    writeln!(out, "{{")?;
+    if let Some(name) = &dump.name {
+        writeln!(out, "  \"name\": {},", serde_json::to_string(name)?)?;
+    }
+    for (key, value) in [
+        ("granularity", dump.granularity),
+        ("virtual-size", dump.virtual_size),
+        ("dirty-bytes", dump.dirty_bytes),
+    ] {
+        if let Some(value) = value {
+            writeln!(out, "  \"{key}\": {value},")?;
+        }
+    }
+    if dump.extents.is_empty() {
+        writeln!(out, "  \"extents\": []")?;
+    } else {
+        writeln!(out, "  \"extents\": [")?;
+        for (index, extent) in dump.extents.iter().enumerate() {
+            let comma = if index + 1 < dump.extents.len() {
+                ","
+            } else {
+                ""
+            };
+            writeln!(
+                out,
+                "    {{\"offset\": {}, \"length\": {}}}{comma}",
+                extent.offset, extent.length
+            )?;
+        }
+        writeln!(out, "  ]")?;
+    }
+    writeln!(out, "}}")
+}
+
+/// The human form of `dump`.
+pub fn write_dump(out: &mut impl Write, image: &str, dump: &DumpReport) -> io::Result<()> {
+    let virtual_size = dump.virtual_size.unwrap_or(0);
+    let dirty = dump.dirty_bytes.unwrap_or(0);
+    writeln!(
+        out,
+        "Bitmap '{}' of {image}: granularity {}, virtual size {}",
+        dump.name.as_deref().unwrap_or(""),
+        format_size(dump.granularity.unwrap_or(0)),
+        format_size(virtual_size)
+    )?;
+    if dump.extents.is_empty() {
+        return writeln!(out, "No dirty extents.");
+    }
+    write_extent_table(out, &dump.extents, "")?;
+    writeln!(
+        out,
+        "{} dirty in {} extent{} ({} of the disk)",
+        format_size(dirty),
+        group_digits(dump.extents.len() as u64),
+        if dump.extents.len() == 1 { "" } else { "s" },
+        percent(dirty, virtual_size)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align() {
+        let mut table = Table::new(&[("NAME", Align::Left), ("SIZE", Align::Right)]);
+        table.row(vec!["a".into(), "1 KiB".into()]);
+        table.row(vec!["longer".into(), "64 KiB".into()]);
+        let mut out = Vec::new();
+        table.write(&mut out, "").unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "NAME      SIZE\na        1 KiB\nlonger  64 KiB\n"
+        );
+    }
+
+    #[test]
+    fn dump_json_is_json_with_one_line_per_extent() {
+        let mut dump = DumpReport {
+            name: Some("a \"b\"".into()),
+            granularity: Some(65536),
+            virtual_size: Some(1 << 30),
+            dirty_bytes: Some(196608),
+            extents: vec![
+                Extent {
+                    offset: 0,
+                    length: 65536,
+                },
+                Extent {
+                    offset: 1 << 20,
+                    length: 131072,
+                },
+            ],
+        };
+        let mut out = Vec::new();
+        write_dump_json(&mut out, &dump).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("\n    {\"offset\": 1048576, \"length\": 131072}\n  ]"));
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value, serde_json::to_value(&dump).unwrap());
+        dump.extents.clear();
+        let mut out = Vec::new();
+        write_dump_json(&mut out, &dump).unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(value, serde_json::to_value(&dump).unwrap());
+    }
+
+    #[test]
+    fn percents() {
+        assert_eq!(percent(0, 100), "0%");
+        assert_eq!(percent(100, 100), "100%");
+        assert_eq!(percent(50, 100), "50.0%");
+        assert_eq!(percent(1, 100), "1.00%");
+        assert_eq!(percent(1, 1 << 40), "9.09e-11%");
+    }
+
+    #[test]
+    fn flags_in_qemu_order() {
+        assert_eq!(flag_names(true, true), vec!["in-use", "auto"]);
+        assert!(flag_names(false, false).is_empty());
+    }
+}
