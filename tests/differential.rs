@@ -39,8 +39,8 @@ use std::time::Instant;
 
 use hbitmap::ffi::{self as ours, HBitmapIter};
 use hbitmap::{HBitmap, LEVELS};
-use hbitmap_oracle::{QemuHBitmap, QemuHBitmapIter};
-use libc::{c_char, c_int, c_ulong, c_void};
+use hbitmap_oracle::{self as oracle, QemuHBitmap, QemuHBitmapIter};
+use libc::{c_char, c_int};
 
 use common::{
     check_summary, expect_next_dirty_area, expect_next_zero, groups_for, popcount_below, Rng,
@@ -49,131 +49,6 @@ use common::{
 // ---------------------------------------------------------------------------------------------
 // The original, reachable only when it was built.
 // ---------------------------------------------------------------------------------------------
-
-/// Declares the original's functions and two implementations of [`Api`]: [`Linked`] calls them,
-/// [`Missing`] is never called. They are declared here rather than taken from `hbitmap_oracle`
-/// because that crate only defines them when the reference was built, and this file must compile
-/// either way: [`Orig`] picks `Linked` only when `hbitmap_oracle::AVAILABLE`, so otherwise no code
-/// that names the symbols is generated and nothing is left unresolved at link time.
-macro_rules! reference_api {
-    ($(fn $name:ident = $symbol:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?;)*) => {
-        mod sys {
-            use super::*;
-            extern "C" {
-                $(pub fn $symbol($($arg: $ty),*) $(-> $ret)?;)*
-            }
-        }
-
-        /// The original's functions (names without the `qemu_hbitmap_` prefix).
-        trait Api {
-            $(unsafe fn $name($($arg: $ty),*) $(-> $ret)?;)*
-        }
-
-        enum Linked {}
-
-        impl Api for Linked {
-            $(unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
-                // SAFETY: forwarded as is; the caller upholds the original's contract.
-                unsafe { sys::$symbol($($arg),*) }
-            })*
-        }
-
-        enum Missing {}
-
-        impl Api for Missing {
-            $(unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
-                $(let _ = $arg;)*
-                unreachable!("the reference implementation was not built")
-            })*
-        }
-    };
-}
-
-reference_api! {
-    fn alloc = qemu_hbitmap_alloc(size: u64, granularity: c_int) -> *mut QemuHBitmap;
-    fn free = qemu_hbitmap_free(hb: *mut QemuHBitmap);
-    fn truncate = qemu_hbitmap_truncate(hb: *mut QemuHBitmap, size: u64);
-    fn merge = qemu_hbitmap_merge(
-        a: *const QemuHBitmap,
-        b: *const QemuHBitmap,
-        result: *mut QemuHBitmap,
-    ) -> bool;
-    fn can_merge = qemu_hbitmap_can_merge(a: *const QemuHBitmap, b: *const QemuHBitmap) -> bool;
-    fn empty = qemu_hbitmap_empty(hb: *const QemuHBitmap) -> bool;
-    fn granularity = qemu_hbitmap_granularity(hb: *const QemuHBitmap) -> c_int;
-    fn count = qemu_hbitmap_count(hb: *const QemuHBitmap) -> u64;
-    fn set = qemu_hbitmap_set(hb: *mut QemuHBitmap, start: u64, count: u64);
-    fn reset = qemu_hbitmap_reset(hb: *mut QemuHBitmap, start: u64, count: u64);
-    fn reset_all = qemu_hbitmap_reset_all(hb: *mut QemuHBitmap);
-    fn get = qemu_hbitmap_get(hb: *const QemuHBitmap, item: u64) -> bool;
-    fn is_serializable = qemu_hbitmap_is_serializable(hb: *const QemuHBitmap) -> bool;
-    fn serialization_align = qemu_hbitmap_serialization_align(hb: *const QemuHBitmap) -> u64;
-    fn serialization_size = qemu_hbitmap_serialization_size(
-        hb: *const QemuHBitmap,
-        start: u64,
-        count: u64,
-    ) -> u64;
-    fn serialize_part = qemu_hbitmap_serialize_part(
-        hb: *const QemuHBitmap,
-        buf: *mut u8,
-        start: u64,
-        count: u64,
-    );
-    fn deserialize_part = qemu_hbitmap_deserialize_part(
-        hb: *mut QemuHBitmap,
-        buf: *mut u8,
-        start: u64,
-        count: u64,
-        finish: bool,
-    );
-    fn deserialize_zeroes = qemu_hbitmap_deserialize_zeroes(
-        hb: *mut QemuHBitmap,
-        start: u64,
-        count: u64,
-        finish: bool,
-    );
-    fn deserialize_ones = qemu_hbitmap_deserialize_ones(
-        hb: *mut QemuHBitmap,
-        start: u64,
-        count: u64,
-        finish: bool,
-    );
-    fn deserialize_finish = qemu_hbitmap_deserialize_finish(hb: *mut QemuHBitmap);
-    fn sha256 = qemu_hbitmap_sha256(hb: *const QemuHBitmap, errp: *mut *mut c_void) -> *mut c_char;
-    fn iter_init = qemu_hbitmap_iter_init(
-        hbi: *mut QemuHBitmapIter,
-        hb: *const QemuHBitmap,
-        first: u64,
-    );
-    fn iter_skip_words = qemu_hbitmap_iter_skip_words(hbi: *mut QemuHBitmapIter) -> c_ulong;
-    fn iter_next = qemu_hbitmap_iter_next(hbi: *mut QemuHBitmapIter, advance: bool) -> i64;
-    fn next_zero = qemu_hbitmap_next_zero(hb: *const QemuHBitmap, start: u64, count: u64) -> i64;
-    fn next_dirty_area = qemu_hbitmap_next_dirty_area(
-        hb: *const QemuHBitmap,
-        start: *mut u64,
-        count: *mut u64,
-    ) -> bool;
-    fn create_meta = qemu_hbitmap_create_meta(hb: *mut QemuHBitmap, chunk_size: c_int)
-        -> *mut QemuHBitmap;
-    fn free_meta = qemu_hbitmap_free_meta(hb: *mut QemuHBitmap);
-}
-
-trait Pick {
-    type Api: Api;
-}
-
-struct Select<const AVAILABLE: bool>;
-
-impl Pick for Select<true> {
-    type Api = Linked;
-}
-
-impl Pick for Select<false> {
-    type Api = Missing;
-}
-
-/// The original C, when it was built.
-type Orig = <Select<{ hbitmap_oracle::AVAILABLE }> as Pick>::Api;
 
 /// True (after saying why) when the original was not built and the test must pass vacuously.
 fn skip() -> bool {
@@ -230,7 +105,7 @@ impl Handles {
         unsafe {
             Handles {
                 o: ours::hbitmap_alloc(size, granularity as c_int),
-                r: Orig::alloc(size, granularity as c_int),
+                r: oracle::qemu_hbitmap_alloc(size, granularity as c_int),
             }
         }
     }
@@ -245,7 +120,7 @@ impl Handles {
         // SAFETY: live, and their meta bitmaps were freed first (Ctx::drop); not used again.
         unsafe {
             ours::hbitmap_free(self.o);
-            Orig::free(self.r);
+            oracle::qemu_hbitmap_free(self.r);
         }
     }
 
@@ -253,7 +128,7 @@ impl Handles {
         // SAFETY: live handles, valid range (the invariant).
         unsafe {
             ours::hbitmap_set(self.o, start, count);
-            Orig::set(self.r, start, count);
+            oracle::qemu_hbitmap_set(self.r, start, count);
         }
     }
 
@@ -261,7 +136,7 @@ impl Handles {
         // SAFETY: live handles, valid range (the invariant).
         unsafe {
             ours::hbitmap_reset(self.o, start, count);
-            Orig::reset(self.r, start, count);
+            oracle::qemu_hbitmap_reset(self.r, start, count);
         }
     }
 
@@ -277,38 +152,58 @@ impl Handles {
         // SAFETY: live handles.
         unsafe {
             ours::hbitmap_reset_all(self.o);
-            Orig::reset_all(self.r);
+            oracle::qemu_hbitmap_reset_all(self.r);
         }
     }
 
     fn theirs_reset_all(self) {
         // SAFETY: live handle.
-        unsafe { Orig::reset_all(self.r) }
+        unsafe { oracle::qemu_hbitmap_reset_all(self.r) }
     }
 
     fn get(self, item: u64) -> (bool, bool) {
         // SAFETY: live handles, item within the last group (the invariant).
-        unsafe { (ours::hbitmap_get(self.o, item), Orig::get(self.r, item)) }
+        unsafe {
+            (
+                ours::hbitmap_get(self.o, item),
+                oracle::qemu_hbitmap_get(self.r, item),
+            )
+        }
     }
 
     fn theirs_get(self, item: u64) -> bool {
         // SAFETY: live handle, item within the last group.
-        unsafe { Orig::get(self.r, item) }
+        unsafe { oracle::qemu_hbitmap_get(self.r, item) }
     }
 
     fn count(self) -> (u64, u64) {
         // SAFETY: live handles.
-        unsafe { (ours::hbitmap_count(self.o), Orig::count(self.r)) }
+        unsafe {
+            (
+                ours::hbitmap_count(self.o),
+                oracle::qemu_hbitmap_count(self.r),
+            )
+        }
     }
 
     fn empty(self) -> (bool, bool) {
         // SAFETY: live handles.
-        unsafe { (ours::hbitmap_empty(self.o), Orig::empty(self.r)) }
+        unsafe {
+            (
+                ours::hbitmap_empty(self.o),
+                oracle::qemu_hbitmap_empty(self.r),
+            )
+        }
     }
 
     fn granularity(self) -> (c_int, c_int) {
         // SAFETY: live handles.
-        unsafe { (ours::hbitmap_granularity(self.o), Orig::granularity(self.r)) }
+        unsafe {
+            (
+                ours::hbitmap_granularity(self.o),
+                oracle::qemu_hbitmap_granularity(self.r),
+            )
+        }
     }
 
     fn is_serializable(self) -> (bool, bool) {
@@ -316,7 +211,7 @@ impl Handles {
         unsafe {
             (
                 ours::hbitmap_is_serializable(self.o),
-                Orig::is_serializable(self.r),
+                oracle::qemu_hbitmap_is_serializable(self.r),
             )
         }
     }
@@ -326,7 +221,7 @@ impl Handles {
         unsafe {
             (
                 ours::hbitmap_serialization_align(self.o),
-                Orig::serialization_align(self.r),
+                oracle::qemu_hbitmap_serialization_align(self.r),
             )
         }
     }
@@ -336,7 +231,7 @@ impl Handles {
         unsafe {
             (
                 ours::hbitmap_serialization_size(self.o, start, count),
-                Orig::serialization_size(self.r, start, count),
+                oracle::qemu_hbitmap_serialization_size(self.r, start, count),
             )
         }
     }
@@ -349,14 +244,14 @@ impl Handles {
         // SAFETY: live handles, valid chunk; each buffer has room for the chunk's `len` bytes.
         unsafe {
             ours::hbitmap_serialize_part(self.o, mine.as_mut_ptr(), start, count);
-            Orig::serialize_part(self.r, theirs.as_mut_ptr(), start, count);
+            oracle::qemu_hbitmap_serialize_part(self.r, theirs.as_mut_ptr(), start, count);
         }
         (mine, theirs)
     }
 
     fn theirs_serialize(self, start: u64, count: u64, buf: &mut [u8; 8]) {
         // SAFETY: live handle; the caller passes a one-word chunk, which takes 8 bytes.
-        unsafe { Orig::serialize_part(self.r, buf.as_mut_ptr(), start, count) }
+        unsafe { oracle::qemu_hbitmap_serialize_part(self.r, buf.as_mut_ptr(), start, count) }
     }
 
     fn deserialize(self, fill: Fill, data: &mut [u8], start: u64, count: u64, finish: bool) {
@@ -366,15 +261,21 @@ impl Handles {
             match fill {
                 Fill::Part => {
                     ours::hbitmap_deserialize_part(self.o, data.as_mut_ptr(), start, count, finish);
-                    Orig::deserialize_part(self.r, data.as_mut_ptr(), start, count, finish);
+                    oracle::qemu_hbitmap_deserialize_part(
+                        self.r,
+                        data.as_mut_ptr(),
+                        start,
+                        count,
+                        finish,
+                    );
                 }
                 Fill::Zeroes => {
                     ours::hbitmap_deserialize_zeroes(self.o, start, count, finish);
-                    Orig::deserialize_zeroes(self.r, start, count, finish);
+                    oracle::qemu_hbitmap_deserialize_zeroes(self.r, start, count, finish);
                 }
                 Fill::Ones => {
                     ours::hbitmap_deserialize_ones(self.o, start, count, finish);
-                    Orig::deserialize_ones(self.r, start, count, finish);
+                    oracle::qemu_hbitmap_deserialize_ones(self.r, start, count, finish);
                 }
             }
         }
@@ -384,7 +285,7 @@ impl Handles {
         // SAFETY: live handles of a bitmap with at least one group (the invariant).
         unsafe {
             ours::hbitmap_deserialize_finish(self.o);
-            Orig::deserialize_finish(self.r);
+            oracle::qemu_hbitmap_deserialize_finish(self.r);
         }
     }
 
@@ -393,7 +294,7 @@ impl Handles {
         unsafe {
             (
                 take_digest(ours::hbitmap_sha256(self.o, std::ptr::null_mut())),
-                take_digest(Orig::sha256(self.r, std::ptr::null_mut())),
+                take_digest(oracle::qemu_hbitmap_sha256(self.r, std::ptr::null_mut())),
             )
         }
     }
@@ -411,7 +312,7 @@ impl Handles {
     fn theirs_next_zero(self, start: u64, count: u64) -> i64 {
         // SAFETY: live handle; the caller passes start < size with the original's size current,
         // so the word it reads before its bounds check exists.
-        unsafe { Orig::next_zero(self.r, start, count) }
+        unsafe { oracle::qemu_hbitmap_next_zero(self.r, start, count) }
     }
 
     fn ours_next_dirty_area(self, start: u64, count: u64) -> (bool, u64, u64) {
@@ -425,7 +326,7 @@ impl Handles {
         let (mut start, mut count) = (start, count);
         // SAFETY: live handle; the caller only asks when the original's size is current and its
         // summary levels are not stale from a zeroing deserialization; outputs are valid locals.
-        let found = unsafe { Orig::next_dirty_area(self.r, &mut start, &mut count) };
+        let found = unsafe { oracle::qemu_hbitmap_next_dirty_area(self.r, &mut start, &mut count) };
         (found, start, count)
     }
 
@@ -434,7 +335,7 @@ impl Handles {
         unsafe {
             (
                 ours::hbitmap_merge(a.o, b.o, result.o),
-                Orig::merge(a.r, b.r, result.r),
+                oracle::qemu_hbitmap_merge(a.r, b.r, result.r),
             )
         }
     }
@@ -446,19 +347,24 @@ impl Handles {
 
     fn theirs_merge(a: Handles, b: Handles, result: Handles) -> bool {
         // SAFETY: live handles (possibly aliased).
-        unsafe { Orig::merge(a.r, b.r, result.r) }
+        unsafe { oracle::qemu_hbitmap_merge(a.r, b.r, result.r) }
     }
 
     fn can_merge(a: Handles, b: Handles) -> (bool, bool) {
         // SAFETY: live handles.
-        unsafe { (ours::hbitmap_can_merge(a.o, b.o), Orig::can_merge(a.r, b.r)) }
+        unsafe {
+            (
+                ours::hbitmap_can_merge(a.o, b.o),
+                oracle::qemu_hbitmap_can_merge(a.r, b.r),
+            )
+        }
     }
 
     fn truncate(self, size: u64) {
         // SAFETY: live handles; the size needs at most 2^41 groups (the invariant).
         unsafe {
             ours::hbitmap_truncate(self.o, size);
-            Orig::truncate(self.r, size);
+            oracle::qemu_hbitmap_truncate(self.r, size);
         }
     }
 
@@ -468,7 +374,7 @@ impl Handles {
         unsafe {
             Handles {
                 o: ours::hbitmap_create_meta(self.o, chunk),
-                r: Orig::create_meta(self.r, chunk),
+                r: oracle::qemu_hbitmap_create_meta(self.r, chunk),
             }
         }
     }
@@ -477,7 +383,7 @@ impl Handles {
         // SAFETY: live handles with a meta bitmap, whose handles are dropped with it.
         unsafe {
             ours::hbitmap_free_meta(self.o);
-            Orig::free_meta(self.r);
+            oracle::qemu_hbitmap_free_meta(self.r);
         }
     }
 }
@@ -511,7 +417,7 @@ impl IterPair {
         // SAFETY: live handles with `first` within the last group (checked by the caller).
         unsafe {
             ours::hbitmap_iter_init(&mut pair.o, h.o, first);
-            Orig::iter_init(&mut pair.r, h.r, first);
+            oracle::qemu_hbitmap_iter_init(&mut pair.r, h.r, first);
         }
         pair
     }
@@ -521,7 +427,7 @@ impl IterPair {
         unsafe {
             (
                 ours::hbitmap_iter_next(&mut self.o, advance),
-                Orig::iter_next(&mut self.r, advance),
+                oracle::qemu_hbitmap_iter_next(&mut self.r, advance),
             )
         }
     }
@@ -542,7 +448,7 @@ impl IterPair {
         let mut theirs = self.r.cur[LAST];
         if theirs == 0 {
             // SAFETY: the struct's invariant.
-            theirs = unsafe { Orig::iter_skip_words(&mut self.r) };
+            theirs = unsafe { oracle::qemu_hbitmap_iter_skip_words(&mut self.r) };
         }
         let theirs = if theirs == 0 {
             (usize::MAX, 0)
@@ -673,8 +579,8 @@ impl Pair {
         // SAFETY: live handle, `start` within the bitmap, summary levels safe to iterate (the
         // callers check).
         unsafe {
-            Orig::iter_init(&mut it, self.h.r, start);
-            Orig::iter_next(&mut it, false)
+            oracle::qemu_hbitmap_iter_init(&mut it, self.h.r, start);
+            oracle::qemu_hbitmap_iter_next(&mut it, false)
         }
     }
 }

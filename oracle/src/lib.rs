@@ -35,91 +35,101 @@ impl Default for QemuHBitmapIter {
     }
 }
 
-#[cfg(oracle)]
-mod linked {
-    use super::{QemuHBitmap, QemuHBitmapIter};
-    use libc::{c_char, c_int, c_ulong, c_void};
+/// Declares each function of the original: linked when the reference was built, and otherwise
+/// a stub that panics, so that tests compile either way and call them only when [`AVAILABLE`].
+macro_rules! reference_api {
+    ($(fn $name:ident = $symbol:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?;)*) => {
+        #[cfg(oracle)]
+        extern "C" {
+            $(pub fn $symbol($($arg: $ty),*) $(-> $ret)?;)*
+        }
 
-    extern "C" {
-        pub fn qemu_hbitmap_alloc(size: u64, granularity: c_int) -> *mut QemuHBitmap;
-        pub fn qemu_hbitmap_free(hb: *mut QemuHBitmap);
-        pub fn qemu_hbitmap_truncate(hb: *mut QemuHBitmap, size: u64);
-        pub fn qemu_hbitmap_merge(
-            a: *const QemuHBitmap,
-            b: *const QemuHBitmap,
-            result: *mut QemuHBitmap,
-        ) -> bool;
-        pub fn qemu_hbitmap_can_merge(a: *const QemuHBitmap, b: *const QemuHBitmap) -> bool;
-        pub fn qemu_hbitmap_empty(hb: *const QemuHBitmap) -> bool;
-        pub fn qemu_hbitmap_granularity(hb: *const QemuHBitmap) -> c_int;
-        pub fn qemu_hbitmap_count(hb: *const QemuHBitmap) -> u64;
-        pub fn qemu_hbitmap_set(hb: *mut QemuHBitmap, start: u64, count: u64);
-        pub fn qemu_hbitmap_reset(hb: *mut QemuHBitmap, start: u64, count: u64);
-        pub fn qemu_hbitmap_reset_all(hb: *mut QemuHBitmap);
-        pub fn qemu_hbitmap_get(hb: *const QemuHBitmap, item: u64) -> bool;
-        pub fn qemu_hbitmap_is_serializable(hb: *const QemuHBitmap) -> bool;
-        pub fn qemu_hbitmap_serialization_align(hb: *const QemuHBitmap) -> u64;
-        pub fn qemu_hbitmap_serialization_size(
-            hb: *const QemuHBitmap,
-            start: u64,
-            count: u64,
-        ) -> u64;
-        pub fn qemu_hbitmap_serialize_part(
-            hb: *const QemuHBitmap,
-            buf: *mut u8,
-            start: u64,
-            count: u64,
-        );
-        pub fn qemu_hbitmap_deserialize_part(
-            hb: *mut QemuHBitmap,
-            buf: *mut u8,
-            start: u64,
-            count: u64,
-            finish: bool,
-        );
-        pub fn qemu_hbitmap_deserialize_zeroes(
-            hb: *mut QemuHBitmap,
-            start: u64,
-            count: u64,
-            finish: bool,
-        );
-        pub fn qemu_hbitmap_deserialize_ones(
-            hb: *mut QemuHBitmap,
-            start: u64,
-            count: u64,
-            finish: bool,
-        );
-        pub fn qemu_hbitmap_deserialize_finish(hb: *mut QemuHBitmap);
-        pub fn qemu_hbitmap_sha256(hb: *const QemuHBitmap, errp: *mut *mut c_void) -> *mut c_char;
-        pub fn qemu_hbitmap_iter_init(
-            hbi: *mut QemuHBitmapIter,
-            hb: *const QemuHBitmap,
-            first: u64,
-        );
-        pub fn qemu_hbitmap_iter_skip_words(hbi: *mut QemuHBitmapIter) -> c_ulong;
-        pub fn qemu_hbitmap_iter_next(hbi: *mut QemuHBitmapIter, advance: bool) -> i64;
-        pub fn qemu_hbitmap_next_zero(hb: *const QemuHBitmap, start: u64, count: u64) -> i64;
-        pub fn qemu_hbitmap_next_dirty_area(
-            hb: *const QemuHBitmap,
-            start: *mut u64,
-            count: *mut u64,
-        ) -> bool;
-        pub fn qemu_hbitmap_create_meta(
-            hb: *mut QemuHBitmap,
-            chunk_size: c_int,
-        ) -> *mut QemuHBitmap;
-        pub fn qemu_hbitmap_free_meta(hb: *mut QemuHBitmap);
-    }
+        $(
+            #[cfg(not(oracle))]
+            #[allow(clippy::missing_safety_doc)]
+            pub unsafe extern "C" fn $symbol($($arg: $ty),*) $(-> $ret)? {
+                $(let _ = $arg;)*
+                unreachable!("the reference implementation was not built")
+            }
+        )*
+    };
 }
 
-#[cfg(oracle)]
-pub use linked::*;
+use libc::{c_char, c_int, c_ulong, c_void};
+
+reference_api! {
+    fn alloc = qemu_hbitmap_alloc(size: u64, granularity: c_int) -> *mut QemuHBitmap;
+    fn free = qemu_hbitmap_free(hb: *mut QemuHBitmap);
+    fn truncate = qemu_hbitmap_truncate(hb: *mut QemuHBitmap, size: u64);
+    fn merge = qemu_hbitmap_merge(
+        a: *const QemuHBitmap,
+        b: *const QemuHBitmap,
+        result: *mut QemuHBitmap,
+    ) -> bool;
+    fn can_merge = qemu_hbitmap_can_merge(a: *const QemuHBitmap, b: *const QemuHBitmap) -> bool;
+    fn empty = qemu_hbitmap_empty(hb: *const QemuHBitmap) -> bool;
+    fn granularity = qemu_hbitmap_granularity(hb: *const QemuHBitmap) -> c_int;
+    fn count = qemu_hbitmap_count(hb: *const QemuHBitmap) -> u64;
+    fn set = qemu_hbitmap_set(hb: *mut QemuHBitmap, start: u64, count: u64);
+    fn reset = qemu_hbitmap_reset(hb: *mut QemuHBitmap, start: u64, count: u64);
+    fn reset_all = qemu_hbitmap_reset_all(hb: *mut QemuHBitmap);
+    fn get = qemu_hbitmap_get(hb: *const QemuHBitmap, item: u64) -> bool;
+    fn is_serializable = qemu_hbitmap_is_serializable(hb: *const QemuHBitmap) -> bool;
+    fn serialization_align = qemu_hbitmap_serialization_align(hb: *const QemuHBitmap) -> u64;
+    fn serialization_size = qemu_hbitmap_serialization_size(
+        hb: *const QemuHBitmap,
+        start: u64,
+        count: u64,
+    ) -> u64;
+    fn serialize_part = qemu_hbitmap_serialize_part(
+        hb: *const QemuHBitmap,
+        buf: *mut u8,
+        start: u64,
+        count: u64,
+    );
+    fn deserialize_part = qemu_hbitmap_deserialize_part(
+        hb: *mut QemuHBitmap,
+        buf: *mut u8,
+        start: u64,
+        count: u64,
+        finish: bool,
+    );
+    fn deserialize_zeroes = qemu_hbitmap_deserialize_zeroes(
+        hb: *mut QemuHBitmap,
+        start: u64,
+        count: u64,
+        finish: bool,
+    );
+    fn deserialize_ones = qemu_hbitmap_deserialize_ones(
+        hb: *mut QemuHBitmap,
+        start: u64,
+        count: u64,
+        finish: bool,
+    );
+    fn deserialize_finish = qemu_hbitmap_deserialize_finish(hb: *mut QemuHBitmap);
+    fn sha256 = qemu_hbitmap_sha256(hb: *const QemuHBitmap, errp: *mut *mut c_void) -> *mut c_char;
+    fn iter_init = qemu_hbitmap_iter_init(
+        hbi: *mut QemuHBitmapIter,
+        hb: *const QemuHBitmap,
+        first: u64,
+    );
+    fn iter_skip_words = qemu_hbitmap_iter_skip_words(hbi: *mut QemuHBitmapIter) -> c_ulong;
+    fn iter_next = qemu_hbitmap_iter_next(hbi: *mut QemuHBitmapIter, advance: bool) -> i64;
+    fn next_zero = qemu_hbitmap_next_zero(hb: *const QemuHBitmap, start: u64, count: u64) -> i64;
+    fn next_dirty_area = qemu_hbitmap_next_dirty_area(
+        hb: *const QemuHBitmap,
+        start: *mut u64,
+        count: *mut u64,
+    ) -> bool;
+    fn create_meta = qemu_hbitmap_create_meta(hb: *mut QemuHBitmap, chunk_size: c_int)
+        -> *mut QemuHBitmap;
+    fn free_meta = qemu_hbitmap_free_meta(hb: *mut QemuHBitmap);
+}
 
 /// The header's `static inline hbitmap_iter_next_word`, over the reference's `skip_words`.
 ///
 /// # Safety
 /// `hbi` must have been initialized by `qemu_hbitmap_iter_init` on a live bitmap.
-#[cfg(oracle)]
 pub unsafe fn qemu_hbitmap_iter_next_word(
     hbi: &mut QemuHBitmapIter,
     p_cur: &mut libc::c_ulong,
