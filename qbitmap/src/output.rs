@@ -130,7 +130,7 @@ impl Table {
     }
 }
 
-/// A share of the disk as a percentage with enough digits to not read 0 when it is not.
+/// A share of the disk as a percentage; a share too small to show reads "<0.01%", never 0.
 pub fn percent(part: u64, whole: u64) -> String {
     if whole == 0 || part == 0 {
         return "0%".into();
@@ -143,7 +143,7 @@ pub fn percent(part: u64, whole: u64) -> String {
     } else if value >= 0.01 {
         format!("{value:.2}%")
     } else {
-        format!("{value:.2e}%")
+        "<0.01%".into()
     }
 }
 
@@ -336,7 +336,7 @@ mod tests {
         assert_eq!(percent(100, 100), "100%");
         assert_eq!(percent(50, 100), "50.0%");
         assert_eq!(percent(1, 100), "1.00%");
-        assert_eq!(percent(1, 1 << 40), "9.09e-11%");
+        assert_eq!(percent(1, 1 << 40), "<0.01%");
     }
 
     #[test]
