@@ -369,10 +369,11 @@ int64_t hbitmap_next_zero(const HBitmap *hb, uint64_t start, uint64_t count);
 bool hbitmap_next_dirty_area(const HBitmap *hb, uint64_t *start, uint64_t *count);
 
 /*
- Create the meta bitmap of `hb`, with one bit per `chunk_size` groups' worth of items: set
- whenever `hbitmap_set` changes a bit or `hbitmap_reset` cleans a word. `hb` owns it; free it
- with `hbitmap_free_meta`. Aborts if `hb` has one already or `chunk_size` is not a power of
- two.
+ Create the meta bitmap of `hb`, with one bit per `chunk_size` groups' worth of items, marked
+ over the range of an `hbitmap_set` that changes the first or last word of its range or fills
+ a clean word, and of an `hbitmap_reset` that makes a word clean (the original's rules). `hb`
+ owns it; free it with `hbitmap_free_meta`. Aborts if `hb` has one already, if `chunk_size` is
+ not a power of two, or if the meta granularity would reach 64.
 
  # Safety
  `hb` points to a live bitmap.

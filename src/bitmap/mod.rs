@@ -508,8 +508,11 @@ impl HBitmap {
         true
     }
 
-    /// Creates the meta bitmap: one bit per `chunk_size` groups' worth of items, set whenever a
-    /// set or reset changes this bitmap. Returns it.
+    /// Creates the meta bitmap: one bit per `chunk_size` groups' worth of items, marked over the
+    /// range of a set or reset that changes this bitmap as the original sees change: a set that
+    /// changes the first or last word of its range or fills a clean word, a reset that makes a
+    /// word clean. (A set that only fills partly dirty words inside its range does not mark it.)
+    /// Returns it.
     ///
     /// # Panics
     /// When a meta bitmap exists already, when `chunk_size` is not a power of two, or when
