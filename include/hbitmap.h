@@ -202,7 +202,7 @@ uint64_t hbitmap_count(const HBitmap *hb);
 
 /*
  Mark every group touched by `start .. start + count - 1` dirty; `count == 0` does nothing.
- Aborts if the range ends past the last group. Marks the meta bitmap if a bit changed.
+ Aborts if the range ends past the last group. Marks the meta bitmap (see `hbitmap_create_meta`).
 
  # Safety
  `hb` points to a live bitmap.
