@@ -222,22 +222,34 @@ pub unsafe extern "C" fn hbitmap_reset_all(hb: *mut HBitmap) {
 /// `hb` points to a live bitmap.
 #[no_mangle]
 pub unsafe extern "C" fn hbitmap_get(hb: *const HBitmap, item: u64) -> bool {
-    // SAFETY: the caller's contract.
-    let bitmap = unsafe { borrow("hbitmap_get", "hb", hb) };
+    // The point query is latency-bound: its broken preconditions are reported by tail calls,
+    // so the common path needs no stack frame.
+    if hb.is_null() {
+        // SAFETY: NULL is allowed.
+        return unsafe { get_violated(hb, item) };
+    }
+    // SAFETY: non-NULL checked; liveness is the caller's contract.
+    let bitmap = unsafe { &*hb };
     match bitmap.get_checked(item) {
         Some(dirty) => dirty,
-        None => item_out_of_range("hbitmap_get", bitmap, item),
+        // SAFETY: `hb` points to a live bitmap.
+        None => unsafe { get_violated(hb, item) },
     }
 }
 
-/// Aborts for an item past the last group; out of line so that the callers' fast paths need no
-/// stack frame.
+/// Aborts for `hbitmap_get`'s broken preconditions. It returns `bool` (and never returns) so
+/// that calling it is a tail jump.
+///
+/// # Safety
+/// `hb` is NULL or points to a live bitmap.
 #[cold]
 #[inline(never)]
-fn item_out_of_range(function: &str, bitmap: &HBitmap, item: u64) -> ! {
+unsafe fn get_violated(hb: *const HBitmap, item: u64) -> bool {
+    // SAFETY: the caller's contract.
+    let bitmap = unsafe { borrow("hbitmap_get", "hb", hb) };
     match bitmap.check_item(item) {
-        Err(why) => violated(function, &why),
-        Ok(()) => unreachable!("{function}: item {item} is in range"),
+        Err(why) => violated("hbitmap_get", &why),
+        Ok(()) => unreachable!("hbitmap_get: item {item} is in range"),
     }
 }
 
