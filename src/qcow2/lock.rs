@@ -31,7 +31,26 @@ const ALL: u32 = CONSISTENT_READ | WRITE | WRITE_UNCHANGED | RESIZE;
 /// The locks held on an image; dropping it releases them.
 #[derive(Debug)]
 pub(crate) struct ImageLock {
-    _file: File,
+    file: File,
+}
+
+impl Drop for ImageLock {
+    /// Releases the locks explicitly rather than by closing the file: a child process that
+    /// another thread spawns meanwhile shares the open file description until it execs, and
+    /// the locks would live on with it.
+    fn drop(&mut self) {
+        let mut all = flock(libc::F_UNLCK, PERM_BASE);
+        all.l_len = (SHARED_BASE + 4 - PERM_BASE) as libc::off_t;
+        // SAFETY: `self.file` is open, and `all` is a valid, exclusively borrowed `flock`.
+        // Failure leaves the locks to be released when the description closes, as before.
+        let _ = unsafe {
+            libc::fcntl(
+                self.file.as_raw_fd(),
+                libc::F_OFD_SETLK,
+                &mut all as *mut libc::flock,
+            )
+        };
+    }
 }
 
 impl ImageLock {
@@ -47,6 +66,8 @@ impl ImageLock {
             (CONSISTENT_READ, ALL & !(WRITE | RESIZE))
         };
         let fd = file.as_raw_fd();
+        // From here on, an early return releases whatever was taken.
+        let lock = ImageLock { file };
         for bit in 0..4u32 {
             if perm & (1 << bit) != 0 {
                 lock_byte(fd, PERM_BASE + i64::from(bit)).map_err(|e| lock_error(path, e))?;
@@ -77,7 +98,7 @@ impl ImageLock {
                 )));
             }
         }
-        Ok(ImageLock { _file: file })
+        Ok(lock)
     }
 }
 
