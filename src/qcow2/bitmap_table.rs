@@ -8,6 +8,7 @@
 //! must be zero.
 #![forbid(unsafe_code)]
 
+use crate::bitmap::LAST;
 use crate::HBitmap;
 
 use super::error::{corrupt, Error};
@@ -120,8 +121,20 @@ fn clear_padding(data: &mut [u8], len: u64, granularity_bits: u32, cluster_size:
     data[first_byte..].fill(0);
 }
 
+/// Little-endian bytes to host words, in place (nothing to do on little-endian hosts).
+fn words_from_le(words: &mut [u64]) {
+    if cfg!(target_endian = "big") {
+        for word in words {
+            *word = u64::from_le(*word);
+        }
+    }
+}
+
 /// Reads a bitmap's data into a new byte-addressed `HBitmap` over `len` bytes.
 /// `check_padding` refuses a last data cluster with bits set past the bitmap's end.
+///
+/// Data clusters are read straight into the bitmap's last level, runs of clusters that lie one
+/// after the other in the file (for consecutive table entries) with one read each.
 pub(crate) fn load(
     io: &dyn ImageIo,
     table: &[u64],
@@ -134,38 +147,70 @@ pub(crate) fn load(
     let mut bitmap = HBitmap::new(len, granularity_bits)
         .map_err(|e| Error::Limit(format!("bitmap '{name}' cannot be held in memory: {e}")))?;
     let per_cluster = coverage(cluster_size, granularity_bits);
-    let mut ones: Option<Vec<u8>> = None;
-    for (index, &entry) in table.iter().enumerate() {
-        let index = index as u64;
-        let start = index * per_cluster;
-        if start >= len {
-            break;
-        }
-        let count = (len - start).min(per_cluster);
+    let groups = bitmap.groups;
+    let words = &mut bitmap.levels[LAST];
+    let total_words = words.len();
+    let cluster_words = (cluster_size / 8) as usize;
+    // The cluster holding the last word: the only one with padding.
+    let last = (total_words - 1) / cluster_words;
+    let limit = table
+        .len()
+        .min(usize::try_from(len.div_ceil(per_cluster)).unwrap_or(usize::MAX));
+    let mut index = 0;
+    while index < limit {
+        let entry = table[index];
         let offset = entry & ENTRY_OFFSET_MASK;
-        let is_last = start + count == len;
+        let first_word = index * cluster_words;
         if offset != 0 {
-            let mut data = read_exact(io, offset, cluster_size, &format!("bitmap '{name}' data"))?;
-            if let Some(bit) = padding_bit(&data, len, granularity_bits, cluster_size, index) {
-                if check_padding {
-                    return Err(corrupt(format!(
-                        "bitmap '{name}': data cluster at {offset:#x} (table entry {index}) has \
-                         padding bit {bit} set past the end of the bitmap (padding must be zero)"
-                    )));
+            if index == last {
+                let mut data =
+                    read_exact(io, offset, cluster_size, &format!("bitmap '{name}' data"))?;
+                let i = index as u64;
+                if let Some(bit) = padding_bit(&data, len, granularity_bits, cluster_size, i) {
+                    if check_padding {
+                        return Err(corrupt(format!(
+                            "bitmap '{name}': data cluster at {offset:#x} (table entry {index}) \
+                             has padding bit {bit} set past the end of the bitmap (padding must \
+                             be zero)"
+                        )));
+                    }
+                    clear_padding(&mut data, len, granularity_bits, cluster_size, i);
                 }
-                clear_padding(&mut data, len, granularity_bits, cluster_size, index);
+                let dst = &mut words[first_word..];
+                for (word, chunk) in dst.iter_mut().zip(data.chunks_exact(8)) {
+                    *word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+                }
+                index += 1;
+                continue;
             }
-            bitmap.deserialize_part(&data, start, count, false);
-        } else if entry & ENTRY_ALL_ONES != 0 {
-            if is_last {
-                // Whole words would also set the padding bits: give exact ones instead.
-                let buf = ones.get_or_insert_with(|| vec![0xff; cluster_size as usize]);
-                let mut data = buf.clone();
-                clear_padding(&mut data, len, granularity_bits, cluster_size, index);
-                bitmap.deserialize_part(&data, start, count, false);
-            } else {
-                bitmap.deserialize_ones(start, count, false);
+            // A run of full clusters, contiguous in the file, before the last one.
+            let mut end = index + 1;
+            while end < limit
+                && end != last
+                && table[end] & ENTRY_OFFSET_MASK == offset + (end - index) as u64 * cluster_size
+            {
+                end += 1;
             }
+            let dst = &mut words[first_word..end * cluster_words];
+            io.pread(offset, bytemuck::cast_slice_mut(dst))
+                .map_err(|e| {
+                    Error::io(
+                        format!("reading bitmap '{name}' data at offset {offset:#x}"),
+                        e,
+                    )
+                })?;
+            words_from_le(dst);
+            index = end;
+        } else {
+            if entry & ENTRY_ALL_ONES != 0 {
+                let end_word = (first_word + cluster_words).min(total_words);
+                words[first_word..end_word].fill(u64::MAX);
+                if index == last && groups % 64 != 0 {
+                    // Whole words would also set the padding bits: give exact ones instead.
+                    words[total_words - 1] = (1u64 << (groups % 64)) - 1;
+                }
+            }
+            index += 1;
         }
     }
     bitmap.deserialize_finish();
@@ -190,6 +235,93 @@ pub(crate) fn serialize_cluster(
     bitmap.serialize_part(&mut buf[..bytes], start, count);
     clear_padding(buf, len, granularity_bits, cluster_size, index);
     buf.iter().any(|&b| b != 0)
+}
+
+/// Whether data cluster `index` of `bitmap` holds a dirty bit (padding bits past the bitmap's
+/// end do not count).
+fn cluster_is_dirty(bitmap: &HBitmap, index: u64, cluster_size: u64) -> bool {
+    let words = &bitmap.levels[LAST];
+    let cluster_words = (cluster_size / 8) as usize;
+    let first = index as usize * cluster_words;
+    let end = (first + cluster_words).min(words.len());
+    if first >= end {
+        return false;
+    }
+    let (body, tail) = if end == words.len() {
+        let remainder = bitmap.groups % 64;
+        let mask = if remainder == 0 {
+            u64::MAX
+        } else {
+            (1u64 << remainder) - 1
+        };
+        (&words[first..end - 1], words[end - 1] & mask)
+    } else {
+        (&words[first..end], 0)
+    };
+    tail != 0
+        || body
+            .chunks(64)
+            .any(|chunk| chunk.iter().fold(0, |acc, &word| acc | word) != 0)
+}
+
+/// Indices of the data clusters of `bitmap` that hold a dirty bit, in order: those to store.
+pub(crate) fn used_clusters(bitmap: &HBitmap, cluster_size: u64) -> Vec<u64> {
+    dirty_clusters(bitmap, cluster_size)
+        .into_iter()
+        .filter(|&index| cluster_is_dirty(bitmap, index, cluster_size))
+        .collect()
+}
+
+/// Writes data clusters `used` (indices, ascending) of `bitmap` at the offsets `placed` (one
+/// per index) through `write(offset, bytes)`: clusters consecutive both in the bitmap and in
+/// the file with one write each, straight from the bitmap's memory on little-endian hosts.
+pub(crate) fn write_data(
+    bitmap: &HBitmap,
+    used: &[u64],
+    placed: &[u64],
+    cluster_size: u64,
+    mut write: impl FnMut(u64, &[u8]) -> Result<(), Error>,
+) -> Result<(), Error> {
+    /// Bytes serialized at a time when the memory is not the encoding (big-endian hosts).
+    const CHUNK: usize = 1 << 20;
+    let words = &bitmap.levels[LAST];
+    let cluster_words = (cluster_size / 8) as usize;
+    let last = ((words.len() - 1) / cluster_words) as u64;
+    let mut buf = Vec::new();
+    let mut j = 0;
+    while j < used.len() {
+        let (index, offset) = (used[j], placed[j]);
+        if index == last {
+            buf.resize(cluster_size as usize, 0);
+            serialize_cluster(bitmap, index, cluster_size, &mut buf);
+            write(offset, &buf)?;
+            j += 1;
+            continue;
+        }
+        let mut end = j + 1;
+        while end < used.len()
+            && used[end] != last
+            && used[end] == index + (end - j) as u64
+            && placed[end] == offset + (end - j) as u64 * cluster_size
+        {
+            end += 1;
+        }
+        let run = &words[index as usize * cluster_words
+            ..used[end - 1] as usize * cluster_words + cluster_words];
+        if cfg!(target_endian = "little") {
+            write(offset, bytemuck::cast_slice(run))?;
+        } else {
+            let mut at = offset;
+            for chunk in run.chunks(CHUNK / 8) {
+                buf.resize(chunk.len() * 8, 0);
+                crate::serialize::write_le_words(chunk, &mut buf);
+                write(at, &buf)?;
+                at += buf.len() as u64;
+            }
+        }
+        j = end;
+    }
+    Ok(())
 }
 
 /// Indices of the data clusters of `bitmap` that hold a dirty bit, in order.

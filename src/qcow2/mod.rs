@@ -545,27 +545,27 @@ impl Image {
         let len = self.virtual_size();
         let gran = bitmap.granularity();
         let table_size = bitmap_table::table_size_for(len, gran, cluster_size);
-        let dirty = bitmap_table::dirty_clusters(bitmap, cluster_size);
-        let mut data_offsets = Vec::with_capacity(dirty.len());
-        for _ in &dirty {
-            data_offsets.push(self.alloc(1)?);
+        // Data clusters with a dirty bit, allocated in runs of contiguous free clusters.
+        let used = bitmap_table::used_clusters(bitmap, cluster_size);
+        let mut placed = Vec::with_capacity(used.len());
+        while placed.len() < used.len() {
+            let (offset, clusters) = self.alloc_run((used.len() - placed.len()) as u64)?;
+            for k in 0..clusters {
+                placed.push(offset + k * cluster_size);
+            }
         }
         let table_clusters = (table_size * 8).div_ceil(cluster_size);
         let table_offset = self.alloc(table_clusters)?;
         self.layout.refcounts.write_dirty(&mut *self.io)?;
-        self.flush("flushing refcounts")?;
 
         let mut table = vec![0u64; table_size as usize];
-        let mut unused = Vec::new();
-        let mut buf = vec![0u8; cluster_size as usize];
-        for (&index, &offset) in dirty.iter().zip(&data_offsets) {
-            if bitmap_table::serialize_cluster(bitmap, index, cluster_size, &mut buf) {
-                self.write(offset, &buf, &format!("bitmap '{name}' data"))?;
-                table[index as usize] = offset;
-            } else {
-                unused.push((offset, cluster_size));
-            }
+        for (&index, &offset) in used.iter().zip(&placed) {
+            table[index as usize] = offset;
         }
+        let what = format!("bitmap '{name}' data");
+        bitmap_table::write_data(bitmap, &used, &placed, cluster_size, |offset, data| {
+            self.write(offset, data, &what)
+        })?;
         self.write(
             table_offset,
             &bitmap_table::encode(&table, cluster_size),
@@ -592,7 +592,7 @@ impl Image {
             table,
         };
         let mut bitmaps = self.layout.bitmaps.clone();
-        let mut to_free = unused;
+        let mut to_free = Vec::new();
         match existing {
             Some(index) => {
                 to_free.extend(clusters_of(&bitmaps[index], cluster_size));
@@ -783,6 +783,22 @@ impl Image {
     fn alloc(&mut self, clusters: u64) -> Result<u64, Error> {
         let generation = self.layout.refcounts.generation;
         let offset = self.layout.refcounts.alloc(&mut *self.io, clusters)?;
+        self.allocated(generation, offset, clusters)?;
+        Ok(offset)
+    }
+
+    /// Allocates the first run of free clusters, of at most `max` clusters, remembering it in
+    /// case the write fails; returns its offset and length in clusters.
+    fn alloc_run(&mut self, max: u64) -> Result<(u64, u64), Error> {
+        let generation = self.layout.refcounts.generation;
+        let (offset, clusters) = self.layout.refcounts.alloc_run(&mut *self.io, max)?;
+        self.allocated(generation, offset, clusters)?;
+        Ok((offset, clusters))
+    }
+
+    /// Bookkeeping after an allocation: header fields and metadata regions follow the refcount
+    /// structures, the clusters are remembered, and they must not overlap known metadata.
+    fn allocated(&mut self, generation: u64, offset: u64, clusters: u64) -> Result<(), Error> {
         let refcounts = &self.layout.refcounts;
         self.layout
             .header
@@ -805,7 +821,7 @@ impl Image {
                 )));
             }
         }
-        Ok(offset)
+        Ok(())
     }
 
     /// Runs a write; if it fails, frees what it allocated (when the header was not touched) and
@@ -832,11 +848,18 @@ impl Image {
     }
 
     fn free_clusters(&mut self, regions: &[(u64, u64)]) -> Result<(), Error> {
+        self.release_clusters(regions)?;
+        self.flush("flushing freed clusters")
+    }
+
+    /// Decrements the refcounts of `regions` and writes the refcount blocks, without a flush:
+    /// losing these writes in a crash only leaks the clusters, and the next change's flush
+    /// (or closing) makes them durable.
+    fn release_clusters(&mut self, regions: &[(u64, u64)]) -> Result<(), Error> {
         for &(offset, len) in regions {
             self.layout.refcounts.free(&*self.io, offset, len)?;
         }
-        self.layout.refcounts.write_dirty(&mut *self.io)?;
-        self.flush("flushing freed clusters")
+        self.layout.refcounts.write_dirty(&mut *self.io)
     }
 
     /// Reads the state again from the file, or refuses further writes when that fails.
@@ -943,7 +966,7 @@ impl Image {
         if let Some((offset, size)) = old_directory {
             to_free.push((offset, size));
         }
-        if let Err(error) = self.free_clusters(&to_free) {
+        if let Err(error) = self.release_clusters(&to_free) {
             self.warnings.push(format!(
                 "clusters of the replaced bitmap data could not be freed ({error}); they are \
                  leaked ('qemu-img check -r leaks' reclaims them)"

@@ -234,6 +234,7 @@ impl Refcounts {
         let mut start = self.free_hint.max(1);
         let mut run = 0;
         let mut cluster = start;
+        let mut seen_free = false;
         while run < count {
             if (cluster + 1) << self.cluster_bits > MAX_HOST_OFFSET {
                 return Err(Error::Limit(
@@ -247,6 +248,12 @@ impl Refcounts {
             if self.get(io, cluster)? == 0 {
                 if run == 0 {
                     start = cluster;
+                }
+                // Every cluster between the hint and the first free one is in use: later
+                // searches need not look at them again.
+                if !seen_free {
+                    seen_free = true;
+                    self.free_hint = cluster;
                 }
                 run += 1;
             } else {
@@ -282,14 +289,91 @@ impl Refcounts {
             if created {
                 continue;
             }
-            for cluster in start..end {
-                self.set(io, cluster, 1)?;
-            }
+            self.set_range(io, start, end, 1)?;
             if self.free_hint == start {
                 self.free_hint = end;
             }
             return Ok(start << self.cluster_bits);
         }
+    }
+
+    /// Allocates the first run of free clusters from the hint on, of at most `max` clusters
+    /// (refcounts set to 1 in the cache); returns its offset and length in clusters. Like
+    /// [`alloc`](Self::alloc) it may create refcount blocks or grow the table.
+    pub(crate) fn alloc_run(
+        &mut self,
+        io: &mut dyn ImageIo,
+        max: u64,
+    ) -> Result<(u64, u64), Error> {
+        if max == 0 {
+            return Err(Error::InvalidArgument("allocating zero clusters".into()));
+        }
+        loop {
+            let start = self.find_free_run(io, 1)?;
+            let covered = self.covered_clusters();
+            let mut count = 1;
+            while count < max {
+                let cluster = start + count;
+                if cluster >= covered {
+                    // Past the table's coverage every cluster is free.
+                    count = max;
+                    break;
+                }
+                if self.get(io, cluster)? != 0 {
+                    break;
+                }
+                count += 1;
+            }
+            // find_free_run checked that the first cluster ends below the limit.
+            count = count.min((MAX_HOST_OFFSET >> self.cluster_bits) - start);
+            let end = start + count;
+            let last_index = (end - 1) / self.per_block();
+            if last_index >= self.table.len() as u64 {
+                self.grow_table(io)?;
+                continue;
+            }
+            let mut created = false;
+            for index in (start / self.per_block())..=last_index {
+                if self.table[index as usize] == 0 {
+                    self.create_block(io, index as usize)?;
+                    created = true;
+                }
+            }
+            if created {
+                continue;
+            }
+            self.set_range(io, start, end, 1)?;
+            if self.free_hint == start {
+                self.free_hint = end;
+            }
+            return Ok((start << self.cluster_bits, count));
+        }
+    }
+
+    /// Sets the refcount of every cluster of `first..end` (whose blocks exist) to `value`, one
+    /// block at a time.
+    fn set_range(
+        &mut self,
+        io: &dyn ImageIo,
+        first: u64,
+        end: u64,
+        value: u64,
+    ) -> Result<(), Error> {
+        let per_block = self.per_block();
+        let order = self.order;
+        let mut cluster = first;
+        while cluster < end {
+            let index = (cluster / per_block) as usize;
+            let block_end = ((index as u64 + 1) * per_block).min(end);
+            self.load_block(io, index)?;
+            let block = self.cache.get_mut(&index).expect("loaded above");
+            for c in cluster..block_end {
+                set_entry(block, (c % per_block) as usize, order, value);
+            }
+            self.dirty.insert(index);
+            cluster = block_end;
+        }
+        Ok(())
     }
 
     /// Creates the refcount block for table entry `index` in the first cluster it covers.

@@ -1,0 +1,131 @@
+//! Criterion benchmarks of persistent bitmaps in qcow2 images: storing and loading the bitmap of
+//! a 16 TiB disk at 64 KiB granularity (2^28 bits, 32 MiB of bitmap data) in an image with
+//! 64 KiB clusters, in the system's temporary directory (page cache; the flushes a store makes,
+//! fdatasync, are included): `cargo bench --bench qcow2`.
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use hbitmap::qcow2::{BitmapFlags, Image, OpenOptions};
+use hbitmap::HBitmap;
+
+/// xorshift64*: reproducible inputs without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+const DISK: u64 = 16 << 40;
+const GRANULARITY: u32 = 16;
+const CLUSTER: u64 = 64 << 10;
+/// Bytes of bitmap data: one bit per 64 KiB of the disk.
+const DATA_BYTES: u64 = (DISK >> GRANULARITY) / 8;
+
+/// About 30% of the disk dirty in 1 MiB runs, plus scattered small writes.
+fn realistic() -> HBitmap {
+    let mut rng = Rng::new(1);
+    let mut bitmap = HBitmap::new(DISK, GRANULARITY).unwrap();
+    let run = 1 << 20;
+    let runs = DISK / run;
+    for index in 0..runs {
+        if rng.next() % 100 < 30 {
+            bitmap.set(index * run, run);
+        }
+    }
+    for _ in 0..1_000_000 {
+        let len = 4096 * (1 + rng.next() % 64);
+        bitmap.set(rng.next() % (DISK - len), len);
+    }
+    bitmap
+}
+
+/// Every word of the bitmap random.
+fn dense() -> HBitmap {
+    let mut rng = Rng::new(2);
+    let mut bitmap = HBitmap::new(DISK, GRANULARITY).unwrap();
+    let mut buf = vec![0u8; DATA_BYTES as usize];
+    for chunk in buf.chunks_exact_mut(8) {
+        chunk.copy_from_slice(&rng.next().to_le_bytes());
+    }
+    bitmap.deserialize_part(&buf, 0, DISK, true);
+    bitmap
+}
+
+fn clean() -> HBitmap {
+    HBitmap::new(DISK, GRANULARITY).unwrap()
+}
+
+struct TempImage(PathBuf);
+
+impl Drop for TempImage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A named way to build the bitmap to store.
+type Variant = (&'static str, fn() -> HBitmap);
+
+const FLAGS: BitmapFlags = BitmapFlags {
+    in_use: false,
+    auto: true,
+};
+
+fn bench_qcow2(c: &mut Criterion) {
+    let variants: [Variant; 3] = [("realistic", realistic), ("dense", dense), ("clean", clean)];
+    let mut group = c.benchmark_group("qcow2_16TiB_64KiB");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(3));
+    group.throughput(Throughput::Bytes(DATA_BYTES));
+    for (name, make) in variants {
+        let bitmap = make();
+        let path =
+            std::env::temp_dir().join(format!("hbitmap-bench-{}-{name}.qcow2", std::process::id()));
+        let temp = TempImage(path);
+        let mut image = Image::create(&temp.0, DISK, CLUSTER).unwrap();
+        image.store_bitmap("b", &bitmap, FLAGS).unwrap();
+
+        group.bench_function(format!("store/{name}"), |b| {
+            b.iter(|| image.store_bitmap("b", black_box(&bitmap), FLAGS).unwrap())
+        });
+        group.bench_function(format!("inspect/{name}"), |b| {
+            b.iter(|| black_box(image.inspect_bitmap("b").unwrap()))
+        });
+        // load_bitmap marks the bitmap in use on disk: store it back (untimed) between loads.
+        group.bench_function(format!("load/{name}"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    image.store_bitmap("b", &bitmap, FLAGS).unwrap();
+                    let start = Instant::now();
+                    black_box(image.load_bitmap("b").unwrap());
+                    total += start.elapsed();
+                }
+                total
+            })
+        });
+        image.store_bitmap("b", &bitmap, FLAGS).unwrap();
+        image.close().unwrap();
+
+        let reader = Image::open(&temp.0, OpenOptions::default()).unwrap();
+        let loaded = reader.inspect_bitmap("b").unwrap();
+        assert_eq!(loaded.count(), bitmap.count(), "{name}: round trip");
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_qcow2);
+criterion_main!(benches);
