@@ -1,0 +1,6 @@
+#!/bin/sh
+# Generates the seed corpora (git-ignored) under fuzz/corpus/.
+set -eu
+cd "$(dirname "$0")"
+cargo run --quiet --release --example make_corpus -- corpus
+ls -l corpus/qcow2_open | awk '{s+=$5} END {print NR-1 " images, " s " bytes"}'
