@@ -274,27 +274,36 @@ impl Refcounts {
         loop {
             let start = self.find_free_run(io, count)?;
             let end = start + count;
-            let last_index = (end - 1) / self.per_block();
-            if last_index >= self.table.len() as u64 {
-                self.grow_table(io)?;
-                continue;
+            if self.claim(io, start, end)? {
+                return Ok(start << self.cluster_bits);
             }
-            let mut created = false;
-            for index in (start / self.per_block())..=last_index {
-                if self.table[index as usize] == 0 {
-                    self.create_block(io, index as usize)?;
-                    created = true;
-                }
-            }
-            if created {
-                continue;
-            }
-            self.set_range(io, start, end, 1)?;
-            if self.free_hint == start {
-                self.free_hint = end;
-            }
-            return Ok(start << self.cluster_bits);
         }
+    }
+
+    /// Marks clusters `start..end` allocated, unless the refcount table must first grow or
+    /// refcount blocks covering them must be created: it does that instead and returns false,
+    /// and the caller searches again, since the new metadata took clusters.
+    fn claim(&mut self, io: &mut dyn ImageIo, start: u64, end: u64) -> Result<bool, Error> {
+        let last_index = (end - 1) / self.per_block();
+        if last_index >= self.table.len() as u64 {
+            self.grow_table(io)?;
+            return Ok(false);
+        }
+        let mut created = false;
+        for index in (start / self.per_block())..=last_index {
+            if self.table[index as usize] == 0 {
+                self.create_block(io, index as usize)?;
+                created = true;
+            }
+        }
+        if created {
+            return Ok(false);
+        }
+        self.set_range(io, start, end, 1)?;
+        if self.free_hint == start {
+            self.free_hint = end;
+        }
+        Ok(true)
     }
 
     /// Allocates the first run of free clusters from the hint on, of at most `max` clusters
@@ -327,26 +336,9 @@ impl Refcounts {
             // find_free_run checked that the first cluster ends below the limit.
             count = count.min((MAX_HOST_OFFSET >> self.cluster_bits) - start);
             let end = start + count;
-            let last_index = (end - 1) / self.per_block();
-            if last_index >= self.table.len() as u64 {
-                self.grow_table(io)?;
-                continue;
+            if self.claim(io, start, end)? {
+                return Ok((start << self.cluster_bits, count));
             }
-            let mut created = false;
-            for index in (start / self.per_block())..=last_index {
-                if self.table[index as usize] == 0 {
-                    self.create_block(io, index as usize)?;
-                    created = true;
-                }
-            }
-            if created {
-                continue;
-            }
-            self.set_range(io, start, end, 1)?;
-            if self.free_hint == start {
-                self.free_hint = end;
-            }
-            return Ok((start << self.cluster_bits, count));
         }
     }
 
