@@ -10,6 +10,7 @@
 
 use crate::bitmap::LAST;
 use crate::HBitmap;
+use byteorder::{BigEndian, ByteOrder, LittleEndian};
 
 use super::error::{corrupt, Error};
 use super::header::read_exact;
@@ -59,9 +60,7 @@ pub(crate) fn entry_problem(entry: u64, cluster_size: u64) -> Option<&'static st
 
 /// Decodes a big-endian table.
 pub(crate) fn decode(raw: &[u8]) -> Vec<u64> {
-    raw.chunks_exact(8)
-        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
-        .collect()
+    raw.chunks_exact(8).map(BigEndian::read_u64).collect()
 }
 
 /// Encodes a table, zero-padded to whole clusters.
@@ -178,7 +177,7 @@ pub(crate) fn load(
                 }
                 let dst = &mut words[first_word..];
                 for (word, chunk) in dst.iter_mut().zip(data.chunks_exact(8)) {
-                    *word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+                    *word = LittleEndian::read_u64(chunk);
                 }
                 index += 1;
                 continue;

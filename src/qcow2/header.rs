@@ -9,6 +9,7 @@
 
 use super::error::{corrupt, Error};
 use super::io::ImageIo;
+use byteorder::{BigEndian, ByteOrder};
 
 pub(crate) const QCOW_MAGIC: u32 = 0x5146_49fb;
 pub(crate) const MIN_CLUSTER_BITS: u32 = 9;
@@ -103,23 +104,23 @@ pub(crate) struct Header {
 }
 
 pub(crate) fn be16(buf: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([buf[at], buf[at + 1]])
+    BigEndian::read_u16(&buf[at..])
 }
 
 pub(crate) fn be32(buf: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
+    BigEndian::read_u32(&buf[at..])
 }
 
 pub(crate) fn be64(buf: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
+    BigEndian::read_u64(&buf[at..])
 }
 
 pub(crate) fn put32(buf: &mut [u8], at: usize, value: u32) {
-    buf[at..at + 4].copy_from_slice(&value.to_be_bytes());
+    BigEndian::write_u32(&mut buf[at..], value);
 }
 
 pub(crate) fn put64(buf: &mut [u8], at: usize, value: u64) {
-    buf[at..at + 8].copy_from_slice(&value.to_be_bytes());
+    BigEndian::write_u64(&mut buf[at..], value);
 }
 
 pub(crate) fn read_exact(

@@ -11,6 +11,7 @@
 //! switched to it in one write and only then is the old table freed.
 #![forbid(unsafe_code)]
 
+use byteorder::{BigEndian, ByteOrder};
 use std::collections::{BTreeSet, HashMap};
 
 use super::error::{corrupt, Error};
@@ -38,11 +39,9 @@ pub(crate) fn get_entry(block: &[u8], index: usize, order: u32) -> u64 {
         1 => u64::from((block[index / 4] >> (2 * (index % 4))) & 3),
         2 => u64::from((block[index / 2] >> (4 * (index % 2))) & 0xf),
         3 => u64::from(block[index]),
-        4 => u64::from(u16::from_be_bytes([block[2 * index], block[2 * index + 1]])),
-        5 => u64::from(u32::from_be_bytes(
-            block[4 * index..4 * index + 4].try_into().expect("4 bytes"),
-        )),
-        _ => u64::from_be_bytes(block[8 * index..8 * index + 8].try_into().expect("8 bytes")),
+        4 => u64::from(BigEndian::read_u16(&block[2 * index..])),
+        5 => u64::from(BigEndian::read_u32(&block[4 * index..])),
+        _ => BigEndian::read_u64(&block[8 * index..]),
     }
 }
 
@@ -58,9 +57,9 @@ pub(crate) fn set_entry(block: &mut [u8], index: usize, order: u32, value: u64) 
             *byte = (*byte & !mask) | (((value as u8) << shift) & mask);
         }
         3 => block[index] = value as u8,
-        4 => block[2 * index..2 * index + 2].copy_from_slice(&(value as u16).to_be_bytes()),
-        5 => block[4 * index..4 * index + 4].copy_from_slice(&(value as u32).to_be_bytes()),
-        _ => block[8 * index..8 * index + 8].copy_from_slice(&value.to_be_bytes()),
+        4 => BigEndian::write_u16(&mut block[2 * index..], value as u16),
+        5 => BigEndian::write_u32(&mut block[4 * index..], value as u32),
+        _ => BigEndian::write_u64(&mut block[8 * index..], value),
     }
 }
 
@@ -120,7 +119,7 @@ impl Refcounts {
         let raw = read_exact(io, table_offset, bytes, "the refcount table")?;
         let mut table = Vec::with_capacity(raw.len() / 8);
         for (index, chunk) in raw.chunks_exact(8).enumerate() {
-            let entry = u64::from_be_bytes(chunk.try_into().expect("8 bytes"));
+            let entry = BigEndian::read_u64(chunk);
             if entry & REFTABLE_RESERVED != 0 || entry % cluster_size != 0 {
                 return Err(corrupt(format!(
                     "refcount table entry {index} at {:#x}: {entry:#x} is not cluster-aligned \
