@@ -14,10 +14,6 @@ const RO: OpenOptions = OpenOptions {
     write: false,
     force_share: false,
 };
-const AUTO: BitmapFlags = BitmapFlags {
-    in_use: false,
-    auto: true,
-};
 
 #[test]
 fn store_load_roundtrip_and_flags() {

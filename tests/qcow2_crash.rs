@@ -73,16 +73,7 @@ fn base_image(path: &Path, size: u64) -> (HBitmap, HBitmap) {
     let a = random_bitmap(&mut rng, size, 12, 40);
     let b = random_bitmap(&mut rng, size, 14, 20);
     let mut image = Image::create(path, size, 65536).unwrap();
-    image
-        .store_bitmap(
-            "a",
-            &a,
-            BitmapFlags {
-                in_use: false,
-                auto: true,
-            },
-        )
-        .unwrap();
+    image.store_bitmap("a", &a, AUTO).unwrap();
     image.store_bitmap("b", &b, BitmapFlags::default()).unwrap();
     image.close().unwrap();
     (a, b)
@@ -99,24 +90,10 @@ fn crash_during_each_change() {
     let a2 = random_bitmap(&mut rng, size, 12, 40);
     let mut total = 0;
     total += crash_each_write("store-new", &base, &s.dir, &|image| {
-        let _ = image.store_bitmap(
-            "c",
-            &c,
-            BitmapFlags {
-                in_use: false,
-                auto: true,
-            },
-        );
+        let _ = image.store_bitmap("c", &c, AUTO);
     });
     total += crash_each_write("replace", &base, &s.dir, &|image| {
-        let _ = image.store_bitmap(
-            "a",
-            &a2,
-            BitmapFlags {
-                in_use: false,
-                auto: true,
-            },
-        );
+        let _ = image.store_bitmap("a", &a2, AUTO);
     });
     total += crash_each_write("remove", &base, &s.dir, &|image| {
         let _ = image.remove_bitmap("b");

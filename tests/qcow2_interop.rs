@@ -229,16 +229,7 @@ fn store_and_compare(
     // Replace one, to exercise freeing.
     if let Some((name, bitmap)) = stored.first_mut() {
         *bitmap = random_bitmap(&mut rng, size, bitmap.granularity(), 30);
-        image
-            .store_bitmap(
-                name,
-                bitmap,
-                BitmapFlags {
-                    in_use: false,
-                    auto: true,
-                },
-            )
-            .unwrap();
+        image.store_bitmap(name, bitmap, AUTO).unwrap();
     }
     image.close().unwrap();
     qemu_check(&p, false);
@@ -378,16 +369,7 @@ fn qemu_edits_our_images() {
     let a = random_bitmap(&mut rng, size, 16, 30);
     let b = random_bitmap(&mut rng, size, 16, 30);
     let mut image = Image::create(&p, size, 65536).unwrap();
-    image
-        .store_bitmap(
-            "a",
-            &a,
-            BitmapFlags {
-                in_use: false,
-                auto: true,
-            },
-        )
-        .unwrap();
+    image.store_bitmap("a", &a, AUTO).unwrap();
     image.store_bitmap("b", &b, BitmapFlags::default()).unwrap();
     image.add_bitmap("c", 65536, false).unwrap();
     image.close().unwrap();
@@ -523,16 +505,7 @@ fn images_with_other_features() {
         }
         let bitmap = random_bitmap(&mut rng, 64 << 20, 13, 20);
         let mut image = Image::open(&p, RW).unwrap_or_else(|e| panic!("{name}: {e}"));
-        image
-            .store_bitmap(
-                "x",
-                &bitmap,
-                BitmapFlags {
-                    in_use: false,
-                    auto: true,
-                },
-            )
-            .unwrap();
+        image.store_bitmap("x", &bitmap, AUTO).unwrap();
         image
             .add_bitmap("a-rather-long-bitmap-name-to-grow-the-header", 65536, true)
             .unwrap();

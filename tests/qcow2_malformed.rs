@@ -95,16 +95,7 @@ fn malformed_images_are_refused() {
     let mut b = HBitmap::new(SIZE, 9).unwrap();
     b.set(5 << 20, 1 << 20);
     let mut image = Image::create(&base, SIZE, CLUSTER as u64).unwrap();
-    image
-        .store_bitmap(
-            "a",
-            &a,
-            BitmapFlags {
-                in_use: false,
-                auto: true,
-            },
-        )
-        .unwrap();
+    image.store_bitmap("a", &a, AUTO).unwrap();
     image.store_bitmap("b", &b, BitmapFlags::default()).unwrap();
     image.close().unwrap();
     let original = std::fs::read(&base).unwrap();

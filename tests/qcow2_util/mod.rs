@@ -15,6 +15,13 @@ pub struct Scratch {
     pub dir: PathBuf,
 }
 
+/// The flags of an enabled, consistent bitmap.
+#[allow(dead_code)]
+pub const AUTO: hbitmap::qcow2::BitmapFlags = hbitmap::qcow2::BitmapFlags {
+    in_use: false,
+    auto: true,
+};
+
 impl Scratch {
     pub fn new(name: &str) -> Scratch {
         let dir = std::env::temp_dir().join(format!("hbq-{name}-{}", std::process::id()));
