@@ -11,12 +11,15 @@ pub(crate) mod iter;
 mod precondition;
 mod search;
 mod update;
+mod storage;
 pub(crate) mod words;
 
 pub use iter::{Extents, Iter};
 pub use precondition::Violation;
 
 use std::fmt;
+
+use storage::Words;
 
 /// Bits in one storage word (`unsigned long` on 64-bit hosts).
 pub const BITS_PER_WORD: u32 = 64;
@@ -78,7 +81,7 @@ pub struct HBitmap {
     pub(crate) granularity: u32,
     /// `levels[LAST]` is the bitmap proper; each level above summarizes the one below. Level
     /// `i` always holds exactly the words that `new` and `truncate` give it.
-    pub(crate) levels: [Vec<u64>; LEVELS],
+    pub(crate) levels: [Words; LEVELS],
     /// Tracks which chunks of this bitmap changed (migration's "dirty-dirty" bitmap).
     pub(crate) meta: Option<Box<HBitmap>>,
     /// True while the summary levels may disagree with the last level: after a deserialization
@@ -121,11 +124,11 @@ impl HBitmap {
                 groups,
             });
         }
-        let mut levels: [Vec<u64>; LEVELS] = Default::default();
+        let mut levels: [Words; LEVELS] = Default::default();
         let mut bits = groups;
         for level in levels.iter_mut().rev() {
             let words = words_for(bits);
-            *level = vec![0; words];
+            *level = Words::zeroed(words);
             bits = words as u64;
         }
         levels[0][0] = SENTINEL;
@@ -376,13 +379,7 @@ impl HBitmap {
             if level.len() == words {
                 break;
             }
-            if shrink {
-                level.truncate(words);
-                level.shrink_to_fit();
-            } else {
-                level.reserve_exact(words - level.len());
-                level.resize(words, 0);
-            }
+            level.resize_zeroed(words);
             bits = words as u64;
         }
         if shrink {
@@ -699,7 +696,7 @@ impl PartialEq for HBitmap {
         self.orig_size == other.orig_size
             && self.granularity == other.granularity
             && self.count == other.count
-            && self.levels[LAST] == other.levels[LAST]
+            && self.levels[LAST][..] == other.levels[LAST][..]
     }
 }
 

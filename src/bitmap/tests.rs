@@ -218,3 +218,21 @@ fn level_lengths_follow_the_size_through_truncates() {
         }
     }
 }
+
+#[test]
+fn regrown_bitmaps_are_clean_past_the_old_end() {
+    // Large enough for the last level to be a mapping of its own; the shrink keeps part of a
+    // page whose old bits must not come back.
+    let size = 1 << 24;
+    let mut bitmap = HBitmap::new(size, 0).unwrap();
+    bitmap.set(0, size);
+    for (shrink, grow) in [(size - 100, size), ((1 << 20) + 7, size), (5000, 1 << 25)] {
+        bitmap.truncate(shrink);
+        assert_eq!(bitmap.count(), shrink);
+        bitmap.truncate(grow);
+        assert_eq!(bitmap.count(), shrink, "{shrink} -> {grow}");
+        assert_eq!(bitmap.next_zero(0, grow), Some(shrink));
+        assert_eq!(bitmap.iter_from(shrink).next(), None);
+        bitmap.set(0, grow);
+    }
+}
