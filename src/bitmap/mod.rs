@@ -10,8 +10,8 @@
 pub(crate) mod iter;
 mod precondition;
 mod search;
+pub(crate) mod storage;
 mod update;
-mod storage;
 pub(crate) mod words;
 
 pub use iter::{Extents, Iter};
@@ -481,7 +481,7 @@ impl HBitmap {
             }
         } else {
             let (result_upper, result_last) = result.levels.split_at_mut(LAST);
-            or_dirty_blocks(
+            let ones = words::or_dirty_blocks(
                 &mut result_last[0],
                 [&a.levels[LAST], &b.levels[LAST]],
                 [
@@ -499,6 +499,10 @@ impl HBitmap {
                     .zip(x.iter().zip(y))
                     .for_each(|(d, (x, y))| *d = x | y);
             }
+            // The last level was rewritten whole: its count came with it (bits past the last
+            // group, which only deserialize_ones sets, do not count).
+            result.count = ones - padding_ones(&result.levels[LAST], result.groups);
+            return true;
         }
         result.stale = stale;
         result.recount();
@@ -593,6 +597,13 @@ pub(crate) fn popcount_below(words: &[u64], bits: u64) -> u64 {
     count
 }
 
+/// Set bits of `words` past the first `groups` bits.
+fn padding_ones(words: &[u64], groups: u64) -> u64 {
+    words.get((groups / 64) as usize).map_or(0, |&word| {
+        u64::from((word & (u64::MAX << (groups % 64))).count_ones())
+    })
+}
+
 /// `dst |= src` over the 64-word blocks that `src_summary` marks as holding dirty words.
 fn merge_dirty_blocks(dst: &mut [u64], src: &[u64], src_summary: &[u64]) {
     for_each_marked_block(src_summary, false, src.len(), |range| {
@@ -601,35 +612,6 @@ fn merge_dirty_blocks(dst: &mut [u64], src: &[u64], src_summary: &[u64]) {
             .zip(&src[range])
             .for_each(|(d, s)| *d |= s);
     });
-}
-
-/// `dst = a | b` block by block, skipping blocks that are clean in all three (per their
-/// summaries) and zeroing blocks dirty only in `dst`.
-fn or_dirty_blocks(dst: &mut [u64], src: [&[u64]; 2], summaries: [&[u64]; 3]) {
-    let len = dst.len();
-    for (index, ((&sa, &sb), &sd)) in summaries[0]
-        .iter()
-        .zip(summaries[1])
-        .zip(summaries[2])
-        .enumerate()
-    {
-        if sa | sb | sd == 0 {
-            continue;
-        }
-        let range = index * 64..(index * 64 + 64).min(len);
-        let (d, a, b) = (
-            &mut dst[range.clone()],
-            &src[0][range.clone()],
-            &src[1][range],
-        );
-        if sa | sb == 0 {
-            d.fill(0);
-        } else {
-            d.iter_mut()
-                .zip(a.iter().zip(b))
-                .for_each(|(d, (a, b))| *d = a | b);
-        }
-    }
 }
 
 /// Calls `f` with the range of 64 words (clipped to `len`) below each nonzero word of

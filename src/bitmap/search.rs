@@ -1,6 +1,6 @@
 //! Searching: the next clean group and the next dirty extent.
 
-use super::{iter, HBitmap, BITS_PER_LEVEL, LAST};
+use super::{iter, words, HBitmap, BITS_PER_LEVEL, LAST};
 
 impl HBitmap {
     /// The first clean item in `start..start + count`, or `None` when every group of the range
@@ -34,7 +34,7 @@ impl HBitmap {
             pos += 1;
             match words
                 .get(pos..end_word.max(pos))
-                .and_then(|rest| rest.iter().position(|&w| w != u64::MAX))
+                .and_then(words::first_not_full)
             {
                 Some(offset) => pos += offset,
                 None => return -1,

@@ -10,84 +10,128 @@
 //!
 //! Elsewhere (non-Linux) every level lives on the heap.
 
+use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
 
 /// Levels at least this large get a mapping of their own.
 #[cfg(target_os = "linux")]
 const MAPPED_BYTES: usize = 256 << 10;
 
 /// A zero-initialized array of `u64` whose length can change; new words are zero.
+///
+/// The pointer and length are kept outside the backing's variants so that indexing (the
+/// iterator's and every update's hot path) is a plain slice access, without a branch on where
+/// the words live.
 pub(crate) struct Words {
-    repr: Repr,
+    ptr: NonNull<u64>,
+    len: usize,
+    backing: Backing,
 }
 
-enum Repr {
-    Heap(Vec<u64>),
+enum Backing {
+    /// A `Vec<u64>`'s buffer with this capacity.
+    Heap { capacity: usize },
+    /// A private anonymous mapping of this many bytes (`len` words rounded up to pages).
     #[cfg(target_os = "linux")]
-    Mapped(linux::Mapping),
+    Mapped { bytes: usize },
 }
+
+// SAFETY: `Words` owns its buffer exclusively, like a `Vec<u64>`.
+unsafe impl Send for Words {}
+// SAFETY: shared access is read-only, through `&[u64]`.
+unsafe impl Sync for Words {}
 
 impl Words {
     /// `len` zero words.
     pub(crate) fn zeroed(len: usize) -> Words {
         #[cfg(target_os = "linux")]
         if len * 8 >= MAPPED_BYTES {
-            if let Some(mapping) = linux::Mapping::zeroed(len) {
-                return Words {
-                    repr: Repr::Mapped(mapping),
-                };
+            if let Some(words) = linux::map_zeroed(len) {
+                return words;
             }
         }
+        Words::from_vec(vec![0; len])
+    }
+
+    fn from_vec(vec: Vec<u64>) -> Words {
+        let mut vec = ManuallyDrop::new(vec);
         Words {
-            repr: Repr::Heap(vec![0; len]),
+            // A Vec's pointer is never null (dangling but aligned when empty).
+            ptr: NonNull::new(vec.as_mut_ptr()).expect("Vec pointers are not null"),
+            len: vec.len(),
+            backing: Backing::Heap {
+                capacity: vec.capacity(),
+            },
         }
+    }
+
+    /// Takes the heap buffer back as a Vec, leaving `self` empty; None for a mapping.
+    fn take_vec(&mut self) -> Option<Vec<u64>> {
+        let Backing::Heap { capacity } = self.backing else {
+            return None;
+        };
+        // SAFETY: `ptr`, `len` and `capacity` came from a Vec<u64> (`from_vec`) that was not
+        // dropped, and `self` forgets them just below, so the buffer has one owner again.
+        let vec = unsafe { Vec::from_raw_parts(self.ptr.as_ptr(), self.len, capacity) };
+        // Field by field: assigning a whole `Words` would drop the old one.
+        self.ptr = NonNull::dangling();
+        self.len = 0;
+        self.backing = Backing::Heap { capacity: 0 };
+        Some(vec)
     }
 
     /// Changes the length to `len`; words past the old length read as zero.
     pub(crate) fn resize_zeroed(&mut self, len: usize) {
-        match &mut self.repr {
-            Repr::Heap(vec) => {
-                #[cfg(target_os = "linux")]
-                if len > vec.len() && len * 8 >= MAPPED_BYTES {
-                    if let Some(mut mapping) = linux::Mapping::zeroed(len) {
-                        mapping[..vec.len()].copy_from_slice(vec);
-                        self.repr = Repr::Mapped(mapping);
-                        return;
-                    }
-                }
-                if len < vec.len() {
-                    vec.truncate(len);
-                    vec.shrink_to_fit();
-                } else {
-                    vec.reserve_exact(len - vec.len());
-                    vec.resize(len, 0);
-                }
-            }
+        if let Some(mut vec) = self.take_vec() {
             #[cfg(target_os = "linux")]
-            Repr::Mapped(mapping) => {
-                if !mapping.resize_zeroed(len) {
-                    // The kernel refused to move the mapping: fall back to a copy.
-                    let mut moved = Words::zeroed(len);
-                    let kept = len.min(mapping.len());
-                    moved[..kept].copy_from_slice(&mapping[..kept]);
-                    *self = moved;
+            if len > vec.len() && len * 8 >= MAPPED_BYTES {
+                if let Some(mut words) = linux::map_zeroed(len) {
+                    words[..vec.len()].copy_from_slice(&vec);
+                    *self = words;
+                    return;
                 }
             }
+            if len < vec.len() {
+                vec.truncate(len);
+                vec.shrink_to_fit();
+            } else {
+                vec.reserve_exact(len - vec.len());
+                vec.resize(len, 0);
+            }
+            *self = Words::from_vec(vec);
+            return;
+        }
+        #[cfg(target_os = "linux")]
+        if !linux::remap(self, len) {
+            // The kernel refused to resize the mapping: fall back to a copy.
+            let mut moved = Words::zeroed(len);
+            let kept = len.min(self.len);
+            moved[..kept].copy_from_slice(&self[..kept]);
+            *self = moved;
         }
     }
 
     /// Whether the words live in a mapping of their own.
     #[cfg(test)]
     pub(crate) fn is_mapped(&self) -> bool {
-        !matches!(self.repr, Repr::Heap(_))
+        !matches!(self.backing, Backing::Heap { .. })
+    }
+}
+
+impl Drop for Words {
+    fn drop(&mut self) {
+        match self.backing {
+            Backing::Heap { .. } => drop(self.take_vec()),
+            #[cfg(target_os = "linux")]
+            Backing::Mapped { bytes } => linux::unmap(self.ptr, bytes),
+        }
     }
 }
 
 impl Default for Words {
     fn default() -> Words {
-        Words {
-            repr: Repr::Heap(Vec::new()),
-        }
+        Words::from_vec(Vec::new())
     }
 }
 
@@ -96,22 +140,17 @@ impl Deref for Words {
 
     #[inline(always)]
     fn deref(&self) -> &[u64] {
-        match &self.repr {
-            Repr::Heap(vec) => vec,
-            #[cfg(target_os = "linux")]
-            Repr::Mapped(mapping) => mapping,
-        }
+        // SAFETY: `ptr` points to `len` initialized words (zero-filled at creation or written
+        // since) owned by `self`, aligned, and valid as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
 
 impl DerefMut for Words {
     #[inline(always)]
     fn deref_mut(&mut self) -> &mut [u64] {
-        match &mut self.repr {
-            Repr::Heap(vec) => vec,
-            #[cfg(target_os = "linux")]
-            Repr::Mapped(mapping) => mapping,
-        }
+        // SAFETY: as in `deref`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
 
@@ -132,124 +171,126 @@ impl Clone for Words {
     }
 }
 
+/// Before a bulk write of `buf` (serialization output, deserialization input), makes sure its
+/// pages exist: if the first whole page is not resident, the rest of a large buffer is most
+/// likely fresh too, and one `MADV_POPULATE_WRITE` call allocates it all at a fraction of the
+/// cost of a page fault per page. Contents are unchanged; errors (old kernels, special
+/// mappings) just leave the faults to the copy.
+pub(crate) fn prefault(buf: &mut [u8]) {
+    #[cfg(target_os = "linux")]
+    if buf.len() >= MAPPED_BYTES {
+        linux::prefault(buf);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
+}
+
 #[cfg(target_os = "linux")]
 mod linux {
-    use std::ops::{Deref, DerefMut};
     use std::ptr::NonNull;
 
-    /// A private anonymous mapping holding `len` words.
-    pub(super) struct Mapping {
-        ptr: NonNull<u64>,
-        len: usize,
-        /// Length of the mapping: `len` words rounded up to whole pages.
-        bytes: usize,
+    use super::{Backing, Words};
+
+    fn mapped_bytes(len: usize) -> Option<usize> {
+        len.checked_mul(8)?.checked_next_multiple_of(page_size())
     }
 
-    // SAFETY: the mapping is owned memory, like a Vec's buffer.
-    unsafe impl Send for Mapping {}
-    // SAFETY: shared access is read-only through `&[u64]`.
-    unsafe impl Sync for Mapping {}
+    /// `len` (nonzero) zero words in a mapping of their own, or None if the kernel refuses.
+    pub(super) fn map_zeroed(len: usize) -> Option<Words> {
+        let bytes = mapped_bytes(len)?;
+        // SAFETY: a fresh private anonymous mapping at an address of the kernel's choice; it
+        // aliases nothing.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return None;
+        }
+        Some(Words {
+            ptr: NonNull::new(ptr.cast())?,
+            len,
+            backing: Backing::Mapped { bytes },
+        })
+    }
+
+    /// Resizes the mapping of `words` to hold `len` (nonzero) words, in place or by moving its
+    /// pages; false (and nothing changed) if the kernel refuses.
+    pub(super) fn remap(words: &mut Words, len: usize) -> bool {
+        let Backing::Mapped { bytes: old_bytes } = words.backing else {
+            return false;
+        };
+        let Some(bytes) = mapped_bytes(len) else {
+            return false;
+        };
+        if bytes != old_bytes {
+            // SAFETY: `ptr`/`old_bytes` describe our own mapping; MREMAP_MAYMOVE may move it,
+            // and nothing borrows it across this call (`&mut Words`).
+            let moved = unsafe {
+                libc::mremap(
+                    words.ptr.as_ptr().cast(),
+                    old_bytes,
+                    bytes,
+                    libc::MREMAP_MAYMOVE,
+                )
+            };
+            let Some(ptr) = NonNull::new(moved.cast()).filter(|_| moved != libc::MAP_FAILED) else {
+                return false;
+            };
+            words.ptr = ptr;
+            words.backing = Backing::Mapped { bytes };
+        }
+        let old = words.len;
+        words.len = len;
+        if len > old {
+            // Words past the old length within its last page may hold bits from before a
+            // shrink; the pages added past `old_bytes` are fresh from the kernel, hence zero.
+            let reused = len.min(old_bytes / 8);
+            words[old..reused].fill(0);
+        }
+        true
+    }
+
+    pub(super) fn prefault(buf: &mut [u8]) {
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        let page = page_size();
+        let start = buf.as_mut_ptr() as usize;
+        let (Some(first), Some(end)) = (
+            start.checked_next_multiple_of(page),
+            (start + buf.len())
+                .checked_div(page)
+                .map(|pages| pages * page),
+        ) else {
+            return;
+        };
+        if end <= first {
+            return;
+        }
+        let mut resident = 0u8;
+        // SAFETY: `first` is a page inside `buf`, which is mapped; mincore writes one byte.
+        let known = unsafe { libc::mincore(first as *mut libc::c_void, page, &mut resident) };
+        if known == 0 && resident & 1 == 0 {
+            // SAFETY: the pages lie within `buf`, which we may write; populating changes no
+            // contents.
+            unsafe { libc::madvise(first as *mut libc::c_void, end - first, MADV_POPULATE_WRITE) };
+        }
+    }
 
     fn page_size() -> usize {
         // SAFETY: sysconf has no preconditions.
-        let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        usize::try_from(size).unwrap_or(4096)
+        usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
     }
 
-    fn mapped_bytes(len: usize) -> Option<usize> {
-        let page = page_size();
-        len.checked_mul(8)?.checked_next_multiple_of(page)
-    }
-
-    impl Mapping {
-        /// `len` (nonzero) zero words, or None if the kernel refuses the mapping.
-        pub(super) fn zeroed(len: usize) -> Option<Mapping> {
-            let bytes = mapped_bytes(len)?;
-            // SAFETY: a fresh private anonymous mapping at an address of the kernel's choice;
-            // it aliases nothing.
-            let ptr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    bytes,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
-            };
-            if ptr == libc::MAP_FAILED {
-                return None;
-            }
-            Some(Mapping {
-                ptr: NonNull::new(ptr.cast())?,
-                len,
-                bytes,
-            })
-        }
-
-        /// Changes the length to `len` (nonzero) in place or by moving the pages; false (and
-        /// nothing changed) if the kernel refuses.
-        pub(super) fn resize_zeroed(&mut self, len: usize) -> bool {
-            let Some(bytes) = mapped_bytes(len) else {
-                return false;
-            };
-            if len > self.len {
-                // Words past the old length in its last page may hold bits from before a
-                // shrink; pages added below are fresh, hence zero.
-                let (old, reused) = (self.len, len.min(self.bytes / 8));
-                self.len = reused;
-                self[old..].fill(0);
-            }
-            if bytes != self.bytes {
-                // SAFETY: `ptr`/`bytes` describe our own mapping; MREMAP_MAYMOVE may move it,
-                // and nothing borrows it across this call (`&mut self`).
-                let moved = unsafe {
-                    libc::mremap(
-                        self.ptr.as_ptr().cast(),
-                        self.bytes,
-                        bytes,
-                        libc::MREMAP_MAYMOVE,
-                    )
-                };
-                if moved == libc::MAP_FAILED {
-                    return false;
-                }
-                let Some(ptr) = NonNull::new(moved.cast()) else {
-                    return false;
-                };
-                self.ptr = ptr;
-                self.bytes = bytes;
-            }
-            self.len = len;
-            true
-        }
-    }
-
-    impl Deref for Mapping {
-        type Target = [u64];
-
-        #[inline(always)]
-        fn deref(&self) -> &[u64] {
-            // SAFETY: the mapping holds `len` initialized (zero-filled by the kernel or written
-            // since) words, aligned to a page, and lives as long as `self`.
-            unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-        }
-    }
-
-    impl DerefMut for Mapping {
-        #[inline(always)]
-        fn deref_mut(&mut self) -> &mut [u64] {
-            // SAFETY: as in `deref`, and `&mut self` makes the access exclusive.
-            unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-        }
-    }
-
-    impl Drop for Mapping {
-        fn drop(&mut self) {
-            // SAFETY: our own mapping, no longer borrowed. munmap of a valid mapping cannot
-            // fail in a way we could act on.
-            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
-        }
+    pub(super) fn unmap(ptr: NonNull<u64>, bytes: usize) {
+        // SAFETY: our own mapping, no longer borrowed. munmap of a valid mapping cannot fail in
+        // a way we could act on.
+        unsafe { libc::munmap(ptr.as_ptr().cast(), bytes) };
     }
 }
 

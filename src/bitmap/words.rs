@@ -49,11 +49,80 @@ fn summarize_portable(words: &[u64], summary: &mut [u64]) -> u64 {
     total
 }
 
+/// `dst = a | b` block by block (64 words under each summary bit), skipping blocks clean in
+/// all three per `summaries` (of `a`, `b`, `dst`) and zeroing blocks dirty only in `dst`.
+/// Returns the popcount of `dst` afterwards: the merge counts as it writes.
+pub(crate) fn or_dirty_blocks(dst: &mut [u64], src: [&[u64]; 2], summaries: [&[u64]; 3]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("popcnt") {
+        // SAFETY: the CPU supports popcnt, checked just above.
+        return unsafe { x86::or_dirty_blocks(dst, src, summaries) };
+    }
+    or_dirty_blocks_portable(dst, src, summaries)
+}
+
+#[inline(always)]
+fn or_dirty_blocks_portable(dst: &mut [u64], src: [&[u64]; 2], summaries: [&[u64]; 3]) -> u64 {
+    let len = dst.len();
+    let mut ones = 0u64;
+    for (index, ((&sa, &sb), &sd)) in summaries[0]
+        .iter()
+        .zip(summaries[1])
+        .zip(summaries[2])
+        .enumerate()
+    {
+        if sa | sb | sd == 0 {
+            continue;
+        }
+        let range = index * 64..(index * 64 + 64).min(len);
+        let (d, a, b) = (
+            &mut dst[range.clone()],
+            &src[0][range.clone()],
+            &src[1][range],
+        );
+        if sa | sb == 0 {
+            d.fill(0);
+        } else {
+            for (d, (a, b)) in d.iter_mut().zip(a.iter().zip(b)) {
+                *d = a | b;
+                ones += u64::from(d.count_ones());
+            }
+        }
+    }
+    ones
+}
+
+/// Index of the first word of `words` that is not all ones: a whole dirty extent is skipped
+/// eight words per test (the AND of a block is all ones only if each word is).
+pub(crate) fn first_not_full(words: &[u64]) -> Option<usize> {
+    const BLOCK: usize = 8;
+    let mut skipped = 0;
+    for block in words.chunks_exact(BLOCK) {
+        if block.iter().fold(u64::MAX, |all, &word| all & word) != u64::MAX {
+            break;
+        }
+        skipped += BLOCK;
+    }
+    words[skipped..]
+        .iter()
+        .position(|&word| word != u64::MAX)
+        .map(|index| skipped + index)
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     #[target_feature(enable = "popcnt")]
     pub(super) fn popcount(words: &[u64]) -> u64 {
         super::popcount_portable(words)
+    }
+
+    #[target_feature(enable = "popcnt")]
+    pub(super) fn or_dirty_blocks(
+        dst: &mut [u64],
+        src: [&[u64]; 2],
+        summaries: [&[u64]; 3],
+    ) -> u64 {
+        super::or_dirty_blocks_portable(dst, src, summaries)
     }
 
     #[target_feature(enable = "popcnt")]
@@ -65,6 +134,21 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_not_full_finds_the_first_clean_bit_anywhere() {
+        for len in [0usize, 1, 7, 8, 9, 64, 67] {
+            assert_eq!(first_not_full(&vec![u64::MAX; len]), None);
+            for hole in 0..len {
+                let mut words = vec![u64::MAX; len];
+                words[hole] = !(1 << (hole % 64));
+                if hole + 2 < len {
+                    words[hole + 2] = 0;
+                }
+                assert_eq!(first_not_full(&words), Some(hole), "len {len} hole {hole}");
+            }
+        }
+    }
 
     #[test]
     fn summary_and_popcount_agree_with_a_plain_loop() {

@@ -8,7 +8,7 @@
 //! must be zero.
 #![forbid(unsafe_code)]
 
-use crate::bitmap::LAST;
+use crate::bitmap::{storage, LAST};
 use crate::HBitmap;
 use byteorder::{BigEndian, ByteOrder, LittleEndian};
 
@@ -191,6 +191,7 @@ pub(crate) fn load(
                 end += 1;
             }
             let dst = &mut words[first_word..end * cluster_words];
+            storage::prefault(bytemuck::cast_slice_mut(dst));
             io.pread(offset, bytemuck::cast_slice_mut(dst))
                 .map_err(|e| {
                     Error::io(
