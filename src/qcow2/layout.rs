@@ -339,28 +339,44 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
         }
         metadata.push(region(header.l1_table_offset, l1_bytes, Owner::L1Table));
         let l1 = read_exact(io, header.l1_table_offset, l1_bytes, "the L1 table")?;
+        // An L1 table has up to 4 Mi entries: memory must follow the distinct L2 tables and a
+        // bounded number of messages, not the entries. Entries sharing an L2 table (which the
+        // overlap check tolerates) give one region, the first entry's.
+        let mut seen = HashSet::new();
+        let mut bad = 0usize;
         for (index, chunk) in l1.chunks_exact(8).enumerate() {
             let offset = be64(chunk, 0) & L1_OFFSET_MASK;
             if offset == 0 {
                 continue;
             }
-            if offset % cluster_size != 0 {
-                problems.errors.push(format!(
-                    "L1 table entry {index} at {:#x}: L2 table offset {offset:#x} is not \
-                     cluster-aligned",
-                    header.l1_table_offset + 8 * index as u64
-                ));
+            let misaligned = offset % cluster_size != 0;
+            if !misaligned && offset.saturating_add(cluster_size) <= file_len {
+                if seen.insert(offset) {
+                    metadata.push(region(offset, cluster_size, Owner::L2Table(index as u64)));
+                }
                 continue;
             }
-            if offset.saturating_add(cluster_size) > file_len {
-                problems.errors.push(format!(
-                    "L1 table entry {index} at {:#x}: the L2 table at {offset:#x} lies past the \
-                     end of the file ({file_len} bytes)",
-                    header.l1_table_offset + 8 * index as u64
-                ));
-                continue;
+            bad += 1;
+            if bad <= MAX_REPORTED {
+                let at = header.l1_table_offset + 8 * index as u64;
+                problems.errors.push(if misaligned {
+                    format!(
+                        "L1 table entry {index} at {at:#x}: L2 table offset {offset:#x} is not \
+                         cluster-aligned"
+                    )
+                } else {
+                    format!(
+                        "L1 table entry {index} at {at:#x}: the L2 table at {offset:#x} lies past \
+                         the end of the file ({file_len} bytes)"
+                    )
+                });
             }
-            metadata.push(region(offset, cluster_size, Owner::L2Table(index as u64)));
+        }
+        if bad > MAX_REPORTED {
+            problems.errors.push(format!(
+                "... and {} more invalid L1 table entries",
+                bad - MAX_REPORTED
+            ));
         }
     }
 
