@@ -631,3 +631,254 @@ fn truncated_images_never_panic() {
         }
     }
 }
+
+/// Moves the L1 table to the end of the file and makes it QEMU's largest (32 MiB, 4 Mi entries),
+/// every entry `entry(l1_offset)`.
+fn maximal_l1(b: &mut Vec<u8>, entry: fn(u64) -> u64) {
+    let at = b.len().div_ceil(CLUSTER) * CLUSTER;
+    let entries = (32 << 20) / 8;
+    b.resize(at + (32 << 20), 0);
+    put64(b, 40, at as u64);
+    put32(b, 36, entries as u32);
+    let value = entry(at as u64);
+    for i in 0..entries {
+        put64(b, at + 8 * i, value);
+    }
+}
+
+/// A virtual size of 16 EiB: u64::MAX rounded down to whole sectors.
+const SIZE_16_EIB: u64 = !511;
+
+/// What a hostile image must give.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Refused for reading, with a message containing this.
+    Refused(&'static str),
+    /// Readable, but refused for writing with a message containing this.
+    WriteRefused(&'static str),
+    /// A valid image (what looks hostile has a meaning in the format), read as this content of
+    /// bitmap 'b': `None` all clean, `Some(())` all dirty.
+    Valid(Option<()>),
+}
+
+/// Images whose sizes or pointers claim huge or self-referential structures: opening and
+/// checking them must neither panic nor take long nor allocate what the claims would need, must
+/// refuse them with a message naming the problem, and must leave the file unchanged.
+#[test]
+fn resource_bounds_of_hostile_images() {
+    let s = Scratch::new("hostile");
+    let base = s.path("base.qcow2");
+    let mut a = HBitmap::new(SIZE, 16).unwrap();
+    a.set(0, 1 << 20);
+    let mut b = HBitmap::new(SIZE, 9).unwrap();
+    b.set(5 << 20, 1 << 20);
+    let mut image = Image::create(&base, SIZE, CLUSTER as u64).unwrap();
+    image.store_bitmap("a", &a, AUTO).unwrap();
+    image.store_bitmap("b", &b, BitmapFlags::default()).unwrap();
+    image.close().unwrap();
+    let original = std::fs::read(&base).unwrap();
+    let map = map_of(&original);
+    let l2_coverage = (CLUSTER as u64) * (CLUSTER as u64 / 8);
+
+    let cases: Vec<(&str, Mutation, Outcome)> = vec![
+        (
+            "bitmap table of 0xFFFFFFFF entries",
+            |b, m| put32(b, m.entry_b + 8, 0xFFFF_FFFF),
+            Outcome::Refused("bitmap_table_size 4294967295 exceeds QEMU's limit"),
+        ),
+        (
+            "in-use bitmap with a table of 0xFFFFFFFF entries",
+            |b, m| {
+                put32(b, m.entry_b + 8, 0xFFFF_FFFF);
+                put32(b, m.entry_b + 12, 1);
+            },
+            Outcome::Refused("bitmap_table_size 4294967295 exceeds QEMU's limit"),
+        ),
+        (
+            "16 EiB virtual size",
+            |b, _| put64(b, 24, SIZE_16_EIB),
+            Outcome::Refused("l1_size 1 (offset 36) is too small"),
+        ),
+        (
+            "16 EiB virtual size, l1_size as needed (capped at 2^32-1)",
+            |b, _| {
+                let needed = SIZE_16_EIB.div_ceil((CLUSTER as u64) * (CLUSTER as u64 / 8));
+                put64(b, 24, SIZE_16_EIB);
+                put32(b, 36, needed.min(u64::from(u32::MAX)) as u32);
+            },
+            Outcome::Refused("exceeds QEMU's 32 MiB L1 table limit"),
+        ),
+        (
+            "16 EiB virtual size, l1_size at QEMU's 32 MiB cap",
+            |b, _| {
+                put64(b, 24, SIZE_16_EIB);
+                put32(b, 36, (32 << 20) / 8);
+            },
+            Outcome::Refused("l1_size 4194304 (offset 36) is too small"),
+        ),
+        (
+            "nb_bitmaps 65535, a 64 MiB directory past EOF",
+            |b, m| {
+                put32(b, m.ext, 65535);
+                put64(b, m.ext + 8, 1024 * 65535);
+            },
+            Outcome::Refused("(67107840 bytes) extends past the end of the file"),
+        ),
+        (
+            "refcount table entry 0 pointing at the refcount table",
+            |b, m| put64(b, m.reftable, m.reftable as u64),
+            Outcome::Refused("overlaps the refcount table"),
+        ),
+        (
+            "refcount table entry 1 pointing at the refcount table",
+            |b, m| put64(b, m.reftable + 8, m.reftable as u64),
+            Outcome::Refused("overlaps the refcount table"),
+        ),
+        (
+            // Offset 0 means "no refcount block": every cluster then has refcount 0.
+            "refcount block at offset 0 (the header cluster)",
+            |b, m| put64(b, m.reftable, 0),
+            Outcome::WriteRefused("the header cluster at 0x0) has refcount 0"),
+        ),
+        (
+            "refcount block inside the header cluster",
+            |b, m| put64(b, m.reftable, 0x200),
+            Outcome::Refused("is not cluster-aligned"),
+        ),
+        (
+            "L1 entry pointing at the L1 table",
+            |b, m| put64(b, m.l1, m.l1 as u64 | 1 << 63),
+            Outcome::Refused("(L1 entry 0) overlaps the active L1 table"),
+        ),
+        (
+            "all 4 Mi entries of a 32 MiB L1 table pointing at the L1 table",
+            |b, _| maximal_l1(b, |l1| l1 | 1 << 63),
+            Outcome::Refused("overlaps the L2 table at"),
+        ),
+        (
+            "all 4 Mi entries of a 32 MiB L1 table misaligned",
+            |b, _| maximal_l1(b, |_| 0x1_0200),
+            Outcome::Refused("L2 table offset 0x10200 is not cluster-aligned"),
+        ),
+        (
+            "L2 table that is a refcount block",
+            |b, m| {
+                let block = be64(b, m.reftable);
+                put64(b, m.l1, block | 1 << 63);
+            },
+            Outcome::Refused("(L1 entry 0) overlaps refcount block 0"),
+        ),
+        (
+            "bitmap table that is the bitmap directory",
+            |b, m| put64(b, m.entry_b, m.dir as u64),
+            Outcome::Refused("the bitmap directory"),
+        ),
+        (
+            // Offset 0 in a bitmap table entry means "all zeros" (no data cluster).
+            "bitmap data cluster at offset 0 (the header cluster)",
+            |b, m| put64(b, m.table_b, 0),
+            Outcome::Valid(None),
+        ),
+        (
+            // Offset 0 with bit 0 set means "all ones".
+            "bitmap data cluster at offset 0 with bit 0 set",
+            |b, m| put64(b, m.table_b, 1),
+            Outcome::Valid(Some(())),
+        ),
+        (
+            "bitmap data cluster inside the header cluster",
+            |b, m| put64(b, m.table_b, 0x200),
+            Outcome::Refused("the data cluster offset is not cluster-aligned"),
+        ),
+    ];
+    // The claims these images make, for the record.
+    println!(
+        "16 EiB at {CLUSTER}-byte clusters would need {} L1 entries",
+        SIZE_16_EIB.div_ceil(l2_coverage)
+    );
+    let rss_before = peak_rss_kib();
+    for (what, mutate, outcome) in cases {
+        let path = s.path("case.qcow2");
+        let mut bytes = original.clone();
+        mutate(&mut bytes, &map);
+        std::fs::write(&path, &bytes).unwrap();
+        drop(bytes);
+        let before = file_hash(&path);
+        let started = std::time::Instant::now();
+        let read = Image::open(&path, OpenOptions::default());
+        let report = Image::check_file(&path, OpenOptions::default()).unwrap();
+        // Messages are bounded too, however many entries are bad.
+        assert!(
+            report.errors.len() <= 64 && report.warnings.len() <= 64,
+            "{what}: {} errors, {} warnings",
+            report.errors.len(),
+            report.warnings.len()
+        );
+        let open_rw = || {
+            Image::open(
+                &path,
+                OpenOptions {
+                    write: true,
+                    force_share: false,
+                },
+            )
+        };
+        match outcome {
+            Outcome::Refused(expected) => {
+                let err = read.expect_err(what).to_string();
+                println!("{what}: {err}");
+                assert!(
+                    err.contains(expected),
+                    "{what}: '{err}' does not say '{expected}'"
+                );
+                assert!(
+                    report.errors.iter().any(|e| e.contains(expected)),
+                    "{what}: check_file errors {:?}",
+                    report.errors
+                );
+                let err = open_rw().expect_err(what).to_string();
+                assert!(err.contains(expected), "{what}: writing: '{err}'");
+            }
+            Outcome::WriteRefused(expected) => {
+                let image = read.unwrap_or_else(|e| panic!("{what}: read-only open failed: {e}"));
+                assert_eq!(image.bitmaps().len(), 2, "{what}");
+                drop(image);
+                assert!(report.errors.is_empty(), "{what}: {:?}", report.errors);
+                assert!(
+                    report.warnings.iter().any(|w| w.contains(expected)),
+                    "{what}: check_file warnings {:?}",
+                    report.warnings
+                );
+                match open_rw() {
+                    Err(Error::ReadOnly(text)) => {
+                        println!("{what}: {text}");
+                        assert!(text.contains(expected), "{what}: '{text}'");
+                    }
+                    other => panic!("{what}: opening for writing: {other:?}"),
+                }
+            }
+            Outcome::Valid(dirty) => {
+                let image = read.unwrap_or_else(|e| panic!("{what}: refused: {e}"));
+                let content = image.inspect_bitmap("b").unwrap();
+                match dirty {
+                    None => assert!(content.is_empty(), "{what}"),
+                    Some(()) => assert_eq!(content.count(), SIZE, "{what}"),
+                }
+                assert_eq!(image.inspect_bitmap("a").unwrap(), a, "{what}");
+                drop(image);
+                assert!(report.errors.is_empty(), "{what}: {:?}", report.errors);
+                println!("{what}: accepted (valid), warnings {:?}", report.warnings);
+                drop(open_rw().unwrap_or_else(|e| panic!("{what}: writing refused: {e}")));
+            }
+        }
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < std::time::Duration::from_secs(2),
+            "{what}: took {elapsed:?}"
+        );
+        assert_eq!(file_hash(&path), before, "{what}: the file changed");
+    }
+    let grown = peak_rss_kib().saturating_sub(rss_before);
+    println!("peak RSS grew by {grown} KiB");
+    assert!(grown < 64 * 1024, "peak memory grew by {grown} KiB");
+}

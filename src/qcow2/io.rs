@@ -1,8 +1,9 @@
 //! I/O on the image file, behind a trait so that tests can inject faults.
 //!
-//! [`FileIo`] is the real thing. [`FailingIo`] fails chosen operations (an I/O error at the
-//! N-th write, every write from then on, or a flush), and [`CrashIo`] lets the first N writes
-//! reach the file and then behaves as if the process had died: nothing more is written.
+//! [`FileIo`] is the real thing. [`FailingIo`] fails chosen operations (an OS error such as
+//! `EIO` or `ENOSPC` at the N-th write, every write from then on, or a flush), and [`CrashIo`]
+//! lets the first N writes reach the file and then behaves as if the process had died: nothing
+//! more is written.
 #![forbid(unsafe_code)]
 
 use std::fs::File;
@@ -75,10 +76,16 @@ pub struct Faults {
     pub flush: Option<u64>,
     /// Fail the read with this index (0-based).
     pub read: Option<u64>,
+    /// The OS error (an errno value such as `libc::ENOSPC`) the failed operations return;
+    /// `None` means `EIO`.
+    pub errno: Option<i32>,
 }
 
-/// An [`ImageIo`] that returns `EIO` for the operations chosen in [`Faults`] and passes the
-/// others to the wrapped one.
+/// An [`ImageIo`] that fails the operations chosen in [`Faults`] and passes the others to the
+/// wrapped one. A failed operation does nothing and returns a real OS error,
+/// `io::Error::from_raw_os_error(errno)` ([`Faults::errno`], `EIO` by default), exactly what a
+/// failing disk would give: [`Error::errno`](super::Error::errno) and the error's
+/// [`source`](std::error::Error::source) report that errno.
 pub struct FailingIo<I: ImageIo> {
     inner: I,
     faults: Faults,
@@ -99,8 +106,8 @@ impl<I: ImageIo> FailingIo<I> {
         }
     }
 
-    fn injected(what: &str) -> io::Error {
-        io::Error::other(format!("injected {what} failure"))
+    fn injected(&self) -> io::Error {
+        io::Error::from_raw_os_error(self.faults.errno.unwrap_or(libc::EIO))
     }
 
     fn write_fails(&mut self) -> bool {
@@ -114,14 +121,14 @@ impl<I: ImageIo> ImageIo for FailingIo<I> {
     fn pread(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let index = self.reads.fetch_add(1, Ordering::Relaxed);
         if self.faults.read == Some(index) {
-            return Err(Self::injected("read"));
+            return Err(self.injected());
         }
         self.inner.pread(offset, buf)
     }
 
     fn pwrite(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
         if self.write_fails() {
-            return Err(Self::injected("write"));
+            return Err(self.injected());
         }
         self.inner.pwrite(offset, buf)
     }
@@ -130,7 +137,7 @@ impl<I: ImageIo> ImageIo for FailingIo<I> {
         let index = self.flushes;
         self.flushes += 1;
         if self.faults.flush == Some(index) {
-            return Err(Self::injected("flush"));
+            return Err(self.injected());
         }
         self.inner.flush()
     }
@@ -141,7 +148,7 @@ impl<I: ImageIo> ImageIo for FailingIo<I> {
 
     fn set_len(&mut self, len: u64) -> io::Result<()> {
         if self.write_fails() {
-            return Err(Self::injected("set_len"));
+            return Err(self.injected());
         }
         self.inner.set_len(len)
     }
