@@ -768,6 +768,50 @@ fn check_fails_a_damaged_image() {
     assert_eq!(fs::read(&path).unwrap(), data);
 }
 
+/// Overlapping structures are corruption, as for `qemu-img check`: a bitmap table over the L1
+/// table, a data cluster shared by two bitmaps.
+#[test]
+fn check_reports_overlaps() {
+    let (_dir, path) = image("1G");
+    for name in ["a", "b"] {
+        ok(&["add", s(&path), name]);
+        ok(&["set", s(&path), name, "0", "10M"]);
+    }
+    let clean = fs::read(&path).unwrap();
+    let be64 = |data: &[u8], at: usize| u64::from_be_bytes(data[at..at + 8].try_into().unwrap());
+    let table_of = |data: &[u8], name: &str| be64(data, directory_entry(data, name)) as usize;
+    let l1 = be64(&clean, 40);
+    let data_a = be64(&clean, table_of(&clean, "a"));
+
+    let mut over_l1 = clean.clone();
+    let entry = directory_entry(&over_l1, "b");
+    over_l1[entry..entry + 8].copy_from_slice(&l1.to_be_bytes());
+    let mut shared = clean.clone();
+    let table_b = table_of(&shared, "b");
+    shared[table_b..table_b + 8].copy_from_slice(&data_a.to_be_bytes());
+
+    for (data, expected) in [
+        (over_l1, "overlaps the active L1 table"),
+        (shared, "data cluster of bitmap 'a'"),
+    ] {
+        fs::write(&path, &data).unwrap();
+        let output = qbitmap()
+            .args(["check", s(&path), "--output=json"])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{expected}");
+        let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let errors = report["errors"].as_array().unwrap();
+        assert!(
+            errors.iter().any(|e| e.as_str().unwrap().contains(expected)),
+            "{expected}: {errors:?}"
+        );
+        let list = qbitmap().args(["list", s(&path)]).output().unwrap();
+        assert!(!list.status.success(), "{expected}: list accepted the image");
+        assert_eq!(fs::read(&path).unwrap(), data, "check changed the image");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // bad usage
 

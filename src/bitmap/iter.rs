@@ -24,9 +24,14 @@ pub(crate) fn skip_words(hb: &HBitmap, pos: &mut usize, cur: &mut [u64; LEVELS])
         // index below panics rather than reading out of bounds.
         level = level.wrapping_sub(1);
         index >>= BITS_PER_LEVEL;
-        word = cur[level] & hb.levels[level][index];
+        // A level with nothing left to visit needs no load (the common case one level up
+        // from a sparse word).
+        word = cur[level];
         if word != 0 {
-            break;
+            word &= hb.levels[level][index];
+            if word != 0 {
+                break;
+            }
         }
     }
     if level == 0 && word == SENTINEL {
