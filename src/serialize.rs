@@ -196,8 +196,7 @@ fn padding_ones(words: &[u64], bits: u64) -> u64 {
 pub(crate) fn write_le_words(words: &[u64], out: &mut [u8]) {
     if cfg!(target_endian = "little") {
         // The words' memory is their encoding: a plain copy.
-        storage::prefault(out);
-        out.copy_from_slice(bytemuck::cast_slice(words));
+        storage::copy_bulk(out, bytemuck::cast_slice(words));
     } else {
         for (bytes, word) in out.chunks_exact_mut(8).zip(words) {
             bytes.copy_from_slice(&word.to_le_bytes());
@@ -208,9 +207,7 @@ pub(crate) fn write_le_words(words: &[u64], out: &mut [u8]) {
 /// Decoding of little-endian bytes (exactly 8 per word) into `words`.
 pub(crate) fn read_le_words(bytes: &[u8], words: &mut [u64]) {
     if cfg!(target_endian = "little") {
-        let out: &mut [u8] = bytemuck::cast_slice_mut(words);
-        storage::prefault(out);
-        out.copy_from_slice(bytes);
+        storage::copy_bulk(bytemuck::cast_slice_mut(words), bytes);
     } else {
         for (word, bytes) in words.iter_mut().zip(bytes.chunks_exact(8)) {
             *word = u64::from_le_bytes(bytes.try_into().expect("chunks of 8"));

@@ -14,9 +14,9 @@ use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
-/// Levels at least this large get a mapping of their own.
-#[cfg(target_os = "linux")]
-const MAPPED_BYTES: usize = 256 << 10;
+/// Levels at least this large get a mapping of their own, and bulk copies at least this large
+/// prefault their destination and stream.
+const LARGE_BYTES: usize = 256 << 10;
 
 /// A zero-initialized array of `u64` whose length can change; new words are zero.
 ///
@@ -46,7 +46,7 @@ impl Words {
     /// `len` zero words.
     pub(crate) fn zeroed(len: usize) -> Words {
         #[cfg(target_os = "linux")]
-        if len * 8 >= MAPPED_BYTES {
+        if len * 8 >= LARGE_BYTES {
             if let Some(words) = linux::map_zeroed(len) {
                 return words;
             }
@@ -85,7 +85,7 @@ impl Words {
     pub(crate) fn resize_zeroed(&mut self, len: usize) {
         if let Some(mut vec) = self.take_vec() {
             #[cfg(target_os = "linux")]
-            if len > vec.len() && len * 8 >= MAPPED_BYTES {
+            if len > vec.len() && len * 8 >= LARGE_BYTES {
                 if let Some(mut words) = linux::map_zeroed(len) {
                     words[..vec.len()].copy_from_slice(&vec);
                     *self = words;
@@ -178,11 +178,64 @@ impl Clone for Words {
 /// mappings) just leave the faults to the copy.
 pub(crate) fn prefault(buf: &mut [u8]) {
     #[cfg(target_os = "linux")]
-    if buf.len() >= MAPPED_BYTES {
+    if buf.len() >= LARGE_BYTES {
         linux::prefault(buf);
     }
     #[cfg(not(target_os = "linux"))]
     let _ = buf;
+}
+
+/// `dst.copy_from_slice(src)` for bulk moves of bitmap data (serialization, deserialization).
+/// Large copies prefault their destination and, on x86-64, bypass the cache with streaming
+/// stores: the destination of a multi-megabyte copy is not about to be read, and not reading it
+/// in first (as ordinary stores must) saves a third of the memory traffic.
+pub(crate) fn copy_bulk(dst: &mut [u8], src: &[u8]) {
+    if dst.len() < LARGE_BYTES {
+        dst.copy_from_slice(src);
+        return;
+    }
+    prefault(dst);
+    #[cfg(target_arch = "x86_64")]
+    x86::stream_copy(dst, src);
+    #[cfg(not(target_arch = "x86_64"))]
+    dst.copy_from_slice(src);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+
+    /// Copies with non-temporal stores (SSE2, part of every x86-64 CPU), then fences them so
+    /// they are ordered before any later store.
+    pub(super) fn stream_copy(dst: &mut [u8], src: &[u8]) {
+        assert_eq!(dst.len(), src.len(), "stream_copy: lengths differ");
+        // Streaming stores need 16-byte alignment: copy the bytes before it plainly.
+        let head = dst.as_ptr().align_offset(16).min(dst.len());
+        let (dst_head, dst_body) = dst.split_at_mut(head);
+        let (src_head, src_body) = src.split_at(head);
+        dst_head.copy_from_slice(src_head);
+        let mut dst_blocks = dst_body.chunks_exact_mut(64);
+        let mut src_blocks = src_body.chunks_exact(64);
+        for (d, s) in (&mut dst_blocks).zip(&mut src_blocks) {
+            let (d, s) = (d.as_mut_ptr().cast::<__m128i>(), s.as_ptr().cast::<__m128i>());
+            // SAFETY: both blocks are 64 bytes long, so the four 16-byte accesses stay inside;
+            // `d` is 16-byte aligned (the head was split off and 64 keeps the alignment), the
+            // loads are unaligned ones.
+            unsafe {
+                let (a, b) = (_mm_loadu_si128(s), _mm_loadu_si128(s.add(1)));
+                let (c, e) = (_mm_loadu_si128(s.add(2)), _mm_loadu_si128(s.add(3)));
+                _mm_stream_si128(d, a);
+                _mm_stream_si128(d.add(1), b);
+                _mm_stream_si128(d.add(2), c);
+                _mm_stream_si128(d.add(3), e);
+            }
+        }
+        dst_blocks
+            .into_remainder()
+            .copy_from_slice(src_blocks.remainder());
+        // SAFETY: sfence has no preconditions (SSE, part of every x86-64 CPU).
+        unsafe { _mm_sfence() };
+    }
 }
 
 #[cfg(target_os = "linux")]
