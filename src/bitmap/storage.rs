@@ -362,6 +362,17 @@ mod tests {
     }
 
     #[test]
+    fn bulk_copies_match_plain_ones_at_any_alignment() {
+        let src: Vec<u8> = (0..LARGE_BYTES + 300).map(|i| (i * 7 + i / 251) as u8).collect();
+        for (from, to, len) in [(0, 0, LARGE_BYTES), (3, 5, LARGE_BYTES + 77), (16, 1, 1000)] {
+            let mut dst = vec![0u8; len + 40];
+            copy_bulk(&mut dst[to..to + len], &src[from..from + len]);
+            assert_eq!(&dst[to..to + len], &src[from..from + len], "{from} {to} {len}");
+            assert!(dst[..to].iter().chain(&dst[to + len..]).all(|&b| b == 0));
+        }
+    }
+
+    #[test]
     fn regrown_words_are_zero() {
         // Across the heap/mapping boundary and within one page of a mapping.
         for (first, small, large) in [
