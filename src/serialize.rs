@@ -158,6 +158,27 @@ impl HBitmap {
         self.stale = false;
     }
 
+    /// `deserialize_finish` for a bitmap that was clean before words were written into its
+    /// last level at `written` (ascending ranges starting at multiples of 64 words): only those
+    /// are summarized, so loading a sparse bitmap never reads its untouched pages.
+    pub(crate) fn finish_loaded(&mut self, written: &[Range<usize>]) {
+        let (upper, lower) = self.levels.split_at_mut(LAST);
+        let (summary, words) = (&mut upper[LAST - 1], &lower[0]);
+        let mut ones = 0;
+        for range in written {
+            debug_assert!(range.start % 64 == 0, "unaligned range {range:?}");
+            let marks = range.start / 64..range.end.div_ceil(64);
+            ones += words::summarize(&words[range.clone()], &mut summary[marks]);
+        }
+        self.count = ones - padding_ones(words, self.groups);
+        for level in (0..LAST - 1).rev() {
+            let (upper, lower) = self.levels.split_at_mut(level + 1);
+            words::summarize(&lower[0], &mut upper[level]);
+        }
+        self.levels[0][0] |= SENTINEL;
+        self.stale = false;
+    }
+
     /// SHA-256 of the last level's words as they lie in memory, in lowercase hex: the
     /// original's `hbitmap_sha256`.
     pub fn sha256(&self) -> String {

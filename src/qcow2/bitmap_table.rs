@@ -8,6 +8,8 @@
 //! must be zero.
 #![forbid(unsafe_code)]
 
+use std::ops::Range;
+
 use crate::bitmap::{storage, LAST};
 use crate::HBitmap;
 use byteorder::{BigEndian, ByteOrder, LittleEndian};
@@ -155,6 +157,13 @@ pub(crate) fn load(
     let limit = table
         .len()
         .min(usize::try_from(len.div_ceil(per_cluster)).unwrap_or(usize::MAX));
+    // Word ranges written: only they need summarizing (the rest of the fresh bitmap is clean,
+    // and reading it would only fault in zero pages).
+    let mut written: Vec<Range<usize>> = Vec::new();
+    let mut note = |range: Range<usize>| match written.last_mut() {
+        Some(last) if last.end == range.start => last.end = range.end,
+        _ => written.push(range),
+    };
     let mut index = 0;
     while index < limit {
         let entry = table[index];
@@ -179,6 +188,7 @@ pub(crate) fn load(
                 for (word, chunk) in dst.iter_mut().zip(data.chunks_exact(8)) {
                     *word = LittleEndian::read_u64(chunk);
                 }
+                note(first_word..total_words);
                 index += 1;
                 continue;
             }
@@ -191,7 +201,7 @@ pub(crate) fn load(
                 end += 1;
             }
             let dst = &mut words[first_word..end * cluster_words];
-            storage::prefault(bytemuck::cast_slice_mut(dst));
+            storage::prefault_whole(bytemuck::cast_slice_mut(dst));
             io.pread(offset, bytemuck::cast_slice_mut(dst))
                 .map_err(|e| {
                     Error::io(
@@ -200,11 +210,13 @@ pub(crate) fn load(
                     )
                 })?;
             words_from_le(dst);
+            note(first_word..end * cluster_words);
             index = end;
         } else {
             if entry & ENTRY_ALL_ONES != 0 {
                 let end_word = (first_word + cluster_words).min(total_words);
                 words[first_word..end_word].fill(u64::MAX);
+                note(first_word..end_word);
                 if index == last && groups % 64 != 0 {
                     // Whole words would also set the padding bits: give exact ones instead.
                     words[total_words - 1] = (1u64 << (groups % 64)) - 1;
@@ -213,7 +225,7 @@ pub(crate) fn load(
             index += 1;
         }
     }
-    bitmap.deserialize_finish();
+    bitmap.finish_loaded(&written);
     Ok(bitmap)
 }
 
