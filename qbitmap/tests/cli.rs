@@ -803,11 +803,16 @@ fn check_reports_overlaps() {
         let report: Value = serde_json::from_slice(&output.stdout).unwrap();
         let errors = report["errors"].as_array().unwrap();
         assert!(
-            errors.iter().any(|e| e.as_str().unwrap().contains(expected)),
+            errors
+                .iter()
+                .any(|e| e.as_str().unwrap().contains(expected)),
             "{expected}: {errors:?}"
         );
         let list = qbitmap().args(["list", s(&path)]).output().unwrap();
-        assert!(!list.status.success(), "{expected}: list accepted the image");
+        assert!(
+            !list.status.success(),
+            "{expected}: list accepted the image"
+        );
         assert_eq!(fs::read(&path).unwrap(), data, "check changed the image");
     }
 }

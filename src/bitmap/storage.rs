@@ -217,7 +217,10 @@ mod x86 {
         let mut dst_blocks = dst_body.chunks_exact_mut(64);
         let mut src_blocks = src_body.chunks_exact(64);
         for (d, s) in (&mut dst_blocks).zip(&mut src_blocks) {
-            let (d, s) = (d.as_mut_ptr().cast::<__m128i>(), s.as_ptr().cast::<__m128i>());
+            let (d, s) = (
+                d.as_mut_ptr().cast::<__m128i>(),
+                s.as_ptr().cast::<__m128i>(),
+            );
             // SAFETY: both blocks are 64 bytes long, so the four 16-byte accesses stay inside;
             // `d` is 16-byte aligned (the head was split off and 64 keeps the alignment), the
             // loads are unaligned ones.
@@ -393,11 +396,17 @@ mod tests {
 
     #[test]
     fn bulk_copies_match_plain_ones_at_any_alignment() {
-        let src: Vec<u8> = (0..LARGE_BYTES + 300).map(|i| (i * 7 + i / 251) as u8).collect();
+        let src: Vec<u8> = (0..LARGE_BYTES + 300)
+            .map(|i| (i * 7 + i / 251) as u8)
+            .collect();
         for (from, to, len) in [(0, 0, LARGE_BYTES), (3, 5, LARGE_BYTES + 77), (16, 1, 1000)] {
             let mut dst = vec![0u8; len + 40];
             copy_bulk(&mut dst[to..to + len], &src[from..from + len]);
-            assert_eq!(&dst[to..to + len], &src[from..from + len], "{from} {to} {len}");
+            assert_eq!(
+                &dst[to..to + len],
+                &src[from..from + len],
+                "{from} {to} {len}"
+            );
             assert!(dst[..to].iter().chain(&dst[to + len..]).all(|&b| b == 0));
         }
     }
