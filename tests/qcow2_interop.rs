@@ -460,7 +460,10 @@ fn images_with_other_features() {
     let base = s.path("base.qcow2");
     let bs = base.to_str().unwrap();
     qemu_img(&["create", "-q", "-f", "qcow2", bs, "64M"]);
-    let variants: [(&str, &[&str]); 5] = [
+    // An external data file: only guest data lives there, bitmaps stay in the qcow2 file.
+    let data_file = format!("data_file={}", s.path("datafile.raw").display());
+    let variants: [(&str, &[&str]); 6] = [
+        ("datafile", &["-o", &data_file]),
         (
             "backing",
             &["-o", "backing_file=base.qcow2,backing_fmt=qcow2"],
@@ -487,7 +490,11 @@ fn images_with_other_features() {
         args.push(&ps);
         args.push("64M");
         qemu_img(&args);
-        if name != "luks" {
+        if name == "datafile" {
+            // Neither compression nor internal snapshots go with a data file.
+            run("qemu-io", &["-f", "qcow2", "-c", "write -P 7 1M 300k", &ps]);
+            run("qemu-io", &["-f", "qcow2", "-c", "write -P 8 1M 64k", &ps]);
+        } else if name != "luks" {
             run(
                 "qemu-io",
                 &[
@@ -540,6 +547,30 @@ fn images_with_other_features() {
         if name == "backing" {
             let info = qemu_img(&["info", "-U", &ps]);
             assert!(info.contains("backing file: base.qcow2"), "{info}");
+        }
+        if name == "datafile" && have("qemu-nbd") && have("nbdinfo") {
+            drop(image);
+            assert_eq!(qemu_extents(&s.dir, &p, "x"), extents(&bitmap), "{name}");
+            let image = Image::open(&p, RO).unwrap();
+            assert!(image
+                .bitmap("a-rather-long-bitmap-name-to-grow-the-header")
+                .is_some());
+            drop(image);
+            // The guest data in the data file is untouched.
+            run(
+                "qemu-io",
+                &[
+                    "-r",
+                    "-f",
+                    "qcow2",
+                    "-c",
+                    "read -P 8 1M 64k",
+                    "-c",
+                    "read -P 7 1088k 236k",
+                    &ps,
+                ],
+            );
+            continue;
         }
         if name != "luks" {
             drop(image);
