@@ -78,6 +78,20 @@ pub(crate) fn next_item(
     take_item(word, granularity, *pos, cur, advance)
 }
 
+/// The next item if the current word still holds one, without looking further: the C ABI's
+/// hot path. None also for a cursor position out of range (`next_item` reports that).
+#[inline(always)]
+pub(crate) fn next_item_in_word(
+    hb: &HBitmap,
+    granularity: u32,
+    pos: usize,
+    cur: &mut [u64; LEVELS],
+    advance: bool,
+) -> Option<i64> {
+    let word = cur[LAST] & *hb.levels[LAST].get(pos)?;
+    (word != 0).then(|| take_item(word, granularity, pos, cur, advance))
+}
+
 /// `next_item` once the current word is exhausted: kept out of line so the common case needs
 /// no stack frame.
 #[inline(never)]

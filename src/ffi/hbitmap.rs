@@ -222,34 +222,29 @@ pub unsafe extern "C" fn hbitmap_reset_all(hb: *mut HBitmap) {
 /// `hb` points to a live bitmap.
 #[no_mangle]
 pub unsafe extern "C" fn hbitmap_get(hb: *const HBitmap, item: u64) -> bool {
-    // The point query is latency-bound: its broken preconditions are reported by tail calls,
-    // so the common path needs no stack frame.
-    if hb.is_null() {
-        // SAFETY: NULL is allowed.
-        return unsafe { get_violated(hb, item) };
+    // The point query is latency-bound: anything but the common case is one tail call, so the
+    // common path needs no stack frame.
+    // SAFETY: a non-NULL `hb` points to a live bitmap (the caller's contract).
+    if let Some(dirty) = unsafe { hb.as_ref() }.and_then(|bitmap| bitmap.get_checked(item)) {
+        return dirty;
     }
-    // SAFETY: non-NULL checked; liveness is the caller's contract.
-    let bitmap = unsafe { &*hb };
-    match bitmap.get_checked(item) {
-        Some(dirty) => dirty,
-        // SAFETY: `hb` points to a live bitmap.
-        None => unsafe { get_violated(hb, item) },
-    }
+    // SAFETY: the caller's contract.
+    unsafe { get_slow(hb, item) }
 }
 
-/// Aborts for `hbitmap_get`'s broken preconditions. It returns `bool` (and never returns) so
-/// that calling it is a tail jump.
+/// `hbitmap_get` when the fast path gave up: aborts for broken preconditions. It is a C ABI
+/// function that can return (as far as the compiler knows), so calling it is a tail jump.
 ///
 /// # Safety
 /// `hb` is NULL or points to a live bitmap.
 #[cold]
 #[inline(never)]
-unsafe fn get_violated(hb: *const HBitmap, item: u64) -> bool {
+unsafe extern "C" fn get_slow(hb: *const HBitmap, item: u64) -> bool {
     // SAFETY: the caller's contract.
     let bitmap = unsafe { borrow("hbitmap_get", "hb", hb) };
     match bitmap.check_item(item) {
         Err(why) => violated("hbitmap_get", &why),
-        Ok(()) => unreachable!("hbitmap_get: item {item} is in range"),
+        Ok(()) => bitmap.get(item),
     }
 }
 
@@ -495,6 +490,31 @@ pub unsafe extern "C" fn hbitmap_iter_skip_words(hbi: *mut HBitmapIter) -> c_ulo
 /// `hbi` was initialized by `hbitmap_iter_init` and its bitmap is live.
 #[no_mangle]
 pub unsafe extern "C" fn hbitmap_iter_next(hbi: *mut HBitmapIter, advance: bool) -> i64 {
+    // The common case, an item left in the current word, needs no stack frame: everything else
+    // (moving to the next word, broken preconditions) is one tail call.
+    // SAFETY: a non-NULL `hbi` is an initialized iterator (the caller's contract).
+    if let Some(iter) = unsafe { hbi.as_mut() } {
+        // SAFETY: `hbitmap_iter_init` stored a live bitmap (the caller's contract).
+        if let Some(bitmap) = unsafe { iter.hb.as_ref() } {
+            let granularity = iter.granularity as u32 & 63;
+            if let Some(item) =
+                iter_state::next_item_in_word(bitmap, granularity, iter.pos, &mut iter.cur, advance)
+            {
+                return item;
+            }
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe { iter_next_slow(hbi, advance) }
+}
+
+/// `hbitmap_iter_next` past the current word, or aborting for broken preconditions. The C ABI
+/// makes it a function that cannot unwind, so that calling it can be a tail call.
+///
+/// # Safety
+/// As for `hbitmap_iter_next`.
+#[inline(never)]
+unsafe extern "C" fn iter_next_slow(hbi: *mut HBitmapIter, advance: bool) -> i64 {
     // SAFETY: the caller's contract.
     let (iter, bitmap) = unsafe { iter_parts("hbitmap_iter_next", hbi) };
     let granularity = iter.granularity as u32 & 63;
