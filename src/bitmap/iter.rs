@@ -95,7 +95,7 @@ pub(crate) fn next_item_in_word(
 /// `next_item` once the current word is exhausted: kept out of line so the common case needs
 /// no stack frame.
 #[inline(never)]
-fn next_item_in_next_word(
+pub(crate) fn next_item_in_next_word(
     hb: &HBitmap,
     granularity: u32,
     pos: &mut usize,

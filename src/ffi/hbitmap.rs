@@ -6,7 +6,7 @@ use libc::{c_char, c_int, c_ulong};
 use static_assertions::{assert_eq_size, const_assert_eq};
 
 use super::{borrow, borrow_mut, null_pointer, require, violated};
-use crate::bitmap::{iter as iter_state, HBitmap, Violation, LEVELS};
+use crate::bitmap::{iter as iter_state, HBitmap, Violation, LAST, LEVELS};
 
 #[cfg(not(all(target_pointer_width = "64", not(windows))))]
 compile_error!("the C ABI follows QEMU's LP64 layout: 64-bit `unsigned long` and pointers");
@@ -518,7 +518,18 @@ unsafe extern "C" fn iter_next_slow(hbi: *mut HBitmapIter, advance: bool) -> i64
     // SAFETY: the caller's contract.
     let (iter, bitmap) = unsafe { iter_parts("hbitmap_iter_next", hbi) };
     let granularity = iter.granularity as u32 & 63;
-    iter_state::next_item(bitmap, granularity, &mut iter.pos, &mut iter.cur, advance)
+    let words = bitmap.level_words(LAST);
+    if iter.pos >= words.len() {
+        // Only an iterator outliving a shrink of its bitmap gets here.
+        panic!(
+            "hbitmap_iter_next: iterator position {} is past the bitmap's {} words (truncated \
+             while iterating?)",
+            iter.pos,
+            words.len()
+        );
+    }
+    // The fast path found the current word exhausted.
+    iter_state::next_item_in_next_word(bitmap, granularity, &mut iter.pos, &mut iter.cur, advance)
 }
 
 /// The first clean item in `start .. start + count - 1` (or `start` itself if its group is
