@@ -79,7 +79,7 @@ pub(crate) fn next_item(
 }
 
 /// The next item if the current word still holds one, without looking further: the C ABI's
-/// hot path. None also for a cursor position out of range (`next_item` reports that).
+/// hot path. None also for a cursor position out of range, which the caller reports.
 #[inline(always)]
 pub(crate) fn next_item_in_word(
     hb: &HBitmap,

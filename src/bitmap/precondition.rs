@@ -40,6 +40,8 @@ pub enum Violation {
     ChunkStart { start: u64, align: u64 },
     /// A serialization chunk, not the last, whose length is off alignment.
     ChunkCount { count: u64, align: u64 },
+    /// An iterator positioned past the last word: its bitmap shrank after `iter_init`.
+    IterPastEnd { pos: u64, words: u64 },
 }
 
 impl fmt::Display for Violation {
@@ -79,6 +81,10 @@ impl fmt::Display for Violation {
             Violation::ChunkCount { count, align } => write!(
                 f,
                 "chunk count {count} is not a multiple of {align} and the chunk is not the last one"
+            ),
+            Violation::IterPastEnd { pos, words } => write!(
+                f,
+                "iterator at word {pos} is past the bitmap's {words} words (truncated while iterating?)"
             ),
         }
     }

@@ -518,14 +518,15 @@ unsafe extern "C" fn iter_next_slow(hbi: *mut HBitmapIter, advance: bool) -> i64
     // SAFETY: the caller's contract.
     let (iter, bitmap) = unsafe { iter_parts("hbitmap_iter_next", hbi) };
     let granularity = iter.granularity as u32 & 63;
-    let words = bitmap.level_words(LAST);
-    if iter.pos >= words.len() {
+    let words = bitmap.level_words(LAST).len();
+    if iter.pos >= words {
         // Only an iterator outliving a shrink of its bitmap gets here.
-        panic!(
-            "hbitmap_iter_next: iterator position {} is past the bitmap's {} words (truncated \
-             while iterating?)",
-            iter.pos,
-            words.len()
+        violated(
+            "hbitmap_iter_next",
+            &Violation::IterPastEnd {
+                pos: iter.pos as u64,
+                words: words as u64,
+            },
         );
     }
     // The fast path found the current word exhausted.
