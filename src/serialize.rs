@@ -146,21 +146,16 @@ impl HBitmap {
 
     /// Rebuilds the summary levels from the last level and recounts the dirty groups.
     pub fn deserialize_finish(&mut self) {
-        for level in (0..LAST).rev() {
-            let (upper, lower) = self.levels.split_at_mut(level + 1);
-            let ones = words::summarize(&lower[0], &mut upper[level]);
-            if level == LAST - 1 {
-                // Padding bits past the last group are not counted.
-                self.count = ones - padding_ones(&lower[0], self.groups);
-            }
-        }
-        self.levels[0][0] |= SENTINEL;
-        self.stale = false;
+        let words = self.levels[LAST].len();
+        self.finish_loaded(std::slice::from_ref(&(0..words)));
     }
 
-    /// `deserialize_finish` for a bitmap that was clean before words were written into its
-    /// last level at `written` (ascending ranges starting at multiples of 64 words): only those
-    /// are summarized, so loading a sparse bitmap never reads its untouched pages.
+    /// `deserialize_finish` for a bitmap whose last level changed only at `written` (ascending
+    /// ranges starting at multiples of 64 words) since its summaries were last right, as a
+    /// fresh bitmap's are: only those ranges are summarized, so loading a sparse bitmap never
+    /// reads its untouched pages. The levels above are rebuilt whole (they are 64 times
+    /// smaller), and the count comes from the ranges: outside them the last level must be
+    /// clean.
     pub(crate) fn finish_loaded(&mut self, written: &[Range<usize>]) {
         let (upper, lower) = self.levels.split_at_mut(LAST);
         let (summary, words) = (&mut upper[LAST - 1], &lower[0]);
@@ -170,6 +165,7 @@ impl HBitmap {
             let marks = range.start / 64..range.end.div_ceil(64);
             ones += words::summarize(&words[range.clone()], &mut summary[marks]);
         }
+        // Padding bits past the last group are not counted.
         self.count = ones - padding_ones(words, self.groups);
         for level in (0..LAST - 1).rev() {
             let (upper, lower) = self.levels.split_at_mut(level + 1);

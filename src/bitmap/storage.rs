@@ -176,7 +176,7 @@ impl Clone for Words {
 /// likely fresh too, and one `MADV_POPULATE_WRITE` call allocates it all at a fraction of the
 /// cost of a page fault per page. Contents are unchanged; errors (old kernels, special
 /// mappings) just leave the faults to the copy.
-pub(crate) fn prefault(buf: &mut [u8]) {
+fn prefault(buf: &mut [u8]) {
     #[cfg(target_os = "linux")]
     if buf.len() >= LARGE_BYTES {
         linux::prefault(buf);

@@ -618,16 +618,7 @@ impl Image {
         }
         let bits = granularity.trailing_zeros();
         self.check_constraints(name, bits)?;
-        let bitmap = HBitmap::new(self.virtual_size(), bits)
-            .map_err(|e| Error::Limit(format!("bitmap '{name}': {e}")))?;
-        self.store_bitmap(
-            name,
-            &bitmap,
-            BitmapFlags {
-                in_use: false,
-                auto: enabled,
-            },
-        )
+        self.store_empty(name, bits, enabled)
     }
 
     /// Removes a bitmap (also one marked in use) and frees its clusters.
@@ -646,17 +637,23 @@ impl Image {
     pub fn clear_bitmap(&mut self, name: &str) -> Result<(), Error> {
         self.ensure_writable()?;
         let index = self.consistent(name, "clear")?;
-        let entry = self.layout.bitmaps[index].entry.clone();
-        let bitmap = HBitmap::new(self.virtual_size(), u32::from(entry.granularity_bits))
+        let entry = &self.layout.bitmaps[index].entry;
+        let (bits, auto) = (
+            u32::from(entry.granularity_bits),
+            entry.flags & FLAG_AUTO != 0,
+        );
+        self.store_empty(name, bits, auto)
+    }
+
+    /// Stores a clean bitmap of granularity `2^bits` bytes as `name`, consistent, `auto` or not.
+    fn store_empty(&mut self, name: &str, bits: u32, auto: bool) -> Result<(), Error> {
+        let bitmap = HBitmap::new(self.virtual_size(), bits)
             .map_err(|e| Error::Limit(format!("bitmap '{name}': {e}")))?;
-        self.store_bitmap(
-            name,
-            &bitmap,
-            BitmapFlags {
-                in_use: false,
-                auto: entry.flags & FLAG_AUTO != 0,
-            },
-        )
+        let flags = BitmapFlags {
+            in_use: false,
+            auto,
+        };
+        self.store_bitmap(name, &bitmap, flags)
     }
 
     /// Enables or disables a bitmap (its `auto` flag). Refused for a bitmap in use.
