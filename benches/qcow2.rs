@@ -11,21 +11,9 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use hbitmap::qcow2::{BitmapFlags, Image, OpenOptions};
 use hbitmap::HBitmap;
 
-/// xorshift64*: reproducible inputs without a dependency.
-struct Rng(u64);
+mod common;
 
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
+use common::Rng;
 
 const DISK: u64 = 16 << 40;
 const GRANULARITY: u32 = 16;

@@ -239,11 +239,7 @@ fn failed_writes_leave_the_image_usable() {
     image.close().unwrap();
     let b = random_bitmap(&mut rng, size, 12, 30);
     for index in 0..12 {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&p)
-            .unwrap();
+        let file = rw_file(&p);
         let io = FailingIo::new(
             FileIo::new(file),
             Faults {
@@ -268,11 +264,7 @@ fn failed_writes_leave_the_image_usable() {
         image.remove_bitmap("b").unwrap();
     }
     // A failing flush.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&p)
-        .unwrap();
+    let file = rw_file(&p);
     let io = FailingIo::new(
         FileIo::new(file),
         Faults {

@@ -29,11 +29,7 @@ fn crash_each_write(name: &str, base: &Path, dir: &Path, op: &dyn Fn(&mut Image)
     let work = dir.join(format!("{name}-work.qcow2"));
     let old = state(base);
     std::fs::copy(base, &work).unwrap();
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&work)
-        .unwrap();
+    let file = rw_file(&work);
     let io = CrashIo::new(FileIo::new(file), u64::MAX);
     let counter = io.writes();
     let mut image = Image::open_io(Box::new(io), &work, true).unwrap();
@@ -45,11 +41,7 @@ fn crash_each_write(name: &str, base: &Path, dir: &Path, op: &dyn Fn(&mut Image)
     let check = have("qemu-img");
     for crash_at in 0..writes {
         std::fs::copy(base, &work).unwrap();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&work)
-            .unwrap();
+        let file = rw_file(&work);
         let io = CrashIo::new(FileIo::new(file), crash_at);
         let mut image = Image::open_io(Box::new(io), &work, true).unwrap();
         op(&mut image);

@@ -67,14 +67,6 @@ impl<I: ImageIo> ImageIo for Recorder<I> {
     }
 }
 
-fn rw_file(path: &Path) -> std::fs::File {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap()
-}
-
 fn open_failing(path: &Path, faults: Faults) -> Image {
     let io = FailingIo::new(FileIo::new(rw_file(path)), faults);
     Image::open_io(Box::new(io), path, true).unwrap()

@@ -548,32 +548,15 @@ fn images_with_other_features() {
             let info = qemu_img(&["info", "-U", &ps]);
             assert!(info.contains("backing file: base.qcow2"), "{info}");
         }
-        if name == "datafile" && have("qemu-nbd") && have("nbdinfo") {
-            drop(image);
-            assert_eq!(qemu_extents(&s.dir, &p, "x"), extents(&bitmap), "{name}");
-            let image = Image::open(&p, RO).unwrap();
-            assert!(image
-                .bitmap("a-rather-long-bitmap-name-to-grow-the-header")
-                .is_some());
-            drop(image);
-            // The guest data in the data file is untouched.
-            run(
-                "qemu-io",
-                &[
-                    "-r",
-                    "-f",
-                    "qcow2",
-                    "-c",
-                    "read -P 8 1M 64k",
-                    "-c",
-                    "read -P 7 1088k 236k",
-                    &ps,
-                ],
-            );
-            continue;
-        }
+        assert!(image
+            .bitmap("a-rather-long-bitmap-name-to-grow-the-header")
+            .is_some());
         if name != "luks" {
             drop(image);
+            if name == "datafile" && have("qemu-nbd") && have("nbdinfo") {
+                assert_eq!(qemu_extents(&s.dir, &p, "x"), extents(&bitmap), "{name}");
+            }
+            // The guest data (in the data file for "datafile") is untouched.
             run(
                 "qemu-io",
                 &[

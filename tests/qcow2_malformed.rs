@@ -86,9 +86,9 @@ enum Refused {
 
 type Mutation = fn(&mut Vec<u8>, &Map);
 
-#[test]
-fn malformed_images_are_refused() {
-    let s = Scratch::new("malformed");
+/// The image every case starts from: bitmap 'a' (granularity 64 KiB, 128 bytes of data, `auto`)
+/// and bitmap 'b' (granularity 512 B): its bytes, where its structures lie, and bitmap 'a'.
+fn valid_image(s: &Scratch) -> (Vec<u8>, Map, HBitmap) {
     let base = s.path("base.qcow2");
     let mut a = HBitmap::new(SIZE, 16).unwrap(); // 1024 bits: 128 bytes of data
     a.set(0, 1 << 20);
@@ -100,6 +100,13 @@ fn malformed_images_are_refused() {
     image.close().unwrap();
     let original = std::fs::read(&base).unwrap();
     let map = map_of(&original);
+    (original, map, a)
+}
+
+#[test]
+fn malformed_images_are_refused() {
+    let s = Scratch::new("malformed");
+    let (original, map, _) = valid_image(&s);
 
     let cases: Vec<(&str, Mutation, &str, Refused)> = vec![
         (
@@ -667,17 +674,7 @@ enum Outcome {
 #[test]
 fn resource_bounds_of_hostile_images() {
     let s = Scratch::new("hostile");
-    let base = s.path("base.qcow2");
-    let mut a = HBitmap::new(SIZE, 16).unwrap();
-    a.set(0, 1 << 20);
-    let mut b = HBitmap::new(SIZE, 9).unwrap();
-    b.set(5 << 20, 1 << 20);
-    let mut image = Image::create(&base, SIZE, CLUSTER as u64).unwrap();
-    image.store_bitmap("a", &a, AUTO).unwrap();
-    image.store_bitmap("b", &b, BitmapFlags::default()).unwrap();
-    image.close().unwrap();
-    let original = std::fs::read(&base).unwrap();
-    let map = map_of(&original);
+    let (original, map, a) = valid_image(&s);
     let l2_coverage = (CLUSTER as u64) * (CLUSTER as u64 / 8);
 
     let cases: Vec<(&str, Mutation, Outcome)> = vec![

@@ -42,6 +42,15 @@ impl Drop for Scratch {
 }
 
 /// Whether a tool can be run.
+/// Opens an image file for reading and writing (to wrap it in a fault-injecting `ImageIo`).
+pub fn rw_file(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
+}
+
 pub fn have(tool: &str) -> bool {
     Command::new(tool)
         .arg("--version")
