@@ -8,6 +8,9 @@ use sha2::{Digest, Sha256};
 
 use crate::bitmap::{storage, words, HBitmap, Violation, BITS_PER_LEVEL, LAST, LEVELS, SENTINEL};
 
+/// Last-level words per block whose summary serialization consults: a page's worth.
+const SUMMARY_BLOCK: usize = 512;
+
 /// Granularities from this one up cannot be serialized: `64 << granularity` must fit 64 bits.
 pub const MAX_SERIALIZABLE_GRANULARITY: u32 = 58;
 
@@ -96,7 +99,42 @@ impl HBitmap {
                 "HBitmap::serialize_part: buffer of {} bytes, {needed} needed",
                 buf.len()
             );
-            write_le_words(&self.levels[LAST][words], &mut buf[..needed]);
+            self.serialize_words(words, &mut buf[..needed]);
+        }
+    }
+
+    /// Writes the last level's `words` into `out` (8 bytes each) as little-endian words. While
+    /// the summary is right (no deserialization pending), blocks it shows clean are written as
+    /// zeros without being read: the clean pages of a sparse bitmap may never have been
+    /// touched, and reading them would fault every one of them in.
+    pub(crate) fn serialize_words(&self, words: Range<usize>, out: &mut [u8]) {
+        let level = &self.levels[LAST];
+        if self.stale || cfg!(target_endian = "big") {
+            return write_le_words(&level[words], out);
+        }
+        let summary = &self.levels[LAST - 1];
+        let clean = |block: usize| {
+            let first = block * SUMMARY_BLOCK;
+            let marks = first / 64..(first + SUMMARY_BLOCK).min(level.len()).div_ceil(64);
+            summary[marks].iter().all(|&mark| mark == 0)
+        };
+        let bulk = storage::BulkWrite::new(out.len());
+        let mut at = words.start;
+        while at < words.end {
+            // The run of blocks, all clean or all dirty, that starts at `at`.
+            let run_clean = clean(at / SUMMARY_BLOCK);
+            let mut end = (at / SUMMARY_BLOCK + 1) * SUMMARY_BLOCK;
+            while end < words.end && clean(end / SUMMARY_BLOCK) == run_clean {
+                end += SUMMARY_BLOCK;
+            }
+            let end = end.min(words.end);
+            let dst = &mut out[(at - words.start) * 8..(end - words.start) * 8];
+            if run_clean {
+                bulk.clear(dst);
+            } else {
+                bulk.copy(dst, bytemuck::cast_slice(&level[at..end]));
+            }
+            at = end;
         }
     }
 
@@ -120,9 +158,11 @@ impl HBitmap {
     }
 
     /// Makes the chunk `start..start + count` clean (whole words), as a deserialization step.
+    /// Pages that are clean already are not written: a fresh bitmap stays unbacked.
     pub fn deserialize_zeroes(&mut self, start: u64, count: u64, finish: bool) {
         if let Some(words) = self.chunk_or_panic("deserialize_zeroes", start, count) {
-            self.levels[LAST][words].fill(0);
+            let bytes = bytemuck::cast_slice_mut(&mut self.levels[LAST][words]);
+            storage::BulkWrite::new(bytes.len()).clear(bytes);
             self.after_deserialize(finish);
         }
     }

@@ -236,11 +236,12 @@ impl Handles {
         }
     }
 
-    /// Both serializations of a chunk of `len` bytes, each written into a buffer with 16 guard
-    /// bytes after it; returns the buffers including the guards.
-    fn serialize(self, start: u64, count: u64, len: usize) -> (Vec<u8>, Vec<u8>) {
-        let mut mine = vec![0xa5u8; len + 16];
-        let mut theirs = vec![0xa5u8; len + 16];
+    /// Both serializations of a chunk of `len` bytes, each written into a buffer (zeroed or
+    /// not) with 16 guard bytes after it; returns the buffers including the guards.
+    fn serialize(self, start: u64, count: u64, len: usize, zeroed: bool) -> (Vec<u8>, Vec<u8>) {
+        let mut mine = vec![if zeroed { 0 } else { 0xa5u8 }; len];
+        mine.extend([0xa5; 16]);
+        let mut theirs = mine.clone();
         // SAFETY: live handles, valid chunk; each buffer has room for the chunk's `len` bytes.
         unsafe {
             ours::hbitmap_serialize_part(self.o, mine.as_mut_ptr(), start, count);
@@ -1160,7 +1161,9 @@ impl Ctx {
             mine,
             theirs,
         )?;
-        let (mine, theirs) = h.serialize(start, count, theirs as usize);
+        // Into fresh zeroed buffers, or into ones that hold something else.
+        let zeroed = (start ^ count).count_ones() % 2 == 0;
+        let (mine, theirs) = h.serialize(start, count, theirs as usize, zeroed);
         self.same(
             format_args!("serialize_part({start}, {count}) bytes and guard"),
             mine,
@@ -1181,8 +1184,14 @@ impl Ctx {
         let (len, theirs_len) = h.serialization_size(start, count);
         self.same("serialization_size before deserializing", len, theirs_len)?;
         let mut rng = Rng::new(seed);
+        // Half the time in stretches of 1024 words, alternately random and clean, so that whole
+        // pages of zeros are deserialized too.
+        let stretches = rng.below(2) == 0;
         let mut data: Vec<u8> = (0..len / 8)
-            .flat_map(|_| rng.word().to_le_bytes())
+            .flat_map(|index| {
+                let clean = stretches && (index / 1024) % 2 == 1;
+                (if clean { 0 } else { rng.word() }).to_le_bytes()
+            })
             .collect();
         data.resize(len as usize + 8, 0);
         h.deserialize(fill, &mut data, start, count, finish);

@@ -41,7 +41,11 @@ fn summarize_portable(words: &[u64], summary: &mut [u64]) -> u64 {
             bits |= u64::from(word != 0) << index;
             ones += u64::from(word.count_ones());
         }
-        *out = bits;
+        // Written only when it changes: the summary of a fresh, mostly clean bitmap keeps its
+        // untouched pages.
+        if *out != bits {
+            *out = bits;
+        }
         total += ones;
     }
     let covered = words.len().div_ceil(64).min(summary.len());

@@ -326,7 +326,7 @@ pub unsafe extern "C" fn hbitmap_serialize_part(
         }
         // SAFETY: the caller provides room for the chunk's bytes; non-NULL checked.
         let out = unsafe { std::slice::from_raw_parts_mut(buf, words.len() * 8) };
-        crate::serialize::write_le_words(&bitmap.level_words(crate::bitmap::LAST)[words], out);
+        bitmap.serialize_words(words, out);
     }
 }
 
