@@ -6,7 +6,9 @@ use std::ops::Range;
 
 use sha2::{Digest, Sha256};
 
-use crate::bitmap::{storage, words, HBitmap, Violation, BITS_PER_LEVEL, LAST, LEVELS, SENTINEL};
+use crate::bitmap::{
+    storage, words, BlockSet, HBitmap, Violation, BITS_PER_LEVEL, LAST, LEVELS, SENTINEL,
+};
 
 /// Last-level words per block whose summary serialization consults: a page's worth.
 const SUMMARY_BLOCK: usize = 512;
@@ -103,10 +105,11 @@ impl HBitmap {
         }
     }
 
-    /// Writes the last level's `words` into `out` (8 bytes each) as little-endian words. While
-    /// the summary is right (no deserialization pending), blocks it shows clean are written as
-    /// zeros without being read: the clean pages of a sparse bitmap may never have been
-    /// touched, and reading them would fault every one of them in.
+    /// Writes the last level's `words` into `out` (8 bytes each) as little-endian words; `out`
+    /// is only written, never read (a C caller's buffer may be uninitialized). While the summary
+    /// is right (no deserialization pending), blocks it shows clean are written as zeros
+    /// without being read: the clean pages of a sparse bitmap may never have been touched, and
+    /// reading them would fault every one of them in.
     pub(crate) fn serialize_words(&self, words: Range<usize>, out: &mut [u8]) {
         let level = &self.levels[LAST];
         if self.stale || cfg!(target_endian = "big") {
@@ -118,7 +121,7 @@ impl HBitmap {
             let marks = first / 64..(first + SUMMARY_BLOCK).min(level.len()).div_ceil(64);
             summary[marks].iter().all(|&mark| mark == 0)
         };
-        let bulk = storage::BulkWrite::new(out.len());
+        let bulk = storage::BulkWrite::whole(out);
         let mut at = words.start;
         while at < words.end {
             // The run of blocks, all clean or all dirty, that starts at `at`.
@@ -130,7 +133,7 @@ impl HBitmap {
             let end = end.min(words.end);
             let dst = &mut out[(at - words.start) * 8..(end - words.start) * 8];
             if run_clean {
-                bulk.clear(dst);
+                bulk.zero(dst);
             } else {
                 bulk.copy(dst, bytemuck::cast_slice(&level[at..end]));
             }
@@ -152,7 +155,12 @@ impl HBitmap {
                 "HBitmap::deserialize_part: buffer of {} bytes, {needed} needed",
                 buf.len()
             );
-            read_le_words(&buf[..needed], &mut self.levels[LAST][words]);
+            if cfg!(target_endian = "little") {
+                self.deserialize_words(words, &buf[..needed]);
+            } else {
+                read_le_words(&buf[..needed], &mut self.levels[LAST][words.clone()]);
+                self.unsummarized.insert(words);
+            }
             self.after_deserialize(finish);
         }
     }
@@ -161,9 +169,29 @@ impl HBitmap {
     /// Pages that are clean already are not written: a fresh bitmap stays unbacked.
     pub fn deserialize_zeroes(&mut self, start: u64, count: u64, finish: bool) {
         if let Some(words) = self.chunk_or_panic("deserialize_zeroes", start, count) {
-            let bytes = bytemuck::cast_slice_mut(&mut self.levels[LAST][words]);
-            storage::BulkWrite::new(bytes.len()).clear(bytes);
+            let (upper, lower) = self.levels.split_at_mut(LAST);
+            let known_clean = known_clean(&upper[LAST - 1], &self.unsummarized, words.start);
+            let dst = bytemuck::cast_slice_mut(&mut lower[0][words]);
+            storage::BulkWrite::new(dst.len()).clear(dst, known_clean);
             self.after_deserialize(finish);
+        }
+    }
+
+    /// Copies little-endian `bytes` into the last level's `words`, on a little-endian host.
+    /// Blocks of zeros are written only where the words are not known to be clean, and the
+    /// blocks of dirty words written are remembered as unsummarized.
+    fn deserialize_words(&mut self, words: Range<usize>, bytes: &[u8]) {
+        let (upper, lower) = self.levels.split_at_mut(LAST);
+        let known_clean = known_clean(&upper[LAST - 1], &self.unsummarized, words.start);
+        let mut copied = Vec::new();
+        storage::copy_into_ours(
+            bytemuck::cast_slice_mut(&mut lower[0][words.clone()]),
+            bytes,
+            known_clean,
+            |run| copied.push(words.start + run.start / 8..words.start + run.end.div_ceil(8)),
+        );
+        for run in copied {
+            self.unsummarized.insert(run);
         }
     }
 
@@ -171,7 +199,8 @@ impl HBitmap {
     /// bits are set too, as in the original), as a deserialization step.
     pub fn deserialize_ones(&mut self, start: u64, count: u64, finish: bool) {
         if let Some(words) = self.chunk_or_panic("deserialize_ones", start, count) {
-            self.levels[LAST][words].fill(u64::MAX);
+            self.levels[LAST][words.clone()].fill(u64::MAX);
+            self.unsummarized.insert(words);
             self.after_deserialize(finish);
         }
     }
@@ -213,6 +242,7 @@ impl HBitmap {
         }
         self.levels[0][0] |= SENTINEL;
         self.stale = false;
+        self.unsummarized.clear();
     }
 
     /// SHA-256 of the last level's words as they lie in memory, in lowercase hex: the
@@ -236,6 +266,20 @@ impl HBitmap {
     }
 }
 
+/// Whether a (word-aligned) byte range of the last level's words from `first` on is known to be
+/// clean without reading it: the summary marks none of its words, and deserialization put no
+/// dirty words there since the summary was last right.
+fn known_clean<'a>(
+    summary: &'a [u64],
+    unsummarized: &'a BlockSet,
+    first: usize,
+) -> impl Fn(Range<usize>) -> bool + 'a {
+    move |bytes: Range<usize>| {
+        let words = first + bytes.start / 8..first + bytes.end.div_ceil(8);
+        !unsummarized.touches(words.clone()) && words::bits_clear(summary, words)
+    }
+}
+
 /// Set bits of `words` at index `bits` and beyond.
 fn padding_ones(words: &[u64], bits: u64) -> u64 {
     let full = ((bits / 64) as usize).min(words.len());
@@ -253,7 +297,7 @@ fn padding_ones(words: &[u64], bits: u64) -> u64 {
 pub(crate) fn write_le_words(words: &[u64], out: &mut [u8]) {
     if cfg!(target_endian = "little") {
         // The words' memory is their encoding: a plain copy.
-        storage::copy_bulk(out, bytemuck::cast_slice(words));
+        storage::BulkWrite::whole(out).copy(out, bytemuck::cast_slice(words));
     } else {
         for (bytes, word) in out.chunks_exact_mut(8).zip(words) {
             bytes.copy_from_slice(&word.to_le_bytes());
@@ -264,7 +308,7 @@ pub(crate) fn write_le_words(words: &[u64], out: &mut [u8]) {
 /// Decoding of little-endian bytes (exactly 8 per word) into `words`.
 pub(crate) fn read_le_words(bytes: &[u8], words: &mut [u64]) {
     if cfg!(target_endian = "little") {
-        storage::copy_bulk(bytemuck::cast_slice_mut(words), bytes);
+        storage::copy_into_ours(bytemuck::cast_slice_mut(words), bytes, |_| false, |_| {});
     } else {
         for (word, bytes) in words.iter_mut().zip(bytes.chunks_exact(8)) {
             *word = u64::from_le_bytes(bytes.try_into().expect("chunks of 8"));

@@ -7,6 +7,7 @@
 //! that stops iteration. This is exactly the layout of QEMU's `util/hbitmap.c`, kept word for
 //! word so that iteration, serialization and SHA-256 agree with it to the bit.
 
+mod blocks;
 pub(crate) mod iter;
 mod precondition;
 mod search;
@@ -19,6 +20,7 @@ pub use precondition::Violation;
 
 use std::fmt;
 
+pub(crate) use blocks::BlockSet;
 use storage::Words;
 
 /// Bits in one storage word (`unsigned long` on 64-bit hosts).
@@ -87,6 +89,10 @@ pub struct HBitmap {
     /// True while the summary levels may disagree with the last level: after a deserialization
     /// step without `finish`. Counting then follows the summary levels, as the original does.
     pub(crate) stale: bool,
+    /// The blocks of the last level that deserialization filled with dirty words since the
+    /// summary was last right; empty while `stale` is false. Outside them a clear summary bit
+    /// always means a clean word, which lets deserialization skip writing zeros over them.
+    pub(crate) unsummarized: BlockSet,
 }
 
 /// Groups needed for `size` items, rounding up exactly as the original does (the addition wraps
@@ -140,6 +146,7 @@ impl HBitmap {
             levels,
             meta: None,
             stale: false,
+            unsummarized: BlockSet::default(),
         })
     }
 
@@ -283,6 +290,7 @@ impl HBitmap {
         self.levels[0][0] = SENTINEL;
         self.count = 0;
         self.stale = false;
+        self.unsummarized.clear();
     }
 
     /// Zeroes the nonzero words of levels 1.. found through the summary above each, bottom
@@ -449,6 +457,7 @@ impl HBitmap {
             );
         }
         self.stale = stale;
+        self.unsummarized.union(&other.unsummarized);
         self.recount();
         true
     }
@@ -504,7 +513,10 @@ impl HBitmap {
             result.count = ones - padding_ones(&result.levels[LAST], result.groups);
             return true;
         }
+        // Every level of `result` was rewritten from `a` and `b`.
         result.stale = stale;
+        result.unsummarized = a.unsummarized.clone();
+        result.unsummarized.union(&b.unsummarized);
         result.recount();
         true
     }
@@ -668,6 +680,7 @@ impl Clone for HBitmap {
             levels: self.levels.clone(),
             meta: self.meta.clone(),
             stale: self.stale,
+            unsummarized: self.unsummarized.clone(),
         }
     }
 }

@@ -188,22 +188,36 @@ const PREFAULT_BYTES: usize = 64 << 10;
 /// The unit in which bulk writes look for zeros: a page on common hosts.
 const BLOCK: usize = 4096;
 
-/// `dst.copy_from_slice(src)` for bulk moves of bitmap data (serialization, deserialization),
-/// except that blocks of zeros are not written where `dst` holds zeros already (see
-/// [`BulkWrite::clear`]).
-pub(crate) fn copy_bulk(dst: &mut [u8], src: &[u8]) {
-    assert_eq!(dst.len(), src.len(), "copy_bulk: lengths differ");
+/// `dst.copy_from_slice(src)` into memory of ours (deserialization into a level), except that
+/// blocks of zeros are not written where `dst` holds zeros already (see [`BulkWrite::clear`]).
+/// `known_zero` may vouch for byte ranges of `dst` that need not even be read; `copied` hears
+/// of every run of bytes copied.
+pub(crate) fn copy_into_ours(
+    dst: &mut [u8],
+    src: &[u8],
+    known_zero: impl Fn(Range<usize>) -> bool,
+    mut copied: impl FnMut(Range<usize>),
+) {
+    assert_eq!(dst.len(), src.len(), "copy_into_ours: lengths differ");
     let bulk = BulkWrite::new(dst.len());
+    let mut copy = |run: Range<usize>, dst: &mut [u8]| {
+        if !run.is_empty() {
+            bulk.copy(&mut dst[run.clone()], &src[run.clone()]);
+            copied(run);
+        }
+    };
     // Runs of blocks that hold a dirty bit are copied, the others cleared.
     let mut run = 0;
     for block in page_blocks(dst) {
         if is_zero(&src[block.clone()]) {
-            bulk.copy(&mut dst[run..block.start], &src[run..block.start]);
-            bulk.clear(&mut dst[block.clone()]);
+            copy(run..block.start, dst);
+            if !known_zero(block.clone()) {
+                bulk.zero_if_dirty(&mut dst[block.clone()]);
+            }
             run = block.end;
         }
     }
-    bulk.copy(&mut dst[run..], &src[run..]);
+    copy(run..dst.len(), dst);
 }
 
 /// `buf` cut at its page boundaries.
@@ -240,13 +254,14 @@ fn is_zero(bytes: &[u8]) -> bool {
 /// read, and not reading it in first (as ordinary stores must) saves a third of the memory
 /// traffic.
 ///
-/// Pieces that are cleared are only written where they are not zero already. A destination
-/// nobody wrote yet (a fresh buffer, the clean part of a fresh bitmap) then reads as the
-/// kernel's shared zero page instead of being given pages of its own: a sparse bitmap moves at
-/// the cost of its dirty part, in time and in memory.
+/// Pieces that are cleared in memory of ours are only written where they are not zero already:
+/// the clean part of a fresh bitmap then reads as the kernel's shared zero page instead of being
+/// given pages of its own, so a sparse bitmap loads at the cost of its dirty part, in time and
+/// in memory. A caller's buffer is never read: it may be uninitialized.
 #[derive(Clone, Copy)]
 pub(crate) struct BulkWrite {
     streaming: bool,
+    prefaulted: bool,
 }
 
 impl BulkWrite {
@@ -254,12 +269,24 @@ impl BulkWrite {
     pub(crate) fn new(len: usize) -> BulkWrite {
         BulkWrite {
             streaming: len >= LARGE_BYTES && cfg!(target_arch = "x86_64"),
+            prefaulted: false,
+        }
+    }
+
+    /// For a write of every byte of `dst`, in pieces or at once: prefaults all of it now.
+    pub(crate) fn whole(dst: &mut [u8]) -> BulkWrite {
+        if dst.len() >= PREFAULT_BYTES {
+            prefault(dst);
+        }
+        BulkWrite {
+            prefaulted: true,
+            ..BulkWrite::new(dst.len())
         }
     }
 
     /// `dst.copy_from_slice(src)`.
     pub(crate) fn copy(self, dst: &mut [u8], src: &[u8]) {
-        if dst.len() >= PREFAULT_BYTES {
+        if !self.prefaulted && dst.len() >= PREFAULT_BYTES {
             prefault(dst);
         }
         #[cfg(target_arch = "x86_64")]
@@ -269,19 +296,28 @@ impl BulkWrite {
         dst.copy_from_slice(src);
     }
 
-    /// `dst.fill(0)`, page by page, writing only the pages that are not zero already.
-    pub(crate) fn clear(self, dst: &mut [u8]) {
+    /// `dst.fill(0)`, without reading `dst`.
+    pub(crate) fn zero(self, dst: &mut [u8]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.streaming {
+            return x86::stream_zero(dst);
+        }
+        dst.fill(0);
+    }
+
+    /// `dst.fill(0)` in memory of ours, page by page, writing only the pages that are not zero
+    /// already. Pages whose byte range `known_zero` vouches for are not even read.
+    pub(crate) fn clear(self, dst: &mut [u8], known_zero: impl Fn(Range<usize>) -> bool) {
         for block in page_blocks(dst) {
-            let block = &mut dst[block];
-            if is_zero(block) {
-                continue;
+            if !known_zero(block.clone()) {
+                self.zero_if_dirty(&mut dst[block]);
             }
-            #[cfg(target_arch = "x86_64")]
-            if self.streaming {
-                x86::stream_zero(block);
-                continue;
-            }
-            block.fill(0);
+        }
+    }
+
+    fn zero_if_dirty(self, dst: &mut [u8]) {
+        if !is_zero(dst) {
+            self.zero(dst);
         }
     }
 }
@@ -523,7 +559,12 @@ mod tests {
         ] {
             for old in [0u8, 0xff] {
                 let mut dst = vec![old; len + 40];
-                copy_bulk(&mut dst[to..to + len], &src[from..from + len]);
+                copy_into_ours(
+                    &mut dst[to..to + len],
+                    &src[from..from + len],
+                    |_| false,
+                    |_| {},
+                );
                 assert_eq!(
                     &dst[to..to + len],
                     &src[from..from + len],
@@ -539,7 +580,11 @@ mod tests {
         for (to, len, streaming) in [(0, 3 * BLOCK, false), (5, LARGE_BYTES + 77, true)] {
             let mut dst: Vec<u8> = (0..len + 40).map(|i| (i % 3) as u8).collect();
             let outside: Vec<u8> = dst[..to].iter().chain(&dst[to + len..]).copied().collect();
-            BulkWrite { streaming }.clear(&mut dst[to..to + len]);
+            BulkWrite {
+                streaming,
+                prefaulted: false,
+            }
+            .clear(&mut dst[to..to + len], |_| false);
             assert!(dst[to..to + len].iter().all(|&b| b == 0), "{to} {len}");
             let after: Vec<u8> = dst[..to].iter().chain(&dst[to + len..]).copied().collect();
             assert_eq!(after, outside);

@@ -122,6 +122,51 @@ fn stale_summary_counts_through_the_summary() {
     assert_eq!(bitmap.dirty_groups(), 192);
 }
 
+/// Deserializes zeros over all of `bitmap` (finishing) and checks that it is clean: no page of
+/// words that an earlier, unfinished deserialization made dirty may be taken for clean.
+fn deserialize_zeros_leave_it_clean(mut bitmap: HBitmap, what: &str) {
+    let len = bitmap.serialization_size(0, bitmap.size()) as usize;
+    bitmap.deserialize_part(&vec![0; len], 0, bitmap.size(), true);
+    assert_eq!(bitmap.dirty_groups(), 0, "{what}");
+    assert_eq!(bitmap.iter().next(), None, "{what}");
+    assert!(bitmap.levels[LAST].iter().all(|&word| word == 0), "{what}");
+}
+
+#[test]
+fn unfinished_deserializations_are_followed_through_merge_and_truncate() {
+    // Large enough to hold whole pages of words, wherever the heap puts them.
+    let size = 1 << 20;
+    let stale = || {
+        let mut bitmap = HBitmap::new(size, 0).unwrap();
+        // A dirty bit first: merging a bitmap that counts none is a no-op.
+        bitmap.set(0, 1);
+        let half = size / 2;
+        let len = bitmap.serialization_size(0, half) as usize;
+        bitmap.deserialize_part(&vec![0x5a; len], 0, half, false);
+        bitmap.deserialize_ones(half, half, false);
+        bitmap
+    };
+    deserialize_zeros_leave_it_clean(stale(), "deserialized");
+    deserialize_zeros_leave_it_clean(stale().clone(), "clone");
+
+    let mut merged = HBitmap::new(size, 0).unwrap();
+    assert!(merged.merge(&stale()));
+    deserialize_zeros_leave_it_clean(merged, "merge");
+
+    let mut result = HBitmap::new(size, 0).unwrap();
+    let clean = HBitmap::new(size, 0).unwrap();
+    assert!(HBitmap::merge_into(&clean, &stale(), &mut result));
+    deserialize_zeros_leave_it_clean(result, "merge_into");
+
+    let mut cut = stale();
+    cut.truncate(size / 2);
+    deserialize_zeros_leave_it_clean(cut, "truncate");
+
+    let mut zeroed = stale();
+    zeroed.deserialize_zeroes(0, size, true);
+    assert!(zeroed.levels[LAST].iter().all(|&word| word == 0));
+}
+
 #[test]
 fn meta_marks_set_changes_and_blanking_resets() {
     let mut bitmap = HBitmap::new(1 << 16, 0).unwrap();

@@ -5,6 +5,8 @@
 //! at run time; x86-64's baseline lacks it and its software popcount costs a dozen
 //! instructions per word).
 
+use std::ops::Range;
+
 /// Popcount of `words`.
 pub(crate) fn popcount(words: &[u64]) -> u64 {
     #[cfg(target_arch = "x86_64")]
@@ -96,6 +98,22 @@ fn or_dirty_blocks_portable(dst: &mut [u64], src: [&[u64]; 2], summaries: [&[u64
     ones
 }
 
+/// Whether bits `range` of `bits` (bit `i` is bit `i % 64` of word `i / 64`) are all clear.
+pub(crate) fn bits_clear(bits: &[u64], range: Range<usize>) -> bool {
+    if range.is_empty() {
+        return true;
+    }
+    let (first, last) = (range.start / 64, (range.end - 1) / 64);
+    let head = u64::MAX << (range.start % 64);
+    let tail = u64::MAX >> (63 - (range.end - 1) % 64);
+    if first == last {
+        return bits[first] & head & tail == 0;
+    }
+    bits[first] & head == 0
+        && bits[first + 1..last].iter().all(|&word| word == 0)
+        && bits[last] & tail == 0
+}
+
 /// Index of the first word of `words` that is not all ones: a whole dirty extent is skipped
 /// eight words per test (the AND of a block is all ones only if each word is).
 pub(crate) fn first_not_full(words: &[u64]) -> Option<usize> {
@@ -138,6 +156,24 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bits_clear_looks_at_exactly_the_range() {
+        let bits = [0u64, 1 << 5, 0, 1 << 63];
+        for (range, clear) in [
+            (0..64, true),
+            (0..69, true),
+            (0..70, false),
+            (64..69, true),
+            (69..70, false),
+            (70..255, true),
+            (70..256, false),
+            (10..10, true),
+            (255..256, false),
+        ] {
+            assert_eq!(bits_clear(&bits, range.clone()), clear, "{range:?}");
+        }
+    }
 
     #[test]
     fn first_not_full_finds_the_first_clean_bit_anywhere() {

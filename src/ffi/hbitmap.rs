@@ -324,7 +324,8 @@ pub unsafe extern "C" fn hbitmap_serialize_part(
         if buf.is_null() {
             null_pointer(F, "buf");
         }
-        // SAFETY: the caller provides room for the chunk's bytes; non-NULL checked.
+        // SAFETY: the caller provides room for the chunk's bytes; non-NULL checked. They may be
+        // uninitialized: `serialize_words` only writes them.
         let out = unsafe { std::slice::from_raw_parts_mut(buf, words.len() * 8) };
         bitmap.serialize_words(words, out);
     }
