@@ -263,7 +263,8 @@ uint64_t hbitmap_serialization_size(const HBitmap *hb, uint64_t start, uint64_t 
 
 /*
  Write the chunk `start .. start + count - 1` to `buf` as little-endian 64-bit words
- (`hbitmap_serialization_size` bytes). Aborts on a misaligned or out-of-range chunk.
+ (`hbitmap_serialization_size` bytes; `buf` is only written, so it need not be initialized).
+ Aborts on a misaligned or out-of-range chunk.
 
  # Safety
  `hb` points to a live bitmap; `buf` has room for `hbitmap_serialization_size` bytes.

@@ -306,7 +306,8 @@ pub unsafe extern "C" fn hbitmap_serialization_size(
 }
 
 /// Write the chunk `start .. start + count - 1` to `buf` as little-endian 64-bit words
-/// (`hbitmap_serialization_size` bytes). Aborts on a misaligned or out-of-range chunk.
+/// (`hbitmap_serialization_size` bytes; `buf` is only written, so it need not be initialized).
+/// Aborts on a misaligned or out-of-range chunk.
 ///
 /// # Safety
 /// `hb` points to a live bitmap; `buf` has room for `hbitmap_serialization_size` bytes.
