@@ -1744,6 +1744,11 @@ static void violate_iter_next_after_shrink(void)
     hbitmap_iter_next(&hbi, true);
 }
 
+static void violate_iter_next_null(void)
+{
+    hbitmap_iter_next(NULL, true);
+}
+
 static void violate_iter_init_size_zero(void)
 {
     HBitmapIter hbi;
@@ -1775,6 +1780,8 @@ static const AbortCase abort_cases[] = {
     { "iter-init-size-zero", violate_iter_init_size_zero, "*hbitmap_iter_init*0*" },
     { "iter-next-after-shrink", violate_iter_next_after_shrink,
       "*hbitmap_iter_next*word 16383*1 words*", .ours_only = true },
+    { "iter-next-null", violate_iter_next_null, "*hbitmap_iter_next*hbi is NULL*",
+      .ours_only = true },
 };
 
 #define ABORT_MARKER "[test-hbitmap: caught SIGABRT]"

@@ -78,24 +78,29 @@ pub(crate) fn next_item(
     take_item(word, granularity, *pos, cur, advance)
 }
 
-/// The next item if the current word still holds one, without looking further: the C ABI's
-/// hot path. None also for a cursor position out of range, which the caller reports.
+/// What is left of the current word, `Some(0)` if nothing; None for a cursor position out of
+/// range, which the caller reports.
 #[inline(always)]
-pub(crate) fn next_item_in_word(
-    hb: &HBitmap,
-    granularity: u32,
-    pos: usize,
-    cur: &mut [u64; LEVELS],
-    advance: bool,
-) -> Option<i64> {
-    let word = cur[LAST] & *hb.levels[LAST].get(pos)?;
-    (word != 0).then(|| take_item(word, granularity, pos, cur, advance))
+pub(crate) fn rest_of_word(hb: &HBitmap, pos: usize, cur: &[u64; LEVELS]) -> Option<u64> {
+    Some(cur[LAST] & *hb.levels[LAST].get(pos)?)
 }
 
 /// `next_item` once the current word is exhausted: kept out of line so the common case needs
 /// no stack frame.
 #[inline(never)]
-pub(crate) fn next_item_in_next_word(
+fn next_item_in_next_word(
+    hb: &HBitmap,
+    granularity: u32,
+    pos: &mut usize,
+    cur: &mut [u64; LEVELS],
+    advance: bool,
+) -> i64 {
+    item_in_next_word(hb, granularity, pos, cur, advance)
+}
+
+/// The body of [`next_item_in_next_word`], for callers that keep it out of line themselves.
+#[inline(always)]
+pub(crate) fn item_in_next_word(
     hb: &HBitmap,
     granularity: u32,
     pos: &mut usize,
@@ -109,7 +114,7 @@ pub(crate) fn next_item_in_next_word(
 }
 
 #[inline(always)]
-fn take_item(
+pub(crate) fn take_item(
     word: u64,
     granularity: u32,
     pos: usize,

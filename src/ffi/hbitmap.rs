@@ -493,46 +493,59 @@ pub unsafe extern "C" fn hbitmap_iter_skip_words(hbi: *mut HBitmapIter) -> c_ulo
 #[no_mangle]
 pub unsafe extern "C" fn hbitmap_iter_next(hbi: *mut HBitmapIter, advance: bool) -> i64 {
     // The common case, an item left in the current word, needs no stack frame: everything else
-    // (moving to the next word, broken preconditions) is one tail call.
+    // is one tail call, to the next word or to the report of a broken precondition.
     // SAFETY: a non-NULL `hbi` is an initialized iterator (the caller's contract).
     if let Some(iter) = unsafe { hbi.as_mut() } {
         // SAFETY: `hbitmap_iter_init` stored a live bitmap (the caller's contract).
         if let Some(bitmap) = unsafe { iter.hb.as_ref() } {
-            let granularity = iter.granularity as u32 & 63;
-            if let Some(item) =
-                iter_state::next_item_in_word(bitmap, granularity, iter.pos, &mut iter.cur, advance)
-            {
-                return item;
+            if let Some(word) = iter_state::rest_of_word(bitmap, iter.pos, &iter.cur) {
+                if word == 0 {
+                    // SAFETY: `hbi` and its bitmap were just found non-NULL, and its position
+                    // in range.
+                    return unsafe { iter_next_word(hbi, advance) };
+                }
+                let granularity = iter.granularity as u32 & 63;
+                return iter_state::take_item(word, granularity, iter.pos, &mut iter.cur, advance);
             }
         }
     }
     // SAFETY: the caller's contract.
-    unsafe { iter_next_slow(hbi, advance) }
+    unsafe { iter_next_invalid(hbi) }
 }
 
-/// `hbitmap_iter_next` past the current word, or aborting for broken preconditions. The C ABI
-/// makes it a function that cannot unwind, so that calling it can be a tail call.
+/// `hbitmap_iter_next` once the current word is exhausted. The C ABI makes it a function that
+/// cannot unwind, so that calling it can be a tail call.
+///
+/// # Safety
+/// Called by `hbitmap_iter_next` only, with an initialized `hbi` whose bitmap pointer is
+/// non-NULL and whose position is within the bitmap's last level.
+#[inline(never)]
+unsafe extern "C" fn iter_next_word(hbi: *mut HBitmapIter, advance: bool) -> i64 {
+    // SAFETY: checked non-NULL by the caller, and initialized (the caller's contract).
+    let iter = unsafe { &mut *hbi };
+    // SAFETY: checked non-NULL by the caller, and live (the caller's contract).
+    let bitmap = unsafe { &*iter.hb };
+    let granularity = iter.granularity as u32 & 63;
+    iter_state::item_in_next_word(bitmap, granularity, &mut iter.pos, &mut iter.cur, advance)
+}
+
+/// `hbitmap_iter_next` with a NULL iterator or bitmap, or an iterator that outlived a shrink of
+/// its bitmap: aborts, naming what is wrong.
 ///
 /// # Safety
 /// As for `hbitmap_iter_next`.
+#[cold]
 #[inline(never)]
-unsafe extern "C" fn iter_next_slow(hbi: *mut HBitmapIter, advance: bool) -> i64 {
+unsafe extern "C" fn iter_next_invalid(hbi: *mut HBitmapIter) -> ! {
     // SAFETY: the caller's contract.
     let (iter, bitmap) = unsafe { iter_parts("hbitmap_iter_next", hbi) };
-    let granularity = iter.granularity as u32 & 63;
-    let words = bitmap.level_words(LAST).len();
-    if iter.pos >= words {
-        // Only an iterator outliving a shrink of its bitmap gets here.
-        violated(
-            "hbitmap_iter_next",
-            &Violation::IterPastEnd {
-                pos: iter.pos as u64,
-                words: words as u64,
-            },
-        );
-    }
-    // The fast path found the current word exhausted.
-    iter_state::next_item_in_next_word(bitmap, granularity, &mut iter.pos, &mut iter.cur, advance)
+    violated(
+        "hbitmap_iter_next",
+        &Violation::IterPastEnd {
+            pos: iter.pos as u64,
+            words: bitmap.level_words(LAST).len() as u64,
+        },
+    );
 }
 
 /// The first clean item in `start .. start + count - 1` (or `start` itself if its group is
