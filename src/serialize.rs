@@ -7,11 +7,9 @@ use std::ops::Range;
 use sha2::{Digest, Sha256};
 
 use crate::bitmap::{
-    storage, words, BlockSet, HBitmap, Violation, BITS_PER_LEVEL, LAST, LEVELS, SENTINEL,
+    storage, words, BlockSet, HBitmap, Violation, BITS_PER_LEVEL, BLOCK_WORDS, LAST, LEVELS,
+    SENTINEL,
 };
-
-/// Last-level words per block whose summary serialization consults: a page's worth.
-const SUMMARY_BLOCK: usize = 512;
 
 /// Granularities from this one up cannot be serialized: `64 << granularity` must fit 64 bits.
 pub const MAX_SERIALIZABLE_GRANULARITY: u32 = 58;
@@ -117,18 +115,17 @@ impl HBitmap {
         }
         let summary = &self.levels[LAST - 1];
         let clean = |block: usize| {
-            let first = block * SUMMARY_BLOCK;
-            let marks = first / 64..(first + SUMMARY_BLOCK).min(level.len()).div_ceil(64);
-            summary[marks].iter().all(|&mark| mark == 0)
+            let first = block * BLOCK_WORDS;
+            words::bits_clear(summary, first..(first + BLOCK_WORDS).min(level.len()))
         };
         let bulk = storage::BulkWrite::whole(out);
         let mut at = words.start;
         while at < words.end {
             // The run of blocks, all clean or all dirty, that starts at `at`.
-            let run_clean = clean(at / SUMMARY_BLOCK);
-            let mut end = (at / SUMMARY_BLOCK + 1) * SUMMARY_BLOCK;
-            while end < words.end && clean(end / SUMMARY_BLOCK) == run_clean {
-                end += SUMMARY_BLOCK;
+            let run_clean = clean(at / BLOCK_WORDS);
+            let mut end = (at / BLOCK_WORDS + 1) * BLOCK_WORDS;
+            while end < words.end && clean(end / BLOCK_WORDS) == run_clean {
+                end += BLOCK_WORDS;
             }
             let end = end.min(words.end);
             let dst = &mut out[(at - words.start) * 8..(end - words.start) * 8];
@@ -155,12 +152,7 @@ impl HBitmap {
                 "HBitmap::deserialize_part: buffer of {} bytes, {needed} needed",
                 buf.len()
             );
-            if cfg!(target_endian = "little") {
-                self.deserialize_words(words, &buf[..needed]);
-            } else {
-                read_le_words(&buf[..needed], &mut self.levels[LAST][words.clone()]);
-                self.unsummarized.insert(words);
-            }
+            self.deserialize_words(words, &buf[..needed]);
             self.after_deserialize(finish);
         }
     }
@@ -177,10 +169,20 @@ impl HBitmap {
         }
     }
 
-    /// Copies little-endian `bytes` into the last level's `words`, on a little-endian host.
-    /// Blocks of zeros are written only where the words are not known to be clean, and the
-    /// blocks of dirty words written are remembered as unsummarized.
+    /// Decodes little-endian `bytes` into the last level's `words`, remembering the blocks it
+    /// fills with dirty words as unsummarized. On a little-endian host it is a copy that writes
+    /// blocks of zeros only where the words are not known to be clean.
     fn deserialize_words(&mut self, words: Range<usize>, bytes: &[u8]) {
+        if cfg!(target_endian = "big") {
+            for (word, bytes) in self.levels[LAST][words.clone()]
+                .iter_mut()
+                .zip(bytes.chunks_exact(8))
+            {
+                *word = u64::from_le_bytes(bytes.try_into().expect("chunks of 8"));
+            }
+            self.unsummarized.insert(words);
+            return;
+        }
         let (upper, lower) = self.levels.split_at_mut(LAST);
         let known_clean = known_clean(&upper[LAST - 1], &self.unsummarized, words.start);
         let mut copied = Vec::new();
@@ -301,17 +303,6 @@ pub(crate) fn write_le_words(words: &[u64], out: &mut [u8]) {
     } else {
         for (bytes, word) in out.chunks_exact_mut(8).zip(words) {
             bytes.copy_from_slice(&word.to_le_bytes());
-        }
-    }
-}
-
-/// Decoding of little-endian bytes (exactly 8 per word) into `words`.
-pub(crate) fn read_le_words(bytes: &[u8], words: &mut [u64]) {
-    if cfg!(target_endian = "little") {
-        storage::copy_into_ours(bytemuck::cast_slice_mut(words), bytes, |_| false, |_| {});
-    } else {
-        for (word, bytes) in words.iter_mut().zip(bytes.chunks_exact(8)) {
-            *word = u64::from_le_bytes(bytes.try_into().expect("chunks of 8"));
         }
     }
 }

@@ -20,7 +20,7 @@ pub use precondition::Violation;
 
 use std::fmt;
 
-pub(crate) use blocks::BlockSet;
+pub(crate) use blocks::{BlockSet, BLOCK_WORDS};
 use storage::Words;
 
 /// Bits in one storage word (`unsigned long` on 64-bit hosts).

@@ -14,8 +14,8 @@ use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut, Range};
 use std::ptr::NonNull;
 
-/// Levels at least this large get a mapping of their own, and bulk copies at least this large
-/// prefault their destination and stream.
+/// Levels at least this large get a mapping of their own, and bulk writes at least this large
+/// use streaming stores.
 const LARGE_BYTES: usize = 256 << 10;
 
 /// A zero-initialized array of `u64` whose length can change; new words are zero.
