@@ -7,8 +7,8 @@ use std::ops::Range;
 use sha2::{Digest, Sha256};
 
 use crate::bitmap::{
-    storage, words, BlockSet, HBitmap, Violation, BITS_PER_LEVEL, BLOCK_WORDS, LAST, LEVELS,
-    SENTINEL,
+    padding_ones, storage, words, BlockSet, HBitmap, Violation, BITS_PER_LEVEL, BLOCK_WORDS, LAST,
+    LEVELS, SENTINEL,
 };
 
 /// Granularities from this one up cannot be serialized: `64 << granularity` must fit 64 bits.
@@ -190,7 +190,7 @@ impl HBitmap {
             bytemuck::cast_slice_mut(&mut lower[0][words.clone()]),
             bytes,
             known_clean,
-            |run| copied.push(words.start + run.start / 8..words.start + run.end.div_ceil(8)),
+            |run| copied.push(words_of(words.start, run)),
         );
         for run in copied {
             self.unsummarized.insert(run);
@@ -277,22 +277,14 @@ fn known_clean<'a>(
     first: usize,
 ) -> impl Fn(Range<usize>) -> bool + 'a {
     move |bytes: Range<usize>| {
-        let words = first + bytes.start / 8..first + bytes.end.div_ceil(8);
+        let words = words_of(first, bytes);
         !unsummarized.touches(words.clone()) && words::bits_clear(summary, words)
     }
 }
 
-/// Set bits of `words` at index `bits` and beyond.
-fn padding_ones(words: &[u64], bits: u64) -> u64 {
-    let full = ((bits / 64) as usize).min(words.len());
-    let partial = !((1u64 << (bits % 64)) - 1);
-    words[full..]
-        .iter()
-        .enumerate()
-        .map(|(index, &word)| {
-            u64::from((if index == 0 { word & partial } else { word }).count_ones())
-        })
-        .sum()
+/// The last-level words that a byte range of the words from `first` on covers.
+fn words_of(first: usize, bytes: Range<usize>) -> Range<usize> {
+    first + bytes.start / 8..first + bytes.end.div_ceil(8)
 }
 
 /// Little-endian encoding of `words` into `out` (exactly 8 bytes per word).

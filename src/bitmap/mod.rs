@@ -609,8 +609,9 @@ pub(crate) fn popcount_below(words: &[u64], bits: u64) -> u64 {
     count
 }
 
-/// Set bits of `words` past the first `groups` bits.
-fn padding_ones(words: &[u64], groups: u64) -> u64 {
+/// Set bits of a last level's `words` past its first `groups` bits, all of which lie in the
+/// word that holds the last group (a last level has no word after it).
+pub(crate) fn padding_ones(words: &[u64], groups: u64) -> u64 {
     words.get((groups / 64) as usize).map_or(0, |&word| {
         u64::from((word & (u64::MAX << (groups % 64))).count_ones())
     })
