@@ -9,6 +9,7 @@
 
 mod blocks;
 pub(crate) mod iter;
+pub(crate) mod merge;
 mod precondition;
 mod search;
 pub(crate) mod storage;
@@ -253,6 +254,25 @@ impl HBitmap {
         Ok(Some((first, last)))
     }
 
+    /// Checks that a range covers whole groups: its start and, unless it ends at the size, its
+    /// length are multiples of the group size (current QEMU's rule for resets).
+    pub(crate) fn check_whole_groups(&self, start: u64, count: u64) -> Result<(), Violation> {
+        let group_size = 1u64 << self.granularity;
+        let aligned = |value: u64| value & (group_size - 1) == 0;
+        if count == 0
+            || (aligned(start) && (aligned(count) || start.wrapping_add(count) == self.orig_size))
+        {
+            Ok(())
+        } else {
+            Err(Violation::ResetMisaligned {
+                start,
+                count,
+                group_size,
+                size: self.orig_size,
+            })
+        }
+    }
+
     /// Marks every group touched by `start..start + count` dirty. A zero count does nothing.
     ///
     /// # Panics
@@ -425,102 +445,6 @@ impl HBitmap {
         }
     }
 
-    /// Whether `self` and `other` have the same number of groups and the same granularity.
-    pub fn can_merge(&self, other: &HBitmap) -> bool {
-        self.groups == other.groups && self.granularity == other.granularity
-    }
-
-    /// `self |= other`. Returns false, changing nothing, when the bitmaps cannot be merged.
-    /// The meta bitmap is not updated.
-    pub fn merge(&mut self, other: &HBitmap) -> bool {
-        if !self.can_merge(other) {
-            return false;
-        }
-        if other.count() == 0 {
-            return true;
-        }
-        let stale = self.stale || other.stale;
-        if stale {
-            for (dst, src) in self.levels.iter_mut().zip(&other.levels) {
-                dst.iter_mut().zip(src).for_each(|(d, s)| *d |= s);
-            }
-        } else {
-            for (dst, src) in self.levels[..LAST].iter_mut().zip(&other.levels) {
-                dst.iter_mut().zip(src).for_each(|(d, s)| *d |= s);
-            }
-            // The last level only where `other` has dirty words, which the (already merged)
-            // summary of `other` tells.
-            merge_dirty_blocks(
-                &mut self.levels[LAST],
-                &other.levels[LAST],
-                &other.levels[LAST - 1],
-            );
-        }
-        self.stale = stale;
-        self.unsummarized.union(&other.unsummarized);
-        self.recount();
-        true
-    }
-
-    /// `self |= self`: changes nothing but recounts, as the original does when all three
-    /// arguments of its merge are one bitmap.
-    pub(crate) fn merge_with_itself(&mut self) -> bool {
-        if self.count() != 0 {
-            self.recount();
-        }
-        true
-    }
-
-    /// `result = a | b`. Returns false, changing nothing, when the three bitmaps do not all have
-    /// the same size and granularity. For `a |= b`, use [`merge`](Self::merge).
-    pub fn merge_into(a: &HBitmap, b: &HBitmap, result: &mut HBitmap) -> bool {
-        if !a.can_merge(b) || !a.can_merge(result) {
-            return false;
-        }
-        if a.count() == 0 && b.count() == 0 {
-            result.reset_all();
-            return true;
-        }
-        let stale = a.stale || b.stale;
-        if stale || result.stale {
-            for ((dst, x), y) in result.levels.iter_mut().zip(&a.levels).zip(&b.levels) {
-                dst.iter_mut()
-                    .zip(x.iter().zip(y))
-                    .for_each(|(d, (x, y))| *d = x | y);
-            }
-        } else {
-            let (result_upper, result_last) = result.levels.split_at_mut(LAST);
-            let ones = words::or_dirty_blocks(
-                &mut result_last[0],
-                [&a.levels[LAST], &b.levels[LAST]],
-                [
-                    &a.levels[LAST - 1],
-                    &b.levels[LAST - 1],
-                    &result_upper[LAST - 1],
-                ],
-            );
-            for ((dst, x), y) in result.levels[..LAST]
-                .iter_mut()
-                .zip(&a.levels)
-                .zip(&b.levels)
-            {
-                dst.iter_mut()
-                    .zip(x.iter().zip(y))
-                    .for_each(|(d, (x, y))| *d = x | y);
-            }
-            // The last level was rewritten whole: its count came with it (bits past the last
-            // group, which only deserialize_ones sets, do not count).
-            result.count = ones - padding_ones(&result.levels[LAST], result.groups);
-            return true;
-        }
-        // Every level of `result` was rewritten from `a` and `b`.
-        result.stale = stale;
-        result.unsummarized = a.unsummarized.clone();
-        result.unsummarized.union(&b.unsummarized);
-        result.recount();
-        true
-    }
-
     /// Creates the meta bitmap: one bit per `chunk_size` groups' worth of items, marked over the
     /// range of a set or reset that changes this bitmap as the original sees change: a set that
     /// changes the first or last word of its range or fills a clean word, a reset that makes a
@@ -617,19 +541,9 @@ pub(crate) fn padding_ones(words: &[u64], groups: u64) -> u64 {
     })
 }
 
-/// `dst |= src` over the 64-word blocks that `src_summary` marks as holding dirty words.
-fn merge_dirty_blocks(dst: &mut [u64], src: &[u64], src_summary: &[u64]) {
-    for_each_marked_block(src_summary, false, src.len(), |range| {
-        dst[range.clone()]
-            .iter_mut()
-            .zip(&src[range])
-            .for_each(|(d, s)| *d |= s);
-    });
-}
-
 /// Calls `f` with the range of 64 words (clipped to `len`) below each nonzero word of
 /// `summary`. `skip_sentinel` ignores level 0's sentinel bit.
-fn for_each_marked_block(
+pub(crate) fn for_each_marked_block(
     summary: &[u64],
     skip_sentinel: bool,
     len: usize,

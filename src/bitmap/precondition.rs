@@ -42,6 +42,26 @@ pub enum Violation {
     ChunkCount { count: u64, align: u64 },
     /// An iterator positioned past the last word: its bitmap shrank after `iter_init`.
     IterPastEnd { pos: u64, words: u64 },
+    /// A size above `INT64_MAX`, which current QEMU's API cannot address.
+    SizeOverInt64(u64),
+    /// A negative position or length given to current QEMU's signed API.
+    Negative { what: &'static str, value: i64 },
+    /// A `max_dirty_count` that is not positive.
+    MaxCountNotPositive(i64),
+    /// A status query over an empty range or one ending past the size.
+    StatusRange { start: u64, count: u64, size: u64 },
+    /// A reset whose start, or whose length short of the end, is not a multiple of the group
+    /// size (current QEMU's API resets whole groups only).
+    ResetMisaligned {
+        start: u64,
+        count: u64,
+        group_size: u64,
+        size: u64,
+    },
+    /// Merge operands of different sizes in items.
+    MergeSizes { a: u64, b: u64, result: u64 },
+    /// A merge whose operands share a granularity that the result has not.
+    MergeGranularity { operands: u32, result: u32 },
 }
 
 impl fmt::Display for Violation {
@@ -85,6 +105,30 @@ impl fmt::Display for Violation {
             Violation::IterPastEnd { pos, words } => write!(
                 f,
                 "iterator at word {pos} is past the bitmap's {words} words (truncated while iterating?)"
+            ),
+            Violation::SizeOverInt64(size) => {
+                write!(f, "size {size} is above INT64_MAX")
+            }
+            Violation::Negative { what, value } => write!(f, "{what} {value} is negative"),
+            Violation::MaxCountNotPositive(count) => {
+                write!(f, "max_dirty_count {count} is not positive")
+            }
+            Violation::StatusRange { start, count, size } => write!(
+                f,
+                "range start {start} count {count} is empty or ends past the bitmap's size {size}"
+            ),
+            Violation::ResetMisaligned { start, count, group_size, size } => write!(
+                f,
+                "range start {start} count {count} does not cover whole groups of {group_size} \
+                 items (a partial last group is allowed only at the size {size})"
+            ),
+            Violation::MergeSizes { a, b, result } => write!(
+                f,
+                "sizes differ: a has {a} items, b {b}, result {result}"
+            ),
+            Violation::MergeGranularity { operands, result } => write!(
+                f,
+                "a and b have granularity {operands} but result has {result}"
             ),
         }
     }

@@ -1,6 +1,6 @@
 //! Searching: the next clean group and the next dirty extent.
 
-use super::{iter, words, HBitmap, BITS_PER_LEVEL, LAST};
+use super::{iter, words, HBitmap, Violation, BITS_PER_LEVEL, LAST};
 
 impl HBitmap {
     /// The first clean item in `start..start + count`, or `None` when every group of the range
@@ -82,5 +82,122 @@ impl HBitmap {
         };
         let area_start = first_dirty.max(start);
         Some((area_start, area_end - area_start))
+    }
+}
+
+/// The searches of current QEMU's API (QEMU 7.2 and later): `hbitmap_next_dirty`,
+/// `hbitmap_next_dirty_area` with a length limit, and `hbitmap_status`.
+impl HBitmap {
+    /// The first dirty item in `start..start + count` (clipped to the bitmap's size): `start`
+    /// itself when its group is dirty, else the first item of the first dirty group. `None`
+    /// when the range holds no dirty group, `count` is 0, or `start` is at or past the size.
+    ///
+    /// ```
+    /// let mut bitmap = hbitmap::HBitmap::new(1 << 20, 12)?;
+    /// bitmap.set(8192, 1); // dirties 8192..12288
+    /// assert_eq!(bitmap.next_dirty(0, u64::MAX), Some(8192));
+    /// assert_eq!(bitmap.next_dirty(9000, 100), Some(9000));
+    /// assert_eq!(bitmap.next_dirty(0, 8192), None);
+    /// # Ok::<(), hbitmap::BitmapError>(())
+    /// ```
+    pub fn next_dirty(&self, start: u64, count: u64) -> Option<u64> {
+        if start >= self.orig_size || count == 0 {
+            return None;
+        }
+        let end = if count > self.orig_size - start {
+            self.orig_size
+        } else {
+            start + count
+        };
+        let group = start >> self.granularity;
+        if group >= self.groups {
+            // Only reachable when the size's rounding wrapped (see `groups_for`).
+            return None;
+        }
+        let (mut pos, mut cur) = iter::init(self, group);
+        let first_dirty = iter::next_item(self, self.granularity, &mut pos, &mut cur, true);
+        let first_dirty = u64::try_from(first_dirty).ok().filter(|&item| item < end)?;
+        Some(first_dirty.max(start))
+    }
+
+    /// The first dirty extent within `start..end` (`end` clipped to the bitmap's size), at most
+    /// `max_count` items long: its start (never before `start`) and length. `None` when the
+    /// range holds no dirty group. QEMU's `block-dirty-bitmap` users cut extents with the limit
+    /// (an NBD reply, a backup job's cluster run).
+    ///
+    /// # Panics
+    /// When `max_count` is 0 (QEMU asserts it is positive).
+    ///
+    /// ```
+    /// let mut bitmap = hbitmap::HBitmap::new(1 << 20, 12)?;
+    /// bitmap.set(8192, 3 * 4096); // dirties 8192..20480
+    /// assert_eq!(bitmap.next_dirty_area_limited(0, u64::MAX, u64::MAX), Some((8192, 12288)));
+    /// assert_eq!(bitmap.next_dirty_area_limited(10000, 1 << 20, 1000), Some((10000, 1000)));
+    /// assert_eq!(bitmap.next_dirty_area_limited(0, 8192, u64::MAX), None);
+    /// # Ok::<(), hbitmap::BitmapError>(())
+    /// ```
+    pub fn next_dirty_area_limited(
+        &self,
+        start: u64,
+        end: u64,
+        max_count: u64,
+    ) -> Option<(u64, u64)> {
+        assert!(
+            max_count > 0,
+            "HBitmap::next_dirty_area_limited: max_count is 0"
+        );
+        let end = end.min(self.orig_size);
+        if start >= end {
+            return None;
+        }
+        let start = self.next_dirty(start, end - start)?;
+        let mut end = start + (end - start).min(max_count);
+        if let Some(next_zero) = self.next_zero(start, end - start) {
+            end = next_zero;
+        }
+        Some((start, end - start))
+    }
+
+    /// Whether `start..start + count` begins dirty or clean, and how many items from `start` on
+    /// share that state (a run that reaches the end of the range counts as the whole range).
+    ///
+    /// # Panics
+    /// When `count` is 0 or the range ends past the bitmap's size.
+    ///
+    /// ```
+    /// let mut bitmap = hbitmap::HBitmap::new(1 << 20, 12)?;
+    /// bitmap.set(8192, 4096);
+    /// assert_eq!(bitmap.status(0, 1 << 20), (false, 8192));
+    /// assert_eq!(bitmap.status(8192, 1 << 19), (true, 4096));
+    /// assert_eq!(bitmap.status(9000, 100), (true, 100));
+    /// # Ok::<(), hbitmap::BitmapError>(())
+    /// ```
+    pub fn status(&self, start: u64, count: u64) -> (bool, u64) {
+        if let Err(why) = self.check_status(start, count) {
+            panic!("HBitmap::status: {why}");
+        }
+        self.status_checked(start, count)
+    }
+
+    pub(crate) fn check_status(&self, start: u64, count: u64) -> Result<(), Violation> {
+        match start.checked_add(count) {
+            Some(end) if count > 0 && end <= self.orig_size => Ok(()),
+            _ => Err(Violation::StatusRange {
+                start,
+                count,
+                size: self.orig_size,
+            }),
+        }
+    }
+
+    pub(crate) fn status_checked(&self, start: u64, count: u64) -> (bool, u64) {
+        match self.next_dirty(start, count) {
+            None => (false, count),
+            Some(dirty) if dirty > start => (false, dirty - start),
+            Some(_) => match self.next_zero(start, count) {
+                None => (true, count),
+                Some(clean) => (true, clean - start),
+            },
+        }
     }
 }

@@ -42,22 +42,6 @@ const_assert_eq!(std::mem::offset_of!(HBitmapIter, pos), 16);
 const_assert_eq!(std::mem::offset_of!(HBitmapIter, cur), 24);
 const_assert_eq!(std::mem::align_of::<HBitmapIter>(), 8);
 
-/// Allocate a new bitmap of `size` items, one bit per `2^granularity` items.
-///
-/// Aborts unless `0 <= granularity < 64` and the size needs at most 2^41 groups.
-/// Free it with `hbitmap_free`.
-#[no_mangle]
-pub extern "C" fn hbitmap_alloc(size: u64, granularity: c_int) -> *mut HBitmap {
-    if !(0..64).contains(&granularity) {
-        violated("hbitmap_alloc", &Violation::Granularity(granularity.into()));
-    }
-    let bitmap = require!(
-        "hbitmap_alloc",
-        HBitmap::new(size, granularity as u32).map_err(|e| e.to_string())
-    );
-    Box::into_raw(Box::new(bitmap))
-}
-
 /// Free a bitmap; NULL does nothing. Aborts if its meta bitmap was not freed first
 /// (`hbitmap_free_meta`).
 ///
@@ -80,71 +64,54 @@ pub unsafe extern "C" fn hbitmap_free(hb: *mut HBitmap) {
     }
 }
 
-/// Resize to `size` items: shrinking cleans the groups that disappear (marking the meta
-/// bitmap), growing adds clean groups; the meta bitmap is resized too. Aborts if the new size
-/// needs more than 2^41 groups.
-///
-/// # Safety
-/// `hb` points to a live bitmap.
-#[no_mangle]
-pub unsafe extern "C" fn hbitmap_truncate(hb: *mut HBitmap, size: u64) {
-    // SAFETY: the caller's contract.
-    let bitmap = unsafe { borrow_mut("hbitmap_truncate", "hb", hb) };
-    require!("hbitmap_truncate", bitmap.check_truncate(size));
-    bitmap.truncate_checked(size);
+/// The operands of a merge as Rust may borrow them: `result` may alias `a`, `b` or both.
+pub(super) enum MergeOperands<'a> {
+    /// `a`, `b` and `result` are one bitmap.
+    Itself(&'a mut HBitmap),
+    /// `result` is one operand; `source` is the other.
+    InPlace {
+        result: &'a mut HBitmap,
+        source: &'a HBitmap,
+    },
+    /// `result` is neither operand (`a` and `b` may be one bitmap).
+    Into {
+        a: &'a HBitmap,
+        b: &'a HBitmap,
+        result: &'a mut HBitmap,
+    },
 }
 
-/// Whether `a` and `b` have the same number of groups and the same granularity.
+/// Borrows the operands of `function`'s merge, aborting on NULL.
 ///
 /// # Safety
-/// `a` and `b` point to live bitmaps.
-#[no_mangle]
-pub unsafe extern "C" fn hbitmap_can_merge(a: *const HBitmap, b: *const HBitmap) -> bool {
-    // SAFETY: the caller's contract.
-    let (a, b) = unsafe {
-        (
-            borrow("hbitmap_can_merge", "a", a),
-            borrow("hbitmap_can_merge", "b", b),
-        )
-    };
-    a.can_merge(b)
-}
-
-/// `result = a | b`; `result` may be `a` or `b`. Returns false, changing nothing, unless all
-/// three have the same size and granularity. `a` and `b` are not modified unless aliased by
-/// `result`.
-///
-/// # Safety
-/// The three point to live bitmaps.
-#[no_mangle]
-pub unsafe extern "C" fn hbitmap_merge(
+/// The three point to live bitmaps that nothing else accesses during the merge.
+pub(super) unsafe fn merge_operands<'a>(
+    function: &str,
     a: *const HBitmap,
     b: *const HBitmap,
     result: *mut HBitmap,
-) -> bool {
-    const F: &str = "hbitmap_merge";
+) -> MergeOperands<'a> {
     for (name, ptr) in [("a", a), ("b", b), ("result", result.cast_const())] {
         if ptr.is_null() {
-            null_pointer(F, name);
+            null_pointer(function, name);
         }
     }
     let result_ptr = result.cast_const();
+    if result_ptr == a && result_ptr == b {
+        // SAFETY: non-NULL; the only reference made to the bitmap.
+        return MergeOperands::Itself(unsafe { &mut *result });
+    }
     if result_ptr == a || result_ptr == b {
-        let other = if result_ptr == a { b } else { a };
-        if other == result_ptr {
-            // SAFETY: non-NULL; the only reference made to the bitmap.
-            let bitmap = unsafe { &mut *result };
-            return bitmap.merge_with_itself();
-        }
-        // SAFETY: non-NULL, distinct from `result`: a shared and an exclusive borrow of two
-        // different live bitmaps.
-        let (target, source) = unsafe { (&mut *result, &*other) };
-        return target.merge(source);
+        let source = if result_ptr == a { b } else { a };
+        // SAFETY: non-NULL, distinct: a shared and an exclusive borrow of two different live
+        // bitmaps.
+        let (result, source) = unsafe { (&mut *result, &*source) };
+        return MergeOperands::InPlace { result, source };
     }
     // SAFETY: non-NULL; `result` differs from `a` and `b`, which may be the same bitmap (two
     // shared borrows).
     let (a, b, result) = unsafe { (&*a, &*b, &mut *result) };
-    HBitmap::merge_into(a, b, result)
+    MergeOperands::Into { a, b, result }
 }
 
 /// Whether no group is dirty.
@@ -188,21 +155,6 @@ pub unsafe extern "C" fn hbitmap_set(hb: *mut HBitmap, start: u64, count: u64) {
     let bitmap = unsafe { borrow_mut("hbitmap_set", "hb", hb) };
     if let Some((first, last)) = require!("hbitmap_set", bitmap.check_range(start, count)) {
         bitmap.set_groups(start, count, first, last);
-    }
-}
-
-/// Mark every group touched by `start .. start + count - 1` clean, including groups the range
-/// covers only partly; `count == 0` does nothing. Aborts if the range ends past the last group.
-/// Marks the meta bitmap if a word became clean.
-///
-/// # Safety
-/// `hb` points to a live bitmap.
-#[no_mangle]
-pub unsafe extern "C" fn hbitmap_reset(hb: *mut HBitmap, start: u64, count: u64) {
-    // SAFETY: the caller's contract.
-    let bitmap = unsafe { borrow_mut("hbitmap_reset", "hb", hb) };
-    if let Some((first, last)) = require!("hbitmap_reset", bitmap.check_range(start, count)) {
-        bitmap.reset_groups(start, count, first, last);
     }
 }
 
@@ -462,7 +414,7 @@ pub unsafe extern "C" fn hbitmap_iter_init(hbi: *mut HBitmapIter, hb: *const HBi
 /// # Safety
 /// `hbi` was initialized by `hbitmap_iter_init` and its bitmap is live.
 #[inline(always)]
-unsafe fn iter_parts<'a>(
+pub(super) unsafe fn iter_parts<'a>(
     function: &str,
     hbi: *mut HBitmapIter,
 ) -> (&'a mut HBitmapIter, &'a HBitmap) {
@@ -473,25 +425,13 @@ unsafe fn iter_parts<'a>(
     (iter, bitmap)
 }
 
-/// Advance `hbi` to the next nonzero word of the last level and return it (its index is
-/// `hbi->pos`); 0 at the end. Used by the inline `hbitmap_iter_next_word`.
+/// The body of both generations' `hbitmap_iter_next`: the first item of the next dirty group,
+/// or -1 at the end; with `advance` false the same item is returned again by the next call.
 ///
 /// # Safety
 /// `hbi` was initialized by `hbitmap_iter_init` and its bitmap is live.
-#[no_mangle]
-pub unsafe extern "C" fn hbitmap_iter_skip_words(hbi: *mut HBitmapIter) -> c_ulong {
-    // SAFETY: the caller's contract.
-    let (iter, bitmap) = unsafe { iter_parts("hbitmap_iter_skip_words", hbi) };
-    iter_state::skip_words(bitmap, &mut iter.pos, &mut iter.cur)
-}
-
-/// The first item of the next dirty group, or -1 at the end. With `advance` false the same item
-/// is returned again by the next call.
-///
-/// # Safety
-/// `hbi` was initialized by `hbitmap_iter_init` and its bitmap is live.
-#[no_mangle]
-pub unsafe extern "C" fn hbitmap_iter_next(hbi: *mut HBitmapIter, advance: bool) -> i64 {
+#[inline(always)]
+pub(super) unsafe fn iter_next(hbi: *mut HBitmapIter, advance: bool) -> i64 {
     // The common case, an item left in the current word, needs no stack frame: everything else
     // is one tail call, to the next word or to the report of a broken precondition.
     // SAFETY: a non-NULL `hbi` is an initialized iterator (the caller's contract).
@@ -546,75 +486,4 @@ unsafe extern "C" fn iter_next_invalid(hbi: *mut HBitmapIter) -> ! {
             words: bitmap.level_words(LAST).len() as u64,
         },
     );
-}
-
-/// The first clean item in `start .. start + count - 1` (or `start` itself if its group is
-/// clean), or -1 if there is none, `count` is 0 or `start` is at or past the bitmap's size.
-///
-/// # Safety
-/// `hb` points to a live bitmap.
-#[no_mangle]
-pub unsafe extern "C" fn hbitmap_next_zero(hb: *const HBitmap, start: u64, count: u64) -> i64 {
-    // SAFETY: the caller's contract.
-    unsafe { borrow("hbitmap_next_zero", "hb", hb) }.next_zero_raw(start, count)
-}
-
-/// Find the first dirty extent intersecting `*start .. *start + *count - 1` (clipped to the
-/// bitmap's size). If there is one, store its start (never before `*start`) and length in
-/// `*start` and `*count` and return true; otherwise leave them alone and return false.
-///
-/// # Safety
-/// `hb` points to a live bitmap; `start` and `count` point to readable, writable `uint64_t`s.
-#[no_mangle]
-pub unsafe extern "C" fn hbitmap_next_dirty_area(
-    hb: *const HBitmap,
-    start: *mut u64,
-    count: *mut u64,
-) -> bool {
-    const F: &str = "hbitmap_next_dirty_area";
-    // SAFETY: the caller's contract.
-    let (bitmap, start, count) = unsafe {
-        (
-            borrow(F, "hb", hb),
-            borrow_mut(F, "start", start),
-            borrow_mut(F, "count", count),
-        )
-    };
-    match bitmap.next_dirty_area(*start, *count) {
-        Some((area_start, area_count)) => {
-            *start = area_start;
-            *count = area_count;
-            true
-        }
-        None => false,
-    }
-}
-
-/// Create the meta bitmap of `hb`, with one bit per `chunk_size` groups' worth of items, marked
-/// over the range of an `hbitmap_set` that changes the first or last word of its range or fills
-/// a clean word, and of an `hbitmap_reset` that makes a word clean (the original's rules). `hb`
-/// owns it; free it with `hbitmap_free_meta`. Aborts if `hb` has one already, if `chunk_size` is
-/// not a power of two, or if the meta granularity would reach 64.
-///
-/// # Safety
-/// `hb` points to a live bitmap.
-#[no_mangle]
-pub unsafe extern "C" fn hbitmap_create_meta(hb: *mut HBitmap, chunk_size: c_int) -> *mut HBitmap {
-    // SAFETY: the caller's contract.
-    let bitmap = unsafe { borrow_mut("hbitmap_create_meta", "hb", hb) };
-    require!("hbitmap_create_meta", bitmap.check_create_meta(chunk_size));
-    bitmap.create_meta_checked(chunk_size)
-}
-
-/// Free the meta bitmap of `hb`. Aborts if it has none.
-///
-/// # Safety
-/// `hb` points to a live bitmap; its meta bitmap's pointer is not used afterwards.
-#[no_mangle]
-pub unsafe extern "C" fn hbitmap_free_meta(hb: *mut HBitmap) {
-    // SAFETY: the caller's contract.
-    let bitmap = unsafe { borrow_mut("hbitmap_free_meta", "hb", hb) };
-    if !bitmap.free_meta() {
-        violated("hbitmap_free_meta", &"the bitmap has no meta bitmap");
-    }
 }

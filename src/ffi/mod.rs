@@ -1,4 +1,12 @@
-//! The C ABI: QEMU's `include/qemu/hbitmap.h`, drop-in.
+//! The C ABI: QEMU's `include/qemu/hbitmap.h`, drop-in, in both of its generations.
+//!
+//! `hbitmap.rs` holds what both share; `original.rs` what only the original API (QEMU 4.0) has
+//! and `qemu10.rs` what only current QEMU's (7.2 to 10) has. Functions whose signature or
+//! meaning changed are exported twice: under the original name and under the name plus
+//! `_qemu10`, which the header, in current QEMU's mode, declares under the original name with an
+//! assembler label (as glibc's `__REDIRECT` does). One library thus serves both generations,
+//! even in one process. The `hbitmap_omit` cfgs are never set when compiling: cbindgen turns
+//! them into the header's `#if !defined(HBITMAP_OMIT_...)` around each generation's part.
 //!
 //! This is the only layer with `extern "C"` and raw pointers. Every exported function checks the
 //! preconditions that the original guards with `assert()` and, when one is broken, prints the
@@ -7,10 +15,20 @@
 //! `extern "C"` function aborts the process.
 
 mod hbitmap;
+#[cfg(not(hbitmap_omit = "original"))]
+mod original;
+#[cfg(not(hbitmap_omit = "qcow2"))]
 mod qcow2;
+#[cfg(not(hbitmap_omit = "qemu10"))]
+mod qemu10;
 
 pub use self::hbitmap::*;
+#[cfg(not(hbitmap_omit = "original"))]
+pub use self::original::*;
+#[cfg(not(hbitmap_omit = "qcow2"))]
 pub use self::qcow2::*;
+#[cfg(not(hbitmap_omit = "qemu10"))]
+pub use self::qemu10::*;
 
 /// Ends the process after a broken precondition, naming the function and what was wrong.
 #[cold]
