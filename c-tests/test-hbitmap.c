@@ -1707,6 +1707,20 @@ static void violate_free_with_meta(void)
     hbitmap_free(hb);
 }
 
+static void violate_free_meta_pointer(void)
+{
+    HBitmap *hb = hbitmap_alloc(1000, 0);
+    HBitmap *meta = hbitmap_create_meta(hb, 8);
+
+    /* QEMU's pattern: the parent changes, the meta bitmap is read and reset through its own
+     * pointer; only then the broken call. */
+    hbitmap_set(hb, 100, 1);
+    hbitmap_reset(meta, 0, 1000);
+    hbitmap_set(hb, 900, 1);
+    g_assert_true(hbitmap_get(meta, 900));
+    hbitmap_free(meta);
+}
+
 static void violate_create_meta_twice(void)
 {
     HBitmap *hb = hbitmap_alloc(1000, 0);
@@ -1773,6 +1787,8 @@ static const AbortCase abort_cases[] = {
     { "serialization-align-granularity-58", violate_serialization_align,
       "*hbitmap_serialization_align*58*" },
     { "free-with-meta", violate_free_with_meta, "*hbitmap_free*meta*" },
+    { "free-meta-pointer", violate_free_meta_pointer, "*hbitmap_free*is a meta bitmap*",
+      .ours_only = true },
     { "create-meta-twice", violate_create_meta_twice, "*hbitmap_create_meta*meta*" },
     { "create-meta-chunk-24", violate_create_meta_chunk, "*hbitmap_create_meta*24*" },
     { "free-meta-none", violate_free_meta_none, "*hbitmap_free_meta*" },

@@ -2,6 +2,7 @@
 //! the host's word size, in chunks aligned to `64 << granularity` items. Only the last level is
 //! stored; [`HBitmap::deserialize_finish`] rebuilds the summary levels.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use sha2::{Digest, Sha256};
@@ -99,7 +100,7 @@ impl HBitmap {
                 "HBitmap::serialize_part: buffer of {} bytes, {needed} needed",
                 buf.len()
             );
-            self.serialize_words(words, &mut buf[..needed]);
+            self.serialize_words(words, storage::as_uninit(&mut buf[..needed]));
         }
     }
 
@@ -108,7 +109,7 @@ impl HBitmap {
     /// is right (no deserialization pending), blocks it shows clean are written as zeros
     /// without being read: the clean pages of a sparse bitmap may never have been touched, and
     /// reading them would fault every one of them in.
-    pub(crate) fn serialize_words(&self, words: Range<usize>, out: &mut [u8]) {
+    pub(crate) fn serialize_words(&self, words: Range<usize>, out: &mut [MaybeUninit<u8>]) {
         let level = &self.levels[LAST];
         if self.stale || cfg!(target_endian = "big") {
             return write_le_words(&level[words], out);
@@ -288,13 +289,15 @@ fn words_of(first: usize, bytes: Range<usize>) -> Range<usize> {
 }
 
 /// Little-endian encoding of `words` into `out` (exactly 8 bytes per word).
-pub(crate) fn write_le_words(words: &[u64], out: &mut [u8]) {
+pub(crate) fn write_le_words(words: &[u64], out: &mut [MaybeUninit<u8>]) {
     if cfg!(target_endian = "little") {
         // The words' memory is their encoding: a plain copy.
         storage::BulkWrite::whole(out).copy(out, bytemuck::cast_slice(words));
     } else {
         for (bytes, word) in out.chunks_exact_mut(8).zip(words) {
-            bytes.copy_from_slice(&word.to_le_bytes());
+            for (byte, value) in bytes.iter_mut().zip(word.to_le_bytes()) {
+                byte.write(value);
+            }
         }
     }
 }

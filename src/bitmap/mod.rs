@@ -10,6 +10,7 @@
 mod blocks;
 pub(crate) mod iter;
 pub(crate) mod merge;
+mod meta;
 mod precondition;
 mod search;
 pub(crate) mod storage;
@@ -22,6 +23,7 @@ pub use precondition::Violation;
 use std::fmt;
 
 pub(crate) use blocks::{BlockSet, BLOCK_WORDS};
+use meta::MetaBitmap;
 use storage::Words;
 
 /// Bits in one storage word (`unsigned long` on 64-bit hosts).
@@ -86,7 +88,9 @@ pub struct HBitmap {
     /// `i` always holds exactly the words that `new` and `truncate` give it.
     pub(crate) levels: [Words; LEVELS],
     /// Tracks which chunks of this bitmap changed (migration's "dirty-dirty" bitmap).
-    pub(crate) meta: Option<Box<HBitmap>>,
+    pub(crate) meta: Option<MetaBitmap>,
+    /// True for a meta bitmap: its parent owns it (the C ABI refuses to free it).
+    pub(crate) owned_by_parent: bool,
     /// True while the summary levels may disagree with the last level: after a deserialization
     /// step without `finish`. Counting then follows the summary levels, as the original does.
     pub(crate) stale: bool,
@@ -146,6 +150,7 @@ impl HBitmap {
             granularity,
             levels,
             meta: None,
+            owned_by_parent: false,
             stale: false,
             unsummarized: BlockSet::default(),
         })
@@ -487,7 +492,7 @@ impl HBitmap {
         // The meta bitmap has at most as many groups as this one: it cannot be too large.
         let meta = HBitmap::new(self.groups << self.granularity, granularity)
             .expect("meta bitmap is never larger than its bitmap");
-        self.meta.insert(Box::new(meta))
+        self.meta.insert(MetaBitmap::new(meta))
     }
 
     /// The meta bitmap, if one was created.
@@ -498,6 +503,16 @@ impl HBitmap {
     /// The meta bitmap, mutably (to reset chunks once they were sent).
     pub fn meta_mut(&mut self) -> Option<&mut HBitmap> {
         self.meta.as_deref_mut()
+    }
+
+    /// The meta bitmap's address for C callers, valid until it is freed.
+    pub(crate) fn meta_ptr(&self) -> Option<*mut HBitmap> {
+        self.meta.as_ref().map(MetaBitmap::as_ptr)
+    }
+
+    /// Whether this is a meta bitmap, owned by another bitmap.
+    pub(crate) fn is_meta(&self) -> bool {
+        self.owned_by_parent
     }
 
     /// Drops the meta bitmap; returns false when there was none.
@@ -594,6 +609,7 @@ impl Clone for HBitmap {
             granularity: self.granularity,
             levels: self.levels.clone(),
             meta: self.meta.clone(),
+            owned_by_parent: self.owned_by_parent,
             stale: self.stale,
             unsummarized: self.unsummarized.clone(),
         }

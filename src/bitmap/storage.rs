@@ -10,7 +10,7 @@
 //!
 //! Elsewhere (non-Linux) every level lives on the heap.
 
-use std::mem::ManuallyDrop;
+use std::mem::{ManuallyDrop, MaybeUninit};
 use std::ops::{Deref, DerefMut, Range};
 use std::ptr::NonNull;
 
@@ -175,11 +175,28 @@ impl Clone for Words {
 /// resident, the rest is most likely fresh too, and one `MADV_POPULATE_WRITE` call allocates it
 /// all at a fraction of the cost of a page fault per page. Contents are unchanged; errors (old
 /// kernels, special mappings) just leave the faults to the writes.
-fn prefault(buf: &mut [u8]) {
+fn prefault(buf: &mut [MaybeUninit<u8>]) {
     #[cfg(target_os = "linux")]
     linux::prefault(buf);
     #[cfg(not(target_os = "linux"))]
     let _ = buf;
+}
+
+/// Views initialized bytes as bytes that may be uninitialized, for the bulk writers of this
+/// module, which take the latter so that a C caller's uninitialized buffer is never seen as
+/// `[u8]`. They only ever store initialized bytes, so `bytes` stays initialized.
+pub(crate) fn as_uninit(bytes: &mut [u8]) -> &mut [MaybeUninit<u8>] {
+    // SAFETY: `MaybeUninit<u8>` has the layout of `u8`; every writer given the view stores
+    // initialized bytes only, so nothing uninitialized becomes visible through `bytes`.
+    unsafe { &mut *(bytes as *mut [u8] as *mut [MaybeUninit<u8>]) }
+}
+
+/// `dst.copy_from_slice(src)` into bytes that may be uninitialized.
+fn copy_to_uninit(dst: &mut [MaybeUninit<u8>], src: &[u8]) {
+    assert_eq!(dst.len(), src.len(), "copy_to_uninit: lengths differ");
+    for (d, s) in dst.iter_mut().zip(src) {
+        d.write(*s);
+    }
 }
 
 /// Bulk writes shorter than this leave their pages to fault in one by one.
@@ -202,7 +219,7 @@ pub(crate) fn copy_into_ours(
     let bulk = BulkWrite::new(dst.len());
     let mut copy = |run: Range<usize>, dst: &mut [u8]| {
         if !run.is_empty() {
-            bulk.copy(&mut dst[run.clone()], &src[run.clone()]);
+            bulk.copy(as_uninit(&mut dst[run.clone()]), &src[run.clone()]);
             copied(run);
         }
     };
@@ -274,7 +291,7 @@ impl BulkWrite {
     }
 
     /// For a write of every byte of `dst`, in pieces or at once: prefaults all of it now.
-    pub(crate) fn whole(dst: &mut [u8]) -> BulkWrite {
+    pub(crate) fn whole(dst: &mut [MaybeUninit<u8>]) -> BulkWrite {
         if dst.len() >= PREFAULT_BYTES {
             prefault(dst);
         }
@@ -285,7 +302,7 @@ impl BulkWrite {
     }
 
     /// `dst.copy_from_slice(src)`.
-    pub(crate) fn copy(self, dst: &mut [u8], src: &[u8]) {
+    pub(crate) fn copy(self, dst: &mut [MaybeUninit<u8>], src: &[u8]) {
         if !self.prefaulted && dst.len() >= PREFAULT_BYTES {
             prefault(dst);
         }
@@ -293,16 +310,16 @@ impl BulkWrite {
         if self.streaming {
             return x86::stream_copy(dst, src);
         }
-        dst.copy_from_slice(src);
+        copy_to_uninit(dst, src);
     }
 
     /// `dst.fill(0)`, without reading `dst`.
-    pub(crate) fn zero(self, dst: &mut [u8]) {
+    pub(crate) fn zero(self, dst: &mut [MaybeUninit<u8>]) {
         #[cfg(target_arch = "x86_64")]
         if self.streaming {
             return x86::stream_zero(dst);
         }
-        dst.fill(0);
+        dst.fill(MaybeUninit::new(0));
     }
 
     /// `dst.fill(0)` in memory of ours, page by page, writing only the pages that are not zero
@@ -317,26 +334,28 @@ impl BulkWrite {
 
     fn zero_if_dirty(self, dst: &mut [u8]) {
         if !is_zero(dst) {
-            self.zero(dst);
+            self.zero(as_uninit(dst));
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use std::mem::MaybeUninit;
+
     use std::arch::x86_64::{
         __m128i, _mm_loadu_si128, _mm_setzero_si128, _mm_sfence, _mm_stream_si128,
     };
 
     /// Copies with non-temporal stores (SSE2, part of every x86-64 CPU), then fences them so
     /// they are ordered before any later store.
-    pub(super) fn stream_copy(dst: &mut [u8], src: &[u8]) {
+    pub(super) fn stream_copy(dst: &mut [MaybeUninit<u8>], src: &[u8]) {
         assert_eq!(dst.len(), src.len(), "stream_copy: lengths differ");
         // Streaming stores need 16-byte alignment: copy the bytes before it plainly.
         let head = dst.as_ptr().align_offset(16).min(dst.len());
         let (dst_head, dst_body) = dst.split_at_mut(head);
         let (src_head, src_body) = src.split_at(head);
-        dst_head.copy_from_slice(src_head);
+        super::copy_to_uninit(dst_head, src_head);
         let mut dst_blocks = dst_body.chunks_exact_mut(64);
         let mut src_blocks = src_body.chunks_exact(64);
         for (d, s) in (&mut dst_blocks).zip(&mut src_blocks) {
@@ -356,18 +375,16 @@ mod x86 {
                 _mm_stream_si128(d.add(3), e);
             }
         }
-        dst_blocks
-            .into_remainder()
-            .copy_from_slice(src_blocks.remainder());
+        super::copy_to_uninit(dst_blocks.into_remainder(), src_blocks.remainder());
         // SAFETY: sfence has no preconditions (SSE, part of every x86-64 CPU).
         unsafe { _mm_sfence() };
     }
 
     /// Zeroes with non-temporal stores, fenced as in [`stream_copy`].
-    pub(super) fn stream_zero(dst: &mut [u8]) {
+    pub(super) fn stream_zero(dst: &mut [MaybeUninit<u8>]) {
         let head = dst.as_ptr().align_offset(16).min(dst.len());
         let (dst_head, dst_body) = dst.split_at_mut(head);
-        dst_head.fill(0);
+        dst_head.fill(MaybeUninit::new(0));
         let mut dst_blocks = dst_body.chunks_exact_mut(64);
         for d in &mut dst_blocks {
             let d = d.as_mut_ptr().cast::<__m128i>();
@@ -380,7 +397,7 @@ mod x86 {
                 _mm_stream_si128(d.add(3), zero);
             }
         }
-        dst_blocks.into_remainder().fill(0);
+        dst_blocks.into_remainder().fill(MaybeUninit::new(0));
         // SAFETY: as in `stream_copy`.
         unsafe { _mm_sfence() };
     }
@@ -394,7 +411,7 @@ pub(crate) fn prefault_whole(buf: &mut [u8]) {
     #[cfg(target_os = "linux")]
     if buf.len() >= LARGE_BYTES {
         linux::allow_huge_pages(buf);
-        linux::prefault(buf);
+        linux::prefault(as_uninit(buf));
     }
     #[cfg(not(target_os = "linux"))]
     let _ = buf;
@@ -403,6 +420,8 @@ pub(crate) fn prefault_whole(buf: &mut [u8]) {
 #[cfg(target_os = "linux")]
 mod linux {
     use std::ptr::NonNull;
+
+    use std::mem::MaybeUninit;
 
     use super::{Backing, Words};
 
@@ -472,7 +491,7 @@ mod linux {
         true
     }
 
-    pub(super) fn prefault(buf: &mut [u8]) {
+    pub(super) fn prefault(buf: &mut [MaybeUninit<u8>]) {
         const MADV_POPULATE_WRITE: libc::c_int = 23;
         let page = page_size();
         let start = buf.as_mut_ptr() as usize;

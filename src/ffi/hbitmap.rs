@@ -43,25 +43,33 @@ const_assert_eq!(std::mem::offset_of!(HBitmapIter, cur), 24);
 const_assert_eq!(std::mem::align_of::<HBitmapIter>(), 8);
 
 /// Free a bitmap; NULL does nothing. Aborts if its meta bitmap was not freed first
-/// (`hbitmap_free_meta`).
+/// (`hbitmap_free_meta`), or if it is a meta bitmap (its parent frees it).
 ///
 /// # Safety
-/// `hb` is NULL or was returned by `hbitmap_alloc` and not freed since.
+/// `hb` is NULL or was returned by `hbitmap_alloc` or `hbitmap_create_meta` and not freed
+/// since.
 #[no_mangle]
 pub unsafe extern "C" fn hbitmap_free(hb: *mut HBitmap) {
     if hb.is_null() {
         return;
     }
-    // SAFETY: `hb` came from `Box::into_raw` in `hbitmap_alloc` (the caller's contract).
-    let bitmap = unsafe { Box::from_raw(hb) };
+    // SAFETY: the caller's contract: a live bitmap.
+    let bitmap = unsafe { &*hb };
+    if bitmap.is_meta() {
+        violated(
+            "hbitmap_free",
+            &"the bitmap is a meta bitmap (free it with hbitmap_free_meta on its parent)",
+        );
+    }
     if bitmap.meta().is_some() {
-        // Leave it allocated: the caller still holds the meta bitmap's pointer.
-        let _ = Box::into_raw(bitmap);
         violated(
             "hbitmap_free",
             &"the bitmap still has a meta bitmap (call hbitmap_free_meta first)",
         );
     }
+    // SAFETY: not a meta bitmap, so it came from `Box::into_raw` in `hbitmap_alloc` (the
+    // caller's contract).
+    drop(unsafe { Box::from_raw(hb) });
 }
 
 /// The operands of a merge as Rust may borrow them: `result` may alias `a`, `b` or both.
@@ -279,7 +287,9 @@ pub unsafe extern "C" fn hbitmap_serialize_part(
         }
         // SAFETY: the caller provides room for the chunk's bytes; non-NULL checked. They may be
         // uninitialized: `serialize_words` only writes them.
-        let out = unsafe { std::slice::from_raw_parts_mut(buf, words.len() * 8) };
+        let out = unsafe {
+            std::slice::from_raw_parts_mut(buf.cast::<std::mem::MaybeUninit<u8>>(), words.len() * 8)
+        };
         bitmap.serialize_words(words, out);
     }
 }

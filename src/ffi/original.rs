@@ -167,7 +167,8 @@ pub unsafe extern "C" fn hbitmap_create_meta(hb: *mut HBitmap, chunk_size: c_int
     // SAFETY: the caller's contract.
     let bitmap = unsafe { borrow_mut("hbitmap_create_meta", "hb", hb) };
     require!("hbitmap_create_meta", bitmap.check_create_meta(chunk_size));
-    bitmap.create_meta_checked(chunk_size)
+    bitmap.create_meta_checked(chunk_size);
+    bitmap.meta_ptr().expect("the meta bitmap was just created")
 }
 
 /// Free the meta bitmap of `hb`. Aborts if it has none.

@@ -326,7 +326,7 @@ pub(crate) fn write_data(
             let mut at = offset;
             for chunk in run.chunks(CHUNK / 8) {
                 buf.resize(chunk.len() * 8, 0);
-                crate::serialize::write_le_words(chunk, &mut buf);
+                crate::serialize::write_le_words(chunk, storage::as_uninit(&mut buf));
                 write(at, &buf)?;
                 at += buf.len() as u64;
             }

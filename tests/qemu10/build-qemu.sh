@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Builds QEMU 10.0.2 from its source tarball with util/hbitmap.c taken out and libhbitmap linked
+# in its place, as a packager would (contrib/qemu/), plus what QEMU's dirty-bitmap iotests need.
+#
+#   build-qemu.sh TARBALL LIBHBITMAP_PREFIX WORKDIR
+#
+# LIBHBITMAP_PREFIX is where `meson install` put libhbitmap (its hbitmap.pc is found there).
+# WORKDIR keeps the patched source and the build: a second run only relinks what changed.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+[[ $# == 3 ]] || { echo "usage: build-qemu.sh TARBALL LIBHBITMAP_PREFIX WORKDIR" >&2; exit 2; }
+tarball=$(realpath "$1"); prefix=$(realpath "$2"); mkdir -p "$3"; work=$(realpath "$3")
+src=$work/qemu-10.0.2
+build=$src/build
+
+if [[ ! -f $src/.libhbitmap-patched ]]; then
+  rm -rf "$src"
+  tar -xJf "$tarball" -C "$work"
+  # The packager's change: util/hbitmap.c out, dependency('hbitmap') in, QEMU's header replaced.
+  patch -s -p1 -d "$src" < "$repo/contrib/qemu/qemu-10-use-libhbitmap.patch"
+  cp "$repo/contrib/qemu/hbitmap.h" "$src/include/qemu/hbitmap.h"
+  rm "$src/util/hbitmap.c"
+  # What this build environment needs, not the packager's change: the Debian (+ds) tarball has
+  # no edk2 firmware to unpack, and the iotests need only a small PC.
+  sed -i "s/find_program('bzip2', required: get_option('install_blobs'))/find_program('no-edk2-blobs-in-this-tarball', required: false)/" "$src/meson.build"
+  printf 'CONFIG_I440FX=y\nCONFIG_VIRTIO_PCI=y\nCONFIG_VIRTIO_BLK=y\nCONFIG_VIRTIO_SCSI=y\n' \
+    > "$src/configs/devices/x86_64-softmmu/libhbitmap-iotests.mak"
+  touch "$src/.libhbitmap-patched"
+fi
+
+pc=$(find "$prefix" -name hbitmap.pc -print -quit)
+[[ -n $pc ]] || { echo "build-qemu.sh: no hbitmap.pc under $prefix" >&2; exit 1; }
+export PKG_CONFIG_PATH=$(dirname "$pc")${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
+libdir=$(pkg-config --variable=libdir hbitmap)
+
+if [[ ! -f $build/build.ninja ]]; then
+  mkdir -p "$build"
+  (cd "$build" && ../configure --target-list=x86_64-softmmu --disable-tcg --enable-tools \
+      --enable-zstd --enable-fdt=system --disable-docs --disable-werror --disable-guest-agent \
+      --disable-rust --disable-install-blobs --firmwarepath=/usr/share/seabios \
+      --without-default-devices --with-devices-x86_64=libhbitmap-iotests \
+      --extra-ldflags="-Wl,-rpath,$libdir" >"$work/configure.log" 2>&1) \
+    || { tail -n 40 "$work/configure.log" >&2; exit 1; }
+fi
+
+roms=$(ninja -C "$build" -t targets all | grep -o '^pc-bios/optionrom/[a-z0-9_]*\.bin' | sort -u || true)
+ninja -C "$build" qemu-system-x86_64 qemu-img qemu-io qemu-nbd storage-daemon/qemu-storage-daemon \
+  tests/unit/test-hbitmap $roms >"$work/ninja.log" 2>&1 || { tail -n 40 "$work/ninja.log" >&2; exit 1; }
+
+# Binaries run from the build tree look for firmware under qemu-bundle/ (relocated paths).
+bundle=$build/qemu-bundle
+mkdir -p "$bundle/usr/share" "$bundle/usr/local/share/qemu"
+ln -sfn /usr/share/seabios "$bundle/usr/share/seabios"
+for rom in $roms; do ln -sf "$build/$rom" "$bundle/usr/local/share/qemu/"; done
+echo "QEMU 10.0.2 built against libhbitmap ($libdir) in $build"

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Current QEMU's hbitmap API, proven on QEMU 10.0.2 itself (all from Debian's qemu source
+# tarball, fetched at test time; nothing of QEMU's is kept in this repository):
+#   1. include/hbitmap.h in mode 10 declares exactly QEMU 10's functions, with its types;
+#   2. QEMU's own tests/unit/test-hbitmap.c, unmodified, passes against the shared and the
+#      static library;
+#   3. QEMU 10.0.2 built with the packager's change (contrib/qemu/) runs libhbitmap's code:
+#      no hbitmap_* function of its own is left in its binaries;
+#   4. QEMU's test-hbitmap from that build, and QEMU's dirty-bitmap iotests with its binaries;
+#   5. this project's qcow2 interoperability tests against those binaries.
+#
+#   run.sh REF10_DIR LIBHBITMAP_PREFIX WORKDIR
+#
+# REF10_DIR: built by ../shared/reference/build-qemu10.sh (it holds the tarball and QEMU's
+# header and unit test). LIBHBITMAP_PREFIX: where `meson install` put this library. WORKDIR:
+# the QEMU build, kept between runs.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+[[ $# == 3 ]] || { echo "usage: run.sh REF10_DIR LIBHBITMAP_PREFIX WORKDIR" >&2; exit 2; }
+ref10=$(realpath "$1"); prefix=$(realpath "$2"); mkdir -p "$3"; work=$(realpath "$3")
+step() { printf '\n--> %s\n' "$*"; }
+
+pc=$(find "$prefix" -name hbitmap.pc -print -quit)
+export PKG_CONFIG_PATH=$(dirname "$pc")${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
+libdir=$(pkg-config --variable=libdir hbitmap)
+glib=$(pkg-config --cflags --libs glib-2.0)
+
+step "mode 10 header against QEMU 10.0.2's include/qemu/hbitmap.h"
+python3 "$here/check_header.py" "$ref10/qemu10/include/qemu/hbitmap.h" "$ref10/qemu10/stand-in" \
+  "$(pkg-config --variable=includedir hbitmap)"
+
+step "QEMU 10.0.2's tests/unit/test-hbitmap.c, unmodified, against libhbitmap"
+shim=$work/unit-test-include
+mkdir -p "$shim/qemu"
+cp "$repo/contrib/qemu/hbitmap.h" "$shim/qemu/hbitmap.h"
+for kind in shared static; do
+  if [[ $kind == shared ]]; then
+    libs=(-Wl,-rpath,"$libdir" $(pkg-config --libs hbitmap))
+  else
+    libs=(-Wl,-Bstatic -lhbitmap -Wl,-Bdynamic $(pkg-config --libs-only-L hbitmap)
+          $(pkg-config --static --libs-only-l hbitmap | sed 's/-lhbitmap//'))
+  fi
+  # -I order: the shim (QEMU's header replaced as a packager does), then QEMU's stand-ins.
+  cc -O1 -g -std=gnu11 -w -I"$shim" -I"$ref10/qemu10/stand-in/qemu" -I"$ref10/qemu10/stand-in" \
+    $(pkg-config --cflags hbitmap) "$ref10/qemu10/tests/unit/test-hbitmap.c" \
+    -o "$work/test-hbitmap-$kind" "${libs[@]}" $glib
+  out=$("$work/test-hbitmap-$kind")
+  passed=$(grep -c '^ok ' <<<"$out" || true)
+  if grep -q '^not ok' <<<"$out" || [[ $passed != 40 ]]; then
+    echo "$out" | grep -v '^ok ' >&2
+    echo "QEMU's test-hbitmap ($kind library): $passed of 40 passed" >&2
+    exit 1
+  fi
+  echo "QEMU's test-hbitmap, $kind library: 40 of 40 passed"
+done
+
+step "QEMU 10.0.2 built with util/hbitmap.c replaced by libhbitmap"
+"$here/build-qemu.sh" "$ref10/qemu_10.0.2+ds.orig.tar.xz" "$prefix" "$work"
+build=$work/qemu-10.0.2/build
+bins=(qemu-system-x86_64 qemu-img qemu-io qemu-nbd storage-daemon/qemu-storage-daemon
+      tests/unit/test-hbitmap)
+for bin in "${bins[@]}"; do
+  own=$(nm "$build/$bin" | awk '$2 ~ /^[TtWw]$/ && $3 ~ /^hbitmap_/' | head -n 3)
+  used=$(nm -D "$build/$bin" | awk '$1 == "U" && $2 ~ /^hbitmap_/' | wc -l)
+  lib=$(ldd "$build/$bin" | awk '/libhbitmap/ {print $3}')
+  if [[ -n $own || $used == 0 || -z $lib ]]; then
+    echo "$bin: own hbitmap functions [$own], $used from libhbitmap, linked to [$lib]" >&2
+    exit 1
+  fi
+  echo "$bin: no hbitmap_* of its own, $used hbitmap_* functions from $lib"
+done
+"$build/tests/unit/test-hbitmap" | tail -n 1
+passed=$("$build/tests/unit/test-hbitmap" | grep -c '^ok ')
+[[ $passed == 40 ]] || { echo "QEMU's own build of test-hbitmap: $passed of 40" >&2; exit 1; }
+echo "QEMU's test-hbitmap (QEMU's build): 40 of 40 passed"
+
+step "QEMU's dirty-bitmap iotests with the binaries linked to libhbitmap"
+iotests=(124 165 176 190 194 196 223 236 242 246 254 256 257 260 271 281 299 300 303 304
+         migrate-bitmaps-test migrate-bitmaps-postcopy-test remove-bitmap-from-backing
+         image-fleecing backup-discard-source qemu-img-bitmaps nbd-qemu-allocation
+         qemu-img-close-errors)
+(cd "$build/tests/qemu-iotests" && ./check -qcow2 -j 2 "${iotests[@]}") | tee "$work/iotests.log" \
+  | grep -E '^(Passed|Failures|Not run|[a-z0-9-]+ +(fail|not run))' || true
+grep -q "^Passed all ${#iotests[@]} iotests" "$work/iotests.log" \
+  || { echo "QEMU's dirty-bitmap iotests did not all pass (see $work/iotests.log)" >&2; exit 1; }
+
+step "this project's qcow2 interoperability tests against QEMU 10.0.2 linked to libhbitmap"
+tools=$work/bin
+mkdir -p "$tools"
+for bin in qemu-img qemu-io qemu-nbd storage-daemon/qemu-storage-daemon; do
+  ln -sf "$build/$bin" "$tools/"
+done
+echo "qemu-img on PATH: $(PATH="$tools:$PATH" command -v qemu-img), linked to $(ldd "$tools/qemu-img" | awk '/libhbitmap/ {print $3}')"
+(cd "$repo" && PATH="$tools:$PATH" cargo test --release --test qcow2_interop -- --nocapture 2>&1) \
+  >"$work/interop.log" || { tail -n 40 "$work/interop.log" >&2; exit 1; }
+grep '^test result' "$work/interop.log"
+if grep -i 'skipped' "$work/interop.log"; then
+  echo "the interop tests skipped cases against QEMU's build" >&2
+  exit 1
+fi
