@@ -525,7 +525,7 @@ fn allocation_with_512_byte_clusters() {
         return;
     }
     // A 256-cluster table, more than a refcount block (256 entries) describes.
-    add_like_qemu("32G", "cluster_size=512", "512", Duration::from_secs(10));
+    add_like_qemu("32G", "cluster_size=512", "512", Duration::from_secs(5));
 }
 
 #[test]
@@ -534,17 +534,18 @@ fn allocation_with_64_bit_refcounts() {
         return;
     }
     // 64 entries per refcount block: runs of many blocks and several refcount table growths.
+    // A 128-cluster table: two blocks' worth.
     add_like_qemu(
-        "4G",
+        "16G",
         "cluster_size=512,refcount_bits=64",
         "512",
-        Duration::from_secs(10),
+        Duration::from_secs(5),
     );
     add_like_qemu(
         "64G",
-        "cluster_size=65536,refcount_bits=64",
+        "cluster_size=4096,refcount_bits=64",
         "512",
-        Duration::from_secs(10),
+        Duration::from_secs(5),
     );
 }
 
@@ -557,6 +558,6 @@ fn allocation_with_1_bit_refcounts_and_2_mib_clusters() {
         "64G",
         "cluster_size=2M,refcount_bits=1",
         "512",
-        Duration::from_secs(10),
+        Duration::from_secs(5),
     );
 }
