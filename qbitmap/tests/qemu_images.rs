@@ -124,8 +124,7 @@ fn qemu_image(size: &str, options: &str) -> (TempDir, PathBuf) {
 /// Bitmaps as qemu-img info lists them: (name, granularity, flags).
 fn qemu_bitmaps(path: &Path) -> Vec<(String, u64, Vec<String>)> {
     let info: Value =
-        serde_json::from_str(&run("qemu-img", &["info", "--output=json", "-U", s(path)]))
-            .unwrap();
+        serde_json::from_str(&run("qemu-img", &["info", "--output=json", "-U", s(path)])).unwrap();
     let Some(bitmaps) = info["format-specific"]["data"]["bitmaps"].as_array() else {
         return Vec::new();
     };
@@ -222,7 +221,10 @@ fn table_offset(path: &Path, name: &str) -> usize {
 /// QEMU does not pad the last snapshot table entry; a table written last ends the file there.
 #[test]
 fn snapshot_table_at_the_end_of_the_file() {
-    if !have(&["qemu-img", "qemu-io"], "snapshot_table_at_the_end_of_the_file") {
+    if !have(
+        &["qemu-img", "qemu-io"],
+        "snapshot_table_at_the_end_of_the_file",
+    ) {
         return;
     }
     let (_dir, path) = qemu_image("1G", "");
@@ -263,7 +265,11 @@ fn unknown_incompatible_features_refuse_reads() {
         .output()
         .unwrap();
     assert!(!qemu.status.success());
-    assert!(text(&qemu).contains("Unsupported qcow2 feature"), "{}", text(&qemu));
+    assert!(
+        text(&qemu).contains("Unsupported qcow2 feature"),
+        "{}",
+        text(&qemu)
+    );
     for args in [
         vec!["list", s(&path)],
         vec!["dump", s(&path), "b"],
@@ -297,7 +303,7 @@ fn in_use_bitmap_whose_table_lies_past_the_end() {
         let entry = directory_entry(data, "lost");
         put64(data, entry, 1 << 30);
         data[entry + 15] |= 1; // in_use
-        // An in-use bitmap's table is never read: garbage in it does not matter.
+                               // An in-use bitmap's table is never read: garbage in it does not matter.
         let entry = directory_entry(data, "unreadable");
         let table = be64(data, entry) as usize;
         put64(data, table, 0xdead_beef_0000_0003);
@@ -412,7 +418,10 @@ fn guest_cluster(path: &Path) -> u64 {
 /// or overwrites the guest's cluster.
 #[test]
 fn bitmap_cluster_cross_linked_with_guest_data() {
-    if !have(&["qemu-img", "qemu-io"], "bitmap_cluster_cross_linked_with_guest_data") {
+    if !have(
+        &["qemu-img", "qemu-io"],
+        "bitmap_cluster_cross_linked_with_guest_data",
+    ) {
         return;
     }
     let (_dir, path) = qemu_image("64M", "");
@@ -449,7 +458,10 @@ fn bitmap_cluster_cross_linked_with_guest_data() {
 /// Also a bitmap cluster shared with a snapshot's L2 table or data.
 #[test]
 fn bitmap_cluster_cross_linked_with_a_snapshot() {
-    if !have(&["qemu-img", "qemu-io"], "bitmap_cluster_cross_linked_with_a_snapshot") {
+    if !have(
+        &["qemu-img", "qemu-io"],
+        "bitmap_cluster_cross_linked_with_a_snapshot",
+    ) {
         return;
     }
     let (_dir, path) = qemu_image("64M", "");

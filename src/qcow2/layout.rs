@@ -787,7 +787,13 @@ fn read_bitmaps(
             ));
         }
         let mut ok = found.is_empty();
-        if ok && past_end(entry.table_offset, u64::from(entry.table_size) * 8, file_len) {
+        if ok
+            && past_end(
+                entry.table_offset,
+                u64::from(entry.table_size) * 8,
+                file_len,
+            )
+        {
             let message = format!(
                 "bitmap '{name}' (directory entry at {pos:#x}): the bitmap table at {:#x} ({} \
                  entries) extends past the end of the file ({file_len} bytes)",
@@ -897,7 +903,15 @@ fn read_bitmaps(
             entry_ok[index] = false;
         }
     }
-    let guest = guest_cross_links(io, layout, &bitmaps, &entry_ok, &dir_region, &data_regions, l2_tables)?;
+    let guest = guest_cross_links(
+        io,
+        layout,
+        &bitmaps,
+        &entry_ok,
+        &dir_region,
+        &data_regions,
+        l2_tables,
+    )?;
     settle(guest, problems, &mut entry_ok);
     let mut all = regions;
     all.extend(data_regions);
@@ -1060,7 +1074,10 @@ fn guest_cross_links(
     }
     if count > MAX_REPORTED {
         found.push(Overlap {
-            message: format!("... and {} more guest data cross-links", count - MAX_REPORTED),
+            message: format!(
+                "... and {} more guest data cross-links",
+                count - MAX_REPORTED
+            ),
             bitmaps: Vec::new(),
         });
     }

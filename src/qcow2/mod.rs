@@ -442,14 +442,7 @@ impl Image {
                 bitmap.entry.table_size
             )));
         }
-        bitmap_table::load(
-            &*self.io,
-            &bitmap.table,
-            len,
-            gran,
-            cluster_size,
-            &name,
-        )
+        bitmap_table::load(&*self.io, &bitmap.table, len, gran, cluster_size, &name)
     }
 
     /// Loads a bitmap for tracking: refused for a bitmap marked in use (its content may be
