@@ -573,3 +573,30 @@ fn allocation_with_1_bit_refcounts_and_2_mib_clusters() {
         Duration::from_secs(5),
     );
 }
+
+#[test]
+fn allocation_for_every_cluster_size_and_refcount_width() {
+    if !have(
+        &["qemu-img"],
+        "allocation_for_every_cluster_size_and_refcount_width",
+    ) {
+        return;
+    }
+    // Setting the whole disk allocates every data cluster in runs; with small clusters and
+    // wide refcounts they are longer than a refcount block's worth.
+    for (cluster, size, granularity) in [
+        (512, "8G", "512"),
+        (4096, "64G", "4K"),
+        (65536, "64G", "4K"),
+        (2 << 20, "64G", "4K"),
+    ] {
+        for bits in [1, 2, 4, 8, 16, 32, 64] {
+            add_like_qemu(
+                size,
+                &format!("cluster_size={cluster},refcount_bits={bits}"),
+                granularity,
+                Duration::from_secs(5),
+            );
+        }
+    }
+}
