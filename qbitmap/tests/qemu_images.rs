@@ -259,6 +259,18 @@ fn unknown_incompatible_features_refuse_reads() {
     patch(&path, |data| {
         let bits = be64(data, 72) | 1 << 5 | 1 << 40;
         put64(data, 72, bits);
+        // Name bit 5 in the feature name table, as a newer QEMU would (its first entry,
+        // incompatible bit 0, becomes incompatible bit 5).
+        let mut ext = be32(data, 100) as usize;
+        while be32(data, ext) != 0x6803_f857 {
+            assert_ne!(be32(data, ext), 0, "no feature name table");
+            ext += 8 + (be32(data, ext + 4) as usize).div_ceil(8) * 8;
+        }
+        let entry = ext + 8;
+        assert_eq!(&data[entry..entry + 2], &[0, 0]);
+        data[entry + 1] = 5;
+        data[entry + 2..entry + 48].fill(0);
+        data[entry + 2..entry + 16].copy_from_slice(b"future feature");
     });
     let qemu = Command::new("qemu-img")
         .args(["info", s(&path)])
@@ -279,7 +291,7 @@ fn unknown_incompatible_features_refuse_reads() {
     ] {
         let out = fails(&args);
         assert!(
-            out.contains("incompatible feature") && out.contains("5, 40"),
+            out.contains("incompatible feature bits 5 ('future feature'), 40"),
             "qbitmap {args:?}: {out}"
         );
     }

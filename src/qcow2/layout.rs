@@ -288,7 +288,10 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
         // open the image at all, and so do we, for reading too.
         let bits: Vec<String> = (0..64)
             .filter(|bit| unknown & (1u64 << bit) != 0)
-            .map(|bit| bit.to_string())
+            .map(|bit| match header.incompatible_feature_name(bit) {
+                Some(name) => format!("{bit} ('{}')", name.escape_debug()),
+                None => bit.to_string(),
+            })
             .collect();
         return Err(Error::Unsupported(format!(
             "header: unknown incompatible feature bit{} {} ({unknown:#x}, offset 72) set: the \
