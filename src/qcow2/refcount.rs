@@ -6,9 +6,10 @@
 //! clusters (refcount 0), which reuses freed clusters before extending the file. Missing
 //! refcount blocks a run needs are placed right after the data of the run, in the same free
 //! run (never inside the data, which would break the run and search again forever), counted,
-//! written and flushed before the table entries that point to them. A full refcount table is replaced by a larger one placed, with the refcount
-//! blocks describing it, in the first clusters the old table did not cover; the header is
-//! switched to it in one write and only then is the old table freed.
+//! written and flushed before the table entries that point to them. A refcount table too small
+//! for a run is replaced, once, by one large enough (and at least 1.5 times larger), placed
+//! with the refcount blocks describing it in the first clusters the old table did not cover;
+//! the header is switched to it in one write and only then is the old table freed.
 #![forbid(unsafe_code)]
 
 use byteorder::{BigEndian, ByteOrder};
