@@ -282,6 +282,8 @@ fn unknown_incompatible_features_refuse_reads() {
         "{}",
         text(&qemu)
     );
+    let (code, qemu) = qemu_check(&path);
+    assert_eq!(code, 1, "{qemu}");
     for args in [
         vec!["list", s(&path)],
         vec!["dump", s(&path), "b"],

@@ -1,11 +1,15 @@
 //! Reading and validating an image's structures: header, refcounts, the metadata map (L1/L2
-//! tables, refcount table and blocks, snapshot table and snapshot L1 tables, LUKS header) and
-//! the bitmaps extension with its directory, tables and data clusters.
+//! tables of the active disk and of every snapshot, refcount table and blocks, snapshot table
+//! and snapshot L1 tables, LUKS header) and the bitmaps extension with its directory, tables
+//! and data clusters, which must share no cluster with any of those nor with guest data.
 //!
 //! Every size read from the file is checked against the file's length and QEMU's limits before
 //! anything is allocated for it, and bitmap tables are read only once they are known not to
-//! overlap each other or other metadata, so memory stays proportional to the file. Problems are
-//! collected rather than returned at the first one, for [`check`](super::Image::check).
+//! overlap each other or other metadata, so memory stays proportional to the file. Guest data
+//! clusters are not kept: every L2 table is scanned once against the set of bitmap clusters.
+//! Problems are collected rather than returned at the first one, for
+//! [`check`](super::Image::check). What is wrong with a bitmap marked in use is only a warning:
+//! QEMU never trusts such a bitmap's table, and it must stay listable and removable.
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, HashSet};
