@@ -21,10 +21,13 @@ fn inputs(target: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fuzz/regressions")
         .join(target);
+    // A missing or empty directory is a failure: replaying nothing proves nothing.
     let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map(|entries| entries.map(|e| e.unwrap().path()).collect())
-        .unwrap_or_default();
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
     out.retain(|p| p.is_file());
+    assert!(!out.is_empty(), "no regression inputs in {}", dir.display());
     out.sort();
     out
 }
@@ -45,7 +48,14 @@ fn replay(target: &str, run: fn(&[u8])) {
         assert!(result.is_ok(), "{} panicked", path.display());
         ran += 1;
     }
+    assert!(ran > 0, "{target}: every input is a known failure");
     eprintln!("{target}: {ran} inputs");
+}
+
+#[test]
+#[should_panic(expected = "reading")]
+fn a_missing_directory_fails() {
+    replay("no-such-target", harness::qcow2_open);
 }
 
 #[test]

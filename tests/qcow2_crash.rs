@@ -213,3 +213,45 @@ fn crash_while_dropping_a_stale_extension() {
         let _ = image.store_bitmap("c", &c, BitmapFlags::default());
     });
 }
+
+/// A bitmap table longer than a refcount block's worth of clusters (512-byte clusters, 64-bit
+/// refcounts: 64 per block), in an image qemu-img made: the refcount blocks created after the
+/// run and the table growth, interrupted at each write.
+#[test]
+fn crash_while_allocating_runs_longer_than_a_refcount_block() {
+    if !have_all(
+        "crash_while_allocating_runs_longer_than_a_refcount_block",
+        &["qemu-img"],
+    ) {
+        return;
+    }
+    let s = Scratch::new("crash-long-run");
+    let base = s.path("base.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512,refcount_bits=64",
+        base.to_str().unwrap(),
+        "16G",
+    ]);
+    let writes = crash_each_write("long-table", &base, &s.dir, &|image| {
+        let _ = image.add_bitmap("b", 512, true);
+    });
+    let mut image = Image::open(
+        &base,
+        OpenOptions {
+            write: true,
+            force_share: false,
+        },
+    )
+    .unwrap();
+    image.add_bitmap("b", 512, true).unwrap();
+    // A 128-cluster table: two refcount blocks' worth.
+    assert_eq!(image.bitmap("b").unwrap().table_size, 128 * 64);
+    image.close().unwrap();
+    qemu_check(&base, false);
+    println!("{writes} interrupted writes checked");
+}

@@ -49,9 +49,10 @@ pub enum Command {
         image: PathBuf,
         /// The new bitmap's name.
         name: String,
-        /// Bytes per bit: a power of two from 512 to 2G.
-        #[arg(short, long, default_value = "64K", value_parser = parse_power_of_two)]
-        granularity: u64,
+        /// Bytes per bit: a power of two from 512 to 2G. Default: QEMU's, the cluster size
+        /// clamped to 4K..64K.
+        #[arg(short, long, value_parser = parse_power_of_two)]
+        granularity: Option<u64>,
         /// Add it disabled: without the auto flag, QEMU does not track writes in it.
         #[arg(long)]
         disabled: bool,
@@ -107,7 +108,7 @@ pub enum Command {
         image: PathBuf,
         /// The bitmap to create or replace.
         name: String,
-        /// Bytes per bit; default: the JSON's "granularity", else the existing bitmap's, else 64K.
+        /// Bytes per bit; default: the JSON's "granularity", else the existing bitmap's, else QEMU's default (the cluster size clamped to 4K..64K).
         #[arg(short, long, value_parser = parse_power_of_two)]
         granularity: Option<u64>,
         /// Create it without the auto flag (an existing bitmap keeps its flag otherwise).

@@ -13,9 +13,6 @@ use crate::extents::{self, dirty_bytes, Extent};
 use crate::output::{self, BitmapReport, CheckOutput, DumpReport, ImageReport};
 use crate::size::format_size;
 
-/// Granularity of a bitmap created without `-g`, as qemu-img's.
-pub const DEFAULT_GRANULARITY: u64 = 64 * 1024;
-
 /// Opens an image for reading; `force_share` skips QEMU's locks.
 pub fn open_read(path: &Path, force_share: bool) -> Result<Image> {
     Image::open(
@@ -145,11 +142,12 @@ pub fn dump(
     Ok(())
 }
 
-pub fn add(path: &Path, name: &str, granularity: u64, disabled: bool) -> Result<()> {
+pub fn add(path: &Path, name: &str, granularity: Option<u64>, disabled: bool) -> Result<()> {
     edit(path, |image| {
         if image.bitmap(name).is_some() {
             bail!("a bitmap named '{name}' already exists");
         }
+        let granularity = granularity.unwrap_or_else(|| image.default_granularity());
         Ok(image.add_bitmap(name, granularity, !disabled)?)
     })
 }
@@ -348,7 +346,7 @@ pub fn import(
         let granularity = granularity
             .or(doc.granularity)
             .or(existing.as_ref().map(|e| e.granularity))
-            .unwrap_or(DEFAULT_GRANULARITY);
+            .unwrap_or_else(|| image.default_granularity());
         let virtual_size = image.virtual_size();
         let ranges =
             extents::normalize(&doc.extents, virtual_size).with_context(|| source.clone())?;
@@ -394,6 +392,7 @@ pub fn check(
         clean: report.is_clean(),
         errors: report.errors,
         warnings: report.warnings,
+        notes: report.notes,
     };
     if format.json() {
         output::write_json(out, &result)?;
@@ -403,6 +402,9 @@ pub fn check(
         }
         for warning in &result.warnings {
             writeln!(out, "WARNING: {warning}")?;
+        }
+        for note in &result.notes {
+            writeln!(out, "NOTE: {note}")?;
         }
         let checked = match result.bitmaps {
             Some(1) => " (1 bitmap checked)".to_string(),

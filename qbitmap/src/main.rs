@@ -66,7 +66,9 @@ fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<bool> {
             granularity,
             disabled,
         } => {
-            check_granularity(granularity);
+            if let Some(granularity) = granularity {
+                check_granularity(granularity);
+            }
             commands::add(&image, &name, granularity, disabled)?
         }
         Command::Remove { image, name } => commands::remove(&image, &name)?,

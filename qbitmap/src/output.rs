@@ -67,6 +67,8 @@ pub struct CheckOutput {
     pub clean: bool,
     pub errors: Vec<String>,
     pub warnings: Vec<String>,
+    /// Harmless oddities (not counted by `clean`).
+    pub notes: Vec<String>,
 }
 
 /// Writes a value as pretty JSON followed by a newline.

@@ -735,7 +735,7 @@ fn check_passes_a_clean_image() {
     let report = ok_json(&["check", s(&path), "--output=json"]);
     assert_eq!(
         report,
-        json!({"image": s(&path), "bitmaps": 1, "clean": true, "errors": [], "warnings": []})
+        json!({"image": s(&path), "bitmaps": 1, "clean": true, "errors": [], "warnings": [], "notes": []})
     );
 }
 

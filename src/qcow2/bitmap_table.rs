@@ -14,7 +14,7 @@ use crate::bitmap::{storage, LAST};
 use crate::HBitmap;
 use byteorder::{BigEndian, ByteOrder, LittleEndian};
 
-use super::error::{corrupt, Error};
+use super::error::Error;
 use super::header::read_exact;
 use super::io::ImageIo;
 
@@ -132,7 +132,8 @@ fn words_from_le(words: &mut [u64]) {
 }
 
 /// Reads a bitmap's data into a new byte-addressed `HBitmap` over `len` bytes.
-/// `check_padding` refuses a last data cluster with bits set past the bitmap's end.
+/// Padding bits set past the bitmap's end in the last data cluster are ignored, as QEMU
+/// ignores them (and writes them: it loads an all-ones entry with whole words of ones).
 ///
 /// Data clusters are read straight into the bitmap's last level, runs of clusters that lie one
 /// after the other in the file (for consecutive table entries) with one read each.
@@ -143,7 +144,6 @@ pub(crate) fn load(
     granularity_bits: u32,
     cluster_size: u64,
     name: &str,
-    check_padding: bool,
 ) -> Result<HBitmap, Error> {
     let mut bitmap = HBitmap::new(len, granularity_bits)
         .map_err(|e| Error::Limit(format!("bitmap '{name}' cannot be held in memory: {e}")))?;
@@ -173,17 +173,7 @@ pub(crate) fn load(
             if index == last {
                 let mut data =
                     read_exact(io, offset, cluster_size, &format!("bitmap '{name}' data"))?;
-                let i = index as u64;
-                if let Some(bit) = padding_bit(&data, len, granularity_bits, cluster_size, i) {
-                    if check_padding {
-                        return Err(corrupt(format!(
-                            "bitmap '{name}': data cluster at {offset:#x} (table entry {index}) \
-                             has padding bit {bit} set past the end of the bitmap (padding must \
-                             be zero)"
-                        )));
-                    }
-                    clear_padding(&mut data, len, granularity_bits, cluster_size, i);
-                }
+                clear_padding(&mut data, len, granularity_bits, cluster_size, index as u64);
                 let dst = &mut words[first_word..];
                 for (word, chunk) in dst.iter_mut().zip(data.chunks_exact(8)) {
                     *word = LittleEndian::read_u64(chunk);

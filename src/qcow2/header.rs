@@ -348,6 +348,24 @@ impl Header {
         self.extensions.iter().find(|e| e.magic == EXT_BITMAPS)
     }
 
+    /// The name the feature name table gives incompatible feature bit `bit`, if any.
+    pub(crate) fn incompatible_feature_name(&self, bit: u32) -> Option<String> {
+        let table = self
+            .extensions
+            .iter()
+            .find(|e| e.magic == EXT_FEATURE_TABLE)?;
+        // Entries of 48 bytes: type (0: incompatible), bit number, 46-byte NUL-padded name.
+        table
+            .data
+            .chunks_exact(48)
+            .find(|entry| entry[0] == 0 && u32::from(entry[1]) == bit)
+            .map(|entry| {
+                let name = &entry[2..];
+                let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+                String::from_utf8_lossy(&name[..len]).into_owned()
+            })
+    }
+
     /// The LUKS header area (offset, length), if the image has one.
     pub(crate) fn crypto_area(&self) -> Option<(u64, u64)> {
         self.extensions

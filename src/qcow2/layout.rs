@@ -1,14 +1,18 @@
 //! Reading and validating an image's structures: header, refcounts, the metadata map (L1/L2
-//! tables, refcount table and blocks, snapshot table and snapshot L1 tables, LUKS header) and
-//! the bitmaps extension with its directory, tables and data clusters.
+//! tables of the active disk and of every snapshot, refcount table and blocks, snapshot table
+//! and snapshot L1 tables, LUKS header) and the bitmaps extension with its directory, tables
+//! and data clusters, which must share no cluster with any of those nor with guest data.
 //!
 //! Every size read from the file is checked against the file's length and QEMU's limits before
 //! anything is allocated for it, and bitmap tables are read only once they are known not to
-//! overlap each other or other metadata, so memory stays proportional to the file. Problems are
-//! collected rather than returned at the first one, for [`check`](super::Image::check).
+//! overlap each other or other metadata, so memory stays proportional to the file. Guest data
+//! clusters are not kept: every L2 table is scanned once against the set of bitmap clusters.
+//! Problems are collected rather than returned at the first one, for
+//! [`check`](super::Image::check). What is wrong with a bitmap marked in use is only a warning:
+//! QEMU never trusts such a bitmap's table, and it must stay listable and removable.
 #![forbid(unsafe_code)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use super::bitmap_dir::{self, DirEntry};
 use super::bitmap_table;
@@ -26,6 +30,11 @@ const MAX_SNAPSHOTS_SIZE: u64 = 1024 * MAX_SNAPSHOTS;
 const MAX_SNAPSHOT_EXTRA: u64 = 1024;
 const SNAPSHOT_HEADER: u64 = 40;
 const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const L2_COMPRESSED: u64 = 1 << 62;
+/// Incompatible feature bits: guest data in an external file; 128-bit L2 entries.
+const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 /// Overlaps reported at most, then summarized.
 const MAX_REPORTED: usize = 20;
 
@@ -39,6 +48,8 @@ pub(crate) enum Owner {
     RefcountBlock(usize),
     SnapshotTable,
     SnapshotL1(u64),
+    /// An L2 table of a snapshot (not shared with the active disk): snapshot, L1 entry.
+    SnapshotL2(u64, u64),
     CryptoHeader,
     Directory,
     BitmapTable(usize),
@@ -74,6 +85,14 @@ pub(crate) enum ExtState {
     /// Present but the autoclear bit is clear: ignored, dropped by the next write.
     Stale,
     Valid,
+}
+
+/// An L2 table to scan for guest data clusters.
+pub(crate) struct L2Ref {
+    offset: u64,
+    /// None for the active disk.
+    snapshot: Option<u64>,
+    l1_index: u64,
 }
 
 /// Everything read from an image.
@@ -131,6 +150,8 @@ pub(crate) struct Problems {
     pub warnings: Vec<String>,
     /// Reading works but writing is refused (with these reasons).
     pub write_blockers: Vec<String>,
+    /// Harmless: not problems at all.
+    pub notes: Vec<String>,
 }
 
 fn round_up(value: u64, to: u64) -> u64 {
@@ -154,6 +175,9 @@ pub(crate) fn describe(region: &Region, bitmaps: &[Bitmap]) -> String {
         Owner::RefcountBlock(i) => format!("refcount block {i} at {at:#x}"),
         Owner::SnapshotTable => format!("the snapshot table at {at:#x}"),
         Owner::SnapshotL1(i) => format!("the L1 table of snapshot {i} at {at:#x}"),
+        Owner::SnapshotL2(snapshot, i) => {
+            format!("the L2 table at {at:#x} (L1 entry {i} of snapshot {snapshot})")
+        }
         Owner::CryptoHeader => format!("the encryption header at {at:#x}"),
         Owner::Directory => format!("the bitmap directory at {at:#x}"),
         Owner::BitmapTable(b) => format!("the bitmap table of bitmap '{}' at {at:#x}", name(b)),
@@ -175,17 +199,34 @@ fn is_bitmap_owner(owner: Owner) -> bool {
     )
 }
 
-/// Finds overlapping regions; `report` filters which pairs are reported. Returns the messages
-/// and the set of bitmap indices involved.
+/// One overlap found: its message and the bitmaps involved.
+struct Overlap {
+    message: String,
+    bitmaps: Vec<usize>,
+}
+
+fn bitmap_of(owner: Owner) -> Option<usize> {
+    match owner {
+        Owner::BitmapTable(b) | Owner::BitmapData(b, _) => Some(b),
+        _ => None,
+    }
+}
+
+/// Finds overlapping regions; `report` filters which pairs are reported. The first
+/// `MAX_REPORTED` get a message; the others are summed up in one more without a message of
+/// their own (but with their bitmaps).
 fn overlaps(
     regions: &mut [Region],
     bitmaps: &[Bitmap],
     report: impl Fn(&Region, &Region) -> bool,
-) -> (Vec<String>, HashSet<usize>) {
+) -> Vec<Overlap> {
     regions.sort_by_key(|r| (r.start, r.end));
-    let mut messages = Vec::new();
-    let mut involved = HashSet::new();
-    let mut found = 0usize;
+    let mut found = Vec::new();
+    let mut unreported = Overlap {
+        message: String::new(),
+        bitmaps: Vec::new(),
+    };
+    let mut count = 0usize;
     let mut widest: Option<usize> = None;
     for index in 0..regions.len() {
         let region = regions[index];
@@ -195,21 +236,22 @@ fn overlaps(
                 && matches!(other.owner, Owner::L2Table(_))
                 && region.start == other.start;
             if region.start < other.end && !same_l2 && report(&region, &other) {
-                for owner in [region.owner, other.owner] {
-                    match owner {
-                        Owner::BitmapTable(b) | Owner::BitmapData(b, _) => {
-                            involved.insert(b);
-                        }
-                        _ => {}
-                    }
-                }
-                found += 1;
-                if found <= MAX_REPORTED {
-                    messages.push(format!(
-                        "{} overlaps {}",
-                        capitalize(&describe(&region, bitmaps)),
-                        describe(&other, bitmaps)
-                    ));
+                let involved: Vec<usize> = [region.owner, other.owner]
+                    .into_iter()
+                    .filter_map(bitmap_of)
+                    .collect();
+                count += 1;
+                if count <= MAX_REPORTED {
+                    found.push(Overlap {
+                        message: format!(
+                            "{} overlaps {}",
+                            capitalize(&describe(&region, bitmaps)),
+                            describe(&other, bitmaps)
+                        ),
+                        bitmaps: involved,
+                    });
+                } else {
+                    unreported.bitmaps.extend(involved);
                 }
             }
             if region.end > other.end {
@@ -219,10 +261,11 @@ fn overlaps(
             widest = Some(index);
         }
     }
-    if found > MAX_REPORTED {
-        messages.push(format!("... and {} more overlaps", found - MAX_REPORTED));
+    if count > MAX_REPORTED {
+        unreported.message = format!("... and {} more overlaps", count - MAX_REPORTED);
+        found.push(unreported);
     }
-    (messages, involved)
+    found
 }
 
 fn capitalize(text: &str) -> String {
@@ -245,12 +288,21 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
 
     let unknown = header.incompatible & !INCOMPAT_KNOWN;
     if unknown != 0 {
-        let message = format!(
-            "the image has unknown incompatible features ({unknown:#x}): QEMU refuses to open \
-             it; only read-only inspection is possible"
-        );
-        problems.warnings.push(message.clone());
-        problems.write_blockers.push(message);
+        // Such a feature may change how anything in the file is to be read: QEMU refuses to
+        // open the image at all, and so do we, for reading too.
+        let bits: Vec<String> = (0..64)
+            .filter(|bit| unknown & (1u64 << bit) != 0)
+            .map(|bit| match header.incompatible_feature_name(bit) {
+                Some(name) => format!("{bit} ('{}')", name.escape_debug()),
+                None => bit.to_string(),
+            })
+            .collect();
+        return Err(Error::Unsupported(format!(
+            "header: unknown incompatible feature bit{} {} ({unknown:#x}, offset 72) set: the \
+             image may not be interpretable without them, and QEMU refuses to open it",
+            if bits.len() == 1 { "" } else { "s" },
+            bits.join(", ")
+        )));
     }
     if header.incompatible & INCOMPAT_DIRTY != 0 {
         let message = "the image has the dirty bit set (its refcounts may be stale after an \
@@ -307,6 +359,8 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
     }
 
     // The active L1 table and the L2 tables it points to.
+    let mut seen = HashSet::new();
+    let mut l2_tables = Vec::new();
     let l1_bytes = u64::from(header.l1_size) * 8;
     if l1_bytes > MAX_L1_BYTES {
         return Err(corrupt(format!(
@@ -342,7 +396,6 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
         // An L1 table has up to 4 Mi entries: memory must follow the distinct L2 tables and a
         // bounded number of messages, not the entries. Entries sharing an L2 table (which the
         // overlap check tolerates) give one region, the first entry's.
-        let mut seen = HashSet::new();
         let mut bad = 0usize;
         for (index, chunk) in l1.chunks_exact(8).enumerate() {
             let offset = be64(chunk, 0) & L1_OFFSET_MASK;
@@ -353,6 +406,11 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
             if !misaligned && offset.saturating_add(cluster_size) <= file_len {
                 if seen.insert(offset) {
                     metadata.push(region(offset, cluster_size, Owner::L2Table(index as u64)));
+                    l2_tables.push(L2Ref {
+                        offset,
+                        snapshot: None,
+                        l1_index: index as u64,
+                    });
                 }
                 continue;
             }
@@ -382,7 +440,31 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
 
     // Snapshots: the table and each snapshot's L1 table.
     if header.nb_snapshots > 0 {
-        read_snapshots(io, &header, file_len, &mut metadata, &mut problems)?;
+        let l1_tables = read_snapshots(io, &header, file_len, &mut metadata, &mut problems)?;
+        for (snapshot, l1_offset, l1_bytes) in l1_tables {
+            let l1 = read_exact(io, l1_offset, l1_bytes, "a snapshot's L1 table")?;
+            for (index, chunk) in l1.chunks_exact(8).enumerate() {
+                let offset = be64(chunk, 0) & L1_OFFSET_MASK;
+                if offset == 0 || !seen.insert(offset) {
+                    continue;
+                }
+                if offset % cluster_size != 0 || offset.saturating_add(cluster_size) > file_len {
+                    problems.errors.push(format!(
+                        "snapshot {snapshot}: L1 table entry {index} at {:#x}: the L2 table at \
+                         {offset:#x} is misaligned or lies past the end of the file",
+                        l1_offset + 8 * index as u64
+                    ));
+                    continue;
+                }
+                let owner = Owner::SnapshotL2(snapshot, index as u64);
+                metadata.push(region(offset, cluster_size, owner));
+                l2_tables.push(L2Ref {
+                    offset,
+                    snapshot: Some(snapshot),
+                    l1_index: index as u64,
+                });
+            }
+        }
     }
     if let Some((offset, len)) = header.crypto_area() {
         if offset % cluster_size != 0 || offset.saturating_add(len) > file_len {
@@ -404,12 +486,14 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
         bitmaps: Vec::new(),
         metadata,
     };
-    read_bitmaps(io, &mut layout, &mut problems)?;
+    read_bitmaps(io, &mut layout, &mut problems, &l2_tables)?;
 
     // Overlaps among the other metadata (bitmap ones were reported by read_bitmaps).
     let mut regions = layout.metadata.clone();
-    let (messages, _) = overlaps(&mut regions, &[], |_, _| true);
-    problems.errors.extend(messages);
+    let found = overlaps(&mut regions, &[], |_, _| true);
+    problems
+        .errors
+        .extend(found.into_iter().map(|overlap| overlap.message));
 
     check_refcounts(io, &mut layout, &mut problems)?;
     layout.metadata.sort_by_key(|r| (r.start, r.end));
@@ -422,9 +506,10 @@ fn read_snapshots(
     file_len: u64,
     metadata: &mut Vec<Region>,
     problems: &mut Problems,
-) -> Result<(), Error> {
+) -> Result<Vec<(u64, u64, u64)>, Error> {
     let cluster_size = header.cluster_size();
     let count = u64::from(header.nb_snapshots);
+    let mut l1_tables = Vec::new();
     let offset = header.snapshots_offset;
     if count > MAX_SNAPSHOTS {
         return Err(corrupt(format!(
@@ -438,8 +523,11 @@ fn read_snapshots(
         )));
     }
     let mut pos = offset;
+    let limit = offset.saturating_add(MAX_SNAPSHOTS_SIZE).min(file_len);
     for index in 0..count {
-        let limit = (offset + MAX_SNAPSHOTS_SIZE).min(file_len);
+        // Entries start 8-byte aligned; the last one is not padded (QEMU writes its real size,
+        // and a snapshot table written last ends the file there).
+        pos = round_up(pos, 8);
         if pos.saturating_add(SNAPSHOT_HEADER) > limit {
             return Err(corrupt(format!(
                 "snapshot table: entry {index} at {pos:#x} extends past the end of the file or \
@@ -458,7 +546,7 @@ fn read_snapshots(
                  than QEMU's limit of {MAX_SNAPSHOT_EXTRA}"
             )));
         }
-        let size = round_up(SNAPSHOT_HEADER + extra + id_size + name_size, 8);
+        let size = SNAPSHOT_HEADER + extra + id_size + name_size;
         if pos + size > limit {
             return Err(corrupt(format!(
                 "snapshot table: entry {index} at {pos:#x} ({size} bytes) extends past the end \
@@ -480,6 +568,7 @@ fn read_snapshots(
                 end: round_up(l1_offset + l1_bytes, cluster_size),
                 owner: Owner::SnapshotL1(index),
             });
+            l1_tables.push((index, l1_offset, l1_bytes));
         }
         pos += size;
     }
@@ -488,11 +577,11 @@ fn read_snapshots(
         end: round_up(pos, cluster_size),
         owner: Owner::SnapshotTable,
     });
-    Ok(())
+    Ok(l1_tables)
 }
 
 /// Checks one directory entry against QEMU's rules (`check_dir_entry` and the load path).
-fn entry_problems(entry: &DirEntry, len: u64, cluster_size: u64, file_len: u64) -> Vec<String> {
+fn entry_problems(entry: &DirEntry, len: u64, cluster_size: u64) -> Vec<String> {
     let mut out = Vec::new();
     let gran = u32::from(entry.granularity_bits);
     if entry.name.is_empty() {
@@ -549,14 +638,6 @@ fn entry_problems(entry: &DirEntry, len: u64, cluster_size: u64, file_len: u64) 
             entry.table_offset
         ));
     }
-    let table_bytes = u64::from(entry.table_size) * 8;
-    if past_end(entry.table_offset, table_bytes, file_len) {
-        out.push(format!(
-            "the bitmap table at {:#x} ({} entries) extends past the end of the file ({file_len} \
-             bytes)",
-            entry.table_offset, entry.table_size
-        ));
-    }
     if out.is_empty() && !entry.in_use() {
         let expected = bitmap_table::table_size_for(len, gran, cluster_size);
         if expected != u64::from(entry.table_size) {
@@ -575,6 +656,7 @@ fn read_bitmaps(
     io: &dyn ImageIo,
     layout: &mut Layout,
     problems: &mut Problems,
+    l2_tables: &[L2Ref],
 ) -> Result<(), Error> {
     let Some(ext) = layout.header.bitmaps_ext().cloned() else {
         if layout.header.autoclear & AUTOCLEAR_BITMAPS != 0 {
@@ -681,11 +763,14 @@ fn read_bitmaps(
     let len = layout.virtual_len();
     let mut names = HashSet::new();
     let mut bitmaps: Vec<Bitmap> = Vec::with_capacity(entries.len());
+    // Whether the bitmap's table is read and trusted. An in-use bitmap's table is only read to
+    // free its clusters on removal (QEMU never reads it otherwise): whatever is wrong with it is
+    // a warning, and the table is then left alone.
     let mut entry_ok = Vec::with_capacity(entries.len());
     for entry in entries {
         let name = entry.display_name();
         let pos = fields.directory_offset + entry.dir_pos;
-        let found = entry_problems(&entry, len, cluster_size, file_len);
+        let found = entry_problems(&entry, len, cluster_size);
         for message in &found {
             problems.errors.push(format!(
                 "bitmap '{name}' (directory entry at {pos:#x}): {message}"
@@ -708,12 +793,41 @@ fn read_bitmaps(
                  content may be inconsistent; it cannot be loaded, only inspected or removed"
             ));
         }
-        entry_ok.push(found.is_empty());
+        let mut ok = found.is_empty();
+        if ok
+            && past_end(
+                entry.table_offset,
+                u64::from(entry.table_size) * 8,
+                file_len,
+            )
+        {
+            let message = format!(
+                "bitmap '{name}' (directory entry at {pos:#x}): the bitmap table at {:#x} ({} \
+                 entries) extends past the end of the file ({file_len} bytes)",
+                entry.table_offset, entry.table_size
+            );
+            complain(problems, entry.in_use(), message);
+            ok = false;
+        }
+        entry_ok.push(ok);
         bitmaps.push(Bitmap {
             entry,
             table: Vec::new(),
         });
     }
+    let in_use: Vec<bool> = bitmaps.iter().map(|b| b.entry.in_use()).collect();
+    // Reports overlaps; the bitmaps involved are no longer trusted.
+    let settle = |found: Vec<Overlap>, problems: &mut Problems, entry_ok: &mut Vec<bool>| {
+        for overlap in found {
+            let soft = !overlap.bitmaps.is_empty() && overlap.bitmaps.iter().all(|&b| in_use[b]);
+            if !overlap.message.is_empty() {
+                complain(problems, soft, overlap.message);
+            }
+            for b in overlap.bitmaps {
+                entry_ok[b] = false;
+            }
+        }
+    };
 
     // Before reading any table: tables must not overlap each other or other metadata.
     let dir_region = Region {
@@ -728,23 +842,13 @@ fn read_bitmaps(
     regions.push(dir_region);
     for (index, bitmap) in bitmaps.iter().enumerate() {
         if entry_ok[index] {
-            regions.push(Region {
-                start: bitmap.entry.table_offset,
-                end: round_up(
-                    bitmap.entry.table_offset + u64::from(bitmap.entry.table_size) * 8,
-                    cluster_size,
-                ),
-                owner: Owner::BitmapTable(index),
-            });
+            regions.push(table_region(bitmap, index, cluster_size));
         }
     }
-    let (messages, involved) = overlaps(&mut regions, &bitmaps, |a, b| {
+    let found = overlaps(&mut regions, &bitmaps, |a, b| {
         is_bitmap_owner(a.owner) || is_bitmap_owner(b.owner)
     });
-    problems.errors.extend(messages);
-    for index in involved {
-        entry_ok[index] = false;
-    }
+    settle(found, problems, &mut entry_ok);
 
     // The tables, then the data clusters they point to.
     let mut data_regions = Vec::new();
@@ -762,12 +866,18 @@ fn read_bitmaps(
         )?;
         let table = bitmap_table::decode(&raw);
         let mut ok = true;
+        let mut regions = Vec::new();
         for (i, &entry) in table.iter().enumerate() {
             let entry_at = offset + 8 * i as u64;
             if let Some(why) = bitmap_table::entry_problem(entry, cluster_size) {
-                problems.errors.push(format!(
-                    "bitmap '{name}': bitmap table entry {i} at {entry_at:#x} is {entry:#x}: {why}"
-                ));
+                complain(
+                    problems,
+                    in_use[index],
+                    format!(
+                        "bitmap '{name}': bitmap table entry {i} at {entry_at:#x} is {entry:#x}: \
+                         {why}"
+                    ),
+                );
                 ok = false;
                 continue;
             }
@@ -776,14 +886,18 @@ fn read_bitmaps(
                 continue;
             }
             if data.saturating_add(cluster_size) > file_len {
-                problems.errors.push(format!(
-                    "bitmap '{name}': bitmap table entry {i} at {entry_at:#x} points to a data \
-                     cluster at {data:#x}, past the end of the file ({file_len} bytes)"
-                ));
+                complain(
+                    problems,
+                    in_use[index],
+                    format!(
+                        "bitmap '{name}': bitmap table entry {i} at {entry_at:#x} points to a \
+                         data cluster at {data:#x}, past the end of the file ({file_len} bytes)"
+                    ),
+                );
                 ok = false;
                 continue;
             }
-            data_regions.push(Region {
+            regions.push(Region {
                 start: data,
                 end: data + cluster_size,
                 owner: Owner::BitmapData(index, i as u64),
@@ -791,18 +905,32 @@ fn read_bitmaps(
         }
         if ok {
             bitmap.table = table;
+            data_regions.extend(regions);
         } else {
             entry_ok[index] = false;
         }
     }
+    let guest = guest_cross_links(
+        io,
+        layout,
+        &bitmaps,
+        &entry_ok,
+        &dir_region,
+        &data_regions,
+        l2_tables,
+    )?;
+    settle(guest, problems, &mut entry_ok);
     let mut all = regions;
     all.extend(data_regions);
-    let (messages, involved) = overlaps(&mut all, &bitmaps, |a, b| {
+    let found = overlaps(&mut all, &bitmaps, |a, b| {
         matches!(a.owner, Owner::BitmapData(..)) || matches!(b.owner, Owner::BitmapData(..))
     });
-    problems.errors.extend(messages);
-    for index in involved {
-        entry_ok[index] = false;
+    settle(found, problems, &mut entry_ok);
+    // An untrusted table is never used: removing its bitmap leaks what it points to.
+    for (index, bitmap) in bitmaps.iter_mut().enumerate() {
+        if !entry_ok[index] {
+            bitmap.table = Vec::new();
+        }
     }
 
     // Padding bits of the last data cluster of every consistent bitmap.
@@ -821,10 +949,12 @@ fn read_bitmaps(
         let buf = read_exact(io, data, cluster_size, "a bitmap data cluster")?;
         let last_index = bitmap.table.len() as u64 - 1;
         if let Some(bit) = bitmap_table::padding_bit(&buf, len, gran, cluster_size, last_index) {
-            problems.errors.push(format!(
+            // QEMU loads an all-ones table entry with whole words of ones and writes them back:
+            // padding bits are ignored on reading, and our writes clear them.
+            problems.notes.push(format!(
                 "bitmap '{}': the last data cluster at {data:#x} (bitmap table entry {last_index} \
-                 at {:#x}) has padding bit {bit} set past the end of the bitmap (padding must be \
-                 zero)",
+                 at {:#x}) has padding bit {bit} set past the end of the bitmap; it is ignored \
+                 (QEMU writes such bits) and the next store of the bitmap clears it",
                 bitmap.name(),
                 bitmap.entry.table_offset + 8 * last_index
             ));
@@ -834,6 +964,131 @@ fn read_bitmaps(
     layout.directory = Some((fields.directory_offset, fields.directory_size));
     layout.bitmaps = bitmaps;
     Ok(())
+}
+
+/// An error, or a warning when it concerns only bitmaps in use (whose content QEMU never
+/// trusts: they can still be listed and removed).
+fn complain(problems: &mut Problems, in_use_only: bool, message: String) {
+    if in_use_only {
+        problems.warnings.push(message);
+    } else {
+        problems.errors.push(message);
+    }
+}
+
+fn table_region(bitmap: &Bitmap, index: usize, cluster_size: u64) -> Region {
+    let start = bitmap.entry.table_offset;
+    Region {
+        start,
+        end: round_up(start + u64::from(bitmap.entry.table_size) * 8, cluster_size),
+        owner: Owner::BitmapTable(index),
+    }
+}
+
+/// Bitmap clusters that are also guest data clusters (of the active disk or of a snapshot),
+/// found by scanning every L2 table once. Memory follows the bitmap clusters, not the disk.
+#[allow(clippy::too_many_arguments)]
+fn guest_cross_links(
+    io: &dyn ImageIo,
+    layout: &Layout,
+    bitmaps: &[Bitmap],
+    entry_ok: &[bool],
+    directory: &Region,
+    data_regions: &[Region],
+    l2_tables: &[L2Ref],
+) -> Result<Vec<Overlap>, Error> {
+    let header = &layout.header;
+    // With an external data file, L2 entries point into that file, not this one.
+    if header.incompatible & INCOMPAT_DATA_FILE != 0 {
+        return Ok(Vec::new());
+    }
+    let cluster_bits = header.cluster_bits;
+    let cluster_size = header.cluster_size();
+    let mut owned: HashMap<u64, Region> = HashMap::new();
+    let tables = bitmaps
+        .iter()
+        .enumerate()
+        .filter(|&(index, _)| entry_ok[index])
+        .map(|(index, bitmap)| table_region(bitmap, index, cluster_size));
+    for region in std::iter::once(*directory)
+        .chain(tables)
+        .chain(data_regions.iter().copied())
+    {
+        for cluster in (region.start >> cluster_bits)..(region.end >> cluster_bits) {
+            owned.entry(cluster).or_insert(region);
+        }
+    }
+    if owned.is_empty() {
+        return Ok(Vec::new());
+    }
+    let entry_bytes = if header.incompatible & INCOMPAT_EXTENDED_L2 != 0 {
+        16
+    } else {
+        8
+    };
+    let per_l2 = cluster_size / entry_bytes as u64;
+    // Compressed cluster descriptors (QEMU's qcow2_parse_compressed_l2_entry).
+    let offset_bits = 62 - (cluster_bits - 8);
+    let sectors_mask = (1u64 << (cluster_bits - 8)) - 1;
+    let mut found = Vec::new();
+    let mut count = 0usize;
+    for l2 in l2_tables {
+        let table = read_exact(io, l2.offset, cluster_size, "an L2 table")?;
+        for (i, chunk) in table.chunks_exact(entry_bytes).enumerate() {
+            let entry = be64(chunk, 0);
+            let (first, last) = if entry & L2_COMPRESSED != 0 {
+                let offset = entry & ((1u64 << offset_bits) - 1);
+                let sectors = ((entry >> offset_bits) & sectors_mask) + 1;
+                let size = sectors * 512 - (offset & 511);
+                (offset >> cluster_bits, (offset + size - 1) >> cluster_bits)
+            } else {
+                let offset = entry & L2_OFFSET_MASK;
+                if offset == 0 {
+                    continue;
+                }
+                (offset >> cluster_bits, offset >> cluster_bits)
+            };
+            for cluster in first..=last {
+                let Some(region) = owned.get(&cluster) else {
+                    continue;
+                };
+                count += 1;
+                if count > MAX_REPORTED {
+                    found.push(Overlap {
+                        message: String::new(),
+                        bitmaps: bitmap_of(region.owner).into_iter().collect(),
+                    });
+                    continue;
+                }
+                let virtual_offset = (l2.l1_index * per_l2 + i as u64) << cluster_bits;
+                let disk = match l2.snapshot {
+                    None => "the active disk".to_string(),
+                    Some(snapshot) => format!("snapshot {snapshot}"),
+                };
+                found.push(Overlap {
+                    message: format!(
+                        "{} is also a guest data cluster: the cluster at {:#x} holds virtual \
+                         offset {virtual_offset:#x} of {disk} (L2 table at {:#x}, entry {i}); \
+                         freeing or rewriting it would destroy guest data",
+                        capitalize(&describe(region, bitmaps)),
+                        cluster << cluster_bits,
+                        l2.offset
+                    ),
+                    bitmaps: bitmap_of(region.owner).into_iter().collect(),
+                });
+            }
+        }
+    }
+    if count > MAX_REPORTED {
+        found.push(Overlap {
+            message: format!(
+                "... and {} more guest data cross-links",
+                count - MAX_REPORTED
+            ),
+            bitmaps: Vec::new(),
+        });
+    }
+    Ok(found)
 }
 
 /// Every metadata cluster must be counted (refcount at least 1): an uncounted cluster would be

@@ -28,14 +28,21 @@
 //!   and padding zero; the table size must match the virtual size, granularity and cluster size
 //!   (unless the bitmap is in use); at most 512 MiB of bitmap data.
 //! - Tables, data clusters and the directory must lie within the file, be cluster-aligned and
-//!   overlap nothing else (header, L1/L2 tables, refcount table and blocks, snapshot table and
-//!   L1 tables, LUKS header, another bitmap's clusters); the last data cluster's padding bits
-//!   must be zero. Such images are refused with a message naming the bitmap, the field and the
-//!   file offset. Every size is checked against the file size and QEMU's limits before memory
-//!   is allocated for it.
-//! - A bitmap marked in use is listed, can be inspected and removed, but not loaded.
-//! - Writing is refused for version 2 images, images with the dirty or corrupt bit, unknown
-//!   incompatible features, or metadata clusters whose refcount is 0.
+//!   overlap nothing else (header, L1/L2 tables, refcount table and blocks, snapshot table,
+//!   snapshot L1 and L2 tables, LUKS header, guest data clusters of the active disk and of every
+//!   snapshot, another bitmap's clusters). Such images are refused with a message naming both
+//!   owners and the file offset. Every size is checked against the file size and QEMU's limits
+//!   before memory is allocated for it.
+//! - Padding bits set past a bitmap's end are ignored (QEMU writes them when it loads an
+//!   all-ones table entry); `check` notes them and our writes clear them.
+//! - A bitmap marked in use is listed, can be inspected and removed, but not loaded. Listing and
+//!   removing it never depend on its table (QEMU never reads an in-use bitmap's table): a table
+//!   past the end of the file or with invalid entries is a warning, and removing such a bitmap
+//!   leaks what its table pointed to rather than freeing clusters on its word.
+//! - Images with unknown incompatible feature bits are refused, for reading too (QEMU refuses
+//!   to open them: they may not be interpretable).
+//! - Writing is refused for version 2 images, images with the dirty or corrupt bit, or metadata
+//!   clusters whose refcount is 0.
 //!
 //! # Crash consistency
 //!
@@ -122,6 +129,8 @@ pub struct CheckReport {
     /// Things worth knowing that do not make the image unreadable (bitmaps in use, a stale
     /// extension, flags that block writing...).
     pub warnings: Vec<String>,
+    /// Harmless oddities QEMU produces too (padding bits QEMU wrote): not problems.
+    pub notes: Vec<String>,
 }
 
 impl CheckReport {
@@ -186,7 +195,12 @@ fn info_of(bitmap: &Bitmap) -> BitmapInfo {
 }
 
 /// The clusters a bitmap occupies: its table and its data clusters.
+/// Nothing for a bitmap whose table could not be trusted (an in-use bitmap's, see `layout`):
+/// its clusters are leaked rather than freed on the word of a damaged table.
 fn clusters_of(bitmap: &Bitmap, cluster_size: u64) -> Vec<(u64, u64)> {
+    if bitmap.table.is_empty() {
+        return Vec::new();
+    }
     let mut out = vec![(
         bitmap.entry.table_offset,
         u64::from(bitmap.entry.table_size) * 8,
@@ -206,9 +220,10 @@ impl Image {
     /// Takes QEMU's locks unless `force_share` is set, then reads and validates the header,
     /// the refcount table, the metadata map and the whole bitmaps extension (directory, every
     /// table, the padding of every last data cluster). A malformed image is refused with
-    /// [`Error::Corrupt`] naming the first problem; opening for writing is also refused (with
-    /// [`Error::ReadOnly`] giving the reason) for version 2 images, images marked dirty or
-    /// corrupt, with unknown incompatible features, or with uncounted metadata clusters.
+    /// [`Error::Corrupt`] naming the first problem, one with unknown incompatible features with
+    /// [`Error::Unsupported`]; opening for writing is also refused (with [`Error::ReadOnly`]
+    /// giving the reason) for version 2 images, images marked dirty or corrupt, or with
+    /// uncounted metadata clusters.
     /// Opening never writes.
     pub fn open(path: impl AsRef<Path>, options: OpenOptions) -> Result<Image, Error> {
         let path = path.as_ref();
@@ -312,16 +327,25 @@ impl Image {
             Ok((
                 _,
                 Problems {
-                    errors, warnings, ..
+                    errors,
+                    warnings,
+                    notes,
+                    ..
                 },
-            )) => CheckReport { errors, warnings },
+            )) => CheckReport {
+                errors,
+                warnings,
+                notes,
+            },
             Err(Error::Io { context, source }) => CheckReport {
                 errors: vec![format!("{context}: {source}")],
                 warnings: Vec::new(),
+                notes: Vec::new(),
             },
             Err(error) => CheckReport {
                 errors: vec![error.to_string()],
                 warnings: Vec::new(),
+                notes: Vec::new(),
             },
         }
     }
@@ -340,6 +364,12 @@ impl Image {
     /// The cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         self.layout.cluster_size()
+    }
+
+    /// QEMU's default bitmap granularity for this image: the cluster size clamped to 4 KiB to
+    /// 64 KiB (`bdrv_get_default_bitmap_granularity`).
+    pub fn default_granularity(&self) -> u64 {
+        self.cluster_size().clamp(4096, 65536)
     }
 
     /// Whether the image was opened for writing.
@@ -398,7 +428,7 @@ impl Image {
         Ok(index)
     }
 
-    fn read_bitmap(&self, index: usize, check_padding: bool) -> Result<HBitmap, Error> {
+    fn read_bitmap(&self, index: usize) -> Result<HBitmap, Error> {
         let bitmap = &self.layout.bitmaps[index];
         let name = bitmap.name();
         let len = self.virtual_size();
@@ -412,15 +442,7 @@ impl Image {
                 bitmap.entry.table_size
             )));
         }
-        bitmap_table::load(
-            &*self.io,
-            &bitmap.table,
-            len,
-            gran,
-            cluster_size,
-            &name,
-            check_padding,
-        )
+        bitmap_table::load(&*self.io, &bitmap.table, len, gran, cluster_size, &name)
     }
 
     /// Loads a bitmap for tracking: refused for a bitmap marked in use (its content may be
@@ -429,7 +451,7 @@ impl Image {
     /// [`store_bitmap`](Self::store_bitmap).
     pub fn load_bitmap(&mut self, name: &str) -> Result<HBitmap, Error> {
         let index = self.consistent(name, "load")?;
-        let bitmap = self.read_bitmap(index, true)?;
+        let bitmap = self.read_bitmap(index)?;
         if self.writable {
             self.write_op(|image| {
                 let mut bitmaps = image.layout.bitmaps.clone();
@@ -445,8 +467,7 @@ impl Image {
     /// size cannot be read.
     pub fn inspect_bitmap(&self, name: &str) -> Result<HBitmap, Error> {
         let index = self.index_of(name)?;
-        let in_use = self.layout.bitmaps[index].entry.in_use();
-        self.read_bitmap(index, !in_use)
+        self.read_bitmap(index)
     }
 
     fn check_bitmap_arg(&self, name: &str, bitmap: &HBitmap) -> Result<(), Error> {
@@ -681,7 +702,7 @@ impl Image {
     pub fn merge_bitmap(&mut self, source: &str, target: &str) -> Result<(), Error> {
         self.ensure_writable()?;
         let source_index = self.consistent(source, "merge from")?;
-        let source_bitmap = self.read_bitmap(source_index, true)?;
+        let source_bitmap = self.read_bitmap(source_index)?;
         self.merge_into(&source_bitmap, target)
     }
 
@@ -705,13 +726,13 @@ impl Image {
             )));
         }
         let source_index = source_image.consistent(source, "merge from")?;
-        let source_bitmap = source_image.read_bitmap(source_index, true)?;
+        let source_bitmap = source_image.read_bitmap(source_index)?;
         self.merge_into(&source_bitmap, target)
     }
 
     fn merge_into(&mut self, source: &HBitmap, target: &str) -> Result<(), Error> {
         let target_index = self.consistent(target, "merge into")?;
-        let mut merged = self.read_bitmap(target_index, true)?;
+        let mut merged = self.read_bitmap(target_index)?;
         if !merged.merge(source) {
             for extent in source.extents() {
                 merged.set(extent.start, extent.end - extent.start);

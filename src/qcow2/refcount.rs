@@ -3,12 +3,13 @@
 //!
 //! Blocks are read on demand and cached; changes are made in the cache and written back by
 //! [`Refcounts::write_dirty`], whole blocks at a time. Allocation takes the first run of free
-//! clusters (refcount 0), which reuses freed clusters before extending the file. A missing
-//! refcount block is created in the first cluster of the range it covers (free by definition,
-//! since no block counts it) and describes itself; it is written before the table entry that
-//! points to it. A full refcount table is replaced by a larger one placed, with the refcount
-//! blocks describing it, in the first clusters the old table did not cover; the header is
-//! switched to it in one write and only then is the old table freed.
+//! clusters (refcount 0), which reuses freed clusters before extending the file. Missing
+//! refcount blocks a run needs are placed right after the data of the run, in the same free
+//! run (never inside the data, which would break the run and search again forever), counted,
+//! written and flushed before the table entries that point to them. A refcount table too small
+//! for a run is replaced, once, by one large enough (and at least 1.5 times larger), placed
+//! with the refcount blocks describing it in the first clusters the old table did not cover;
+//! the header is switched to it in one write and only then is the old table freed.
 #![forbid(unsafe_code)]
 
 use byteorder::{BigEndian, ByteOrder};
@@ -264,50 +265,61 @@ impl Refcounts {
     }
 
     /// Allocates `count` contiguous clusters (refcount set to 1 in the cache) and returns the
-    /// offset of the first. May create refcount blocks or grow the table, which is written at
-    /// once (and for a table growth, the header's refcount table fields too).
+    /// offset of the first. Refcount blocks the run needs are created right after it, in the
+    /// same free run (never inside it); a refcount table too small for the run is grown first.
+    /// Both are written at once (a table growth switches the header's refcount table fields).
+    /// Work is linear in the clusters allocated and the metadata created.
     pub(crate) fn alloc(&mut self, io: &mut dyn ImageIo, count: u64) -> Result<u64, Error> {
         if count == 0 {
             return Err(Error::InvalidArgument("allocating zero clusters".into()));
         }
+        // Refcount blocks to place after the run: each pass needs at least as many as the last
+        // (a longer run touches no fewer ranges), so this settles within a few passes.
+        let mut blocks = 0;
         loop {
-            let start = self.find_free_run(io, count)?;
-            let end = start + count;
-            if self.claim(io, start, end)? {
-                return Ok(start << self.cluster_bits);
+            let start = self.find_free_run(io, count + blocks)?;
+            let end = start + count + blocks;
+            if self.table_too_small(io, end)? {
+                continue;
             }
+            let missing = self.missing_blocks(start, end);
+            if missing.len() as u64 > blocks {
+                blocks = missing.len() as u64;
+                continue;
+            }
+            let data_end = start + count;
+            self.create_blocks(io, &missing, data_end)?;
+            self.set_range(io, start, data_end, 1)?;
+            if self.free_hint == start {
+                self.free_hint = data_end + missing.len() as u64;
+            }
+            return Ok(start << self.cluster_bits);
         }
     }
 
-    /// Marks clusters `start..end` allocated, unless the refcount table must first grow or
-    /// refcount blocks covering them must be created: it does that instead and returns false,
-    /// and the caller searches again, since the new metadata took clusters.
-    fn claim(&mut self, io: &mut dyn ImageIo, start: u64, end: u64) -> Result<bool, Error> {
-        let last_index = (end - 1) / self.per_block();
-        if last_index >= self.table.len() as u64 {
-            self.grow_table(io)?;
+    /// Grows the table when it cannot describe clusters below `end`; returns whether it did.
+    fn table_too_small(&mut self, io: &mut dyn ImageIo, end: u64) -> Result<bool, Error> {
+        let needed = (end - 1) / self.per_block() + 1;
+        if needed <= self.table.len() as u64 {
             return Ok(false);
         }
-        let mut created = false;
-        for index in (start / self.per_block())..=last_index {
-            if self.table[index as usize] == 0 {
-                self.create_block(io, index as usize)?;
-                created = true;
-            }
-        }
-        if created {
-            return Ok(false);
-        }
-        self.set_range(io, start, end, 1)?;
-        if self.free_hint == start {
-            self.free_hint = end;
-        }
+        self.grow_table(io, needed)?;
         Ok(true)
+    }
+
+    /// Table indices without a refcount block among those covering clusters `start..end`.
+    fn missing_blocks(&self, start: u64, end: u64) -> Vec<usize> {
+        let per_block = self.per_block();
+        ((start / per_block)..=((end - 1) / per_block))
+            .map(|index| index as usize)
+            .filter(|&index| self.table[index] == 0)
+            .collect()
     }
 
     /// Allocates the first run of free clusters from the hint on, of at most `max` clusters
     /// (refcounts set to 1 in the cache); returns its offset and length in clusters. Like
-    /// [`alloc`](Self::alloc) it may create refcount blocks or grow the table.
+    /// [`alloc`](Self::alloc) it may grow the table, and it takes the refcount blocks the run
+    /// needs from the run's own tail.
     pub(crate) fn alloc_run(
         &mut self,
         io: &mut dyn ImageIo,
@@ -335,9 +347,22 @@ impl Refcounts {
             // find_free_run checked that the first cluster ends below the limit.
             count = count.min((MAX_HOST_OFFSET >> self.cluster_bits) - start);
             let end = start + count;
-            if self.claim(io, start, end)? {
-                return Ok((start << self.cluster_bits, count));
+            if self.table_too_small(io, end)? {
+                continue;
             }
+            let missing = self.missing_blocks(start, end);
+            let blocks = missing.len() as u64;
+            let data_end = end - blocks;
+            self.create_blocks(io, &missing, data_end)?;
+            if data_end == start {
+                // The run held only its own refcount blocks: search again.
+                continue;
+            }
+            self.set_range(io, start, data_end, 1)?;
+            if self.free_hint == start {
+                self.free_hint = end;
+            }
+            return Ok((start << self.cluster_bits, data_end - start));
         }
     }
 
@@ -367,49 +392,64 @@ impl Refcounts {
         Ok(())
     }
 
-    /// Creates the refcount block for table entry `index` in the first cluster it covers.
-    fn create_block(&mut self, io: &mut dyn ImageIo, index: usize) -> Result<(), Error> {
-        let cluster = index as u64 * self.per_block();
-        if cluster == 0 {
+    /// Creates the refcount blocks for table entries `indices` in the free clusters `at..`,
+    /// whose blocks are among the existing ones and these. The blocks, with their own clusters
+    /// counted, are written and flushed before the table entries that point to them: a crash
+    /// leaves at worst leaked clusters.
+    fn create_blocks(
+        &mut self,
+        io: &mut dyn ImageIo,
+        indices: &[usize],
+        at: u64,
+    ) -> Result<(), Error> {
+        if indices.is_empty() {
+            return Ok(());
+        }
+        if indices.contains(&0) {
             return Err(corrupt(
                 "refcount table entry 0 is empty: the header cluster has no refcount",
             ));
         }
-        let offset = cluster << self.cluster_bits;
-        if offset + self.cluster_size() > MAX_HOST_OFFSET {
+        let end = at + indices.len() as u64;
+        if end << self.cluster_bits > MAX_HOST_OFFSET {
             return Err(Error::Limit(
                 "no room for a refcount block below 2^56 bytes".into(),
             ));
         }
-        let mut block = vec![0u8; self.cluster_size() as usize];
-        set_entry(&mut block, 0, self.order, 1);
-        io.pwrite(offset, &block)
-            .map_err(|e| Error::io(format!("writing a new refcount block at {offset:#x}"), e))?;
-        io.flush()
-            .map_err(|e| Error::io("flushing a new refcount block", e))?;
-        let entry_offset = self.table_offset + 8 * index as u64;
-        io.pwrite(entry_offset, &offset.to_be_bytes())
-            .map_err(|e| {
-                Error::io(
-                    format!("writing refcount table entry {index} at {entry_offset:#x}"),
-                    e,
-                )
-            })?;
-        self.table[index] = offset;
-        self.cache.insert(index, block);
+        for (k, &index) in indices.iter().enumerate() {
+            self.table[index] = (at + k as u64) << self.cluster_bits;
+            self.cache
+                .insert(index, vec![0u8; self.cluster_size() as usize]);
+            self.dirty.insert(index);
+        }
         self.generation += 1;
+        self.set_range(io, at, end, 1)?;
+        self.write_dirty(io)?;
+        io.flush()
+            .map_err(|e| Error::io("flushing new refcount blocks", e))?;
+        for &index in indices {
+            let entry_offset = self.table_offset + 8 * index as u64;
+            io.pwrite(entry_offset, &self.table[index].to_be_bytes())
+                .map_err(|e| {
+                    Error::io(
+                        format!("writing refcount table entry {index} at {entry_offset:#x}"),
+                        e,
+                    )
+                })?;
+        }
         Ok(())
     }
 
-    /// Replaces the refcount table by a larger one (about 1.5 times), placed with the blocks
-    /// that describe it in the first clusters the old table does not cover.
-    fn grow_table(&mut self, io: &mut dyn ImageIo) -> Result<(), Error> {
+    /// Replaces the refcount table by a larger one (about 1.5 times, and at least `needed`
+    /// entries), placed with the blocks that describe it in the first clusters the old table
+    /// does not cover.
+    fn grow_table(&mut self, io: &mut dyn ImageIo, needed: u64) -> Result<(), Error> {
         let cluster_size = self.cluster_size();
         let per_block = self.per_block();
         let entries_per_cluster = cluster_size / 8;
         let old_len = self.table.len() as u64;
         let area = old_len * per_block; // first uncovered cluster
-        let wanted = old_len + (old_len / 2).max(1);
+        let wanted = (old_len + (old_len / 2).max(1)).max(needed);
         let mut table_clusters = wanted.div_ceil(entries_per_cluster);
         let mut blocks = 1u64;
         loop {

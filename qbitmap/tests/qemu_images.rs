@@ -1,0 +1,616 @@
+//! Images made or accepted by QEMU 10's own tools (qemu-img, qemu-io), handled by `qbitmap` as
+//! QEMU handles them or more strictly: internal snapshots, unknown incompatible features, in-use
+//! bitmaps whose table is gone, QEMU's default granularity, padding bits QEMU writes, bitmap
+//! clusters cross-linked with guest data, and allocation on small clusters and wide refcounts.
+//! Each case compares `qbitmap check` with `qemu-img check` on the same image. Tests print why
+//! and pass when a QEMU tool is absent.
+
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+const BITMAPS_EXT: u32 = 0x2385_2875;
+
+fn qbitmap(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qbitmap"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Runs qbitmap, expecting success; returns stdout.
+fn ok(args: &[&str]) -> String {
+    let output = qbitmap(args);
+    assert!(
+        output.status.success(),
+        "qbitmap {args:?} failed ({}): {}",
+        output.status,
+        text(&output)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Runs qbitmap, expecting exit status 1; returns stdout and stderr.
+fn fails(args: &[&str]) -> String {
+    let output = qbitmap(args);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "qbitmap {args:?} should fail: {}",
+        text(&output)
+    );
+    text(&output)
+}
+
+fn have(tools: &[&str], test: &str) -> bool {
+    for tool in tools {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()));
+        if !found {
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipping {test}: {tool} is not installed"
+            );
+            return false;
+        }
+    }
+    true
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed ({}): {}",
+        output.status,
+        text(&output)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// `qemu-img check`: its exit status (0 clean, 2 corruptions, 3 leaks only) and output.
+fn qemu_check(path: &Path) -> (i32, String) {
+    let output = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2", s(path)])
+        .output()
+        .unwrap();
+    (output.status.code().unwrap_or(-1), text(&output))
+}
+
+/// `qbitmap check`: its exit status and output.
+fn our_check(path: &Path) -> (i32, String) {
+    let output = qbitmap(&["check", s(path)]);
+    (output.status.code().unwrap_or(-1), text(&output))
+}
+
+/// Both checks find the image clean.
+fn both_clean(path: &Path) {
+    let (code, out) = qemu_check(path);
+    assert_eq!(code, 0, "qemu-img check: {out}");
+    let (code, out) = our_check(path);
+    assert_eq!(code, 0, "qbitmap check: {out}");
+}
+
+/// A scratch directory with a qcow2 image made by qemu-img create.
+fn qemu_image(size: &str, options: &str) -> (TempDir, PathBuf) {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("disk.qcow2");
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !options.is_empty() {
+        args.extend(["-o", options]);
+    }
+    args.extend([s(&path), size]);
+    run("qemu-img", &args);
+    (dir, path)
+}
+
+/// Bitmaps as qemu-img info lists them: (name, granularity, flags).
+fn qemu_bitmaps(path: &Path) -> Vec<(String, u64, Vec<String>)> {
+    let info: Value =
+        serde_json::from_str(&run("qemu-img", &["info", "--output=json", "-U", s(path)])).unwrap();
+    let Some(bitmaps) = info["format-specific"]["data"]["bitmaps"].as_array() else {
+        return Vec::new();
+    };
+    bitmaps
+        .iter()
+        .map(|b| {
+            let flags = b["flags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f.as_str().unwrap().to_string())
+                .collect();
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["granularity"].as_u64().unwrap(),
+                flags,
+            )
+        })
+        .collect()
+}
+
+fn our_bitmaps(path: &Path) -> Vec<(String, u64, Vec<String>)> {
+    let list: Value = serde_json::from_str(&ok(&["list", s(path), "--output=json"])).unwrap();
+    list["bitmaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let flags = b["flags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f.as_str().unwrap().to_string())
+                .collect();
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["granularity"].as_u64().unwrap(),
+                flags,
+            )
+        })
+        .collect()
+}
+
+fn be32(data: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(data[at..at + 4].try_into().unwrap())
+}
+
+fn be64(data: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(data[at..at + 8].try_into().unwrap())
+}
+
+fn put64(data: &mut [u8], at: usize, value: u64) {
+    data[at..at + 8].copy_from_slice(&value.to_be_bytes());
+}
+
+/// File offset of the directory entry of bitmap `name`.
+fn directory_entry(data: &[u8], name: &str) -> usize {
+    let mut ext = be32(data, 100) as usize;
+    let (count, mut entry) = loop {
+        let (kind, len) = (be32(data, ext), be32(data, ext + 4) as usize);
+        assert_ne!(kind, 0, "no bitmaps extension");
+        if kind == BITMAPS_EXT {
+            break (be32(data, ext + 8), be64(data, ext + 24) as usize);
+        }
+        ext += 8 + len.div_ceil(8) * 8;
+    };
+    for _ in 0..count {
+        let name_size = u16::from_be_bytes([data[entry + 18], data[entry + 19]]) as usize;
+        let extra = be32(data, entry + 20) as usize;
+        let start = entry + 24 + extra;
+        if &data[start..start + name_size] == name.as_bytes() {
+            return entry;
+        }
+        entry += (24 + extra + name_size).div_ceil(8) * 8;
+    }
+    panic!("no directory entry for {name}");
+}
+
+/// Changes the image file in place.
+fn patch(path: &Path, change: impl FnOnce(&mut Vec<u8>)) {
+    let mut data = fs::read(path).unwrap();
+    change(&mut data);
+    fs::write(path, data).unwrap();
+}
+
+/// The bitmap table offset of bitmap `name`.
+fn table_offset(path: &Path, name: &str) -> usize {
+    let data = fs::read(path).unwrap();
+    be64(&data, directory_entry(&data, name)) as usize
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// QEMU does not pad the last snapshot table entry; a table written last ends the file there.
+#[test]
+fn snapshot_table_at_the_end_of_the_file() {
+    if !have(
+        &["qemu-img", "qemu-io"],
+        "snapshot_table_at_the_end_of_the_file",
+    ) {
+        return;
+    }
+    let (_dir, path) = qemu_image("1G", "");
+    run("qemu-io", &["-c", "write 0 1M", s(&path)]);
+    run("qemu-img", &["snapshot", "-c", "snap1", s(&path)]);
+    let data = fs::read(&path).unwrap();
+    let snapshots = be64(&data, 64) as usize;
+    assert!(
+        snapshots + 40 < data.len() && data.len() % 8 != 0,
+        "the snapshot table should end the file unpadded ({} bytes)",
+        data.len()
+    );
+    both_clean(&path);
+    assert!(our_bitmaps(&path).is_empty());
+    ok(&["add", s(&path), "first"]);
+    ok(&["set", s(&path), "first", "0", "64K"]);
+    assert_eq!(our_bitmaps(&path), qemu_bitmaps(&path));
+    both_clean(&path);
+    // QEMU still finds its snapshot.
+    assert!(run("qemu-img", &["snapshot", "-l", s(&path)]).contains("snap1"));
+}
+
+/// QEMU refuses to open an image with unknown incompatible features; so must we, for reading
+/// too, naming the bits.
+#[test]
+fn unknown_incompatible_features_refuse_reads() {
+    if !have(&["qemu-img"], "unknown_incompatible_features_refuse_reads") {
+        return;
+    }
+    let (_dir, path) = qemu_image("64M", "");
+    run("qemu-img", &["bitmap", "--add", s(&path), "b"]);
+    patch(&path, |data| {
+        let bits = be64(data, 72) | 1 << 5 | 1 << 40;
+        put64(data, 72, bits);
+        // Name bit 5 in the feature name table, as a newer QEMU would (its first entry,
+        // incompatible bit 0, becomes incompatible bit 5).
+        let mut ext = be32(data, 100) as usize;
+        while be32(data, ext) != 0x6803_f857 {
+            assert_ne!(be32(data, ext), 0, "no feature name table");
+            ext += 8 + (be32(data, ext + 4) as usize).div_ceil(8) * 8;
+        }
+        let entry = ext + 8;
+        assert_eq!(&data[entry..entry + 2], &[0, 0]);
+        data[entry + 1] = 5;
+        data[entry + 2..entry + 48].fill(0);
+        data[entry + 2..entry + 16].copy_from_slice(b"future feature");
+    });
+    let qemu = Command::new("qemu-img")
+        .args(["info", s(&path)])
+        .output()
+        .unwrap();
+    assert!(!qemu.status.success());
+    assert!(
+        text(&qemu).contains("Unsupported qcow2 feature"),
+        "{}",
+        text(&qemu)
+    );
+    let (code, qemu) = qemu_check(&path);
+    assert_eq!(code, 1, "{qemu}");
+    for args in [
+        vec!["list", s(&path)],
+        vec!["dump", s(&path), "b"],
+        vec!["dump", "--force", s(&path), "b"],
+        vec!["check", s(&path)],
+        vec!["remove", s(&path), "b"],
+    ] {
+        let out = fails(&args);
+        assert!(
+            out.contains("incompatible feature bits 5 ('future feature'), 40"),
+            "qbitmap {args:?}: {out}"
+        );
+    }
+}
+
+/// A crash can leave an in-use bitmap whose table is not in the file: QEMU never reads an
+/// in-use bitmap's table, lists it and lets it be removed. So do we.
+#[test]
+fn in_use_bitmap_whose_table_lies_past_the_end() {
+    if !have(&["qemu-img"], "in_use_bitmap_whose_table_lies_past_the_end") {
+        return;
+    }
+    let (_dir, path) = qemu_image("64M", "");
+    run("qemu-img", &["bitmap", "--add", s(&path), "lost"]);
+    run("qemu-img", &["bitmap", "--add", s(&path), "keep"]);
+    run(
+        "qemu-img",
+        &["bitmap", "--add", "-g", "512", s(&path), "unreadable"],
+    );
+    patch(&path, |data| {
+        let entry = directory_entry(data, "lost");
+        put64(data, entry, 1 << 30);
+        data[entry + 15] |= 1; // in_use
+                               // An in-use bitmap's table is never read: garbage in it does not matter.
+        let entry = directory_entry(data, "unreadable");
+        let table = be64(data, entry) as usize;
+        put64(data, table, 0xdead_beef_0000_0003);
+        data[entry + 15] |= 1;
+    });
+    assert_eq!(our_bitmaps(&path), qemu_bitmaps(&path));
+    // qemu-img check counts the table past the end as an error; so do we (a warning naming it).
+    let (code, qemu) = qemu_check(&path);
+    assert_ne!(code, 0, "{qemu}");
+    let (code, ours) = our_check(&path);
+    assert_eq!(code, 1, "{ours}");
+    assert!(
+        ours.contains("'lost'") && ours.contains("0x40000000") && ours.contains("past the end"),
+        "{ours}"
+    );
+    ok(&["dump", s(&path), "keep"]);
+    ok(&["remove", s(&path), "lost"]);
+    ok(&["remove", s(&path), "unreadable"]);
+    assert_eq!(our_bitmaps(&path), qemu_bitmaps(&path));
+    assert_eq!(our_bitmaps(&path).len(), 1);
+    // The unreadable table's clusters are leaked, not freed blindly.
+    let (code, qemu) = qemu_check(&path);
+    assert!(code == 0 || code == 3, "{qemu}");
+    run("qemu-img", &["check", "-q", "-r", "leaks", s(&path)]);
+    both_clean(&path);
+}
+
+/// `qbitmap add` without -g picks QEMU's default: the cluster size clamped to 4 KiB..64 KiB.
+#[test]
+fn default_granularity_is_qemus() {
+    if !have(&["qemu-img"], "default_granularity_is_qemus") {
+        return;
+    }
+    for (cluster, expected) in [
+        (512u64, 4096u64),
+        (4096, 4096),
+        (16384, 16384),
+        (65536, 65536),
+        (2 << 20, 65536),
+    ] {
+        let (_dir, path) = qemu_image("64M", &format!("cluster_size={cluster}"));
+        run("qemu-img", &["bitmap", "--add", s(&path), "qemu"]);
+        ok(&["add", s(&path), "ours"]);
+        let empty = path.with_extension("json");
+        fs::write(&empty, "[]").unwrap();
+        ok(&["import", s(&path), "imported", s(&empty)]);
+        let bitmaps = qemu_bitmaps(&path);
+        assert_eq!(bitmaps.len(), 3);
+        for (name, granularity, _) in &bitmaps {
+            assert_eq!(
+                *granularity, expected,
+                "bitmap {name} with {cluster}-byte clusters"
+            );
+        }
+        both_clean(&path);
+    }
+}
+
+/// QEMU loads an all-ones table entry with its padding bits set and writes them back: such an
+/// image is read (padding ignored, a note in check) and our writes clear them.
+#[test]
+fn padding_bits_qemu_writes() {
+    if !have(&["qemu-img", "qemu-io"], "padding_bits_qemu_writes") {
+        return;
+    }
+    // 100 granules of 64 KiB: not a multiple of 64.
+    let (_dir, path) = qemu_image(&(100 * 65536).to_string(), "");
+    run("qemu-img", &["bitmap", "--add", s(&path), "full"]);
+    run("qemu-img", &["bitmap", "--add", s(&path), "other"]);
+    let table = table_offset(&path, "full");
+    patch(&path, |data| put64(data, table, 1));
+    // QEMU loads the bitmap, tracks a write and stores it on close.
+    run("qemu-io", &["-c", "write 0 512", s(&path)]);
+    let data = fs::read(&path).unwrap();
+    let table = be64(&data, directory_entry(&data, "full")) as usize;
+    let cluster = be64(&data, table) as usize;
+    assert!(cluster > 1, "QEMU stored a data cluster");
+    // Bits 100..127 of the cluster are padding: QEMU set them.
+    assert_ne!(data[cluster + 12] & 0xf0, 0, "QEMU wrote padding bits");
+    assert_eq!(qemu_check(&path).0, 0);
+
+    let (code, ours) = our_check(&path);
+    assert_eq!(code, 0, "{ours}");
+    assert!(ours.contains("NOTE") && ours.contains("padding"), "{ours}");
+    let list: Value = serde_json::from_str(&ok(&["list", s(&path), "--output=json"])).unwrap();
+    assert_eq!(list["bitmaps"][0]["dirty-bytes"], 100 * 65536);
+    let dump: Value =
+        serde_json::from_str(&ok(&["dump", s(&path), "full", "--output=json"])).unwrap();
+    assert_eq!(dump["extents"][0]["length"], 100 * 65536);
+    ok(&["remove", s(&path), "other"]);
+    // A write of ours stores the bitmap without its padding bits.
+    ok(&["reset", s(&path), "full", "0", "64K"]);
+    let data = fs::read(&path).unwrap();
+    let table = be64(&data, directory_entry(&data, "full")) as usize;
+    let cluster = be64(&data, table) as usize;
+    assert_eq!(data[cluster + 12], 0x0f);
+    assert!(data[cluster + 13..cluster + 65536].iter().all(|&b| b == 0));
+    let (code, ours) = our_check(&path);
+    assert_eq!(code, 0, "{ours}");
+    assert!(!ours.contains("NOTE"), "{ours}");
+    assert_eq!(qemu_check(&path).0, 0);
+}
+
+/// Host offset of the guest cluster at virtual offset 0.
+fn guest_cluster(path: &Path) -> u64 {
+    let map: Value =
+        serde_json::from_str(&run("qemu-img", &["map", "--output=json", s(path)])).unwrap();
+    map[0]["offset"].as_u64().expect("allocated")
+}
+
+/// A bitmap table entry pointing at a guest data cluster: check names both, and no write frees
+/// or overwrites the guest's cluster.
+#[test]
+fn bitmap_cluster_cross_linked_with_guest_data() {
+    if !have(
+        &["qemu-img", "qemu-io"],
+        "bitmap_cluster_cross_linked_with_guest_data",
+    ) {
+        return;
+    }
+    let (_dir, path) = qemu_image("64M", "");
+    run("qemu-img", &["bitmap", "--add", s(&path), "b"]);
+    run("qemu-io", &["-c", "write -P 0xab 0 64k", s(&path)]);
+    let guest = guest_cluster(&path);
+    let table = table_offset(&path, "b");
+    let data = fs::read(&path).unwrap();
+    assert!(be64(&data, table) > 1, "QEMU stored a data cluster");
+    patch(&path, |data| put64(data, table, guest));
+    // QEMU sees a refcount error (two references, refcount 1).
+    let (code, qemu) = qemu_check(&path);
+    assert_eq!(code, 2, "{qemu}");
+    let (code, ours) = our_check(&path);
+    assert_eq!(code, 1, "{ours}");
+    assert!(
+        ours.contains(&format!("{guest:#x}")) && ours.contains("guest data"),
+        "{ours}"
+    );
+    for args in [
+        vec!["clear", s(&path), "b"],
+        vec!["remove", s(&path), "b"],
+        vec!["set", s(&path), "b", "0", "64K"],
+        vec!["add", s(&path), "other"],
+    ] {
+        let out = fails(&args);
+        assert!(out.contains("guest data"), "qbitmap {args:?}: {out}");
+    }
+    run("qemu-io", &["-r", "-c", "read -P 0xab 0 64k", s(&path)]);
+    let (code, after) = qemu_check(&path);
+    assert_eq!((code, after), (2, qemu));
+}
+
+/// Also a bitmap cluster shared with a snapshot's L2 table or data.
+#[test]
+fn bitmap_cluster_cross_linked_with_a_snapshot() {
+    if !have(
+        &["qemu-img", "qemu-io"],
+        "bitmap_cluster_cross_linked_with_a_snapshot",
+    ) {
+        return;
+    }
+    let (_dir, path) = qemu_image("64M", "");
+    run("qemu-io", &["-c", "write -P 0xcd 0 64k", s(&path)]);
+    let guest = guest_cluster(&path);
+    run("qemu-img", &["snapshot", "-c", "snap", s(&path)]);
+    // The active layer moves on; the old cluster belongs to the snapshot alone.
+    run("qemu-io", &["-c", "write -P 0xef 0 64k", s(&path)]);
+    assert_ne!(guest_cluster(&path), guest);
+    run("qemu-img", &["bitmap", "--add", s(&path), "b"]);
+    run("qemu-io", &["-c", "write 64k 64k", s(&path)]);
+    let table = table_offset(&path, "b");
+    patch(&path, |data| put64(data, table, guest));
+    let (code, qemu) = qemu_check(&path);
+    assert_eq!(code, 2, "{qemu}");
+    let (code, ours) = our_check(&path);
+    assert_eq!(code, 1, "{ours}");
+    assert!(
+        ours.contains(&format!("{guest:#x}")) && ours.contains("snapshot"),
+        "{ours}"
+    );
+    fails(&["clear", s(&path), "b"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Allocation
+
+/// Adds a bitmap with qbitmap and with qemu-img to copies of one image; qbitmap must not take
+/// much longer nor grow the file much more than QEMU does, and both checks stay clean.
+fn add_like_qemu(size: &str, options: &str, granularity: &str, time_limit: Duration) {
+    let (dir, path) = qemu_image(size, options);
+    let theirs = dir.path().join("qemu.qcow2");
+    fs::copy(&path, &theirs).unwrap();
+    let before = fs::metadata(&path).unwrap().len();
+
+    let started = Instant::now();
+    run(
+        "qemu-img",
+        &["bitmap", "--add", "-g", granularity, s(&theirs), "b"],
+    );
+    let qemu_time = started.elapsed();
+    let started = Instant::now();
+    ok(&["add", "-g", granularity, s(&path), "b"]);
+    let our_time = started.elapsed();
+    let qemu_growth = fs::metadata(&theirs).unwrap().len() - before;
+    let our_growth = fs::metadata(&path).unwrap().len() - before;
+    eprintln!(
+        "{options} {size} -g {granularity}: qbitmap {our_time:?} +{our_growth} bytes, qemu-img \
+         {qemu_time:?} +{qemu_growth} bytes"
+    );
+    assert!(
+        our_time < time_limit,
+        "{options}: qbitmap add took {our_time:?}"
+    );
+    // QEMU writes an empty bitmap's table on close only; we write it at once: the table,
+    // the directory, their refcount blocks and a grown refcount table.
+    let table = table_offset(&path, "b") as u64;
+    assert!(table < fs::metadata(&path).unwrap().len());
+    assert!(
+        our_growth <= 2 * qemu_growth.max(1 << 17),
+        "{options}: the file grew by {our_growth} bytes (qemu-img: {qemu_growth})"
+    );
+    both_clean(&path);
+    assert_eq!(our_bitmaps(&path), qemu_bitmaps(&path));
+    // A dirty bitmap as well: every data cluster allocated.
+    ok(&["set", s(&path), "b", "0", size]);
+    both_clean(&path);
+}
+
+#[test]
+fn allocation_with_512_byte_clusters() {
+    if !have(&["qemu-img"], "allocation_with_512_byte_clusters") {
+        return;
+    }
+    // A 256-cluster table, more than a refcount block (256 entries) describes.
+    add_like_qemu("32G", "cluster_size=512", "512", Duration::from_secs(5));
+}
+
+#[test]
+fn allocation_with_64_bit_refcounts() {
+    if !have(&["qemu-img"], "allocation_with_64_bit_refcounts") {
+        return;
+    }
+    // 64 entries per refcount block: runs of many blocks and several refcount table growths.
+    // A 128-cluster table: two blocks' worth.
+    add_like_qemu(
+        "16G",
+        "cluster_size=512,refcount_bits=64",
+        "512",
+        Duration::from_secs(5),
+    );
+    add_like_qemu(
+        "64G",
+        "cluster_size=4096,refcount_bits=64",
+        "512",
+        Duration::from_secs(5),
+    );
+}
+
+#[test]
+fn allocation_with_1_bit_refcounts_and_2_mib_clusters() {
+    if !have(&["qemu-img"], "allocation_with_1_bit_refcounts") {
+        return;
+    }
+    add_like_qemu(
+        "64G",
+        "cluster_size=2M,refcount_bits=1",
+        "512",
+        Duration::from_secs(5),
+    );
+}
+
+#[test]
+fn allocation_for_every_cluster_size_and_refcount_width() {
+    if !have(
+        &["qemu-img"],
+        "allocation_for_every_cluster_size_and_refcount_width",
+    ) {
+        return;
+    }
+    // Setting the whole disk allocates every data cluster in runs; with small clusters and
+    // wide refcounts they are longer than a refcount block's worth.
+    for (cluster, size, granularity) in [
+        (512, "8G", "512"),
+        (4096, "64G", "4K"),
+        (65536, "64G", "4K"),
+        (2 << 20, "64G", "4K"),
+    ] {
+        for bits in [1, 2, 4, 8, 16, 32, 64] {
+            add_like_qemu(
+                size,
+                &format!("cluster_size={cluster},refcount_bits={bits}"),
+                granularity,
+                Duration::from_secs(5),
+            );
+        }
+    }
+}
