@@ -245,17 +245,13 @@ pub fn set_range(path: &Path, name: &str, offset: u64, length: u64, dirty: bool)
         if length == 0 {
             return Ok(());
         }
-        let mut bitmap = image.load_bitmap(name)?;
-        if dirty {
-            bitmap.set(offset, length);
-        } else {
-            bitmap.reset(offset, length);
-        }
-        let flags = BitmapFlags {
-            in_use: false,
-            auto: info.auto,
-        };
-        Ok(image.store_bitmap(name, &bitmap, flags)?)
+        Ok(image.edit_bitmap(name, |bitmap| {
+            if dirty {
+                bitmap.set(offset, length);
+            } else {
+                bitmap.reset(offset, length);
+            }
+        })?)
     })
 }
 

@@ -440,6 +440,34 @@ impl Image {
         Ok(bitmap)
     }
 
+    /// Changes a bitmap offline: reads it (refused for a bitmap in use), lets `change` modify it
+    /// and stores the result with the same flags, in the one crash-safe switch of
+    /// [`store_bitmap`](Self::store_bitmap): an interruption leaves the old or the new content.
+    ///
+    /// Unlike [`load_bitmap`](Self::load_bitmap) this does not mark the bitmap in use on disk
+    /// first: nothing writes to the virtual disk between the read and the store, so there is no
+    /// window in which the stored content is stale, and a crash cannot leave the bitmap in use
+    /// (QEMU would then consider it inconsistent, and an incremental backup would lose it).
+    pub fn edit_bitmap(
+        &mut self,
+        name: &str,
+        change: impl FnOnce(&mut HBitmap),
+    ) -> Result<(), Error> {
+        self.ensure_writable()?;
+        let index = self.consistent(name, "change")?;
+        let mut bitmap = self.read_bitmap(index, true)?;
+        change(&mut bitmap);
+        let auto = self.layout.bitmaps[index].entry.flags & FLAG_AUTO != 0;
+        self.store_bitmap(
+            name,
+            &bitmap,
+            BitmapFlags {
+                in_use: false,
+                auto,
+            },
+        )
+    }
+
     /// Reads a bitmap without changing anything, even one marked in use (explicit inspection:
     /// its content may be inconsistent). An in-use bitmap whose table does not match the virtual
     /// size cannot be read.
