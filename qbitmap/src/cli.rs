@@ -32,6 +32,10 @@ pub enum Command {
         output: OutputArgs,
     },
     /// Print the dirty extents of one bitmap.
+    ///
+    /// --output=nbdinfo prints exactly what `nbdinfo --json --map=qemu:dirty-bitmap:NAME`
+    /// prints for the image exported by `qemu-nbd -B NAME`: dirty (type 1) and clean (type 0)
+    /// extents covering the whole disk, without starting a server.
     Dump {
         /// The qcow2 image.
         image: PathBuf,
@@ -41,7 +45,7 @@ pub enum Command {
         #[arg(short, long, visible_alias = "inspect")]
         force: bool,
         #[command(flatten)]
-        output: OutputArgs,
+        output: DumpOutputArgs,
     },
     /// Add a new, empty persistent bitmap.
     Add {
@@ -55,6 +59,10 @@ pub enum Command {
         /// Add it disabled: without the auto flag, QEMU does not track writes in it.
         #[arg(long)]
         disabled: bool,
+        /// Succeed without changing anything when a bitmap of this name already exists with
+        /// the same granularity and enabled state and is not in use (a retry after a failure).
+        #[arg(long)]
+        exist_ok: bool,
     },
     /// Remove a bitmap, also one marked in-use.
     #[command(visible_alias = "rm")]
@@ -63,6 +71,9 @@ pub enum Command {
         image: PathBuf,
         /// The bitmap.
         name: String,
+        /// Succeed without changing anything when there is no bitmap of this name (a retry).
+        #[arg(long)]
+        missing_ok: bool,
     },
     /// Mark a whole bitmap clean.
     Clear {
@@ -189,6 +200,33 @@ impl OutputArgs {
 pub enum Format {
     Human,
     Json,
+}
+
+#[derive(Debug, Args, Clone, Copy)]
+pub struct DumpOutputArgs {
+    /// Output format (nbdinfo: the map `nbdinfo --json` prints for the bitmap over NBD).
+    #[arg(long, value_enum, default_value_t = DumpFormat::Human)]
+    pub output: DumpFormat,
+    /// Same as --output=json.
+    #[arg(long, conflicts_with = "output")]
+    pub json: bool,
+}
+
+impl DumpOutputArgs {
+    pub fn format(self) -> DumpFormat {
+        if self.json {
+            DumpFormat::Json
+        } else {
+            self.output
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DumpFormat {
+    Human,
+    Json,
+    Nbdinfo,
 }
 
 /// Parses `-o` options (`cluster_size=64K,...`, possibly repeated) into the cluster size.

@@ -65,11 +65,16 @@ fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<bool> {
             name,
             granularity,
             disabled,
+            exist_ok,
         } => {
             check_granularity(granularity);
-            commands::add(&image, &name, granularity, disabled)?
+            commands::add(&image, &name, granularity, disabled, exist_ok)?
         }
-        Command::Remove { image, name } => commands::remove(&image, &name)?,
+        Command::Remove {
+            image,
+            name,
+            missing_ok,
+        } => commands::remove(&image, &name, missing_ok)?,
         Command::Clear { image, name } => commands::clear(&image, &name)?,
         Command::Enable { image, name } => commands::set_enabled(&image, &name, true)?,
         Command::Disable { image, name } => commands::set_enabled(&image, &name, false)?,
