@@ -148,6 +148,25 @@ pub enum Command {
     /// Run a self-checking demonstration: a 1 TiB sparse image, a simulated guest, bitmaps
     /// stored, reloaded and compared (and checked by qemu-img when it is installed).
     Demo(DemoArgs),
+    /// Write the manual pages or a shell's completions, generated from this definition (used
+    /// by the build; hidden from the help).
+    #[command(hide = true)]
+    Generate {
+        /// What: man (the pages, into DIR), bash, zsh or fish (on standard output).
+        #[arg(value_enum)]
+        what: Generated,
+        /// Where the manual pages go.
+        #[arg(required_if_eq("what", "man"))]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Generated {
+    Man,
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Debug, Args)]

@@ -1437,3 +1437,30 @@ fn add_exist_ok_and_remove_missing_ok() {
     ok(&["remove", s(&path), "new", "--missing-ok"]);
     assert_eq!(list_json(&path)["bitmaps"], json!([]));
 }
+
+/// The manual pages and completions come from the clap definition: one page per command, the
+/// options of each, and no trace of the hidden `generate` command.
+#[test]
+fn generates_manual_pages_and_completions() {
+    let dir = TempDir::new().unwrap();
+    ok(&["generate", "man", s(dir.path())]);
+    let mut pages: Vec<String> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    pages.sort();
+    assert!(pages.contains(&"qbitmap.1".to_string()), "{pages:?}");
+    assert!(pages.contains(&"qbitmap-remove.1".to_string()), "{pages:?}");
+    assert!(!pages.iter().any(|p| p.contains("generate")), "{pages:?}");
+    let dump = fs::read_to_string(dir.path().join("qbitmap-dump.1")).unwrap();
+    assert!(dump.contains("nbdinfo") && dump.contains(".TH"), "{dump}");
+    for shell in ["bash", "zsh", "fish"] {
+        let script = ok(&["generate", shell]);
+        assert!(script.contains("exist-ok") && script.contains("missing-ok"));
+        assert!(
+            !script.contains("generate"),
+            "{shell} completes the hidden command"
+        );
+    }
+    assert!(!ok(&["--help"]).contains("generate"));
+}
