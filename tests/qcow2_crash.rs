@@ -228,7 +228,9 @@ fn crash_during_each_qbitmap_command() {
     base_image(&base, size);
     let mut rng = Rng(15);
     let imported = random_bitmap(&mut rng, size, 16, 30);
-    let commands: [(&str, &dyn Fn(&mut Image)); 10] = [
+    /// A command's name and its library operation.
+    type Op<'a> = (&'a str, &'a dyn Fn(&mut Image));
+    let commands: [Op; 10] = [
         ("set", &|image| {
             let _ = image.edit_bitmap("a", |bitmap| bitmap.set(size / 2 - 12345, 3 << 20));
         }),

@@ -1302,7 +1302,9 @@ fn dump_nbdinfo_prints_what_nbdinfo_prints() {
         return;
     }
     let dir = TempDir::new().unwrap();
-    let cases: [(&str, &str, &[(&str, &str)]); 5] = [
+    /// Cluster size, virtual size, qemu-io writes (offset, length).
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+    let cases: [Case; 5] = [
         (
             "512",
             "1000001K",
