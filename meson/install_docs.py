@@ -25,6 +25,8 @@ def destination(directory: str) -> Path:
 
 def main() -> int:
     qbitmap, mandir, datadir = sys.argv[1:4]
+    # meson passes the built target relative to the build directory.
+    qbitmap = str(Path(os.environ.get("MESON_BUILD_ROOT", ".")) / qbitmap)
     if os.environ.get("MESON_INSTALL_DRY_RUN"):
         return 0
     man1 = destination(mandir) / "man1"
