@@ -101,6 +101,19 @@ typedef struct Error Error;
  locked by another process, -EROFS write refused, -ENOTSUP, -EFBIG QEMU limit, -EIO or the OS
  error for I/O). On failure, when `errmsg` is not NULL, `*errmsg` receives a message to
  `free()`; outputs are written only on success. NULL handles and strings abort.
+
+ After an internal error (a bug in the library, reported as -EIO "internal error") the handle
+ is poisoned: every later call returns -EIO without touching the image; close it and open
+ the image again (what is on disk is the state before or after the failed change).
+
+ Bitmaps loaded with `hbitmap_qcow2_load` from a writable handle are marked in use on disk.
+ Before closing, store each of them (`hbitmap_qcow2_store`, which clears the mark) or release
+ it (`hbitmap_qcow2_release`, when no write was tracked since loading). Closing cannot store
+ them itself: the content is in the caller's `HBitmap`, which the library does not own.
+ Closing does not drop the mark either: the bitmap on disk would then claim to be consistent
+ while missing every write tracked in memory, and an incremental backup based on it would
+ silently miss data. So `hbitmap_qcow2_close` leaves such bitmaps in use (QEMU then treats
+ them as inconsistent, as after a crash) and reports them with -EBUSY.
  */
 typedef struct HBitmapQcow2 HBitmapQcow2;
 #endif
@@ -484,8 +497,13 @@ int hbitmap_qcow2_create(const char *path,
 
 #if !defined(HBITMAP_OMIT_QCOW2)
 /*
- Flushes and closes an image, releasing its locks; the handle is freed even when flushing
- fails. NULL does nothing.
+ Flushes and closes an image, releasing its locks; the handle is freed in every case, also
+ when it fails. NULL does nothing.
+
+ Bitmaps loaded through this handle (`hbitmap_qcow2_load`, writable handle) and neither
+ stored, released nor removed since stay marked in use on disk, since their stored content
+ may miss writes tracked in memory: the image is closed anyway and -EBUSY returned, the
+ message naming them. (A poisoned handle is closed without that check.)
 
  # Safety
  `image` is NULL or a handle from `hbitmap_qcow2_open`/`_create` not closed since.
@@ -505,7 +523,7 @@ uint64_t hbitmap_qcow2_virtual_size(const struct HBitmapQcow2 *image);
 
 #if !defined(HBITMAP_OMIT_QCOW2)
 /*
- Number of bitmaps in the image.
+ Number of bitmaps in the image (0 for a poisoned handle).
 
  # Safety
  `image` is a live handle.
@@ -597,6 +615,17 @@ int hbitmap_qcow2_remove(struct HBitmapQcow2 *image, const char *name, char **er
 #endif
 
 #if !defined(HBITMAP_OMIT_QCOW2)
+/*
+ Drops the in-use mark that `hbitmap_qcow2_load` set on bitmap `name` through this handle,
+ for a caller that tracked no write since loading it (the stored content is still exact);
+ the caller's `HBitmap` is not needed and stays the caller's. -EINVAL for a bitmap this
+ handle did not load: an in-use mark found on disk says the content is stale.
+
+ # Safety
+ `image` is a live handle; `name` a NUL-terminated string.
+ */
+int hbitmap_qcow2_release(struct HBitmapQcow2 *image, const char *name, char **errmsg);
+
 /*
  Clears bitmap `name`; -EBUSY for a bitmap in use.
 

@@ -9,6 +9,11 @@
       staticlib as libhbitmap.a. Writes a ninja depfile naming every source cargo read, so that
       ninja reruns cargo when any of them changes.
 
+  cargo_wrapper.py build-bin --cargo CARGO --manifest-path Cargo.toml --target-dir DIR
+                             --profile {dev,release} --package PKG --depfile FILE OUTPUT
+      Runs `cargo build -p PKG --bin NAME` (NAME: OUTPUT's file name) and copies the binary to
+      OUTPUT, with a depfile as for the library.
+
   cargo_wrapper.py list-sources SRCDIR
       Prints, one a line, the files of SRCDIR that the library is built from (for depend_files).
 """
@@ -27,6 +32,8 @@ TOP_LEVEL_INPUTS = ("Cargo.toml", "Cargo.lock", "build.rs", "cbindgen.toml")
 def list_sources(srcdir: Path) -> None:
     files = [srcdir / name for name in TOP_LEVEL_INPUTS if (srcdir / name).exists()]
     files += sorted((srcdir / "src").rglob("*.rs"))
+    files += [srcdir / "qbitmap" / "Cargo.toml"]
+    files += sorted((srcdir / "qbitmap" / "src").rglob("*.rs"))
     for path in files:
         print(path.relative_to(srcdir).as_posix())
 
@@ -96,6 +103,34 @@ def build(args: argparse.Namespace) -> None:
         write_depfile(built / "libhbitmap.d", args.outputs[0], Path(args.depfile))
 
 
+def build_bin(args: argparse.Namespace) -> None:
+    output = Path(args.outputs[0])
+    cmd = [
+        *args.cargo,
+        "build",
+        "--package",
+        args.package,
+        "--bin",
+        output.name,
+        "--manifest-path",
+        args.manifest_path,
+        "--target-dir",
+        args.target_dir,
+    ]
+    if args.profile == "release":
+        cmd.append("--release")
+    env = dict(os.environ)
+    env.pop("HBITMAP_UPDATE_HEADER", None)
+    print("cargo_wrapper:", " ".join(cmd), flush=True)
+    result = subprocess.run(cmd, env=env)
+    if result.returncode != 0:
+        sys.exit(result.returncode)
+    built = Path(args.target_dir) / ("debug" if args.profile == "dev" else "release")
+    install_copy(built / output.name, output)
+    if args.depfile:
+        write_depfile(built / f"{output.name}.d", str(output), Path(args.depfile))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,9 +145,19 @@ def main() -> None:
     b.add_argument("--soversion", required=True)
     b.add_argument("--depfile")
     b.add_argument("outputs", nargs="+")
+    t = sub.add_parser("build-bin")
+    t.add_argument("--cargo", nargs="+", required=True)
+    t.add_argument("--manifest-path", required=True)
+    t.add_argument("--target-dir", required=True)
+    t.add_argument("--profile", choices=("dev", "release"), required=True)
+    t.add_argument("--package", required=True)
+    t.add_argument("--depfile")
+    t.add_argument("outputs", nargs=1)
     args = parser.parse_args()
     if args.command == "list-sources":
         list_sources(args.srcdir)
+    elif args.command == "build-bin":
+        build_bin(args)
     else:
         build(args)
 

@@ -61,6 +61,47 @@ def check_files(args, libdir: Path, includedir: Path) -> None:
     print("installed files: OK")
 
 
+def check_tool(args, stage: Path) -> None:
+    """qbitmap, its manual pages (one per command, as generated from its clap definition) and
+    its completions are installed, and work from the stage."""
+    exe = staged(stage, args.prefix, args.bindir) / "qbitmap"
+    check(exe.is_file() and os.access(exe, os.X_OK), f"{exe} is not an installed executable")
+    version = run([exe, "--version"], quiet=True).strip()
+    check(version == f"qbitmap {args.version}", f"qbitmap --version says {version!r}")
+    help_text = run([exe, "--help"], quiet=True)
+    commands_part = help_text.split("Commands:", 1)[1].split("Options:", 1)[0]
+    commands = [m.group(1) for m in re.finditer(r"^  ([a-z][a-z-]*)\b", commands_part, re.M)]
+    commands = [c for c in commands if c != "help"]
+    check("dump" in commands and "add" in commands, f"unexpected qbitmap --help: {help_text}")
+    man1 = staged(stage, args.prefix, args.mandir) / "man1"
+    expected = {"qbitmap.1"} | {f"qbitmap-{c}.1" for c in commands}
+    installed = {p.name for p in man1.glob("qbitmap*.1")} if man1.is_dir() else set()
+    check(installed == expected,
+          f"manual pages in {man1}: {sorted(installed)}, expected {sorted(expected)}")
+    for page in sorted(expected):
+        check(".TH " in (man1 / page).read_text(), f"{page} has no .TH title line")
+    if shutil.which("man"):
+        rendered = run(["man", "-l", man1 / "qbitmap-dump.1"], quiet=True,
+                       env={**os.environ, "MANWIDTH": "100", "MANPAGER": "cat", "PAGER": "cat"})
+        check("nbdinfo" in rendered, "qbitmap-dump(1) does not render its --output=nbdinfo text")
+    datadir = staged(stage, args.prefix, args.datadir)
+    bash = datadir / "bash-completion" / "completions" / "qbitmap"
+    zsh = datadir / "zsh" / "site-functions" / "_qbitmap"
+    fish = datadir / "fish" / "vendor_completions.d" / "qbitmap.fish"
+    for path in (bash, zsh, fish):
+        check(path.is_file() and "exist-ok" in path.read_text(),
+              f"{path} is not installed or does not complete add --exist-ok")
+        check("generate" not in path.read_text(), f"{path} offers the hidden generate command")
+    completed = run(["bash", "-c", f"source {shlex.quote(str(bash))}; COMP_WORDS=(qbitmap ad); "
+                     "COMP_CWORD=1; _qbitmap qbitmap ad qbitmap; echo \"${COMPREPLY[*]}\""],
+                    quiet=True).split()
+    check(completed == ["add"], f"bash completes 'qbitmap ad' to {completed}, not add")
+    for shell, path in (("zsh", zsh), ("fish", fish)):
+        if shutil.which(shell):
+            run([shell, "-n", path], quiet=True)
+    print(f"qbitmap, {len(expected)} manual pages, completions: OK")
+
+
 def check_pkg_config(args, stage: Path, libdir: Path, env: dict) -> None:
     pc = libdir / "pkgconfig" / "hbitmap.pc"
     check(pc.is_file(), f"{pc} is not installed")
@@ -102,6 +143,9 @@ def main() -> int:
     parser.add_argument("--prefix", required=True)
     parser.add_argument("--libdir", required=True)
     parser.add_argument("--includedir", required=True)
+    parser.add_argument("--bindir", required=True)
+    parser.add_argument("--mandir", required=True)
+    parser.add_argument("--datadir", required=True)
     parser.add_argument("--version", required=True)
     parser.add_argument("--soversion", required=True)
     parser.add_argument("--consumer", required=True)
@@ -116,6 +160,7 @@ def main() -> int:
         libdir = staged(stage, args.prefix, args.libdir)
         includedir = staged(stage, args.prefix, args.includedir)
         check_files(args, libdir, includedir)
+        check_tool(args, stage)
 
         # Only the staged .pc, its paths moved into the stage.
         env = dict(os.environ)

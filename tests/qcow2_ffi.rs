@@ -191,3 +191,108 @@ fn c_abi_roundtrip() {
         qemu_check(&s.path("a.qcow2"), false);
     }
 }
+
+/// Opens `path` through the C ABI, writable.
+///
+/// # Safety
+/// None beyond the C ABI's own contract; `unsafe` for the calls.
+unsafe fn open_writable(path: &CString) -> *mut HBitmapQcow2 {
+    let mut image: *mut HBitmapQcow2 = ptr::null_mut();
+    // SAFETY: valid pointers.
+    let code = unsafe {
+        hbitmap_qcow2_open(
+            path.as_ptr(),
+            HBITMAP_QCOW2_OPEN_WRITE,
+            &mut image,
+            ptr::null_mut(),
+        )
+    };
+    assert_eq!(code, 0);
+    image
+}
+
+/// (in use, dirty bytes) of bitmap `name` as the Rust API reads the file.
+fn on_disk(path: &std::path::Path, name: &str) -> (bool, u64) {
+    let image = hbitmap::qcow2::Image::open(path, hbitmap::qcow2::OpenOptions::default()).unwrap();
+    let in_use = image.bitmap(name).unwrap().in_use;
+    (in_use, image.inspect_bitmap(name).unwrap().count())
+}
+
+/// A bitmap loaded for tracking from a writable handle and not stored: closing cannot know
+/// whether the caller tracked writes in it, so the bitmap stays in use and close says so
+/// (-EBUSY, naming it); released (no write tracked) it is consistent again with its content;
+/// stored, it is consistent with the new content.
+#[test]
+fn c_abi_close_reports_loaded_bitmaps_left_in_use() {
+    let s = Scratch::new("ffi-close");
+    let file = s.path("a.qcow2");
+    let path = CString::new(file.to_str().unwrap()).unwrap();
+    let size: u64 = 16 << 20;
+    let mut image = hbitmap::qcow2::Image::create(&file, size, 65536).unwrap();
+    let mut content = HBitmap::new(size, 16).unwrap();
+    content.set(1 << 20, 3 << 16);
+    for name in ["left", "released", "stored"] {
+        image
+            .store_bitmap(name, &content, hbitmap::qcow2::BitmapFlags::default())
+            .unwrap();
+    }
+    image.close().unwrap();
+    let names: Vec<CString> = ["left", "released", "stored", "never-loaded"]
+        .iter()
+        .map(|n| CString::new(*n).unwrap())
+        .collect();
+    let mut message: *mut c_char = ptr::null_mut();
+    // SAFETY: valid pointers throughout, as a C caller would pass them.
+    unsafe {
+        let image = open_writable(&path);
+        let mut loaded = [ptr::null_mut(); 3];
+        for (name, out) in names.iter().zip(loaded.iter_mut()) {
+            assert_eq!(
+                hbitmap_qcow2_load(image, name.as_ptr(), out, ptr::null_mut()),
+                0
+            );
+        }
+        // Only a mark this handle set can be released.
+        assert_eq!(
+            hbitmap_qcow2_release(image, names[1].as_ptr(), ptr::null_mut()),
+            0
+        );
+        hbitmap_set(loaded[2], 0, 4096);
+        assert_eq!(
+            hbitmap_qcow2_store(image, names[2].as_ptr(), loaded[2], 0, ptr::null_mut()),
+            0
+        );
+        for bitmap in loaded {
+            hbitmap_free(bitmap);
+        }
+        assert_eq!(hbitmap_qcow2_close(image, &mut message), -libc::EBUSY);
+        let text = take_message(message);
+        assert!(
+            text.contains("'left'") && !text.contains("'released'") && !text.contains("'stored'"),
+            "{text}"
+        );
+        message = ptr::null_mut();
+
+        // A mark found on disk (not set through this handle) is not released.
+        let image = open_writable(&path);
+        assert_eq!(
+            hbitmap_qcow2_release(image, names[0].as_ptr(), &mut message),
+            -libc::EINVAL
+        );
+        assert!(take_message(message).contains("not loaded through this handle"));
+        // Nothing loaded: close succeeds.
+        assert_eq!(hbitmap_qcow2_close(image, ptr::null_mut()), 0);
+    }
+    assert_eq!(on_disk(&file, "left"), (true, 3 << 16));
+    assert_eq!(on_disk(&file, "released"), (false, 3 << 16));
+    assert_eq!(on_disk(&file, "stored"), (false, (3 << 16) + 65536));
+    if have("qemu-img") {
+        let info = run(
+            "qemu-img",
+            &["info", "--output=json", file.to_str().unwrap()],
+        );
+        let text = String::from_utf8_lossy(&info.stdout);
+        assert!(text.contains("\"in-use\""), "{text}");
+        qemu_check(&file, false);
+    }
+}

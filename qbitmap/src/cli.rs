@@ -32,6 +32,10 @@ pub enum Command {
         output: OutputArgs,
     },
     /// Print the dirty extents of one bitmap.
+    ///
+    /// --output=nbdinfo prints exactly what `nbdinfo --json --map=qemu:dirty-bitmap:NAME`
+    /// prints for the image exported by `qemu-nbd -B NAME`: dirty (type 1) and clean (type 0)
+    /// extents covering the whole disk, without starting a server.
     Dump {
         /// The qcow2 image.
         image: PathBuf,
@@ -41,7 +45,7 @@ pub enum Command {
         #[arg(short, long, visible_alias = "inspect")]
         force: bool,
         #[command(flatten)]
-        output: OutputArgs,
+        output: DumpOutputArgs,
     },
     /// Add a new, empty persistent bitmap.
     Add {
@@ -56,6 +60,10 @@ pub enum Command {
         /// Add it disabled: without the auto flag, QEMU does not track writes in it.
         #[arg(long)]
         disabled: bool,
+        /// Succeed without changing anything when a bitmap of this name already exists with
+        /// the same granularity and enabled state and is not in use (a retry after a failure).
+        #[arg(long)]
+        exist_ok: bool,
     },
     /// Remove a bitmap, also one marked in-use.
     #[command(visible_alias = "rm")]
@@ -64,6 +72,9 @@ pub enum Command {
         image: PathBuf,
         /// The bitmap.
         name: String,
+        /// Succeed without changing anything when there is no bitmap of this name (a retry).
+        #[arg(long)]
+        missing_ok: bool,
     },
     /// Mark a whole bitmap clean.
     Clear {
@@ -138,6 +149,25 @@ pub enum Command {
     /// Run a self-checking demonstration: a 1 TiB sparse image, a simulated guest, bitmaps
     /// stored, reloaded and compared (and checked by qemu-img when it is installed).
     Demo(DemoArgs),
+    /// Write the manual pages or a shell's completions, generated from this definition (used
+    /// by the build; hidden from the help).
+    #[command(hide = true)]
+    Generate {
+        /// What: man (the pages, into DIR), bash, zsh or fish (on standard output).
+        #[arg(value_enum)]
+        what: Generated,
+        /// Where the manual pages go.
+        #[arg(required_if_eq("what", "man"))]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Generated {
+    Man,
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Debug, Args)]
@@ -190,6 +220,33 @@ impl OutputArgs {
 pub enum Format {
     Human,
     Json,
+}
+
+#[derive(Debug, Args, Clone, Copy)]
+pub struct DumpOutputArgs {
+    /// Output format (nbdinfo: the map `nbdinfo --json` prints for the bitmap over NBD).
+    #[arg(long, value_enum, default_value_t = DumpFormat::Human)]
+    pub output: DumpFormat,
+    /// Same as --output=json.
+    #[arg(long, conflicts_with = "output")]
+    pub json: bool,
+}
+
+impl DumpOutputArgs {
+    pub fn format(self) -> DumpFormat {
+        if self.json {
+            DumpFormat::Json
+        } else {
+            self.output
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DumpFormat {
+    Human,
+    Json,
+    Nbdinfo,
 }
 
 /// Parses `-o` options (`cluster_size=64K,...`, possibly repeated) into the cluster size.

@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use hbitmap::HBitmap;
 use serde::Deserialize;
 
-use crate::cli::OutputArgs;
+use crate::cli::{DumpFormat, DumpOutputArgs, OutputArgs};
 use crate::extents::{self, dirty_bytes, Extent};
 use crate::output::{self, BitmapReport, CheckOutput, DumpReport, ImageReport};
 use crate::size::format_size;
@@ -113,7 +113,7 @@ pub fn dump(
     name: &str,
     force: bool,
     force_share: bool,
-    format: OutputArgs,
+    format: DumpOutputArgs,
 ) -> Result<()> {
     let image = open_read(path, force_share)?;
     let report = (|| {
@@ -134,26 +134,66 @@ pub fn dump(
         Ok(dump_report(name, info.granularity, &bitmap))
     })()
     .with_context(|| path.display().to_string())?;
-    if format.json() {
-        output::write_dump_json(out, &report)?;
-    } else {
-        output::write_dump(out, &path.display().to_string(), &report)?;
+    match format.format() {
+        DumpFormat::Json => output::write_dump_json(out, &report)?,
+        DumpFormat::Nbdinfo => output::write_nbdinfo_map(out, &report)?,
+        DumpFormat::Human => output::write_dump(out, &path.display().to_string(), &report)?,
     }
     Ok(())
 }
 
-pub fn add(path: &Path, name: &str, granularity: Option<u64>, disabled: bool) -> Result<()> {
+/// `add`; with `exist_ok` an existing bitmap that `add` would have made (same granularity and
+/// enabled state, not in use) is success, so that a retry reaches the same end state.
+pub fn add(
+    path: &Path,
+    name: &str,
+    granularity: Option<u64>,
+    disabled: bool,
+    exist_ok: bool,
+) -> Result<()> {
     edit(path, |image| {
-        if image.bitmap(name).is_some() {
-            bail!("a bitmap named '{name}' already exists");
+        let granularity = granularity.unwrap_or_else(|| image.default_granularity());
+        if let Some(existing) = image.bitmap(name) {
+            if !exist_ok {
+                bail!("a bitmap named '{name}' already exists");
+            }
+            let mut differences = Vec::new();
+            if existing.granularity != granularity {
+                differences.push(format!(
+                    "its granularity is {}, not {}",
+                    format_size(existing.granularity),
+                    format_size(granularity)
+                ));
+            }
+            if existing.auto == disabled {
+                differences.push(format!(
+                    "it is {}",
+                    if existing.auto { "enabled" } else { "disabled" }
+                ));
+            }
+            if existing.in_use {
+                differences.push("it is in use (inconsistent)".to_string());
+            }
+            if !differences.is_empty() {
+                bail!(
+                    "a bitmap named '{name}' already exists and differs from the one requested: \
+                     {}",
+                    differences.join(", ")
+                );
+            }
+            return Ok(());
         }
         let granularity = granularity.unwrap_or_else(|| image.default_granularity());
         Ok(image.add_bitmap(name, granularity, !disabled)?)
     })
 }
 
-pub fn remove(path: &Path, name: &str) -> Result<()> {
+/// `remove`; with `missing_ok` a missing bitmap is success (a retry after it was removed).
+pub fn remove(path: &Path, name: &str, missing_ok: bool) -> Result<()> {
     edit(path, |image| {
+        if missing_ok && image.bitmap(name).is_none() {
+            return Ok(());
+        }
         find(image, name)?;
         Ok(image.remove_bitmap(name)?)
     })
@@ -243,17 +283,13 @@ pub fn set_range(path: &Path, name: &str, offset: u64, length: u64, dirty: bool)
         if length == 0 {
             return Ok(());
         }
-        let mut bitmap = image.load_bitmap(name)?;
-        if dirty {
-            bitmap.set(offset, length);
-        } else {
-            bitmap.reset(offset, length);
-        }
-        let flags = BitmapFlags {
-            in_use: false,
-            auto: info.auto,
-        };
-        Ok(image.store_bitmap(name, &bitmap, flags)?)
+        Ok(image.edit_bitmap(name, |bitmap| {
+            if dirty {
+                bitmap.set(offset, length);
+            } else {
+                bitmap.reset(offset, length);
+            }
+        })?)
     })
 }
 

@@ -65,13 +65,18 @@ fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<bool> {
             name,
             granularity,
             disabled,
+            exist_ok,
         } => {
             if let Some(granularity) = granularity {
                 check_granularity(granularity);
             }
-            commands::add(&image, &name, granularity, disabled)?
+            commands::add(&image, &name, granularity, disabled, exist_ok)?
         }
-        Command::Remove { image, name } => commands::remove(&image, &name)?,
+        Command::Remove {
+            image,
+            name,
+            missing_ok,
+        } => commands::remove(&image, &name, missing_ok)?,
         Command::Clear { image, name } => commands::clear(&image, &name)?,
         Command::Enable { image, name } => commands::set_enabled(&image, &name, true)?,
         Command::Disable { image, name } => commands::set_enabled(&image, &name, false)?,
@@ -110,8 +115,48 @@ fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<bool> {
             commands::create(&image, size, cluster_size)?
         }
         Command::Demo(args) => return demo::run(&args, out),
+        Command::Generate { what, dir } => generate(what, dir.as_deref(), out)?,
     }
     Ok(true)
+}
+
+/// The manual pages (qbitmap.1 and one page per command, as git's) or a shell's completions,
+/// from the clap definition, so that they cannot drift from the command line.
+fn generate(
+    what: cli::Generated,
+    dir: Option<&std::path::Path>,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    use clap_complete::Shell;
+    let command = Cli::command();
+    let shell = match what {
+        cli::Generated::Man => {
+            let dir = dir.expect("clap requires DIR for man");
+            std::fs::create_dir_all(dir)?;
+            clap_mangen::generate_to(command, dir)?;
+            return Ok(());
+        }
+        cli::Generated::Bash => Shell::Bash,
+        cli::Generated::Zsh => Shell::Zsh,
+        cli::Generated::Fish => Shell::Fish,
+    };
+    // Completions list hidden commands too: offer only the visible ones.
+    let mut visible = clap::Command::new("qbitmap")
+        .version(env!("CARGO_PKG_VERSION"))
+        .args(
+            command
+                .get_arguments()
+                .filter(|a| !a.is_hide_set())
+                .cloned(),
+        )
+        .subcommands(
+            command
+                .get_subcommands()
+                .filter(|c| !c.is_hide_set())
+                .cloned(),
+        );
+    clap_complete::generate(shell, &mut visible, "qbitmap", out);
+    Ok(())
 }
 
 impl Command {
@@ -124,6 +169,7 @@ impl Command {
                 | Command::Dump { .. }
                 | Command::Check { .. }
                 | Command::Demo(_)
+                | Command::Generate { .. }
                 | Command::Merge {
                     source_image: Some(_),
                     ..

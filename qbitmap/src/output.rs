@@ -260,6 +260,36 @@ pub fn write_dump_json(out: &mut impl Write, dump: &DumpReport) -> io::Result<()
 }
 
 /// The human form of `dump`.
+/// The document `nbdinfo --json --map=qemu:dirty-bitmap:NAME` prints for the bitmap exported
+/// by `qemu-nbd -B NAME`, byte for byte: maximal dirty (type 1) and clean (type 0) extents in
+/// order, covering the whole virtual disk (nbdinfo merges adjacent extents of one type).
+pub fn write_nbdinfo_map(out: &mut impl Write, dump: &DumpReport) -> io::Result<()> {
+    let virtual_size = dump.virtual_size.unwrap_or(0);
+    let mut entries = Vec::with_capacity(dump.extents.len() * 2 + 1);
+    let mut pos = 0;
+    for extent in &dump.extents {
+        if extent.offset > pos {
+            entries.push((pos, extent.offset - pos, 0));
+        }
+        entries.push((extent.offset, extent.length, 1));
+        pos = extent.offset + extent.length;
+    }
+    if pos < virtual_size {
+        entries.push((pos, virtual_size - pos, 0));
+    }
+    writeln!(out, "[")?;
+    for (index, (offset, length, kind)) in entries.iter().enumerate() {
+        let description = if *kind == 1 { "dirty" } else { "clean" };
+        let separator = if index + 1 < entries.len() { "," } else { "" };
+        writeln!(
+            out,
+            "{{ \"offset\": {offset}, \"length\": {length}, \"type\": {kind}, \
+             \"description\": \"{description}\"}}{separator}"
+        )?;
+    }
+    writeln!(out, "]")
+}
+
 pub fn write_dump(out: &mut impl Write, image: &str, dump: &DumpReport) -> io::Result<()> {
     let virtual_size = dump.virtual_size.unwrap_or(0);
     let dirty = dump.dirty_bytes.unwrap_or(0);

@@ -1061,13 +1061,18 @@ impl NbdServer {
         server
     }
 
+    /// What `nbdinfo --json --map=qemu:dirty-bitmap:NAME` prints.
+    fn nbdinfo_map(&self, name: &str) -> String {
+        let uri = format!("nbd+unix:///?socket={}", s(&self.socket));
+        run(
+            "nbdinfo",
+            &["--json", &format!("--map=qemu:dirty-bitmap:{name}"), &uri],
+        )
+    }
+
     /// The dirty extents nbdinfo reads through the qemu:dirty-bitmap meta context.
     fn dirty_extents(&self, name: &str) -> Vec<(u64, u64)> {
-        let uri = format!("nbd+unix:///?socket={}", s(&self.socket));
-        let map = run(
-            "nbdinfo",
-            &[&format!("--map=qemu:dirty-bitmap:{name}"), "--json", &uri],
-        );
+        let map = self.nbdinfo_map(name);
         let entries: Vec<Value> = serde_json::from_str(&map).unwrap();
         let mut extents: Vec<(u64, u64)> = Vec::new();
         for entry in entries {
@@ -1282,4 +1287,182 @@ fn force_share_reads_an_image_qemu_has_open() {
     assert!(status.success() || status.code().is_none(), "{status}");
     assert_eq!(bitmap(&list_json(&path), "b")["flags"], json!(["auto"]));
     assert_eq!(extents(&path, "b"), vec![(0, 64 * KIB)]);
+}
+
+/// `dump --output=nbdinfo` prints what nbdinfo prints for the bitmap exported by qemu-nbd, byte
+/// for byte, on images QEMU made and wrote: every cluster size, odd disk sizes (a partial last
+/// granule), clean and fully dirty bitmaps, extents past 4 GiB (nbdinfo merges the replies to
+/// its requests of at most 4 GiB).
+#[test]
+fn dump_nbdinfo_prints_what_nbdinfo_prints() {
+    if !have(
+        &["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"],
+        "dump_nbdinfo_prints_what_nbdinfo_prints",
+    ) {
+        return;
+    }
+    let dir = TempDir::new().unwrap();
+    /// Cluster size, virtual size, qemu-io writes (offset, length).
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+    let cases: [Case; 5] = [
+        (
+            "512",
+            "1000001K",
+            &[("0", "1"), ("511", "2"), ("1000000k", "1k")],
+        ),
+        (
+            "4K",
+            "9999872",
+            &[("4095", "4097"), ("1M", "70000"), ("9999360", "512")],
+        ),
+        (
+            "64K",
+            "6G",
+            &[
+                ("4G", "1M"),
+                ("-z 3G", "1G"),
+                ("-z 4G", "1G"),
+                ("6143M", "1M"),
+            ],
+        ),
+        ("2M", "100001K", &[("3M", "5M"), ("100000k", "1k")]),
+        ("1M", "3M", &[("0", "3M")]),
+    ];
+    for (index, (cluster_size, size, writes)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("disk{index}.qcow2"));
+        let options = format!("cluster_size={cluster_size}");
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &options,
+                s(&path),
+                size,
+            ],
+        );
+        run(
+            "qemu-img",
+            &["bitmap", "--add", "-g", "512", s(&path), "fine"],
+        );
+        run("qemu-img", &["bitmap", "--add", s(&path), "default"]);
+        run(
+            "qemu-img",
+            &["bitmap", "--add", "-g", "1M", s(&path), "coarse"],
+        );
+        run("qemu-img", &["bitmap", "--add", s(&path), "clean"]);
+        run("qemu-img", &["bitmap", "--disable", s(&path), "clean"]);
+        qemu_io_writes(&path, writes);
+        for name in ["fine", "default", "coarse", "clean"] {
+            let ours = ok(&["dump", s(&path), name, "--output=nbdinfo"]);
+            let sockets = dir.path().join(format!("sockets{index}"));
+            fs::create_dir_all(&sockets).unwrap();
+            let server = NbdServer::start(&path, name, &sockets);
+            let theirs = server.nbdinfo_map(name);
+            assert_eq!(ours, theirs, "{} {size} cluster_size={cluster_size}", name);
+        }
+    }
+}
+
+/// Retries reach the same end state: `add --exist-ok` accepts the bitmap `add` would have made
+/// (and nothing else), `remove --missing-ok` a bitmap already gone.
+#[test]
+fn add_exist_ok_and_remove_missing_ok() {
+    let (_dir, path) = image("1G");
+    ok(&["add", s(&path), "b", "-g", "128K", "--disabled"]);
+    ok(&["set", s(&path), "b", "0", "1M"]);
+    let before = fs::read(&path).unwrap();
+    ok(&[
+        "add",
+        s(&path),
+        "b",
+        "-g",
+        "128K",
+        "--disabled",
+        "--exist-ok",
+    ]);
+    assert!(
+        fs::read(&path).unwrap() == before,
+        "--exist-ok changed the image"
+    );
+    for (args, why) in [
+        (
+            &["-g", "64K", "--disabled"][..],
+            "granularity is 128 KiB, not 64 KiB",
+        ),
+        (&["-g", "128K"][..], "it is disabled"),
+    ] {
+        qbitmap()
+            .args(["add", s(&path), "b", "--exist-ok"])
+            .args(args)
+            .assert()
+            .code(1)
+            .stderr(contains(why));
+    }
+    qbitmap()
+        .args(["add", s(&path), "b", "-g", "128K", "--disabled"])
+        .assert()
+        .code(1)
+        .stderr(contains("already exists"));
+    set_in_use(&path, "b", true);
+    qbitmap()
+        .args([
+            "add",
+            s(&path),
+            "b",
+            "-g",
+            "128K",
+            "--disabled",
+            "--exist-ok",
+        ])
+        .assert()
+        .code(1)
+        .stderr(contains("in use"));
+    ok(&["add", s(&path), "new", "--exist-ok"]);
+    assert_eq!(bitmap(&list_json(&path), "new")["flags"], json!(["auto"]));
+
+    ok(&["remove", s(&path), "b"]);
+    qbitmap()
+        .args(["remove", s(&path), "b"])
+        .assert()
+        .code(1)
+        .stderr(contains("no bitmap named 'b'"));
+    let before = fs::read(&path).unwrap();
+    ok(&["remove", s(&path), "b", "--missing-ok"]);
+    assert!(
+        fs::read(&path).unwrap() == before,
+        "--missing-ok changed the image"
+    );
+    ok(&["remove", s(&path), "new", "--missing-ok"]);
+    assert_eq!(list_json(&path)["bitmaps"], json!([]));
+}
+
+/// The manual pages and completions come from the clap definition: one page per command, the
+/// options of each, and no trace of the hidden `generate` command.
+#[test]
+fn generates_manual_pages_and_completions() {
+    let dir = TempDir::new().unwrap();
+    ok(&["generate", "man", s(dir.path())]);
+    let mut pages: Vec<String> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    pages.sort();
+    assert!(pages.contains(&"qbitmap.1".to_string()), "{pages:?}");
+    assert!(pages.contains(&"qbitmap-remove.1".to_string()), "{pages:?}");
+    assert!(!pages.iter().any(|p| p.contains("generate")), "{pages:?}");
+    let dump = fs::read_to_string(dir.path().join("qbitmap-dump.1")).unwrap();
+    assert!(dump.contains("nbdinfo") && dump.contains(".TH"), "{dump}");
+    for shell in ["bash", "zsh", "fish"] {
+        let script = ok(&["generate", shell]);
+        assert!(script.contains("exist-ok") && script.contains("missing-ok"));
+        assert!(
+            !script.contains("generate"),
+            "{shell} completes the hidden command"
+        );
+    }
+    assert!(!ok(&["--help"]).contains("generate"));
 }

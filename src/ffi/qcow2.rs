@@ -8,7 +8,8 @@
 //! with `free`); it is left untouched on success. Output parameters are written only on
 //! success. Image handles and strings must not be NULL (the process aborts, as for the
 //! `hbitmap_*` preconditions); `errmsg` may be. A panic inside the library is turned into
-//! `-EIO` with a message, never unwound into C.
+//! `-EIO` with a message, never unwound into C, and poisons the handle: its in-memory state may
+//! be half updated, so every later call on it fails with `-EIO` (closing still works).
 
 use std::ffi::CStr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -27,8 +28,46 @@ use crate::HBitmap;
 /// locked by another process, -EROFS write refused, -ENOTSUP, -EFBIG QEMU limit, -EIO or the OS
 /// error for I/O). On failure, when `errmsg` is not NULL, `*errmsg` receives a message to
 /// `free()`; outputs are written only on success. NULL handles and strings abort.
+///
+/// After an internal error (a bug in the library, reported as -EIO "internal error") the handle
+/// is poisoned: every later call returns -EIO without touching the image; close it and open
+/// the image again (what is on disk is the state before or after the failed change).
+///
+/// Bitmaps loaded with `hbitmap_qcow2_load` from a writable handle are marked in use on disk.
+/// Before closing, store each of them (`hbitmap_qcow2_store`, which clears the mark) or release
+/// it (`hbitmap_qcow2_release`, when no write was tracked since loading). Closing cannot store
+/// them itself: the content is in the caller's `HBitmap`, which the library does not own.
+/// Closing does not drop the mark either: the bitmap on disk would then claim to be consistent
+/// while missing every write tracked in memory, and an incremental backup based on it would
+/// silently miss data. So `hbitmap_qcow2_close` leaves such bitmaps in use (QEMU then treats
+/// them as inconsistent, as after a crash) and reports them with -EBUSY.
 pub struct HBitmapQcow2 {
     image: Image,
+    /// Set when a call panicked: the message, and every later call is refused.
+    poisoned: Option<String>,
+}
+
+impl HBitmapQcow2 {
+    fn new(image: Image) -> *mut HBitmapQcow2 {
+        Box::into_raw(Box::new(HBitmapQcow2 {
+            image,
+            poisoned: None,
+        }))
+    }
+
+    /// The error for any call on a poisoned handle.
+    fn refusal(&self, function: &str) -> Option<Error> {
+        self.poisoned.as_ref().map(|why| {
+            Error::io(
+                format!(
+                    "{function}: {}: an earlier call on this handle failed with an internal \
+                     error ({why}); close the handle and open the image again",
+                    self.image.path().display()
+                ),
+                std::io::Error::other("handle poisoned"),
+            )
+        })
+    }
 }
 
 /// `hbitmap_qcow2_open` flag: open for writing (takes QEMU's write locks).
@@ -85,6 +124,42 @@ unsafe fn set_errmsg(errmsg: *mut *mut c_char, message: &str) {
     }
 }
 
+/// Why a call failed.
+enum Failure {
+    Error(Error),
+    /// A panic (a bug in the library), with its message.
+    Panic(String),
+}
+
+/// Runs `body`, catching a panic.
+fn catch(function: &str, body: impl FnOnce() -> Result<(), Error>) -> Result<(), Failure> {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(result) => result.map_err(Failure::Error),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            Err(Failure::Panic(format!("{function}: internal error: {why}")))
+        }
+    }
+}
+
+/// The negative errno of a failure, its message stored in `*errmsg`.
+///
+/// # Safety
+/// `errmsg` is NULL or valid for writing one pointer.
+unsafe fn report(errmsg: *mut *mut c_char, failure: &Failure) -> c_int {
+    let (code, message) = match failure {
+        Failure::Error(error) => (error.errno(), error.to_string()),
+        Failure::Panic(message) => (libc::EIO, message.clone()),
+    };
+    // SAFETY: the caller's contract.
+    unsafe { set_errmsg(errmsg, &message) };
+    -code
+}
+
 /// Runs `body`, converting its error or a panic into a negative errno and a message.
 ///
 /// # Safety
@@ -94,21 +169,59 @@ unsafe fn guarded(
     errmsg: *mut *mut c_char,
     body: impl FnOnce() -> Result<(), Error>,
 ) -> c_int {
-    let (code, message) = match catch_unwind(AssertUnwindSafe(body)) {
-        Ok(Ok(())) => return 0,
-        Ok(Err(error)) => (error.errno(), error.to_string()),
-        Err(panic) => {
-            let why = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("unknown panic");
-            (libc::EIO, format!("{function}: internal error: {why}"))
-        }
+    match catch(function, body) {
+        Ok(()) => 0,
+        // SAFETY: the caller's contract.
+        Err(failure) => unsafe { report(errmsg, &failure) },
+    }
+}
+
+/// As `guarded`, for a call that may change the image behind `handle`: refused on a poisoned
+/// handle, and a panic poisons it (the layout in memory may be half updated).
+///
+/// # Safety
+/// `errmsg` is NULL or valid for writing one pointer.
+unsafe fn guarded_mut(
+    function: &str,
+    errmsg: *mut *mut c_char,
+    handle: &mut HBitmapQcow2,
+    body: impl FnOnce(&mut Image) -> Result<(), Error>,
+) -> c_int {
+    let result = match handle.refusal(function) {
+        Some(refused) => Err(Failure::Error(refused)),
+        None => catch(function, || body(&mut handle.image)),
     };
-    // SAFETY: the caller's contract.
-    unsafe { set_errmsg(errmsg, &message) };
-    -code
+    match result {
+        Ok(()) => 0,
+        Err(failure) => {
+            if let Failure::Panic(message) = &failure {
+                handle.poisoned = Some(message.clone());
+            }
+            // SAFETY: the caller's contract.
+            unsafe { report(errmsg, &failure) }
+        }
+    }
+}
+
+/// As `guarded`, for a call that only reads through `handle`: refused on a poisoned handle.
+///
+/// # Safety
+/// `errmsg` is NULL or valid for writing one pointer.
+unsafe fn guarded_ref(
+    function: &str,
+    errmsg: *mut *mut c_char,
+    handle: &HBitmapQcow2,
+    body: impl FnOnce(&Image) -> Result<(), Error>,
+) -> c_int {
+    let result = match handle.refusal(function) {
+        Some(refused) => Err(Failure::Error(refused)),
+        None => catch(function, || body(&handle.image)),
+    };
+    match result {
+        Ok(()) => 0,
+        // SAFETY: the caller's contract.
+        Err(failure) => unsafe { report(errmsg, &failure) },
+    }
 }
 
 /// Reads a NUL-terminated string argument, aborting on NULL.
@@ -173,12 +286,7 @@ pub unsafe extern "C" fn hbitmap_qcow2_open(
                     force_share: flags & HBITMAP_QCOW2_OPEN_FORCE_SHARE != 0,
                 },
             )?;
-            put(
-                F,
-                "image",
-                image,
-                Box::into_raw(Box::new(HBitmapQcow2 { image: opened })),
-            );
+            put(F, "image", image, HBitmapQcow2::new(opened));
             Ok(())
         })
     }
@@ -207,19 +315,19 @@ pub unsafe extern "C" fn hbitmap_qcow2_create(
         guarded(F, errmsg, || {
             let path = string(F, "path", path)?;
             let created = Image::create(path, virtual_size, cluster_size)?;
-            put(
-                F,
-                "image",
-                image,
-                Box::into_raw(Box::new(HBitmapQcow2 { image: created })),
-            );
+            put(F, "image", image, HBitmapQcow2::new(created));
             Ok(())
         })
     }
 }
 
-/// Flushes and closes an image, releasing its locks; the handle is freed even when flushing
-/// fails. NULL does nothing.
+/// Flushes and closes an image, releasing its locks; the handle is freed in every case, also
+/// when it fails. NULL does nothing.
+///
+/// Bitmaps loaded through this handle (`hbitmap_qcow2_load`, writable handle) and neither
+/// stored, released nor removed since stay marked in use on disk, since their stored content
+/// may miss writes tracked in memory: the image is closed anyway and -EBUSY returned, the
+/// message naming them. (A poisoned handle is closed without that check.)
 ///
 /// # Safety
 /// `image` is NULL or a handle from `hbitmap_qcow2_open`/`_create` not closed since.
@@ -233,8 +341,35 @@ pub unsafe extern "C" fn hbitmap_qcow2_close(
     }
     // SAFETY: the handle came from Box::into_raw (the caller's contract).
     let handle = unsafe { Box::from_raw(image) };
+    let HBitmapQcow2 { image, poisoned } = *handle;
     // SAFETY: the caller's contract.
-    unsafe { guarded("hbitmap_qcow2_close", errmsg, || handle.image.close()) }
+    unsafe {
+        guarded("hbitmap_qcow2_close", errmsg, || {
+            let left = if poisoned.is_none() {
+                image.tracked_bitmaps()
+            } else {
+                Vec::new()
+            };
+            let path = image.path().to_path_buf();
+            image.close()?;
+            if left.is_empty() {
+                return Ok(());
+            }
+            let names: Vec<String> = left.iter().map(|name| format!("'{name}'")).collect();
+            let one = left.len() == 1;
+            Err(Error::InUse(format!(
+                "{}: closed, but bitmap{} {} loaded through this handle {} neither stored nor \
+                 released and stay{} marked in use (inconsistent): store a loaded bitmap with \
+                 hbitmap_qcow2_store, or release it with hbitmap_qcow2_release if no write was \
+                 tracked, before closing",
+                path.display(),
+                if one { "" } else { "s" },
+                names.join(", "),
+                if one { "was" } else { "were" },
+                if one { "s" } else { "" },
+            )))
+        })
+    }
 }
 
 /// Virtual size of the image in bytes: the size of every bitmap.
@@ -249,17 +384,18 @@ pub unsafe extern "C" fn hbitmap_qcow2_virtual_size(image: *const HBitmapQcow2) 
         .virtual_size()
 }
 
-/// Number of bitmaps in the image.
+/// Number of bitmaps in the image (0 for a poisoned handle).
 ///
 /// # Safety
 /// `image` is a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn hbitmap_qcow2_bitmap_count(image: *const HBitmapQcow2) -> usize {
     // SAFETY: the caller's contract.
-    unsafe { borrow("hbitmap_qcow2_bitmap_count", "image", image) }
-        .image
-        .bitmaps()
-        .len()
+    let handle = unsafe { borrow("hbitmap_qcow2_bitmap_count", "image", image) };
+    if handle.poisoned.is_some() {
+        return 0;
+    }
+    handle.image.bitmaps().len()
 }
 
 /// Describes bitmap number `index` (directory order) into `*info`; -ENOENT past the last.
@@ -278,8 +414,8 @@ pub unsafe extern "C" fn hbitmap_qcow2_bitmap_info(
     let handle = unsafe { borrow(F, "image", image) };
     // SAFETY: the caller's contract.
     unsafe {
-        guarded(F, errmsg, || {
-            let bitmaps = handle.image.bitmaps();
+        guarded_ref(F, errmsg, handle, |image| {
+            let bitmaps = image.bitmaps();
             let Some(bitmap) = bitmaps.get(index) else {
                 return Err(Error::NotFound(format!(
                     "#{index} (the image has {})",
@@ -287,7 +423,7 @@ pub unsafe extern "C" fn hbitmap_qcow2_bitmap_info(
                 )));
             };
             let mut name = [0 as c_char; 1024];
-            let raw = handle.image.raw_name(index);
+            let raw = image.raw_name(index);
             for (out, &byte) in name.iter_mut().zip(raw.iter().take(1023)) {
                 *out = byte as c_char;
             }
@@ -328,9 +464,9 @@ pub unsafe extern "C" fn hbitmap_qcow2_load(
     let handle = unsafe { borrow_mut(F, "image", image) };
     // SAFETY: the caller's contract.
     unsafe {
-        guarded(F, errmsg, || {
+        guarded_mut(F, errmsg, handle, |image| {
             let name = string(F, "name", name)?;
-            let loaded = handle.image.load_bitmap(name)?;
+            let loaded = image.load_bitmap(name)?;
             put(F, "bitmap", bitmap, Box::into_raw(Box::new(loaded)));
             Ok(())
         })
@@ -354,9 +490,9 @@ pub unsafe extern "C" fn hbitmap_qcow2_inspect(
     let handle = unsafe { borrow(F, "image", image) };
     // SAFETY: the caller's contract.
     unsafe {
-        guarded(F, errmsg, || {
+        guarded_ref(F, errmsg, handle, |image| {
             let name = string(F, "name", name)?;
-            let loaded = handle.image.inspect_bitmap(name)?;
+            let loaded = image.inspect_bitmap(name)?;
             put(F, "bitmap", bitmap, Box::into_raw(Box::new(loaded)));
             Ok(())
         })
@@ -382,14 +518,14 @@ pub unsafe extern "C" fn hbitmap_qcow2_store(
     let (handle, bitmap) = unsafe { (borrow_mut(F, "image", image), borrow(F, "bitmap", bitmap)) };
     // SAFETY: the caller's contract.
     unsafe {
-        guarded(F, errmsg, || {
+        guarded_mut(F, errmsg, handle, |image| {
             let name = string(F, "name", name)?;
             if flags & !(HBITMAP_QCOW2_BITMAP_IN_USE | HBITMAP_QCOW2_BITMAP_AUTO) != 0 {
                 return Err(Error::InvalidArgument(format!(
                     "unknown bitmap flags {flags:#x}"
                 )));
             }
-            handle.image.store_bitmap(
+            image.store_bitmap(
                 name,
                 bitmap,
                 BitmapFlags {
@@ -419,9 +555,9 @@ pub unsafe extern "C" fn hbitmap_qcow2_add(
     let handle = unsafe { borrow_mut(F, "image", image) };
     // SAFETY: the caller's contract.
     unsafe {
-        guarded(F, errmsg, || {
+        guarded_mut(F, errmsg, handle, |image| {
             let name = string(F, "name", name)?;
-            handle.image.add_bitmap(name, granularity, enabled)
+            image.add_bitmap(name, granularity, enabled)
         })
     }
 }
@@ -441,9 +577,34 @@ pub unsafe extern "C" fn hbitmap_qcow2_remove(
     let handle = unsafe { borrow_mut(F, "image", image) };
     // SAFETY: the caller's contract.
     unsafe {
-        guarded(F, errmsg, || {
+        guarded_mut(F, errmsg, handle, |image| {
             let name = string(F, "name", name)?;
-            handle.image.remove_bitmap(name)
+            image.remove_bitmap(name)
+        })
+    }
+}
+
+/// Drops the in-use mark that `hbitmap_qcow2_load` set on bitmap `name` through this handle,
+/// for a caller that tracked no write since loading it (the stored content is still exact);
+/// the caller's `HBitmap` is not needed and stays the caller's. -EINVAL for a bitmap this
+/// handle did not load: an in-use mark found on disk says the content is stale.
+///
+/// # Safety
+/// `image` is a live handle; `name` a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_qcow2_release(
+    image: *mut HBitmapQcow2,
+    name: *const c_char,
+    errmsg: *mut *mut c_char,
+) -> c_int {
+    const F: &str = "hbitmap_qcow2_release";
+    // SAFETY: the caller's contract.
+    let handle = unsafe { borrow_mut(F, "image", image) };
+    // SAFETY: the caller's contract.
+    unsafe {
+        guarded_mut(F, errmsg, handle, |image| {
+            let name = string(F, "name", name)?;
+            image.release_bitmap(name)
         })
     }
 }
@@ -463,9 +624,9 @@ pub unsafe extern "C" fn hbitmap_qcow2_clear(
     let handle = unsafe { borrow_mut(F, "image", image) };
     // SAFETY: the caller's contract.
     unsafe {
-        guarded(F, errmsg, || {
+        guarded_mut(F, errmsg, handle, |image| {
             let name = string(F, "name", name)?;
-            handle.image.clear_bitmap(name)
+            image.clear_bitmap(name)
         })
     }
 }
@@ -486,9 +647,9 @@ pub unsafe extern "C" fn hbitmap_qcow2_set_enabled(
     let handle = unsafe { borrow_mut(F, "image", image) };
     // SAFETY: the caller's contract.
     unsafe {
-        guarded(F, errmsg, || {
+        guarded_mut(F, errmsg, handle, |image| {
             let name = string(F, "name", name)?;
-            handle.image.set_enabled(name, enabled)
+            image.set_enabled(name, enabled)
         })
     }
 }
@@ -509,10 +670,116 @@ pub unsafe extern "C" fn hbitmap_qcow2_merge(
     let handle = unsafe { borrow_mut(F, "image", image) };
     // SAFETY: the caller's contract.
     unsafe {
-        guarded(F, errmsg, || {
+        guarded_mut(F, errmsg, handle, |image| {
             let source = string(F, "source", source)?;
             let target = string(F, "target", target)?;
-            handle.image.merge_bitmap(source, target)
+            image.merge_bitmap(source, target)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::{CStr, CString};
+    use std::io;
+
+    use super::*;
+    use crate::qcow2::io::{FileIo, ImageIo};
+
+    /// File I/O whose writes panic once armed: a stand-in for a bug in the middle of a change.
+    struct PanickingIo {
+        inner: FileIo,
+        armed: bool,
+    }
+
+    impl ImageIo for PanickingIo {
+        fn pread(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            self.inner.pread(offset, buf)
+        }
+        fn pwrite(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+            assert!(!self.armed, "write at {offset:#x} during a test of panics");
+            self.inner.pwrite(offset, buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.inner.flush()
+        }
+        fn len(&self) -> io::Result<u64> {
+            self.inner.len()
+        }
+        fn set_len(&mut self, len: u64) -> io::Result<()> {
+            self.inner.set_len(len)
+        }
+    }
+
+    fn take_message(message: *mut c_char) -> String {
+        assert!(!message.is_null());
+        // SAFETY: set by set_errmsg to a malloc'd NUL-terminated string, freed once here.
+        unsafe {
+            let text = CStr::from_ptr(message).to_string_lossy().into_owned();
+            libc::free(message.cast());
+            text
+        }
+    }
+
+    /// A panic in the middle of a change poisons the handle: every later call is refused with
+    /// -EIO instead of working from a half-updated layout; closing still frees it.
+    #[test]
+    fn a_panic_poisons_the_handle() {
+        let dir = std::env::temp_dir().join(format!("hbq-ffi-poison-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.qcow2");
+        let size = 16 << 20;
+        let mut image = Image::create(&path, size, 65536).unwrap();
+        image.add_bitmap("a", 65536, true).unwrap();
+        image.close().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let io = PanickingIo {
+            inner: FileIo::new(file),
+            armed: true,
+        };
+        let image = Image::open_io(Box::new(io), &path, true).unwrap();
+        let handle = HBitmapQcow2::new(image);
+        let a = CString::new("a").unwrap();
+        let b = CString::new("b").unwrap();
+        let mut message: *mut c_char = ptr::null_mut();
+        // SAFETY: a live handle and valid pointers, as a C caller would pass them.
+        unsafe {
+            assert_eq!(
+                hbitmap_qcow2_add(handle, b.as_ptr(), 65536, true, &mut message),
+                -libc::EIO
+            );
+            assert!(take_message(message).contains("internal error"));
+            message = ptr::null_mut();
+            assert_eq!(hbitmap_qcow2_bitmap_count(handle), 0);
+            let mut info: HBitmapQcow2BitmapInfo = std::mem::zeroed();
+            assert_eq!(
+                hbitmap_qcow2_bitmap_info(handle, 0, &mut info, &mut message),
+                -libc::EIO
+            );
+            let text = take_message(message);
+            assert!(text.contains("earlier call"), "{text}");
+            message = ptr::null_mut();
+            let mut out: *mut HBitmap = ptr::null_mut();
+            assert_eq!(
+                hbitmap_qcow2_inspect(handle, a.as_ptr(), &mut out, ptr::null_mut()),
+                -libc::EIO
+            );
+            assert_eq!(
+                hbitmap_qcow2_remove(handle, a.as_ptr(), &mut message),
+                -libc::EIO
+            );
+            assert!(take_message(message).contains("earlier call"));
+            assert!(out.is_null());
+            assert_eq!(hbitmap_qcow2_close(handle, ptr::null_mut()), 0);
+        }
+        // The image itself is untouched: the panic came before any write.
+        let image = Image::open(&path, crate::qcow2::OpenOptions::default()).unwrap();
+        assert_eq!(image.bitmaps().len(), 1);
+        drop(image);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -154,6 +154,9 @@ pub struct Image {
     /// Clusters allocated by the write in progress, freed again if it fails before the header.
     pending: Vec<(u64, u64)>,
     header_attempted: bool,
+    /// Names of the bitmaps that `load_bitmap` marked in use through this handle and that were
+    /// neither stored, released nor removed since.
+    tracked: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Image {
@@ -288,6 +291,7 @@ impl Image {
             poisoned: None,
             pending: Vec::new(),
             header_attempted: false,
+            tracked: Vec::new(),
         };
         image.refresh_infos();
         Ok(image)
@@ -448,7 +452,10 @@ impl Image {
     /// Loads a bitmap for tracking: refused for a bitmap marked in use (its content may be
     /// inconsistent: [`Error::InUse`]). On an image opened for writing the bitmap is then marked
     /// in use on disk, as QEMU marks the bitmaps it loads, until it is stored back with
-    /// [`store_bitmap`](Self::store_bitmap).
+    /// [`store_bitmap`](Self::store_bitmap), or released with
+    /// [`release_bitmap`](Self::release_bitmap) when no write was tracked. Closing does neither:
+    /// a bitmap loaded and then dropped stays in use, as after a crash
+    /// ([`tracked_bitmaps`](Self::tracked_bitmaps) lists them).
     pub fn load_bitmap(&mut self, name: &str) -> Result<HBitmap, Error> {
         let index = self.consistent(name, "load")?;
         let bitmap = self.read_bitmap(index)?;
@@ -458,8 +465,75 @@ impl Image {
                 bitmaps[index].entry.flags |= FLAG_IN_USE;
                 image.commit(bitmaps, Vec::new())
             })?;
+            self.tracked.push(name.as_bytes().to_vec());
         }
         Ok(bitmap)
+    }
+
+    /// Drops the in-use mark that [`load_bitmap`](Self::load_bitmap) set through this handle,
+    /// for a caller that tracked no write to the virtual disk since then: the stored content is
+    /// still exact. Only for bitmaps this handle loaded: an in-use mark found on disk (a crash)
+    /// says the content is stale, and is refused here.
+    pub fn release_bitmap(&mut self, name: &str) -> Result<(), Error> {
+        self.ensure_writable()?;
+        let index = self.index_of(name)?;
+        if !self.tracked.iter().any(|t| t == name.as_bytes()) {
+            return Err(Error::InvalidArgument(format!(
+                "bitmap '{name}' was not loaded through this handle: only the in-use mark set                  by loading it here can be released"
+            )));
+        }
+        if self.layout.bitmaps[index].entry.in_use() {
+            self.write_op(|image| {
+                let mut bitmaps = image.layout.bitmaps.clone();
+                bitmaps[index].entry.flags &= !FLAG_IN_USE;
+                image.commit(bitmaps, Vec::new())
+            })?;
+        }
+        self.untrack(name);
+        Ok(())
+    }
+
+    /// The bitmaps this handle loaded for tracking (so marked in use on disk) and that were
+    /// neither stored, released nor removed since: closing leaves them in use.
+    pub fn tracked_bitmaps(&self) -> Vec<String> {
+        self.layout
+            .bitmaps
+            .iter()
+            .filter(|b| b.entry.in_use() && self.tracked.contains(&b.entry.name))
+            .map(|b| b.name())
+            .collect()
+    }
+
+    fn untrack(&mut self, name: &str) {
+        self.tracked.retain(|t| t != name.as_bytes());
+    }
+
+    /// Changes a bitmap offline: reads it (refused for a bitmap in use), lets `change` modify it
+    /// and stores the result with the same flags, in the one crash-safe switch of
+    /// [`store_bitmap`](Self::store_bitmap): an interruption leaves the old or the new content.
+    ///
+    /// Unlike [`load_bitmap`](Self::load_bitmap) this does not mark the bitmap in use on disk
+    /// first: nothing writes to the virtual disk between the read and the store, so there is no
+    /// window in which the stored content is stale, and a crash cannot leave the bitmap in use
+    /// (QEMU would then consider it inconsistent, and an incremental backup would lose it).
+    pub fn edit_bitmap(
+        &mut self,
+        name: &str,
+        change: impl FnOnce(&mut HBitmap),
+    ) -> Result<(), Error> {
+        self.ensure_writable()?;
+        let index = self.consistent(name, "change")?;
+        let mut bitmap = self.read_bitmap(index, true)?;
+        change(&mut bitmap);
+        let auto = self.layout.bitmaps[index].entry.flags & FLAG_AUTO != 0;
+        self.store_bitmap(
+            name,
+            &bitmap,
+            BitmapFlags {
+                in_use: false,
+                auto,
+            },
+        )
     }
 
     /// Reads a bitmap without changing anything, even one marked in use (explicit inspection:
@@ -552,7 +626,9 @@ impl Image {
             names.push(name.as_bytes());
             self.check_directory_limits(&names)?;
         }
-        self.write_op(|image| image.store(name, bitmap, flags, existing))
+        self.write_op(|image| image.store(name, bitmap, flags, existing))?;
+        self.untrack(name);
+        Ok(())
     }
 
     fn store(
@@ -651,7 +727,9 @@ impl Image {
             let removed = bitmaps.remove(index);
             let to_free = clusters_of(&removed, image.cluster_size());
             image.commit(bitmaps, to_free)
-        })
+        })?;
+        self.untrack(name);
+        Ok(())
     }
 
     /// Clears a bitmap (keeps its granularity and flags). Refused for a bitmap in use.
