@@ -17,7 +17,7 @@
 //!   `finish` on a bitmap of size 0 (QEMU counts from group 0 there).
 //!
 //! Environment, as for `tests/differential.rs`:
-//! - `HBITMAP_DIFF_OPS`: random operations over all seeds (default 1 000 000 in release builds,
+//! - `HBITMAP_DIFF_OPS`: random operations over all seeds (default 2 000 000 in release builds,
 //!   100 000 in debug builds);
 //! - `HBITMAP_DIFF_SEED`: comma-separated seeds (decimal or 0x hex) instead of the default list;
 //! - `HBITMAP_DIFF_SCENARIO`: run only this scenario of each seed (to reproduce a failure);
@@ -1518,10 +1518,12 @@ fn random_operations() {
     if skip() {
         return;
     }
+    // 2 * 10^6 operations take 5 to 10 s in a release build on 2 shared cores; debug builds run
+    // 100 000.
     let default = if cfg!(debug_assertions) {
         100_000
     } else {
-        1_000_000
+        2_000_000
     };
     let total = env_u64("HBITMAP_DIFF_OPS").unwrap_or(default);
     let seeds = seeds();
@@ -1611,6 +1613,44 @@ fn boundary_geometries() {
          {:.1?}",
         stats.ops,
         stats.scenarios,
+        stats.calls,
+        begun.elapsed()
+    ));
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// The next summary-level boundary up: 64^4 groups (2 MiB per last level), a short scenario
+/// each, slot 3 at a coarser granularity.
+#[test]
+fn large_geometries() {
+    if skip() {
+        return;
+    }
+    let mut stats = Stats::default();
+    let mut failures = Vec::new();
+    let begun = Instant::now();
+    let boundary = 1u64 << 24;
+    for (index, (groups, granularity)) in [(boundary + 1, 0), (boundary - 1, 3), (boundary, 9)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut rng = Rng::new(0x10_1a00 + index as u64);
+        let size = size_for(&mut rng, groups, granularity);
+        let coarser = granularity + 7;
+        let geometry = [
+            (size, granularity),
+            (size, granularity),
+            (size, granularity),
+            (size, coarser),
+        ];
+        let label = format!("large geometry {geometry:?}");
+        if let Err(report) = run_ops(&label, &geometry, &mut rng, 150, &mut stats) {
+            failures.push(report);
+        }
+    }
+    say(format_args!(
+        "differential QEMU 10 large: {} operations, {} results compared, {:.1?}",
+        stats.ops,
         stats.calls,
         begun.elapsed()
     ));
