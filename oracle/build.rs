@@ -1,40 +1,127 @@
-//! Builds the original C hbitmap from `../shared/reference` when it is there (the project's
-//! development and CI machines) and links it with `qemu_`-prefixed names. Elsewhere (a user's
-//! clone) nothing is built and `hbitmap_oracle::AVAILABLE` is false.
+//! Builds the C oracles of the differential tests when `../shared/reference` is there (the
+//! project's development and CI machines):
+//! - the original `util/hbitmap.c` (QEMU 4.0), linked with `qemu_`-prefixed names, cfg `oracle`;
+//! - QEMU 10.0.2's `util/hbitmap.c` (current QEMU's API), linked with `qemu10_`-prefixed names,
+//!   cfg `oracle_qemu10`.
+//!
+//! Elsewhere (a user's clone) nothing is built, `hbitmap_oracle::AVAILABLE` and
+//! `hbitmap_oracle::qemu10::AVAILABLE_QEMU10` are false, and the tests skip.
+//!
+//! Environment:
+//! - `HBITMAP_REFERENCE`: the reference folder instead of `../shared/reference`;
+//! - `HBITMAP_QEMU10_REFERENCE`: a folder where `build-qemu10.sh` already ran (it holds
+//!   `libqemu10_hbitmap.a`): linked from there, so that each target folder need not fetch QEMU's
+//!   tarball again. If the folder holds only the tarball, it is built from that tarball into
+//!   `OUT_DIR`;
+//! - `QEMU10_TARBALL`: QEMU's tarball, passed on to `build-qemu10.sh`.
 
 use std::env;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+const QEMU10_TARBALL: &str = "qemu_10.0.2+ds.orig.tar.xz";
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(oracle)");
+    println!("cargo::rustc-check-cfg=cfg(oracle_qemu10)");
+    println!("cargo::rerun-if-env-changed=HBITMAP_REFERENCE");
+    println!("cargo::rerun-if-env-changed=HBITMAP_QEMU10_REFERENCE");
+    println!("cargo::rerun-if-env-changed=QEMU10_TARBALL");
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
-    let reference = manifest.join("../../shared/reference");
+    let reference = match env::var_os("HBITMAP_REFERENCE") {
+        Some(dir) => PathBuf::from(dir),
+        None => manifest.join("../../shared/reference"),
+    };
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap());
+
+    let original = build_original(&reference, &out);
+    let qemu10 = build_qemu10(&reference, &out);
+    if let Err(why) = &qemu10 {
+        println!(
+            "cargo::warning=QEMU 10 oracle not built ({why}): its differential tests will skip"
+        );
+        println!("cargo::rustc-env=HBITMAP_ORACLE_QEMU10_MISSING={why}");
+    }
+    if original || qemu10.is_ok() {
+        link_glib();
+    }
+}
+
+/// The original, from `build.sh`.
+fn build_original(reference: &Path, out: &Path) -> bool {
     let script = reference.join("build.sh");
     println!("cargo::rerun-if-changed={}", script.display());
-    println!("cargo::rerun-if-env-changed=HBITMAP_REFERENCE");
-    let script = match env::var_os("HBITMAP_REFERENCE") {
-        Some(dir) => PathBuf::from(dir).join("build.sh"),
-        None => script,
-    };
     if !script.exists() {
         println!(
             "cargo::warning=no reference at {}: differential tests will skip",
             script.display()
         );
-        return;
+        return false;
     }
-    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("reference");
+    let out = out.join("reference");
     let status = Command::new("bash").arg(&script).arg(&out).status();
     match status {
         Ok(status) if status.success() => {}
         other => {
             println!("cargo::warning=building the reference failed ({other:?}): differential tests will skip");
-            return;
+            return false;
         }
     }
     println!("cargo::rustc-link-search=native={}", out.display());
     println!("cargo::rustc-link-lib=static=qemu_hbitmap");
+    println!("cargo::rustc-cfg=oracle");
+    true
+}
+
+/// QEMU 10's, from a folder already built by `build-qemu10.sh`, else by running it into
+/// `OUT_DIR`. The error says why it is missing.
+fn build_qemu10(reference: &Path, out: &Path) -> Result<(), String> {
+    let prebuilt = env::var_os("HBITMAP_QEMU10_REFERENCE").map(PathBuf::from);
+    let dir = match prebuilt {
+        Some(dir) if dir.join("libqemu10_hbitmap.a").is_file() => {
+            println!(
+                "cargo::rerun-if-changed={}",
+                dir.join("libqemu10_hbitmap.a").display()
+            );
+            dir
+        }
+        prebuilt => {
+            let script = reference.join("build-qemu10.sh");
+            println!("cargo::rerun-if-changed={}", script.display());
+            if !script.exists() {
+                return Err(format!("no {}", script.display()));
+            }
+            let dir = out.join("reference-qemu10");
+            let mut command = Command::new("bash");
+            command.arg(&script).arg(&dir);
+            // A tarball kept beside an unbuilt HBITMAP_QEMU10_REFERENCE saves the download.
+            let kept = prebuilt.map(|prebuilt| prebuilt.join(QEMU10_TARBALL));
+            if let Some(tarball) = kept.filter(|tarball| tarball.is_file()) {
+                if env::var_os("QEMU10_TARBALL").is_none() {
+                    command.env("QEMU10_TARBALL", tarball);
+                }
+            }
+            match command.status() {
+                Ok(status) if status.success() => dir,
+                Ok(status) => {
+                    return Err(format!(
+                        "{} {} failed ({status}); set HBITMAP_QEMU10_REFERENCE to a built copy \
+                         or QEMU10_TARBALL to {QEMU10_TARBALL}",
+                        script.display(),
+                        dir.display()
+                    ))
+                }
+                Err(error) => return Err(format!("cannot run bash: {error}")),
+            }
+        }
+    };
+    println!("cargo::rustc-link-search=native={}", dir.display());
+    println!("cargo::rustc-link-lib=static=qemu10_hbitmap");
+    println!("cargo::rustc-cfg=oracle_qemu10");
+    Ok(())
+}
+
+fn link_glib() {
     let glib = Command::new("pkg-config")
         .args(["--libs", "glib-2.0"])
         .output()
@@ -46,5 +133,4 @@ fn main() {
             println!("cargo::rustc-link-search=native={dir}");
         }
     }
-    println!("cargo::rustc-cfg=oracle");
 }

@@ -1,7 +1,8 @@
-//! The original C `util/hbitmap.c`, prefixed `qemu_`, as an oracle for differential tests.
+//! The original C `util/hbitmap.c`, prefixed `qemu_`, as an oracle for differential tests;
+//! QEMU 10.0.2's, prefixed `qemu10_`, in [`qemu10`].
 //!
-//! [`AVAILABLE`] says whether it was built; when it was not (no `../shared/reference`), the
-//! functions below are absent and tests must skip.
+//! [`AVAILABLE`] says whether the original was built; when it was not (no
+//! `../shared/reference`), the functions below are stubs that panic and tests must skip.
 
 #![allow(clippy::missing_safety_doc)]
 
@@ -125,6 +126,8 @@ reference_api! {
         -> *mut QemuHBitmap;
     fn free_meta = qemu_hbitmap_free_meta(hb: *mut QemuHBitmap);
 }
+
+pub mod qemu10;
 
 /// The header's `static inline hbitmap_iter_next_word`, over the reference's `skip_words`.
 ///

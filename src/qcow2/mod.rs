@@ -523,7 +523,7 @@ impl Image {
     ) -> Result<(), Error> {
         self.ensure_writable()?;
         let index = self.consistent(name, "change")?;
-        let mut bitmap = self.read_bitmap(index, true)?;
+        let mut bitmap = self.read_bitmap(index)?;
         change(&mut bitmap);
         let auto = self.layout.bitmaps[index].entry.flags & FLAG_AUTO != 0;
         self.store_bitmap(
