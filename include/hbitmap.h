@@ -184,10 +184,11 @@ extern "C" {
 
 /*
  Free a bitmap; NULL does nothing. Aborts if its meta bitmap was not freed first
- (`hbitmap_free_meta`).
+ (`hbitmap_free_meta`), or if it is a meta bitmap (its parent frees it).
 
  # Safety
- `hb` is NULL or was returned by `hbitmap_alloc` and not freed since.
+ `hb` is NULL or was returned by `hbitmap_alloc` or `hbitmap_create_meta` and not freed
+ since.
  */
 void hbitmap_free(HBitmap *hb);
 
@@ -625,7 +626,9 @@ int hbitmap_qcow2_remove(struct HBitmapQcow2 *image, const char *name, char **er
  `image` is a live handle; `name` a NUL-terminated string.
  */
 int hbitmap_qcow2_release(struct HBitmapQcow2 *image, const char *name, char **errmsg);
+#endif
 
+#if !defined(HBITMAP_OMIT_QCOW2)
 /*
  Clears bitmap `name`; -EBUSY for a bitmap in use.
 

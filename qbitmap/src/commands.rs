@@ -183,7 +183,6 @@ pub fn add(
             }
             return Ok(());
         }
-        let granularity = granularity.unwrap_or_else(|| image.default_granularity());
         Ok(image.add_bitmap(name, granularity, !disabled)?)
     })
 }
