@@ -153,7 +153,8 @@ impl HBitmap {
                 "HBitmap::deserialize_part: buffer of {} bytes, {needed} needed",
                 buf.len()
             );
-            self.deserialize_words(words, &buf[..needed]);
+            self.deserialize_words(words.clone(), &buf[..needed]);
+            self.full.refresh(&self.levels[LAST], words);
             self.after_deserialize(finish);
         }
     }
@@ -164,8 +165,11 @@ impl HBitmap {
         if let Some(words) = self.chunk_or_panic("deserialize_zeroes", start, count) {
             let (upper, lower) = self.levels.split_at_mut(LAST);
             let known_clean = known_clean(&upper[LAST - 1], &self.unsummarized, words.start);
-            let dst = bytemuck::cast_slice_mut(&mut lower[0][words]);
+            let dst = bytemuck::cast_slice_mut(&mut lower[0][words.clone()]);
             storage::BulkWrite::new(dst.len()).clear(dst, known_clean);
+            if !words.is_empty() {
+                self.full.words_unfilled(words.start, words.end - 1);
+            }
             self.after_deserialize(finish);
         }
     }
@@ -203,6 +207,7 @@ impl HBitmap {
     pub fn deserialize_ones(&mut self, start: u64, count: u64, finish: bool) {
         if let Some(words) = self.chunk_or_panic("deserialize_ones", start, count) {
             self.levels[LAST][words.clone()].fill(u64::MAX);
+            self.full.refresh(&self.levels[LAST], words.clone());
             self.unsummarized.insert(words);
             self.after_deserialize(finish);
         }
@@ -219,7 +224,8 @@ impl HBitmap {
     /// Rebuilds the summary levels from the last level and recounts the dirty groups.
     pub fn deserialize_finish(&mut self) {
         let words = self.levels[LAST].len();
-        self.finish_loaded(std::slice::from_ref(&(0..words)));
+        // The full-block summary followed every step already.
+        self.summarize_written(std::slice::from_ref(&(0..words)));
     }
 
     /// `deserialize_finish` for a bitmap whose last level changed only at `written` (ascending
@@ -229,6 +235,14 @@ impl HBitmap {
     /// smaller), and the count comes from the ranges: outside them the last level must be
     /// clean.
     pub(crate) fn finish_loaded(&mut self, written: &[Range<usize>]) {
+        self.summarize_written(written);
+        for range in written {
+            self.full.refresh(&self.levels[LAST], range.clone());
+        }
+    }
+
+    /// The dirty summaries and the count of `finish_loaded`.
+    fn summarize_written(&mut self, written: &[Range<usize>]) {
         let (upper, lower) = self.levels.split_at_mut(LAST);
         let (summary, words) = (&mut upper[LAST - 1], &lower[0]);
         let mut ones = 0;

@@ -30,11 +30,15 @@ impl HBitmap {
             }
             // The last level only where `other` has dirty words, which the (already merged)
             // summary of `other` tells.
-            merge_dirty_blocks(
+            let blocks = merge_dirty_blocks(
                 &mut self.levels[LAST],
                 &other.levels[LAST],
                 &other.levels[LAST - 1],
             );
+            self.full.refresh_blocks(&self.levels[LAST], blocks);
+        }
+        if stale {
+            self.full.rebuild(&self.levels[LAST]);
         }
         self.stale = stale;
         self.unsummarized.union(&other.unsummarized);
@@ -70,6 +74,15 @@ impl HBitmap {
             }
         } else {
             let (result_upper, result_last) = result.levels.split_at_mut(LAST);
+            // The blocks that can change: dirty in a, b or the old result.
+            let blocks: Vec<usize> = (0..result_upper[LAST - 1].len())
+                .filter(|&block| {
+                    (a.levels[LAST - 1][block]
+                        | b.levels[LAST - 1][block]
+                        | result_upper[LAST - 1][block])
+                        != 0
+                })
+                .collect();
             let ones = words::or_dirty_blocks(
                 &mut result_last[0],
                 [&a.levels[LAST], &b.levels[LAST]],
@@ -88,12 +101,14 @@ impl HBitmap {
                     .zip(x.iter().zip(y))
                     .for_each(|(d, (x, y))| *d = x | y);
             }
+            result.full.refresh_blocks(&result.levels[LAST], blocks);
             // The last level was rewritten whole: its count came with it (bits past the last
             // group, which only deserialize_ones sets, do not count).
             result.count = ones - padding_ones(&result.levels[LAST], result.groups);
             return true;
         }
         // Every level of `result` was rewritten from `a` and `b`.
+        result.full.rebuild(&result.levels[LAST]);
         result.stale = stale;
         result.unsummarized = a.unsummarized.clone();
         result.unsummarized.union(&b.unsummarized);
@@ -185,14 +200,18 @@ impl HBitmap {
     }
 }
 
-/// `dst |= src` over the 64-word blocks that `src_summary` marks as holding dirty words.
-fn merge_dirty_blocks(dst: &mut [u64], src: &[u64], src_summary: &[u64]) {
+/// `dst |= src` over the 64-word blocks that `src_summary` marks as holding dirty words;
+/// returns those blocks' numbers.
+fn merge_dirty_blocks(dst: &mut [u64], src: &[u64], src_summary: &[u64]) -> Vec<usize> {
+    let mut blocks = Vec::new();
     for_each_marked_block(src_summary, false, src.len(), |range| {
+        blocks.push(range.start / 64);
         dst[range.clone()]
             .iter_mut()
             .zip(&src[range])
             .for_each(|(d, s)| *d |= s);
     });
+    blocks
 }
 
 /// The sizes in items of the operands of a current-QEMU merge must agree.

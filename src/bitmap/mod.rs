@@ -8,6 +8,7 @@
 //! word so that iteration, serialization and SHA-256 agree with it to the bit.
 
 mod blocks;
+mod full;
 pub(crate) mod iter;
 pub(crate) mod merge;
 mod meta;
@@ -23,6 +24,7 @@ pub use precondition::Violation;
 use std::fmt;
 
 pub(crate) use blocks::{BlockSet, BLOCK_WORDS};
+use full::FullSummary;
 use meta::MetaBitmap;
 use storage::Words;
 
@@ -87,6 +89,9 @@ pub struct HBitmap {
     /// `levels[LAST]` is the bitmap proper; each level above summarizes the one below. Level
     /// `i` always holds exactly the words that `new` and `truncate` give it.
     pub(crate) levels: [Words; LEVELS],
+    /// Which 64-word blocks of the last level are all ones: lets `next_zero` cross long dirty
+    /// runs without reading them.
+    pub(crate) full: FullSummary,
     /// Tracks which chunks of this bitmap changed (migration's "dirty-dirty" bitmap).
     pub(crate) meta: Option<MetaBitmap>,
     /// True for a meta bitmap: its parent owns it (the C ABI refuses to free it).
@@ -143,12 +148,14 @@ impl HBitmap {
             bits = words as u64;
         }
         levels[0][0] = SENTINEL;
+        let full = FullSummary::new(levels[LAST].len());
         Ok(HBitmap {
             orig_size: size,
             groups,
             count: 0,
             granularity,
             levels,
+            full,
             meta: None,
             owned_by_parent: false,
             stale: false,
@@ -313,6 +320,7 @@ impl HBitmap {
             self.clear_dirty_words();
         }
         self.levels[0][0] = SENTINEL;
+        self.full.clear();
         self.count = 0;
         self.stale = false;
         self.unsummarized.clear();
@@ -406,6 +414,7 @@ impl HBitmap {
             self.reset_groups(start, fix_count, groups, self.groups - 1);
         }
         self.groups = groups;
+        let old_words = self.levels[LAST].len();
         let mut bits = groups;
         for level in self.levels.iter_mut().rev() {
             let words = words_for(bits);
@@ -418,6 +427,10 @@ impl HBitmap {
         if shrink {
             self.drop_summary_past_end();
         }
+        // The last word both sizes share is the only one whose summary can change.
+        let kept = old_words.min(self.levels[LAST].len());
+        self.full.fit(self.levels[LAST].len());
+        self.full.refresh(&self.levels[LAST], kept - 1..kept);
         if let Some(meta) = self.meta.as_mut() {
             meta.truncate_checked(self.groups << granularity);
         }
@@ -608,6 +621,7 @@ impl Clone for HBitmap {
             count: self.count,
             granularity: self.granularity,
             levels: self.levels.clone(),
+            full: self.full.clone(),
             meta: self.meta.clone(),
             owned_by_parent: self.owned_by_parent,
             stale: self.stale,

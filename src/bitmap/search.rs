@@ -1,6 +1,6 @@
 //! Searching: the next clean group and the next dirty extent.
 
-use super::{iter, words, HBitmap, Violation, BITS_PER_LEVEL, LAST};
+use super::{iter, HBitmap, Violation, BITS_PER_LEVEL, LAST};
 
 impl HBitmap {
     /// The first clean item in `start..start + count`, or `None` when every group of the range
@@ -31,12 +31,9 @@ impl HBitmap {
         // Groups before `start` in its word count as dirty.
         let mut word = words[pos] | ((1u64 << (first & 63)) - 1);
         if word == u64::MAX {
-            pos += 1;
-            match words
-                .get(pos..end_word.max(pos))
-                .and_then(words::first_not_full)
-            {
-                Some(offset) => pos += offset,
+            // The full-block summary finds the end of the run without reading all of it.
+            match self.full.next_not_full(words, pos + 1, end_word) {
+                Some(next) => pos = next,
                 None => return -1,
             }
             word = words[pos];

@@ -281,3 +281,81 @@ fn regrown_bitmaps_are_clean_past_the_old_end() {
         bitmap.set(0, grow);
     }
 }
+
+/// The full-block summary follows every operation that changes the last level, across long
+/// runs of full words, truncates, merges and deserialization steps; next_zero agrees with a
+/// plain scan.
+#[test]
+fn full_block_summary_stays_exact() {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |bound: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % bound
+    };
+    for &(size, granularity) in &[(64 * 64 * 64 * 3 + 17, 0u32), (1 << 20, 2), (4095, 0)] {
+        let mut bitmap = HBitmap::new(size, granularity).unwrap();
+        let mut other = HBitmap::new(size, granularity).unwrap();
+        for step in 0..1000 {
+            let size = bitmap.size();
+            let start = next(size);
+            let long = next(4) == 0;
+            let count = 1 + next(if long { size - start } else { 300 });
+            let count = count.min(size - start);
+            match next(9) {
+                0..=2 => bitmap.set(start, count),
+                3 => bitmap.reset(start, count),
+                4 => {
+                    other.reset_all();
+                    other.set(start, count);
+                    assert!(bitmap.merge(&other));
+                }
+                5 => {
+                    let chunk = bitmap.serialization_align() * (1 + next(4));
+                    let first = start / chunk * chunk;
+                    let len = chunk.min(size - first);
+                    // An unfinished step, checked, then a finished one: other operations on a
+                    // stale summary are outside the original's contract.
+                    if first >= chunk {
+                        bitmap.deserialize_zeroes(0, chunk, false);
+                        assert!(super::full::is_exact(&bitmap.full, &bitmap.levels[LAST]));
+                    }
+                    match next(3) {
+                        0 => bitmap.deserialize_ones(first, len, true),
+                        1 => bitmap.deserialize_zeroes(first, len, true),
+                        _ => {
+                            let bytes =
+                                vec![0xf7u8; bitmap.serialization_size(first, len) as usize];
+                            bitmap.deserialize_part(&bytes, first, len, true);
+                        }
+                    }
+                }
+                6 if step % 50 == 0 => {
+                    let grow = next(size);
+                    let new_size = (size / 2 + grow).max(1);
+                    bitmap.truncate(new_size);
+                    other = HBitmap::new(new_size, granularity).unwrap();
+                }
+                7 if step % 100 == 0 => bitmap.reset_all(),
+                _ => {
+                    let mut copy = bitmap.clone();
+                    assert!(HBitmap::merge_into(&bitmap, &other, &mut copy));
+                    bitmap = copy;
+                }
+            }
+            assert!(
+                super::full::is_exact(&bitmap.full, &bitmap.levels[LAST]),
+                "step {step}, size {size}"
+            );
+            let probe_bound = bitmap.size();
+            let probe = next(probe_bound);
+            let words = &bitmap.levels[LAST];
+            let first = probe >> bitmap.granularity();
+            let expected = (first..bitmap.groups())
+                .find(|&group| words[(group / 64) as usize] >> (group % 64) & 1 == 0)
+                .map(|group| (group << bitmap.granularity()).max(probe));
+            assert_eq!(bitmap.next_zero(probe, u64::MAX), expected, "step {step}");
+        }
+    }
+}

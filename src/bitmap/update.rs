@@ -140,6 +140,9 @@ impl HBitmap {
         if old == 0 {
             self.mark_in_summary(pos);
         }
+        if new == u64::MAX {
+            self.full.word_filled(&self.levels[LAST], pos);
+        }
         if let Some(meta) = self.meta.as_mut() {
             meta.set(start, count);
         }
@@ -197,7 +200,12 @@ impl HBitmap {
 
     /// Sets bits `first..=last` of the last level and propagates; true if the last level changed.
     fn set_levels(&mut self, first: u64, last: u64, added: &mut u64) -> bool {
-        if !set_range::<true>(&mut self.levels[LAST], first, last, added) {
+        let changed = set_range::<true>(&mut self.levels[LAST], first, last, added);
+        // Middle words that were dirty already may have become full without the dirty summary
+        // seeing a change.
+        let words = (first >> BITS_PER_LEVEL) as usize..(last >> BITS_PER_LEVEL) as usize + 1;
+        self.full.refresh(&self.levels[LAST], words);
+        if !changed {
             return false;
         }
         let (mut start, mut last) = (first >> BITS_PER_LEVEL, last >> BITS_PER_LEVEL);
@@ -229,6 +237,9 @@ impl HBitmap {
             return;
         }
         *word = new;
+        if old == u64::MAX {
+            self.full.word_unfilled(pos);
+        }
         // Wrapping, as the original's: a truncate over dirty padding bits leaves them uncounted.
         self.count = self
             .count
@@ -261,6 +272,10 @@ impl HBitmap {
     /// Clears bits `first..=last` of the last level and propagates; true if a word of the last
     /// level became blank (the original's notion of "changed" for the meta bitmap).
     fn reset_levels(&mut self, first: u64, last: u64, removed: &mut u64) -> bool {
+        self.full.words_unfilled(
+            (first >> BITS_PER_LEVEL) as usize,
+            (last >> BITS_PER_LEVEL) as usize,
+        );
         // The summary can guide the clearing only while it matches the level below.
         let guided = !self.stale;
         let (upper, lower) = self.levels.split_at_mut(LAST);

@@ -114,23 +114,6 @@ pub(crate) fn bits_clear(bits: &[u64], range: Range<usize>) -> bool {
         && bits[last] & tail == 0
 }
 
-/// Index of the first word of `words` that is not all ones: a whole dirty extent is skipped
-/// eight words per test (the AND of a block is all ones only if each word is).
-pub(crate) fn first_not_full(words: &[u64]) -> Option<usize> {
-    const BLOCK: usize = 8;
-    let mut skipped = 0;
-    for block in words.chunks_exact(BLOCK) {
-        if block.iter().fold(u64::MAX, |all, &word| all & word) != u64::MAX {
-            break;
-        }
-        skipped += BLOCK;
-    }
-    words[skipped..]
-        .iter()
-        .position(|&word| word != u64::MAX)
-        .map(|index| skipped + index)
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     #[target_feature(enable = "popcnt")]
@@ -172,21 +155,6 @@ mod tests {
             (255..256, false),
         ] {
             assert_eq!(bits_clear(&bits, range.clone()), clear, "{range:?}");
-        }
-    }
-
-    #[test]
-    fn first_not_full_finds_the_first_clean_bit_anywhere() {
-        for len in [0usize, 1, 7, 8, 9, 64, 67] {
-            assert_eq!(first_not_full(&vec![u64::MAX; len]), None);
-            for hole in 0..len {
-                let mut words = vec![u64::MAX; len];
-                words[hole] = !(1 << (hole % 64));
-                if hole + 2 < len {
-                    words[hole + 2] = 0;
-                }
-                assert_eq!(first_not_full(&words), Some(hole), "len {len} hole {hole}");
-            }
         }
     }
 
