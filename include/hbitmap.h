@@ -148,7 +148,8 @@ typedef struct HBitmapIter {
  */
 typedef struct HBitmapQcow2BitmapInfo {
   /*
-   The name's bytes as stored, NUL-terminated (names have at most 1023 bytes).
+   The name's bytes as stored, NUL-terminated (names have at most 1023 bytes); a name
+   stored with a NUL byte reads up to it, as QEMU reads it.
    */
   char name[1024];
   /*

@@ -88,10 +88,10 @@ fn store_load_roundtrip_and_flags() {
         Err(Error::InvalidArgument(_))
     ));
     assert!(matches!(
-        image.add_bitmap(&"n".repeat(1024), 65536, true),
+        image.add_bitmap("n".repeat(1024), 65536, true),
         Err(Error::InvalidArgument(_))
     ));
-    image.add_bitmap(&"n".repeat(1023), 65536, true).unwrap();
+    image.add_bitmap("n".repeat(1023), 65536, true).unwrap();
     let wrong = HBitmap::new(size - 512, 12).unwrap();
     assert!(matches!(
         image.store_bitmap("w", &wrong, AUTO),

@@ -20,7 +20,7 @@ fn state(path: &Path) -> State {
     let mut out = BTreeMap::new();
     for info in image.bitmaps() {
         let content = extents(&image.inspect_bitmap(&info.name).unwrap());
-        out.insert(info.name.clone(), (info.in_use, info.auto, content));
+        out.insert(info.name.to_string(), (info.in_use, info.auto, content));
     }
     out
 }
@@ -161,7 +161,7 @@ fn crash_while_growing_refcounts() {
         let clusters = (room - 30).min(500);
         let filler = spread_bitmap(size, 0, clusters);
         image
-            .store_bitmap(&format!("filler{round}"), &filler, BitmapFlags::default())
+            .store_bitmap(format!("filler{round}"), &filler, BitmapFlags::default())
             .unwrap();
         round += 1;
     }

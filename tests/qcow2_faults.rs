@@ -84,7 +84,7 @@ fn view(image: &Image) -> State {
                 .unwrap_or_else(|e| panic!("inspecting '{}': {e}", info.name)),
         );
         out.insert(
-            info.name.clone(),
+            info.name.to_string(),
             (info.in_use, info.auto, info.granularity, content),
         );
     }

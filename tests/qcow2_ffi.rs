@@ -296,3 +296,61 @@ fn c_abi_close_reports_loaded_bitmaps_left_in_use() {
         qemu_check(&file, false);
     }
 }
+
+/// Names through the C ABI are the bytes of a C string, UTF-8 or not, as QEMU's own are.
+#[test]
+fn c_abi_names_are_bytes() {
+    let s = Scratch::new("ffi-names");
+    let path = CString::new(s.path("a.qcow2").to_str().unwrap()).unwrap();
+    let size: u64 = 16 << 20;
+    let mut image: *mut HBitmapQcow2 = ptr::null_mut();
+    let mut message: *mut c_char = ptr::null_mut();
+    let odd = CString::new(&b"tab\t\xff\xfe"[..]).unwrap();
+    let missing = CString::new(&b"\xff"[..]).unwrap();
+    // SAFETY: valid pointers throughout, as a C caller would pass them.
+    unsafe {
+        assert_eq!(
+            hbitmap_qcow2_create(path.as_ptr(), size, 65536, &mut image, ptr::null_mut()),
+            0
+        );
+        assert_eq!(
+            hbitmap_qcow2_add(image, odd.as_ptr(), 65536, true, &mut message),
+            0,
+            "{}",
+            if message.is_null() {
+                String::new()
+            } else {
+                take_message(message)
+            }
+        );
+        let mut info: HBitmapQcow2BitmapInfo = std::mem::zeroed();
+        assert_eq!(
+            hbitmap_qcow2_bitmap_info(image, 0, &mut info, ptr::null_mut()),
+            0
+        );
+        assert_eq!(
+            CStr::from_ptr(info.name.as_ptr()).to_bytes(),
+            b"tab\t\xff\xfe"
+        );
+        let mut bitmap: *mut HBitmap = ptr::null_mut();
+        assert_eq!(
+            hbitmap_qcow2_inspect(image, odd.as_ptr(), &mut bitmap, ptr::null_mut()),
+            0
+        );
+        hbitmap_free(bitmap);
+        assert_eq!(
+            hbitmap_qcow2_remove(image, missing.as_ptr(), &mut message),
+            -libc::ENOENT
+        );
+        assert_eq!(
+            take_message(message),
+            "no bitmap named '\\xff' in the image"
+        );
+        assert_eq!(
+            hbitmap_qcow2_remove(image, odd.as_ptr(), ptr::null_mut()),
+            0
+        );
+        assert_eq!(hbitmap_qcow2_bitmap_count(image), 0);
+        assert_eq!(hbitmap_qcow2_close(image, ptr::null_mut()), 0);
+    }
+}

@@ -35,7 +35,7 @@ fn ours(path: &Path) -> Vec<(String, u64, Vec<String>)> {
             if b.auto {
                 flags.push("auto".to_string());
             }
-            (b.name.clone(), b.granularity, flags)
+            (b.name.to_string(), b.granularity, flags)
         })
         .collect()
 }
@@ -130,7 +130,7 @@ fn bitmaps_tracked_by_qemu_are_read_exactly() {
         let bitmap = image.inspect_bitmap(&info.name).unwrap();
         assert_eq!(bitmap.size(), size);
         assert_eq!(1u64 << bitmap.granularity(), info.granularity);
-        let qemu = qemu_extents(&s.dir, &p, &info.name);
+        let qemu = qemu_extents(&s.dir, &p, &info.name.to_string());
         assert_eq!(extents(&bitmap), qemu, "bitmap {}", info.name);
     }
     // The 512-byte bitmap is exactly what was written.
@@ -332,7 +332,7 @@ fn hundreds_of_bitmaps() {
         let bitmap = random_bitmap(&mut rng, size, 16, runs);
         image
             .store_bitmap(
-                &format!("bitmap-{i:03}-{}", "x".repeat(i % 50)),
+                format!("bitmap-{i:03}-{}", "x".repeat(i % 50)),
                 &bitmap,
                 BitmapFlags {
                     in_use: false,
@@ -343,7 +343,7 @@ fn hundreds_of_bitmaps() {
     }
     for i in (0..300).step_by(7) {
         image
-            .remove_bitmap(&format!("bitmap-{i:03}-{}", "x".repeat(i % 50)))
+            .remove_bitmap(format!("bitmap-{i:03}-{}", "x".repeat(i % 50)))
             .unwrap();
     }
     image.close().unwrap();
@@ -381,7 +381,11 @@ fn qemu_edits_our_images() {
     qemu_img(&["bitmap", "--remove", ps, "c"]);
     qemu_img(&["bitmap", "--enable", ps, "b"]);
     let image = Image::open(&p, RO).unwrap();
-    let names: Vec<_> = image.bitmaps().iter().map(|b| b.name.as_str()).collect();
+    let names: Vec<_> = image
+        .bitmaps()
+        .iter()
+        .map(|b| b.name.to_str().unwrap())
+        .collect();
     assert_eq!(names, ["a", "b", "q"]);
     assert!(image.inspect_bitmap("a").unwrap().is_empty());
     assert!(image.bitmap("b").unwrap().auto);

@@ -8,7 +8,7 @@ use std::io;
 use std::sync::OnceLock;
 
 use hbitmap::qcow2::io::ImageIo;
-use hbitmap::qcow2::{BitmapFlags, Image};
+use hbitmap::qcow2::{BitmapFlags, BitmapName, Image};
 use hbitmap::HBitmap;
 
 // ---------------------------------------------------------------------------------------------
@@ -149,7 +149,6 @@ pub fn qcow2_open(bytes: &[u8]) {
     let _ = image.warnings().len();
     let infos = image.bitmaps().to_vec();
     for info in &infos {
-        // (`bitmap(name)` matches raw bytes; `info.name` is a lossy display form.)
         let _ = image.bitmap(&info.name);
         if let Ok(bitmap) = image.inspect_bitmap(&info.name) {
             assert_eq!(bitmap.size(), image.virtual_size(), "inspected bitmap size");
@@ -202,10 +201,10 @@ pub fn qcow2_write(bytes: &[u8], ops: &mut Bytes<'_>) {
     let Ok(mut image) = Image::open_io(io, "fuzz.qcow2", true) else {
         return;
     };
-    let names: Vec<String> = image.bitmaps().iter().map(|b| b.name.clone()).collect();
-    let pick = |ops: &mut Bytes<'_>| -> String {
+    let names: Vec<BitmapName> = image.bitmaps().iter().map(|b| b.name.clone()).collect();
+    let pick = |ops: &mut Bytes<'_>| -> BitmapName {
         if names.is_empty() || ops.u8() % 4 == 0 {
-            format!("fz{}", ops.u8() % 4)
+            format!("fz{}", ops.u8() % 4).into()
         } else {
             names[usize::from(ops.u8()) % names.len()].clone()
         }

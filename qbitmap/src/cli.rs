@@ -1,5 +1,6 @@
 //! The command line: clap's derive structures and the value parsers they use.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -9,7 +10,9 @@ use crate::size::{parse_power_of_two, parse_size};
 /// Inspect and edit the persistent dirty bitmaps of qcow2 images.
 ///
 /// Sizes and offsets take qemu-img's suffixes: 512, 64K, 1M, 2G, 1T (binary units), or plain
-/// bytes. Exit status: 0 on success, 1 on an error, 2 on bad usage.
+/// bytes. Bitmap names are bytes: an argument is the name's exact bytes (UTF-8 or not), or with
+/// --escaped-names the escaped form that list and dump print. Exit status: 0 on success, 1 on
+/// an error, 2 on bad usage.
 #[derive(Debug, Parser)]
 #[command(name = "qbitmap", version, max_term_width = 100)]
 pub struct Cli {
@@ -17,6 +20,13 @@ pub struct Cli {
     /// process (a running VM) has open. What is read may be stale or in-use.
     #[arg(short = 'U', long, global = true)]
     pub force_share: bool,
+
+    /// Read NAME, SOURCE and TARGET in the escaped form that list and dump print: \\ for a
+    /// backslash, \t, \n, \r, \0 and \xHH for any byte; other characters stand for
+    /// themselves. The way to name a bitmap whose name holds a NUL byte, which no argument can
+    /// carry.
+    #[arg(long, global = true)]
+    pub escaped_names: bool,
 
     #[command(subcommand)]
     pub command: Command,
@@ -40,7 +50,7 @@ pub enum Command {
         /// The qcow2 image.
         image: PathBuf,
         /// The bitmap.
-        name: String,
+        name: OsString,
         /// Dump a bitmap even though it is marked in-use (its content may be inconsistent).
         #[arg(short, long, visible_alias = "inspect")]
         force: bool,
@@ -51,8 +61,8 @@ pub enum Command {
     Add {
         /// The qcow2 image.
         image: PathBuf,
-        /// The new bitmap's name.
-        name: String,
+        /// The new bitmap's name: 1 to 1023 bytes, no NUL (what QEMU accepts).
+        name: OsString,
         /// Bytes per bit: a power of two from 512 to 2G. Default: QEMU's, the cluster size
         /// clamped to 4K..64K.
         #[arg(short, long, value_parser = parse_power_of_two)]
@@ -71,7 +81,7 @@ pub enum Command {
         /// The qcow2 image.
         image: PathBuf,
         /// The bitmap.
-        name: String,
+        name: OsString,
         /// Succeed without changing anything when there is no bitmap of this name (a retry).
         #[arg(long)]
         missing_ok: bool,
@@ -81,30 +91,30 @@ pub enum Command {
         /// The qcow2 image.
         image: PathBuf,
         /// The bitmap.
-        name: String,
+        name: OsString,
     },
     /// Set a bitmap's auto flag: QEMU tracks guest writes in it.
     Enable {
         /// The qcow2 image.
         image: PathBuf,
         /// The bitmap.
-        name: String,
+        name: OsString,
     },
     /// Drop a bitmap's auto flag: QEMU keeps it as it is.
     Disable {
         /// The qcow2 image.
         image: PathBuf,
         /// The bitmap.
-        name: String,
+        name: OsString,
     },
     /// Merge bitmap SOURCE into bitmap TARGET (TARGET |= SOURCE).
     Merge {
         /// The qcow2 image holding TARGET (and SOURCE, unless -b is given).
         image: PathBuf,
         /// The bitmap to merge from.
-        source: String,
+        source: OsString,
         /// The bitmap to merge into.
-        target: String,
+        target: OsString,
         /// Take SOURCE from this other qcow2 image (opened read-only; -U applies to it).
         #[arg(short = 'b', long = "source-image", value_name = "SOURCE_IMAGE")]
         source_image: Option<PathBuf>,
@@ -118,7 +128,7 @@ pub enum Command {
         /// The qcow2 image.
         image: PathBuf,
         /// The bitmap to create or replace.
-        name: String,
+        name: OsString,
         /// Bytes per bit; default: the JSON's "granularity", else the existing bitmap's, else QEMU's default (the cluster size clamped to 4K..64K).
         #[arg(short, long, value_parser = parse_power_of_two)]
         granularity: Option<u64>,
@@ -175,7 +185,7 @@ pub struct RangeArgs {
     /// The qcow2 image.
     pub image: PathBuf,
     /// The bitmap.
-    pub name: String,
+    pub name: OsString,
     /// First byte of the range.
     #[arg(value_parser = parse_size)]
     pub offset: u64,

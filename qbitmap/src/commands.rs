@@ -3,14 +3,14 @@
 use std::io::{self, Read, Write};
 use std::path::Path;
 
-use crate::qcow2::{BitmapFlags, BitmapInfo, Image, OpenOptions};
+use crate::qcow2::{BitmapFlags, BitmapInfo, BitmapName, Image, OpenOptions};
 use anyhow::{anyhow, bail, Context, Result};
 use hbitmap::HBitmap;
 use serde::Deserialize;
 
 use crate::cli::{DumpFormat, DumpOutputArgs, OutputArgs};
 use crate::extents::{self, dirty_bytes, Extent};
-use crate::output::{self, BitmapReport, CheckOutput, DumpReport, ImageReport};
+use crate::output::{self, BitmapReport, CheckOutput, DumpReport, ImageReport, JsonName};
 use crate::size::format_size;
 
 /// Opens an image for reading; `force_share` skips QEMU's locks.
@@ -47,7 +47,7 @@ fn edit(path: &Path, f: impl FnOnce(&mut Image) -> Result<()>) -> Result<()> {
         .with_context(|| path.display().to_string())
 }
 
-fn find<'a>(image: &'a Image, name: &str) -> Result<&'a BitmapInfo> {
+fn find<'a>(image: &'a Image, name: &BitmapName) -> Result<&'a BitmapInfo> {
     image
         .bitmap(name)
         .ok_or_else(|| anyhow!("no bitmap named '{name}'"))
@@ -66,7 +66,7 @@ pub fn image_report(image: &Image, shown_path: &Path) -> Result<ImageReport> {
             Some(dirty_bytes(&bitmap))
         };
         bitmaps.push(BitmapReport {
-            name: info.name.clone(),
+            name: JsonName(info.name.clone()),
             granularity: info.granularity,
             flags: output::flag_names(info.in_use, info.auto),
             dirty_bytes: dirty,
@@ -97,9 +97,9 @@ pub fn list(
 }
 
 /// The `dump` report of a loaded bitmap.
-pub fn dump_report(name: &str, granularity: u64, bitmap: &HBitmap) -> DumpReport {
+pub fn dump_report(name: &BitmapName, granularity: u64, bitmap: &HBitmap) -> DumpReport {
     DumpReport {
-        name: Some(name.to_string()),
+        name: Some(JsonName(name.clone())),
         granularity: Some(granularity),
         virtual_size: Some(bitmap.size()),
         dirty_bytes: Some(dirty_bytes(bitmap)),
@@ -110,7 +110,7 @@ pub fn dump_report(name: &str, granularity: u64, bitmap: &HBitmap) -> DumpReport
 pub fn dump(
     out: &mut impl Write,
     path: &Path,
-    name: &str,
+    name: &BitmapName,
     force: bool,
     force_share: bool,
     format: DumpOutputArgs,
@@ -146,7 +146,7 @@ pub fn dump(
 /// enabled state, not in use) is success, so that a retry reaches the same end state.
 pub fn add(
     path: &Path,
-    name: &str,
+    name: &BitmapName,
     granularity: Option<u64>,
     disabled: bool,
     exist_ok: bool,
@@ -188,7 +188,7 @@ pub fn add(
 }
 
 /// `remove`; with `missing_ok` a missing bitmap is success (a retry after it was removed).
-pub fn remove(path: &Path, name: &str, missing_ok: bool) -> Result<()> {
+pub fn remove(path: &Path, name: &BitmapName, missing_ok: bool) -> Result<()> {
     edit(path, |image| {
         if missing_ok && image.bitmap(name).is_none() {
             return Ok(());
@@ -198,14 +198,14 @@ pub fn remove(path: &Path, name: &str, missing_ok: bool) -> Result<()> {
     })
 }
 
-pub fn clear(path: &Path, name: &str) -> Result<()> {
+pub fn clear(path: &Path, name: &BitmapName) -> Result<()> {
     edit(path, |image| {
         find(image, name)?;
         Ok(image.clear_bitmap(name)?)
     })
 }
 
-pub fn set_enabled(path: &Path, name: &str, enabled: bool) -> Result<()> {
+pub fn set_enabled(path: &Path, name: &BitmapName, enabled: bool) -> Result<()> {
     edit(path, |image| {
         find(image, name)?;
         Ok(image.set_enabled(name, enabled)?)
@@ -214,8 +214,8 @@ pub fn set_enabled(path: &Path, name: &str, enabled: bool) -> Result<()> {
 
 pub fn merge(
     path: &Path,
-    source: &str,
-    target: &str,
+    source: &BitmapName,
+    target: &BitmapName,
     source_image: Option<&Path>,
     force_share: bool,
 ) -> Result<()> {
@@ -251,7 +251,13 @@ fn same_file(a: &Path, b: &Path) -> bool {
 }
 
 /// `set` (dirty = true) and `reset` (dirty = false) of a byte range.
-pub fn set_range(path: &Path, name: &str, offset: u64, length: u64, dirty: bool) -> Result<()> {
+pub fn set_range(
+    path: &Path,
+    name: &BitmapName,
+    offset: u64,
+    length: u64,
+    dirty: bool,
+) -> Result<()> {
     edit(path, |image| {
         let info = find(image, name)?.clone();
         let virtual_size = image.virtual_size();
@@ -369,7 +375,7 @@ fn read_input(file: Option<&Path>) -> Result<(String, String)> {
 
 pub fn import(
     path: &Path,
-    name: &str,
+    name: &BitmapName,
     granularity: Option<u64>,
     disabled: bool,
     file: Option<&Path>,

@@ -159,7 +159,7 @@ pub fn run(args: &DemoArgs, out: &mut impl Write) -> Result<bool> {
 
     let started = Instant::now();
     let report = image_report(&image, &path)?;
-    let dump = dump_report(ACTIVE, 1 << GRANULARITY_BITS, &loaded_active);
+    let dump = dump_report(&ACTIVE.into(), 1 << GRANULARITY_BITS, &loaded_active);
     let check = image.check();
     phases.add("list, extents, check", started, String::new(), None);
     image.close().with_context(|| path.display().to_string())?;
@@ -248,11 +248,11 @@ pub fn run(args: &DemoArgs, out: &mut impl Write) -> Result<bool> {
         && report
             .bitmaps
             .iter()
-            .any(|b| b.name == ACTIVE && b.flags == ["auto"])
+            .any(|b| b.name.0 == ACTIVE && b.flags == ["auto"])
         && report
             .bitmaps
             .iter()
-            .any(|b| b.name == FROZEN && b.flags.is_empty());
+            .any(|b| b.name.0 == FROZEN && b.flags.is_empty());
     if flags_ok {
         writeln!(out, "  ok    flags: '{ACTIVE}' auto, '{FROZEN}' disabled")?;
     } else {
@@ -383,7 +383,7 @@ fn qemu_agrees(
         .iter()
         .map(|b| {
             (
-                b.name.clone(),
+                b.name.0.to_string(),
                 b.granularity,
                 b.flags.iter().map(|f| f.to_string()).collect(),
             )

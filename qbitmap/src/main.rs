@@ -13,7 +13,9 @@ mod size;
 mod workload;
 
 use hbitmap::qcow2;
+use hbitmap::qcow2::BitmapName;
 
+use std::ffi::OsStr;
 use std::io::{self, Write};
 use std::process::ExitCode;
 
@@ -49,20 +51,52 @@ fn main() -> ExitCode {
     }
 }
 
+/// A bitmap name argument: its bytes, or with `--escaped-names` the name its escaped form
+/// stands for. A malformed escape is bad usage (exit 2).
+fn name_arg(arg: &OsStr, escaped: bool) -> BitmapName {
+    if escaped {
+        let parsed = arg
+            .to_str()
+            .ok_or_else(|| "an escaped name is ASCII or UTF-8 text".to_string())
+            .and_then(BitmapName::parse_escaped);
+        return parsed.unwrap_or_else(|why| {
+            usage_error(
+                ErrorKind::InvalidValue,
+                &format!("invalid escaped bitmap name: {why}"),
+            )
+        });
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        BitmapName::from(arg.as_bytes())
+    }
+    #[cfg(not(unix))]
+    match arg.to_str() {
+        Some(text) => BitmapName::from(text),
+        None => usage_error(
+            ErrorKind::InvalidUtf8,
+            "a bitmap name that is not UTF-8 must be given with --escaped-names",
+        ),
+    }
+}
+
 /// Runs a command; Ok(false) when it ran but found something wrong (check, demo).
 fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<bool> {
     let share = cli.force_share;
+    let escaped = cli.escaped_names;
+    let name = |arg: &OsStr| name_arg(arg, escaped);
     match cli.command {
         Command::List { image, output } => commands::list(out, &image, share, output)?,
         Command::Dump {
             image,
-            name,
+            name: arg,
             force,
             output,
-        } => commands::dump(out, &image, &name, force, share, output)?,
+        } => commands::dump(out, &image, &name(&arg), force, share, output)?,
         Command::Add {
             image,
-            name,
+            name: arg,
             granularity,
             disabled,
             exist_ok,
@@ -70,31 +104,45 @@ fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<bool> {
             if let Some(granularity) = granularity {
                 check_granularity(granularity);
             }
-            commands::add(&image, &name, granularity, disabled, exist_ok)?
+            commands::add(&image, &name(&arg), granularity, disabled, exist_ok)?
         }
         Command::Remove {
             image,
-            name,
+            name: arg,
             missing_ok,
-        } => commands::remove(&image, &name, missing_ok)?,
-        Command::Clear { image, name } => commands::clear(&image, &name)?,
-        Command::Enable { image, name } => commands::set_enabled(&image, &name, true)?,
-        Command::Disable { image, name } => commands::set_enabled(&image, &name, false)?,
+        } => commands::remove(&image, &name(&arg), missing_ok)?,
+        Command::Clear { image, name: arg } => commands::clear(&image, &name(&arg))?,
+        Command::Enable { image, name: arg } => commands::set_enabled(&image, &name(&arg), true)?,
+        Command::Disable { image, name: arg } => commands::set_enabled(&image, &name(&arg), false)?,
         Command::Merge {
             image,
             source,
             target,
             source_image,
-        } => commands::merge(&image, &source, &target, source_image.as_deref(), share)?,
-        Command::Set(range) => {
-            commands::set_range(&range.image, &range.name, range.offset, range.length, true)?
-        }
-        Command::Reset(range) => {
-            commands::set_range(&range.image, &range.name, range.offset, range.length, false)?
-        }
+        } => commands::merge(
+            &image,
+            &name(&source),
+            &name(&target),
+            source_image.as_deref(),
+            share,
+        )?,
+        Command::Set(range) => commands::set_range(
+            &range.image,
+            &name(&range.name),
+            range.offset,
+            range.length,
+            true,
+        )?,
+        Command::Reset(range) => commands::set_range(
+            &range.image,
+            &name(&range.name),
+            range.offset,
+            range.length,
+            false,
+        )?,
         Command::Import {
             image,
-            name,
+            name: arg,
             granularity,
             disabled,
             file,
@@ -102,7 +150,7 @@ fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<bool> {
             if let Some(granularity) = granularity {
                 check_granularity(granularity);
             }
-            commands::import(&image, &name, granularity, disabled, file.as_deref())?
+            commands::import(&image, &name(&arg), granularity, disabled, file.as_deref())?
         }
         Command::Check { image, output } => return commands::check(out, &image, share, output),
         Command::Create {

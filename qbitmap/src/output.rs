@@ -3,7 +3,9 @@
 
 use std::io::{self, Write};
 
-use serde::{Deserialize, Serialize};
+use hbitmap::qcow2::BitmapName;
+use serde::ser::SerializeMap;
+use serde::{Serialize, Serializer};
 
 use crate::extents::Extent;
 use crate::size::{format_size, group_digits};
@@ -18,11 +20,47 @@ pub struct ImageReport {
     pub bitmaps: Vec<BitmapReport>,
 }
 
+/// A bitmap name in JSON, losslessly: `"name"` is the name when it is UTF-8 (control
+/// characters and NULs in JSON's own escapes); otherwise `"name"` is its escaped form, for people,
+/// and `"name-hex"` its bytes in hexadecimal, which then are the name.
+#[derive(Debug, Clone)]
+pub struct JsonName(pub BitmapName);
+
+impl JsonName {
+    /// The `(key, value)` pairs in document order.
+    pub fn fields(&self) -> Vec<(&'static str, String)> {
+        match self.0.to_str() {
+            Some(text) => vec![("name", text.to_string())],
+            None => vec![
+                ("name", self.0.escaped()),
+                ("name-hex", hex(self.0.as_bytes())),
+            ],
+        }
+    }
+}
+
+impl Serialize for JsonName {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let fields = self.fields();
+        let mut map = serializer.serialize_map(Some(fields.len()))?;
+        for (key, value) in &fields {
+            map.serialize_entry(key, value)?;
+        }
+        map.end()
+    }
+}
+
+/// Lower-case hexadecimal, two digits a byte.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// One bitmap of `list`.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct BitmapReport {
-    pub name: String,
+    #[serde(flatten)]
+    pub name: JsonName,
     pub granularity: u64,
     /// As `qemu-img info` prints them: "in-use" before "auto".
     pub flags: Vec<&'static str>,
@@ -42,12 +80,12 @@ pub fn flag_names(in_use: bool, auto: bool) -> Vec<&'static str> {
     flags
 }
 
-/// `dump --output=json`; also what `import` reads (every field but `extents` optional).
-#[derive(Debug, Serialize, Deserialize)]
+/// `dump --output=json`; `import` reads it (every field but `extents` optional).
+#[derive(Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct DumpReport {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
+    #[serde(flatten)]
+    pub name: Option<JsonName>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub granularity: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -190,7 +228,7 @@ pub fn write_bitmap_table(
             None => ("?".into(), "in use".into()),
         };
         table.row(vec![
-            bitmap.name.clone(),
+            bitmap.name.0.escaped(),
             format_size(bitmap.granularity),
             flags,
             dirty,
@@ -226,8 +264,8 @@ pub fn write_extent_table(
 /// bitmap with a million extents stays a million lines.
 pub fn write_dump_json(out: &mut impl Write, dump: &DumpReport) -> io::Result<()> {
     writeln!(out, "{{")?;
-    if let Some(name) = &dump.name {
-        writeln!(out, "  \"name\": {},", serde_json::to_string(name)?)?;
+    for (key, value) in dump.name.iter().flat_map(JsonName::fields) {
+        writeln!(out, "  \"{key}\": {},", serde_json::to_string(&value)?)?;
     }
     for (key, value) in [
         ("granularity", dump.granularity),
@@ -296,7 +334,10 @@ pub fn write_dump(out: &mut impl Write, image: &str, dump: &DumpReport) -> io::R
     writeln!(
         out,
         "Bitmap '{}' of {image}: granularity {}, virtual size {}",
-        dump.name.as_deref().unwrap_or(""),
+        dump.name
+            .as_ref()
+            .map(|n| n.0.escaped())
+            .unwrap_or_default(),
         format_size(dump.granularity.unwrap_or(0)),
         format_size(virtual_size)
     )?;
@@ -334,7 +375,7 @@ mod tests {
     #[test]
     fn dump_json_is_json_with_one_line_per_extent() {
         let mut dump = DumpReport {
-            name: Some("a \"b\"".into()),
+            name: Some(JsonName(BitmapName::from(&b"a \"b\"\t\xff"[..]))),
             granularity: Some(65536),
             virtual_size: Some(1 << 30),
             dirty_bytes: Some(196608),

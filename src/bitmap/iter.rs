@@ -173,7 +173,15 @@ impl Cursor {
     }
 }
 
-/// Iterator over the first item of each dirty group, in increasing order.
+/// An item in the original's `int64_t` convention, read for the Rust API: -1 is "none"; any other
+/// value is the item's bits (items at or past 2^63 read as negative there, but are items). No
+/// item is `u64::MAX`: at granularity 0 items stay below 2^41, at any other they are even.
+pub(crate) fn item_or_none(raw: i64) -> Option<u64> {
+    (raw != -1).then_some(raw as u64)
+}
+
+/// Iterator over the first item of each dirty group, in increasing order (items at or past 2^63
+/// included: `HBitmap::new(3 << 62, 62)` has one).
 ///
 /// Like QEMU's iterator it sees groups cleaned after it was created (they are skipped) but not
 /// necessarily groups dirtied after it was created; the borrow rules make that moot in Rust.
@@ -213,8 +221,7 @@ impl<'a> Iter<'a> {
             &mut cursor.cur,
             advance,
         );
-        // A group whose first item is at or past 2^63 reads as negative, as in the original.
-        u64::try_from(item).ok()
+        item_or_none(item)
     }
 }
 

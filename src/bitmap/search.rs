@@ -8,7 +8,7 @@ impl HBitmap {
     /// the end is clipped to it. The result is the first item of the clean group, or `start`
     /// when `start` itself lies in a clean group.
     pub fn next_zero(&self, start: u64, count: u64) -> Option<u64> {
-        u64::try_from(self.next_zero_raw(start, count)).ok()
+        iter::item_or_none(self.next_zero_raw(start, count))
     }
 
     /// `next_zero` with the original's return convention: -1 for "none", and items at or past
@@ -53,6 +53,21 @@ impl HBitmap {
     /// size): its start (never before `start`) and length. The extent runs to the first clean
     /// group or the end of the range. `None` when the range holds no dirty group.
     pub fn next_dirty_area(&self, start: u64, count: u64) -> Option<(u64, u64)> {
+        self.dirty_area(start, count, iter::item_or_none)
+    }
+
+    /// `next_dirty_area` as the original's C computes it: an item at or past 2^63 reads as
+    /// negative there, so as none (no dirty area, or a clean group that does not end one).
+    pub(crate) fn next_dirty_area_original(&self, start: u64, count: u64) -> Option<(u64, u64)> {
+        self.dirty_area(start, count, |raw| u64::try_from(raw).ok())
+    }
+
+    fn dirty_area(
+        &self,
+        start: u64,
+        count: u64,
+        item: fn(i64) -> Option<u64>,
+    ) -> Option<(u64, u64)> {
         if start >= self.orig_size || count == 0 {
             return None;
         }
@@ -68,14 +83,14 @@ impl HBitmap {
         }
         let (mut pos, mut cur) = iter::init(self, group);
         let first_dirty = iter::next_item(self, self.granularity, &mut pos, &mut cur, false);
-        let first_dirty = u64::try_from(first_dirty).ok().filter(|&item| item < end)?;
+        let first_dirty = item(first_dirty).filter(|&first| first < end)?;
         // 64-bit group size: the original truncated it to 32 bits.
         let group_size = 1u64 << self.granularity;
         let area_end = if group_size >= end - first_dirty {
             end
         } else {
             let from = first_dirty + group_size;
-            u64::try_from(self.next_zero_raw(from, end - from)).unwrap_or(end)
+            item(self.next_zero_raw(from, end - from)).unwrap_or(end)
         };
         let area_start = first_dirty.max(start);
         Some((area_start, area_end - area_start))
@@ -113,7 +128,7 @@ impl HBitmap {
         }
         let (mut pos, mut cur) = iter::init(self, group);
         let first_dirty = iter::next_item(self, self.granularity, &mut pos, &mut cur, true);
-        let first_dirty = u64::try_from(first_dirty).ok().filter(|&item| item < end)?;
+        let first_dirty = iter::item_or_none(first_dirty).filter(|&item| item < end)?;
         Some(first_dirty.max(start))
     }
 

@@ -144,7 +144,7 @@ pub unsafe extern "C" fn hbitmap_next_dirty_area(
             borrow_mut(F, "count", count),
         )
     };
-    match bitmap.next_dirty_area(*start, *count) {
+    match bitmap.next_dirty_area_original(*start, *count) {
         Some((area_start, area_count)) => {
             *start = area_start;
             *count = area_count;

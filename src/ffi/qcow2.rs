@@ -82,7 +82,8 @@ pub const HBITMAP_QCOW2_BITMAP_AUTO: u32 = 2;
 /// One bitmap of an image's directory, filled by `hbitmap_qcow2_bitmap_info`.
 #[repr(C)]
 pub struct HBitmapQcow2BitmapInfo {
-    /// The name's bytes as stored, NUL-terminated (names have at most 1023 bytes).
+    /// The name's bytes as stored, NUL-terminated (names have at most 1023 bytes); a name
+    /// stored with a NUL byte reads up to it, as QEMU reads it.
     pub name: [c_char; 1024],
     /// Bytes of the virtual disk per bit.
     pub granularity: u64,
@@ -237,6 +238,20 @@ unsafe fn string<'a>(function: &str, what: &str, ptr: *const c_char) -> Result<&
     bytes
         .to_str()
         .map_err(|_| Error::InvalidArgument(format!("{what} is not valid UTF-8")))
+}
+
+/// Reads a bitmap name: the bytes of a NUL-terminated string, any bytes but NUL (so a name
+/// stored with a NUL byte cannot be named through this ABI; QEMU cannot name it either), aborting
+/// on NULL.
+///
+/// # Safety
+/// A non-NULL `ptr` points to a NUL-terminated string that outlives `'a`.
+unsafe fn name_bytes<'a>(function: &str, what: &str, ptr: *const c_char) -> &'a [u8] {
+    if ptr.is_null() {
+        null_pointer(function, what);
+    }
+    // SAFETY: non-NULL and NUL-terminated (the caller's contract).
+    unsafe { CStr::from_ptr(ptr) }.to_bytes()
 }
 
 /// Writes `value` to `*out`, aborting on NULL.
@@ -465,7 +480,7 @@ pub unsafe extern "C" fn hbitmap_qcow2_load(
     // SAFETY: the caller's contract.
     unsafe {
         guarded_mut(F, errmsg, handle, |image| {
-            let name = string(F, "name", name)?;
+            let name = name_bytes(F, "name", name);
             let loaded = image.load_bitmap(name)?;
             put(F, "bitmap", bitmap, Box::into_raw(Box::new(loaded)));
             Ok(())
@@ -491,7 +506,7 @@ pub unsafe extern "C" fn hbitmap_qcow2_inspect(
     // SAFETY: the caller's contract.
     unsafe {
         guarded_ref(F, errmsg, handle, |image| {
-            let name = string(F, "name", name)?;
+            let name = name_bytes(F, "name", name);
             let loaded = image.inspect_bitmap(name)?;
             put(F, "bitmap", bitmap, Box::into_raw(Box::new(loaded)));
             Ok(())
@@ -519,7 +534,7 @@ pub unsafe extern "C" fn hbitmap_qcow2_store(
     // SAFETY: the caller's contract.
     unsafe {
         guarded_mut(F, errmsg, handle, |image| {
-            let name = string(F, "name", name)?;
+            let name = name_bytes(F, "name", name);
             if flags & !(HBITMAP_QCOW2_BITMAP_IN_USE | HBITMAP_QCOW2_BITMAP_AUTO) != 0 {
                 return Err(Error::InvalidArgument(format!(
                     "unknown bitmap flags {flags:#x}"
@@ -556,7 +571,7 @@ pub unsafe extern "C" fn hbitmap_qcow2_add(
     // SAFETY: the caller's contract.
     unsafe {
         guarded_mut(F, errmsg, handle, |image| {
-            let name = string(F, "name", name)?;
+            let name = name_bytes(F, "name", name);
             image.add_bitmap(name, granularity, enabled)
         })
     }
@@ -578,7 +593,7 @@ pub unsafe extern "C" fn hbitmap_qcow2_remove(
     // SAFETY: the caller's contract.
     unsafe {
         guarded_mut(F, errmsg, handle, |image| {
-            let name = string(F, "name", name)?;
+            let name = name_bytes(F, "name", name);
             image.remove_bitmap(name)
         })
     }
@@ -603,7 +618,7 @@ pub unsafe extern "C" fn hbitmap_qcow2_release(
     // SAFETY: the caller's contract.
     unsafe {
         guarded_mut(F, errmsg, handle, |image| {
-            let name = string(F, "name", name)?;
+            let name = name_bytes(F, "name", name);
             image.release_bitmap(name)
         })
     }
@@ -625,7 +640,7 @@ pub unsafe extern "C" fn hbitmap_qcow2_clear(
     // SAFETY: the caller's contract.
     unsafe {
         guarded_mut(F, errmsg, handle, |image| {
-            let name = string(F, "name", name)?;
+            let name = name_bytes(F, "name", name);
             image.clear_bitmap(name)
         })
     }
@@ -648,7 +663,7 @@ pub unsafe extern "C" fn hbitmap_qcow2_set_enabled(
     // SAFETY: the caller's contract.
     unsafe {
         guarded_mut(F, errmsg, handle, |image| {
-            let name = string(F, "name", name)?;
+            let name = name_bytes(F, "name", name);
             image.set_enabled(name, enabled)
         })
     }
@@ -671,8 +686,8 @@ pub unsafe extern "C" fn hbitmap_qcow2_merge(
     // SAFETY: the caller's contract.
     unsafe {
         guarded_mut(F, errmsg, handle, |image| {
-            let source = string(F, "source", source)?;
-            let target = string(F, "target", target)?;
+            let source = name_bytes(F, "source", source);
+            let target = name_bytes(F, "target", target);
             image.merge_bitmap(source, target)
         })
     }

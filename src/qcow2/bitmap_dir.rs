@@ -44,18 +44,9 @@ pub(crate) struct DirEntry {
 }
 
 impl DirEntry {
-    /// The name for messages and the API (invalid UTF-8 replaced).
+    /// The name for messages: escaped (see [`BitmapName::escaped`](super::BitmapName::escaped)).
     pub(crate) fn display_name(&self) -> String {
-        String::from_utf8_lossy(&self.name)
-            .chars()
-            .map(|c| {
-                if c.is_control() {
-                    c.escape_default().collect()
-                } else {
-                    c.to_string()
-                }
-            })
-            .collect()
+        super::name::escape(&self.name)
     }
 
     pub(crate) fn in_use(&self) -> bool {
@@ -99,7 +90,7 @@ pub(crate) fn parse(dir: &[u8], nb_bitmaps: u32, dir_offset: u64) -> Result<Vec<
         let name_guess = || {
             let end = (ENTRY_HEADER + extra_size as usize + name_size).min(e.len());
             let start = (ENTRY_HEADER + extra_size as usize).min(end);
-            String::from_utf8_lossy(&e[start..end]).into_owned()
+            super::name::escape(&e[start..end])
         };
         if extra_size != 0 {
             return Err(format!(
@@ -164,8 +155,9 @@ pub(crate) fn serialize(entries: &[DirEntry]) -> Vec<u8> {
     out
 }
 
-/// Checks a name given through the API: 1 to 1023 bytes, no NUL.
-pub(crate) fn check_name(name: &str) -> Result<(), String> {
+/// Checks the name of a bitmap to create: 1 to 1023 bytes, no NUL, as QEMU requires of a new
+/// bitmap (a NUL could not pass through its C strings; any other byte is accepted).
+pub(crate) fn check_name(name: &[u8]) -> Result<(), String> {
     if name.is_empty() {
         return Err("a bitmap name must not be empty".into());
     }
@@ -175,7 +167,7 @@ pub(crate) fn check_name(name: &str) -> Result<(), String> {
             name.len()
         ));
     }
-    if name.as_bytes().contains(&0) {
+    if name.contains(&0) {
         return Err("a bitmap name must not contain a NUL byte".into());
     }
     Ok(())

@@ -31,10 +31,10 @@ pub enum Error {
     /// writing for the reason given).
     #[error("{0}")]
     ReadOnly(String),
-    /// No bitmap of that name.
+    /// No bitmap of that name (given escaped, as [`BitmapName`](super::BitmapName) shows it).
     #[error("no bitmap named '{0}' in the image")]
     NotFound(String),
-    /// A bitmap of that name exists already.
+    /// A bitmap of that name (escaped) exists already.
     #[error("a bitmap named '{0}' already exists in the image")]
     Exists(String),
     /// The bitmap is marked in use (inconsistent) and the operation needs its content.

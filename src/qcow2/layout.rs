@@ -584,18 +584,12 @@ fn read_snapshots(
 fn entry_problems(entry: &DirEntry, len: u64, cluster_size: u64) -> Vec<String> {
     let mut out = Vec::new();
     let gran = u32::from(entry.granularity_bits);
-    if entry.name.is_empty() {
-        out.push("name_size is 0 (a bitmap needs a name)".to_string());
-    }
     if entry.name.len() > bitmap_dir::MAX_NAME_SIZE {
         out.push(format!(
             "name_size {} exceeds QEMU's limit of {}",
             entry.name.len(),
             bitmap_dir::MAX_NAME_SIZE
         ));
-    }
-    if entry.name.contains(&0) {
-        out.push("the name contains a NUL byte".to_string());
     }
     if entry.bitmap_type != bitmap_dir::TYPE_DIRTY_TRACKING {
         out.push(format!(
@@ -762,6 +756,8 @@ fn read_bitmaps(
     };
     let len = layout.virtual_len();
     let mut names = HashSet::new();
+    // Names as QEMU uses them (up to a NUL byte), with the first bitmap that has each.
+    let mut qemu_names: HashMap<Vec<u8>, String> = HashMap::new();
     let mut bitmaps: Vec<Bitmap> = Vec::with_capacity(entries.len());
     // Whether the bitmap's table is read and trusted. An in-use bitmap's table is only read to
     // free its clusters on removal (QEMU never reads it otherwise): whatever is wrong with it is
@@ -782,9 +778,37 @@ fn read_bitmaps(
                  bitmap too (names must be unique)"
             ));
         }
+        // QEMU reads such names (and qemu-img writes the first kind): they are not problems.
         if std::str::from_utf8(&entry.name).is_err() {
-            problems.warnings.push(format!(
-                "bitmap '{name}' (directory entry at {pos:#x}): the name is not valid UTF-8"
+            problems.notes.push(format!(
+                "bitmap '{name}' (directory entry at {pos:#x}): the name is not valid UTF-8 \
+                 (shown with \\xHH escapes)"
+            ));
+        }
+        if entry.name.is_empty() {
+            problems.notes.push(format!(
+                "bitmap '' (directory entry at {pos:#x}): the name is empty (QEMU reads it, \
+                 but creates no such bitmap)"
+            ));
+        }
+        let qemu_name = entry.name.split(|&b| b == 0).next().unwrap_or_default();
+        match qemu_names.get(qemu_name) {
+            Some(other) if *other != name => problems.warnings.push(format!(
+                "bitmap '{name}' (directory entry at {pos:#x}): QEMU reads the name up to its \
+                 NUL byte, as '{}', the name of bitmap '{other}' too, and so refuses to open \
+                 the image (\"Bitmap already exists\"); remove or replace one of them",
+                super::name::escape(qemu_name)
+            )),
+            Some(_) => {}
+            None => {
+                qemu_names.insert(qemu_name.to_vec(), name.clone());
+            }
+        }
+        if let Some(nul) = entry.name.iter().position(|&b| b == 0) {
+            problems.notes.push(format!(
+                "bitmap '{name}' (directory entry at {pos:#x}): the name contains a NUL byte; \
+                 QEMU knows the bitmap as '{}', the name up to it",
+                super::name::escape(&entry.name[..nul])
             ));
         }
         if entry.in_use() {

@@ -23,8 +23,8 @@
 //!   stale: the image reads as having no bitmaps and the next write drops it (as QEMU does).
 //!   Unknown autoclear bits are cleared, in a header write of their own, before anything else
 //!   is written.
-//! - At most 65535 bitmaps, a directory of at most 64 MiB; names of 1 to 1023 bytes, unique,
-//!   without NUL; granularity 512 B to 2 GiB; type 1 only; no extra data; reserved flags, fields
+//! - At most 65535 bitmaps, a directory of at most 64 MiB; names of at most 1023 bytes, unique;
+//!   granularity 512 B to 2 GiB; type 1 only; no extra data; reserved flags, fields
 //!   and padding zero; the table size must match the virtual size, granularity and cluster size
 //!   (unless the bitmap is in use); at most 512 MiB of bitmap data.
 //! - Tables, data clusters and the directory must lie within the file, be cluster-aligned and
@@ -43,6 +43,15 @@
 //!   to open them: they may not be interpretable).
 //! - Writing is refused for version 2 images, images with the dirty or corrupt bit, or metadata
 //!   clusters whose refcount is 0.
+//!
+//! # Names
+//!
+//! A name is bytes ([`BitmapName`]): the API takes any `impl AsRef<[u8]>` (`&str`, `&[u8]`, a
+//! [`BitmapName`]...). Images may hold any bytes QEMU reads: control characters, bytes that are
+//! not UTF-8, a NUL (QEMU uses the name up to it) or no byte at all; such bitmaps are listed,
+//! read and edited like any other. A bitmap is created only with a name QEMU would create: 1 to
+//! 1023 bytes without NUL (any other byte is accepted, as `qemu-img bitmap --add` accepts it).
+//! Messages show names escaped ([`BitmapName::escaped`]).
 //!
 //! # Crash consistency
 //!
@@ -68,6 +77,7 @@ mod header;
 pub mod io;
 mod layout;
 mod lock;
+mod name;
 mod refcount;
 
 use std::fs::OpenOptions as FsOpenOptions;
@@ -80,8 +90,10 @@ use self::header::{BitmapsExt, AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN};
 use self::io::{FileIo, ImageIo};
 use self::layout::{Bitmap, ExtState, Layout, Problems};
 use self::lock::ImageLock;
+use self::name::escape;
 
 pub use self::error::Error;
+pub use self::name::BitmapName;
 
 /// How to open an image.
 #[derive(Clone, Copy, Debug, Default)]
@@ -96,8 +108,8 @@ pub struct OpenOptions {
 /// One bitmap of the directory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BitmapInfo {
-    /// The name (bytes that are not UTF-8 are shown as U+FFFD).
-    pub name: String,
+    /// The name's bytes as stored; `Display` shows them escaped.
+    pub name: BitmapName,
     /// Bytes of the virtual disk per bit.
     pub granularity: u64,
     /// Flag `in_use`: the bitmap was not saved properly and may be inconsistent.
@@ -187,7 +199,7 @@ fn summarize(errors: &[String]) -> String {
 fn info_of(bitmap: &Bitmap) -> BitmapInfo {
     let entry = &bitmap.entry;
     BitmapInfo {
-        name: entry.display_name(),
+        name: BitmapName::from(entry.name.clone()),
         granularity: 1u64 << entry.granularity_bits.min(63),
         in_use: entry.flags & FLAG_IN_USE != 0,
         auto: entry.flags & FLAG_AUTO != 0,
@@ -386,9 +398,9 @@ impl Image {
         &self.infos
     }
 
-    /// The bitmap called `name`.
-    pub fn bitmap(&self, name: &str) -> Option<&BitmapInfo> {
-        self.find(name).map(|index| &self.infos[index])
+    /// The bitmap called `name` (its exact bytes).
+    pub fn bitmap(&self, name: impl AsRef<[u8]>) -> Option<&BitmapInfo> {
+        self.find(name.as_ref()).map(|index| &self.infos[index])
     }
 
     /// Warnings found when the image was opened (bitmaps in use, a stale extension...).
@@ -404,25 +416,25 @@ impl Image {
             .map_or(&[][..], |b| b.entry.name.as_slice())
     }
 
-    fn find(&self, name: &str) -> Option<usize> {
+    fn find(&self, name: &[u8]) -> Option<usize> {
         self.layout
             .bitmaps
             .iter()
-            .position(|b| b.entry.name == name.as_bytes())
+            .position(|b| b.entry.name == name)
     }
 
     fn refresh_infos(&mut self) {
         self.infos = self.layout.bitmaps.iter().map(info_of).collect();
     }
 
-    fn index_of(&self, name: &str) -> Result<usize, Error> {
-        self.find(name)
-            .ok_or_else(|| Error::NotFound(name.to_string()))
+    fn index_of(&self, name: &[u8]) -> Result<usize, Error> {
+        self.find(name).ok_or_else(|| Error::NotFound(escape(name)))
     }
 
-    fn consistent(&self, name: &str, doing: &str) -> Result<usize, Error> {
+    fn consistent(&self, name: &[u8], doing: &str) -> Result<usize, Error> {
         let index = self.index_of(name)?;
         if self.layout.bitmaps[index].entry.in_use() {
+            let name = escape(name);
             return Err(Error::InUse(format!(
                 "cannot {doing} bitmap '{name}': it is marked in use (it was not saved properly, \
                  e.g. QEMU did not shut down cleanly, so its content may be inconsistent); \
@@ -456,7 +468,8 @@ impl Image {
     /// [`release_bitmap`](Self::release_bitmap) when no write was tracked. Closing does neither:
     /// a bitmap loaded and then dropped stays in use, as after a crash
     /// ([`tracked_bitmaps`](Self::tracked_bitmaps) lists them).
-    pub fn load_bitmap(&mut self, name: &str) -> Result<HBitmap, Error> {
+    pub fn load_bitmap(&mut self, name: impl AsRef<[u8]>) -> Result<HBitmap, Error> {
+        let name = name.as_ref();
         let index = self.consistent(name, "load")?;
         let bitmap = self.read_bitmap(index)?;
         if self.writable {
@@ -465,7 +478,7 @@ impl Image {
                 bitmaps[index].entry.flags |= FLAG_IN_USE;
                 image.commit(bitmaps, Vec::new())
             })?;
-            self.tracked.push(name.as_bytes().to_vec());
+            self.tracked.push(name.to_vec());
         }
         Ok(bitmap)
     }
@@ -474,12 +487,14 @@ impl Image {
     /// for a caller that tracked no write to the virtual disk since then: the stored content is
     /// still exact. Only for bitmaps this handle loaded: an in-use mark found on disk (a crash)
     /// says the content is stale, and is refused here.
-    pub fn release_bitmap(&mut self, name: &str) -> Result<(), Error> {
+    pub fn release_bitmap(&mut self, name: impl AsRef<[u8]>) -> Result<(), Error> {
+        let name = name.as_ref();
         self.ensure_writable()?;
         let index = self.index_of(name)?;
-        if !self.tracked.iter().any(|t| t == name.as_bytes()) {
+        if !self.tracked.iter().any(|t| t == name) {
             return Err(Error::InvalidArgument(format!(
-                "bitmap '{name}' was not loaded through this handle: only the in-use mark set                  by loading it here can be released"
+                "bitmap '{}' was not loaded through this handle: only the in-use mark set                  by loading it here can be released",
+                escape(name)
             )));
         }
         if self.layout.bitmaps[index].entry.in_use() {
@@ -495,17 +510,17 @@ impl Image {
 
     /// The bitmaps this handle loaded for tracking (so marked in use on disk) and that were
     /// neither stored, released nor removed since: closing leaves them in use.
-    pub fn tracked_bitmaps(&self) -> Vec<String> {
+    pub fn tracked_bitmaps(&self) -> Vec<BitmapName> {
         self.layout
             .bitmaps
             .iter()
             .filter(|b| b.entry.in_use() && self.tracked.contains(&b.entry.name))
-            .map(|b| b.name())
+            .map(|b| BitmapName::from(b.entry.name.clone()))
             .collect()
     }
 
-    fn untrack(&mut self, name: &str) {
-        self.tracked.retain(|t| t != name.as_bytes());
+    fn untrack(&mut self, name: &[u8]) {
+        self.tracked.retain(|t| t != name);
     }
 
     /// Changes a bitmap offline: reads it (refused for a bitmap in use), lets `change` modify it
@@ -518,9 +533,10 @@ impl Image {
     /// (QEMU would then consider it inconsistent, and an incremental backup would lose it).
     pub fn edit_bitmap(
         &mut self,
-        name: &str,
+        name: impl AsRef<[u8]>,
         change: impl FnOnce(&mut HBitmap),
     ) -> Result<(), Error> {
+        let name = name.as_ref();
         self.ensure_writable()?;
         let index = self.consistent(name, "change")?;
         let mut bitmap = self.read_bitmap(index)?;
@@ -539,24 +555,47 @@ impl Image {
     /// Reads a bitmap without changing anything, even one marked in use (explicit inspection:
     /// its content may be inconsistent). An in-use bitmap whose table does not match the virtual
     /// size cannot be read.
-    pub fn inspect_bitmap(&self, name: &str) -> Result<HBitmap, Error> {
-        let index = self.index_of(name)?;
+    pub fn inspect_bitmap(&self, name: impl AsRef<[u8]>) -> Result<HBitmap, Error> {
+        let index = self.index_of(name.as_ref())?;
         self.read_bitmap(index)
     }
 
-    fn check_bitmap_arg(&self, name: &str, bitmap: &HBitmap) -> Result<(), Error> {
-        bitmap_dir::check_name(name).map_err(Error::InvalidArgument)?;
+    fn check_bitmap_arg(&self, name: &[u8], bitmap: &HBitmap) -> Result<(), Error> {
+        // Only a new name must be one QEMU would create: an existing bitmap keeps whatever name
+        // the image gave it (an empty one, one with a NUL).
+        if self.find(name).is_none() {
+            self.check_new_name(name)?;
+        }
         let len = self.virtual_size();
         if bitmap.size() != len {
             return Err(Error::InvalidArgument(format!(
-                "bitmap '{name}' covers {} bytes but the virtual disk has {len}",
+                "bitmap '{}' covers {} bytes but the virtual disk has {len}",
+                escape(name),
                 bitmap.size()
             )));
         }
         self.check_constraints(name, bitmap.granularity())
     }
 
-    fn check_constraints(&self, name: &str, granularity_bits: u32) -> Result<(), Error> {
+    /// A new bitmap's name: one QEMU would create, and not one QEMU already sees in the image
+    /// (QEMU reads a stored name up to a NUL byte, and would refuse to open the image).
+    fn check_new_name(&self, name: &[u8]) -> Result<(), Error> {
+        bitmap_dir::check_name(name).map_err(Error::InvalidArgument)?;
+        let seen_as = |stored: &[u8]| stored.split(|&b| b == 0).next() == Some(name);
+        if let Some(other) = self.layout.bitmaps.iter().find(|b| seen_as(&b.entry.name)) {
+            return Err(Error::InvalidArgument(format!(
+                "a bitmap named '{}' cannot be added: QEMU reads the name of bitmap '{}' up to \
+                 its NUL byte, as '{}', and would refuse to open the image with both",
+                escape(name),
+                other.name(),
+                escape(name)
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_constraints(&self, name: &[u8], granularity_bits: u32) -> Result<(), Error> {
+        let name = escape(name);
         let len = self.virtual_size();
         if !(bitmap_dir::MIN_GRANULARITY_BITS..=bitmap_dir::MAX_GRANULARITY_BITS)
             .contains(&granularity_bits)
@@ -606,13 +645,15 @@ impl Image {
     /// Stores `bitmap` as `name`, creating it or replacing the bitmap of that name (even one in
     /// use), with the given flags. The bitmap must cover the virtual size in bytes with a
     /// granularity of 512 B to 2 GiB (`HBitmap::new(virtual_size, 9..=31)`). Clusters without a
-    /// dirty bit are stored as zero table entries.
+    /// dirty bit are stored as zero table entries. A new name must be one QEMU would create (1 to
+    /// 1023 bytes, no NUL); an existing bitmap is replaced whatever its name.
     pub fn store_bitmap(
         &mut self,
-        name: &str,
+        name: impl AsRef<[u8]>,
         bitmap: &HBitmap,
         flags: BitmapFlags,
     ) -> Result<(), Error> {
+        let name = name.as_ref();
         self.ensure_writable()?;
         self.check_bitmap_arg(name, bitmap)?;
         let existing = self.find(name);
@@ -623,7 +664,7 @@ impl Image {
                 .iter()
                 .map(|b| b.entry.name.as_slice())
                 .collect();
-            names.push(name.as_bytes());
+            names.push(name);
             self.check_directory_limits(&names)?;
         }
         self.write_op(|image| image.store(name, bitmap, flags, existing))?;
@@ -633,7 +674,7 @@ impl Image {
 
     fn store(
         &mut self,
-        name: &str,
+        name: &[u8],
         bitmap: &HBitmap,
         flags: BitmapFlags,
         existing: Option<usize>,
@@ -659,14 +700,15 @@ impl Image {
         for (&index, &offset) in used.iter().zip(&placed) {
             table[index as usize] = offset;
         }
-        let what = format!("bitmap '{name}' data");
+        let shown = escape(name);
+        let what = format!("bitmap '{shown}' data");
         bitmap_table::write_data(bitmap, &used, &placed, cluster_size, |offset, data| {
             self.write(offset, data, &what)
         })?;
         self.write(
             table_offset,
             &bitmap_table::encode(&table, cluster_size),
-            &format!("the bitmap table of '{name}'"),
+            &format!("the bitmap table of '{shown}'"),
         )?;
 
         let mut entry_flags = 0;
@@ -683,7 +725,7 @@ impl Image {
                 flags: entry_flags,
                 bitmap_type: bitmap_dir::TYPE_DIRTY_TRACKING,
                 granularity_bits: gran as u8,
-                name: name.as_bytes().to_vec(),
+                name: name.to_vec(),
                 dir_pos: 0,
             },
             table,
@@ -702,15 +744,22 @@ impl Image {
 
     /// Adds an empty bitmap of `granularity` bytes (a power of two, 512 B to 2 GiB), enabled
     /// (`auto`) or not. Fails if the name exists.
-    pub fn add_bitmap(&mut self, name: &str, granularity: u64, enabled: bool) -> Result<(), Error> {
+    pub fn add_bitmap(
+        &mut self,
+        name: impl AsRef<[u8]>,
+        granularity: u64,
+        enabled: bool,
+    ) -> Result<(), Error> {
+        let name = name.as_ref();
         self.ensure_writable()?;
-        bitmap_dir::check_name(name).map_err(Error::InvalidArgument)?;
         if self.find(name).is_some() {
-            return Err(Error::Exists(name.to_string()));
+            return Err(Error::Exists(escape(name)));
         }
+        self.check_new_name(name)?;
         if !granularity.is_power_of_two() {
             return Err(Error::InvalidArgument(format!(
-                "bitmap '{name}': granularity {granularity} is not a power of two"
+                "bitmap '{}': granularity {granularity} is not a power of two",
+                escape(name)
             )));
         }
         let bits = granularity.trailing_zeros();
@@ -719,7 +768,8 @@ impl Image {
     }
 
     /// Removes a bitmap (also one marked in use) and frees its clusters.
-    pub fn remove_bitmap(&mut self, name: &str) -> Result<(), Error> {
+    pub fn remove_bitmap(&mut self, name: impl AsRef<[u8]>) -> Result<(), Error> {
+        let name = name.as_ref();
         self.ensure_writable()?;
         let index = self.index_of(name)?;
         self.write_op(|image| {
@@ -733,7 +783,8 @@ impl Image {
     }
 
     /// Clears a bitmap (keeps its granularity and flags). Refused for a bitmap in use.
-    pub fn clear_bitmap(&mut self, name: &str) -> Result<(), Error> {
+    pub fn clear_bitmap(&mut self, name: impl AsRef<[u8]>) -> Result<(), Error> {
+        let name = name.as_ref();
         self.ensure_writable()?;
         let index = self.consistent(name, "clear")?;
         let entry = &self.layout.bitmaps[index].entry;
@@ -745,9 +796,9 @@ impl Image {
     }
 
     /// Stores a clean bitmap of granularity `2^bits` bytes as `name`, consistent, `auto` or not.
-    fn store_empty(&mut self, name: &str, bits: u32, auto: bool) -> Result<(), Error> {
+    fn store_empty(&mut self, name: &[u8], bits: u32, auto: bool) -> Result<(), Error> {
         let bitmap = HBitmap::new(self.virtual_size(), bits)
-            .map_err(|e| Error::Limit(format!("bitmap '{name}': {e}")))?;
+            .map_err(|e| Error::Limit(format!("bitmap '{}': {e}", escape(name))))?;
         let flags = BitmapFlags {
             in_use: false,
             auto,
@@ -756,7 +807,8 @@ impl Image {
     }
 
     /// Enables or disables a bitmap (its `auto` flag). Refused for a bitmap in use.
-    pub fn set_enabled(&mut self, name: &str, enabled: bool) -> Result<(), Error> {
+    pub fn set_enabled(&mut self, name: impl AsRef<[u8]>, enabled: bool) -> Result<(), Error> {
+        let name = name.as_ref();
         self.ensure_writable()?;
         let index = self.consistent(name, if enabled { "enable" } else { "disable" })?;
         let flags = self.layout.bitmaps[index].entry.flags;
@@ -777,11 +829,15 @@ impl Image {
 
     /// Merges bitmap `source` into bitmap `target` (`target |= source`), both of this image and
     /// not in use. Granularities may differ: every dirty range of the source dirties the target.
-    pub fn merge_bitmap(&mut self, source: &str, target: &str) -> Result<(), Error> {
+    pub fn merge_bitmap(
+        &mut self,
+        source: impl AsRef<[u8]>,
+        target: impl AsRef<[u8]>,
+    ) -> Result<(), Error> {
         self.ensure_writable()?;
-        let source_index = self.consistent(source, "merge from")?;
+        let source_index = self.consistent(source.as_ref(), "merge from")?;
         let source_bitmap = self.read_bitmap(source_index)?;
-        self.merge_into(&source_bitmap, target)
+        self.merge_into(&source_bitmap, target.as_ref())
     }
 
     /// Merges bitmap `source` of another image (of the same virtual size) into bitmap `target`
@@ -789,14 +845,16 @@ impl Image {
     pub fn merge_bitmap_from(
         &mut self,
         source_image: &Image,
-        source: &str,
-        target: &str,
+        source: impl AsRef<[u8]>,
+        target: impl AsRef<[u8]>,
     ) -> Result<(), Error> {
+        let (source, target) = (source.as_ref(), target.as_ref());
         self.ensure_writable()?;
         if source_image.virtual_size() != self.virtual_size() {
             return Err(Error::InvalidArgument(format!(
-                "cannot merge bitmap '{source}' of {} ({} bytes) into {} ({} bytes): the \
+                "cannot merge bitmap '{}' of {} ({} bytes) into {} ({} bytes): the \
                  virtual sizes differ",
+                escape(source),
                 source_image.path().display(),
                 source_image.virtual_size(),
                 self.path.display(),
@@ -808,7 +866,7 @@ impl Image {
         self.merge_into(&source_bitmap, target)
     }
 
-    fn merge_into(&mut self, source: &HBitmap, target: &str) -> Result<(), Error> {
+    fn merge_into(&mut self, source: &HBitmap, target: &[u8]) -> Result<(), Error> {
         let target_index = self.consistent(target, "merge into")?;
         let mut merged = self.read_bitmap(target_index)?;
         if !merged.merge(source) {
