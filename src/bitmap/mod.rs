@@ -8,6 +8,7 @@
 //! word so that iteration, serialization and SHA-256 agree with it to the bit.
 
 mod blocks;
+mod bulk;
 mod full;
 pub(crate) mod iter;
 pub(crate) mod merge;
@@ -80,29 +81,29 @@ pub enum BitmapError {
 /// ```
 pub struct HBitmap {
     /// Size in items, as requested.
-    pub(crate) orig_size: u64,
+    orig_size: u64,
     /// Size in groups: bits used in the last level.
-    pub(crate) groups: u64,
+    groups: u64,
     /// Set groups in the last level.
-    pub(crate) count: u64,
-    pub(crate) granularity: u32,
+    count: u64,
+    granularity: u32,
     /// `levels[LAST]` is the bitmap proper; each level above summarizes the one below. Level
     /// `i` always holds exactly the words that `new` and `truncate` give it.
-    pub(crate) levels: [Words; LEVELS],
+    levels: [Words; LEVELS],
     /// Which 64-word blocks of the last level are all ones: lets `next_zero` cross long dirty
     /// runs without reading them.
-    pub(crate) full: FullSummary,
+    full: FullSummary,
     /// Tracks which chunks of this bitmap changed (migration's "dirty-dirty" bitmap).
-    pub(crate) meta: Option<MetaBitmap>,
+    meta: Option<MetaBitmap>,
     /// True for a meta bitmap: its parent owns it (the C ABI refuses to free it).
-    pub(crate) owned_by_parent: bool,
+    owned_by_parent: bool,
     /// True while the summary levels may disagree with the last level: after a deserialization
     /// step without `finish`. Counting then follows the summary levels, as the original does.
-    pub(crate) stale: bool,
+    stale: bool,
     /// The blocks of the last level that deserialization filled with dirty words since the
     /// summary was last right; empty while `stale` is false. Outside them a clear summary bit
     /// always means a clean word, which lets deserialization skip writing zeros over them.
-    pub(crate) unsummarized: BlockSet,
+    unsummarized: BlockSet,
 }
 
 /// Groups needed for `size` items, rounding up exactly as the original does (the addition wraps
@@ -561,11 +562,20 @@ pub(crate) fn popcount_below(words: &[u64], bits: u64) -> u64 {
     count
 }
 
-/// Set bits of a last level's `words` past its first `groups` bits, all of which lie in the
-/// word that holds the last group (a last level has no word after it).
+/// The padding bits of a last level of `groups` bits: the bits past the last group in the
+/// word that holds it (0 when the groups fill their last word). The one definition of padding:
+/// a last level has no word after that one, and stored bitmaps pad the same way.
+pub(crate) fn padding_mask(groups: u64) -> u64 {
+    match groups % 64 {
+        0 => 0,
+        used => u64::MAX << used,
+    }
+}
+
+/// Set bits of a last level's `words` past its first `groups` bits.
 pub(crate) fn padding_ones(words: &[u64], groups: u64) -> u64 {
     words.get((groups / 64) as usize).map_or(0, |&word| {
-        u64::from((word & (u64::MAX << (groups % 64))).count_ones())
+        u64::from((word & padding_mask(groups)).count_ones())
     })
 }
 

@@ -286,11 +286,11 @@ pub unsafe extern "C" fn hbitmap_serialize_part(
             null_pointer(F, "buf");
         }
         // SAFETY: the caller provides room for the chunk's bytes; non-NULL checked. They may be
-        // uninitialized: `serialize_words` only writes them.
+        // uninitialized: `read_words_le` only writes them.
         let out = unsafe {
             std::slice::from_raw_parts_mut(buf.cast::<std::mem::MaybeUninit<u8>>(), words.len() * 8)
         };
-        bitmap.serialize_words(words, out);
+        bitmap.read_words_le(words, out);
     }
 }
 

@@ -8,9 +8,7 @@
 //! must be zero.
 #![forbid(unsafe_code)]
 
-use std::ops::Range;
-
-use crate::bitmap::{storage, LAST};
+use crate::bitmap::{padding_mask, storage};
 use crate::HBitmap;
 use byteorder::{BigEndian, ByteOrder, LittleEndian};
 
@@ -82,6 +80,28 @@ fn groups_in_cluster(len: u64, granularity_bits: u32, cluster_size: u64, index: 
     total.saturating_sub(index * per_cluster).min(per_cluster)
 }
 
+/// The padding of data cluster `index` of a bitmap over `len` bytes, as the little-endian word
+/// at which it starts and that word's padding bits; every later word is padding too. `None`
+/// when the cluster has no padding. The rule is the bitmap's own ([`padding_mask`]), counted
+/// from the cluster's first group.
+fn cluster_padding(
+    len: u64,
+    granularity_bits: u32,
+    cluster_size: u64,
+    index: u64,
+) -> Option<(usize, u64)> {
+    let used = groups_in_cluster(len, granularity_bits, cluster_size, index);
+    if used == cluster_size * 8 {
+        return None;
+    }
+    // A cluster whose groups end on a word boundary has padding from the next word on.
+    let mask = match padding_mask(used) {
+        0 => u64::MAX,
+        mask => mask,
+    };
+    Some(((used / 64) as usize, mask))
+}
+
 /// The first set padding bit of data cluster `index`, if any: bits past the bitmap's end.
 pub(crate) fn padding_bit(
     data: &[u8],
@@ -90,44 +110,24 @@ pub(crate) fn padding_bit(
     cluster_size: u64,
     index: u64,
 ) -> Option<u64> {
-    let used = groups_in_cluster(len, granularity_bits, cluster_size, index);
-    let first_byte = (used / 8) as usize;
-    if used % 8 != 0 {
-        let mask = !((1u8 << (used % 8)) - 1);
-        if data[first_byte] & mask != 0 {
-            let bit = (data[first_byte] & mask).trailing_zeros() as u64;
-            return Some(first_byte as u64 * 8 + bit);
-        }
-        return data[first_byte + 1..]
-            .iter()
-            .position(|&b| b != 0)
-            .map(|p| {
-                (first_byte + 1 + p) as u64 * 8 + data[first_byte + 1 + p].trailing_zeros() as u64
-            });
-    }
-    data[first_byte..]
-        .iter()
-        .position(|&b| b != 0)
-        .map(|p| (first_byte + p) as u64 * 8 + data[first_byte + p].trailing_zeros() as u64)
+    let (first_word, mask) = cluster_padding(len, granularity_bits, cluster_size, index)?;
+    data.chunks_exact(8)
+        .enumerate()
+        .skip(first_word)
+        .find_map(|(at, bytes)| {
+            let word = LittleEndian::read_u64(bytes);
+            let padding = if at == first_word { word & mask } else { word };
+            (padding != 0).then(|| at as u64 * 64 + u64::from(padding.trailing_zeros()))
+        })
 }
 
 /// Clears the padding bits of a serialized data cluster.
 fn clear_padding(data: &mut [u8], len: u64, granularity_bits: u32, cluster_size: u64, index: u64) {
-    let used = groups_in_cluster(len, granularity_bits, cluster_size, index);
-    let mut first_byte = (used / 8) as usize;
-    if used % 8 != 0 {
-        data[first_byte] &= (1u8 << (used % 8)) - 1;
-        first_byte += 1;
-    }
-    data[first_byte..].fill(0);
-}
-
-/// Little-endian bytes to host words, in place (nothing to do on little-endian hosts).
-fn words_from_le(words: &mut [u64]) {
-    if cfg!(target_endian = "big") {
-        for word in words {
-            *word = u64::from_le(*word);
-        }
+    if let Some((first_word, mask)) = cluster_padding(len, granularity_bits, cluster_size, index) {
+        let bytes = &mut data[first_word * 8..];
+        let word = LittleEndian::read_u64(bytes) & !mask;
+        LittleEndian::write_u64(bytes, word);
+        bytes[8..].fill(0);
     }
 }
 
@@ -148,22 +148,16 @@ pub(crate) fn load(
     let mut bitmap = HBitmap::new(len, granularity_bits)
         .map_err(|e| Error::Limit(format!("bitmap '{name}' cannot be held in memory: {e}")))?;
     let per_cluster = coverage(cluster_size, granularity_bits);
-    let groups = bitmap.groups;
-    let words = &mut bitmap.levels[LAST];
-    let total_words = words.len();
+    // The bitmap's own rules hold the loaded words: padding bits are dropped and only the runs
+    // filled are summarized when `fill` goes out of scope.
+    let mut fill = bitmap.filling();
+    let total_words = fill.word_count();
     let cluster_words = (cluster_size / 8) as usize;
-    // The cluster holding the last word: the only one with padding.
+    // The cluster holding the last word: shorter than a cluster's worth of words.
     let last = (total_words - 1) / cluster_words;
     let limit = table
         .len()
         .min(usize::try_from(len.div_ceil(per_cluster)).unwrap_or(usize::MAX));
-    // Word ranges written: only they need summarizing (the rest of the fresh bitmap is clean,
-    // and reading it would only fault in zero pages).
-    let mut written: Vec<Range<usize>> = Vec::new();
-    let mut note = |range: Range<usize>| match written.last_mut() {
-        Some(last) if last.end == range.start => last.end = range.end,
-        _ => written.push(range),
-    };
     let mut index = 0;
     while index < limit {
         let entry = table[index];
@@ -171,14 +165,8 @@ pub(crate) fn load(
         let first_word = index * cluster_words;
         if offset != 0 {
             if index == last {
-                let mut data =
-                    read_exact(io, offset, cluster_size, &format!("bitmap '{name}' data"))?;
-                clear_padding(&mut data, len, granularity_bits, cluster_size, index as u64);
-                let dst = &mut words[first_word..];
-                for (word, chunk) in dst.iter_mut().zip(data.chunks_exact(8)) {
-                    *word = LittleEndian::read_u64(chunk);
-                }
-                note(first_word..total_words);
+                let data = read_exact(io, offset, cluster_size, &format!("bitmap '{name}' data"))?;
+                fill.copy_le(first_word, &data);
                 index += 1;
                 continue;
             }
@@ -190,32 +178,23 @@ pub(crate) fn load(
             {
                 end += 1;
             }
-            let dst = &mut words[first_word..end * cluster_words];
-            storage::prefault_whole(bytemuck::cast_slice_mut(dst));
-            io.pread(offset, bytemuck::cast_slice_mut(dst))
-                .map_err(|e| {
+            fill.read_le(first_word..end * cluster_words, |bytes| {
+                io.pread(offset, bytes).map_err(|e| {
                     Error::io(
                         format!("reading bitmap '{name}' data at offset {offset:#x}"),
                         e,
                     )
-                })?;
-            words_from_le(dst);
-            note(first_word..end * cluster_words);
+                })
+            })?;
             index = end;
         } else {
             if entry & ENTRY_ALL_ONES != 0 {
-                let end_word = (first_word + cluster_words).min(total_words);
-                words[first_word..end_word].fill(u64::MAX);
-                note(first_word..end_word);
-                if index == last && groups % 64 != 0 {
-                    // Whole words would also set the padding bits: give exact ones instead.
-                    words[total_words - 1] = (1u64 << (groups % 64)) - 1;
-                }
+                fill.ones(first_word..(first_word + cluster_words).min(total_words));
             }
             index += 1;
         }
     }
-    bitmap.finish_loaded(&written);
+    drop(fill);
     Ok(bitmap)
 }
 
@@ -242,7 +221,7 @@ pub(crate) fn serialize_cluster(
 /// Whether data cluster `index` of `bitmap` holds a dirty bit (padding bits past the bitmap's
 /// end do not count).
 fn cluster_is_dirty(bitmap: &HBitmap, index: u64, cluster_size: u64) -> bool {
-    let words = &bitmap.levels[LAST];
+    let words = bitmap.words();
     let cluster_words = (cluster_size / 8) as usize;
     let first = index as usize * cluster_words;
     let end = (first + cluster_words).min(words.len());
@@ -250,13 +229,8 @@ fn cluster_is_dirty(bitmap: &HBitmap, index: u64, cluster_size: u64) -> bool {
         return false;
     }
     let (body, tail) = if end == words.len() {
-        let remainder = bitmap.groups % 64;
-        let mask = if remainder == 0 {
-            u64::MAX
-        } else {
-            (1u64 << remainder) - 1
-        };
-        (&words[first..end - 1], words[end - 1] & mask)
+        let padding = padding_mask(bitmap.groups());
+        (&words[first..end - 1], words[end - 1] & !padding)
     } else {
         (&words[first..end], 0)
     };
@@ -286,7 +260,7 @@ pub(crate) fn write_data(
 ) -> Result<(), Error> {
     /// Bytes serialized at a time when the memory is not the encoding (big-endian hosts).
     const CHUNK: usize = 1 << 20;
-    let words = &bitmap.levels[LAST];
+    let words = bitmap.words();
     let cluster_words = (cluster_size / 8) as usize;
     let last = ((words.len() - 1) / cluster_words) as u64;
     let mut buf = Vec::new();
@@ -314,11 +288,15 @@ pub(crate) fn write_data(
             write(offset, bytemuck::cast_slice(run))?;
         } else {
             let mut at = offset;
-            for chunk in run.chunks(CHUNK / 8) {
-                buf.resize(chunk.len() * 8, 0);
-                crate::serialize::write_le_words(chunk, storage::as_uninit(&mut buf));
+            let first = index as usize * cluster_words;
+            let mut from = first;
+            while from < first + run.len() {
+                let to = (from + CHUNK / 8).min(first + run.len());
+                buf.resize((to - from) * 8, 0);
+                bitmap.read_words_le(from..to, storage::as_uninit(&mut buf));
                 write(at, &buf)?;
                 at += buf.len() as u64;
+                from = to;
             }
         }
         j = end;
