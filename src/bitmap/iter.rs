@@ -70,12 +70,12 @@ pub(crate) fn next_item(
     pos: &mut usize,
     cur: &mut [u64; LEVELS],
     advance: bool,
-) -> i64 {
+) -> Option<u64> {
     let word = cur[LAST] & hb.levels[LAST][*pos];
     if word == 0 {
         return next_item_in_next_word(hb, granularity, pos, cur, advance);
     }
-    take_item(word, granularity, *pos, cur, advance)
+    Some(take_item(word, granularity, *pos, cur, advance))
 }
 
 /// What is left of the current word, `Some(0)` if nothing; None for a cursor position out of
@@ -94,7 +94,7 @@ fn next_item_in_next_word(
     pos: &mut usize,
     cur: &mut [u64; LEVELS],
     advance: bool,
-) -> i64 {
+) -> Option<u64> {
     item_in_next_word(hb, granularity, pos, cur, advance)
 }
 
@@ -106,10 +106,10 @@ pub(crate) fn item_in_next_word(
     pos: &mut usize,
     cur: &mut [u64; LEVELS],
     advance: bool,
-) -> i64 {
+) -> Option<u64> {
     match skip_words(hb, pos, cur) {
-        0 => -1,
-        word => take_item(word, granularity, *pos, cur, advance),
+        0 => None,
+        word => Some(take_item(word, granularity, *pos, cur, advance)),
     }
 }
 
@@ -120,10 +120,10 @@ pub(crate) fn take_item(
     pos: usize,
     cur: &mut [u64; LEVELS],
     advance: bool,
-) -> i64 {
+) -> u64 {
     cur[LAST] = if advance { word & (word - 1) } else { word };
     let group = ((pos as u64) << BITS_PER_LEVEL) + u64::from(word.trailing_zeros());
-    (group << granularity) as i64
+    group << granularity
 }
 
 /// Cursor state positioned at `group`, which must lie within the bitmap.
@@ -173,13 +173,6 @@ impl Cursor {
     }
 }
 
-/// An item in the original's `int64_t` convention, read for the Rust API: -1 is "none"; any other
-/// value is the item's bits (items at or past 2^63 read as negative there, but are items). No
-/// item is `u64::MAX`: at granularity 0 items stay below 2^41, at any other they are even.
-pub(crate) fn item_or_none(raw: i64) -> Option<u64> {
-    (raw != -1).then_some(raw as u64)
-}
-
 /// Iterator over the first item of each dirty group, in increasing order (items at or past 2^63
 /// included: `HBitmap::new(3 << 62, 62)` has one).
 ///
@@ -214,14 +207,13 @@ impl<'a> Iter<'a> {
 
     fn step(&mut self, advance: bool) -> Option<u64> {
         let cursor = self.cursor.as_mut()?;
-        let item = next_item(
+        next_item(
             self.hb,
             self.hb.granularity,
             &mut cursor.pos,
             &mut cursor.cur,
             advance,
-        );
-        item_or_none(item)
+        )
     }
 }
 

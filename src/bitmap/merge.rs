@@ -135,7 +135,7 @@ impl HBitmap {
         if let Err(why) = check_union_sizes(self, other, self) {
             panic!("HBitmap::union_with: {why}");
         }
-        self.union_with_checked(other);
+        self.union_with_unchecked(other);
     }
 
     /// `result = a | b` with current QEMU's rules (see [`union_with`](Self::union_with)); `a`
@@ -148,14 +148,14 @@ impl HBitmap {
         if let Err(why) = check_union_sizes(a, b, result) {
             panic!("HBitmap::union_into: {why}");
         }
-        if let Err(why) = Self::union_into_checked(a, b, result) {
+        if let Err(why) = Self::union_into_unchecked(a, b, result) {
             panic!("HBitmap::union_into: {why}");
         }
     }
 
     /// `union_with` after its precondition was checked. Like QEMU, an `other` whose item count
     /// reads 0 changes nothing.
-    pub(crate) fn union_with_checked(&mut self, other: &HBitmap) {
+    pub(crate) fn union_with_unchecked(&mut self, other: &HBitmap) {
         if other.count() == 0 {
             return;
         }
@@ -169,7 +169,7 @@ impl HBitmap {
     /// `union_into` after its size check; `result` is neither `a` nor `b`. Fails, changing
     /// nothing, when `a` and `b` share a granularity that `result` has not and are not both
     /// empty (QEMU clears `result` then, whatever its granularity).
-    pub(crate) fn union_into_checked(
+    pub(crate) fn union_into_unchecked(
         a: &HBitmap,
         b: &HBitmap,
         result: &mut HBitmap,

@@ -45,11 +45,11 @@ pub(crate) const SENTINEL: u64 = 1 << (BITS_PER_WORD - 1);
 pub const MAX_GROUPS: u64 = 1 << LOG_MAX_SIZE;
 
 /// Why an [`HBitmap`] could not be created.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum BitmapError {
-    /// The granularity is not below 64.
-    #[error("granularity {0} is out of range: it must be below 64")]
-    Granularity(u32),
+    /// The granularity is not in 0..64 (a C caller's `int` may be negative).
+    #[error("granularity {0} is out of range: it must be in 0..64")]
+    Granularity(i64),
     /// The size needs more than 2^41 groups at this granularity.
     #[error("size {size} at granularity {granularity} needs {groups} groups, more than 2^41")]
     TooLarge {
@@ -131,7 +131,7 @@ impl HBitmap {
     /// Fails when `granularity >= 64` or when the size needs more than 2^41 groups.
     pub fn new(size: u64, granularity: u32) -> Result<HBitmap, BitmapError> {
         if granularity >= BITS_PER_WORD {
-            return Err(BitmapError::Granularity(granularity));
+            return Err(BitmapError::Granularity(granularity.into()));
         }
         let groups = groups_for(size, granularity);
         if groups > MAX_GROUPS {
@@ -220,7 +220,7 @@ impl HBitmap {
         let index = (group >> BITS_PER_LEVEL) as usize;
         debug_assert!(index < self.levels[LAST].len());
         // SAFETY: the last level always holds `words_for(self.groups)` words (`new` and
-        // `truncate_checked` size it, nothing else resizes it), and `group < self.groups`. The
+        // `truncate_unchecked` size it, nothing else resizes it), and `group < self.groups`. The
         // point queries of the guest write path are latency-bound: each instruction saved
         // lets more of them overlap.
         let word = unsafe { *self.levels[LAST].get_unchecked(index) };
@@ -383,22 +383,23 @@ impl HBitmap {
         if let Err(why) = self.check_truncate(size) {
             panic!("HBitmap::truncate: {why}");
         }
-        self.truncate_checked(size);
+        self.truncate_unchecked(size);
     }
 
     pub(crate) fn check_truncate(&self, size: u64) -> Result<(), Violation> {
         let (granularity, groups) = (self.granularity, groups_for(size, self.granularity));
         if groups > MAX_GROUPS {
-            return Err(Violation::TooLarge {
+            return Err(Violation::Geometry(BitmapError::TooLarge {
                 size,
                 granularity,
                 groups,
-            });
+            }));
         }
         Ok(())
     }
 
-    pub(crate) fn truncate_checked(&mut self, size: u64) {
+    /// `truncate` once `check_truncate` passed (the C ABI reports its failure itself).
+    pub(crate) fn truncate_unchecked(&mut self, size: u64) {
         let granularity = self.granularity;
         let groups = groups_for(size, granularity);
         // Kept current so next_zero and next_dirty_area see the new end (QEMU 4.1, 4e4de22279).
@@ -433,7 +434,7 @@ impl HBitmap {
         self.full.fit(self.levels[LAST].len());
         self.full.refresh(&self.levels[LAST], kept - 1..kept);
         if let Some(meta) = self.meta.as_mut() {
-            meta.truncate_checked(self.groups << granularity);
+            meta.truncate_unchecked(self.groups << granularity);
         }
     }
 
@@ -477,7 +478,7 @@ impl HBitmap {
         if let Err(why) = self.check_create_meta(chunk_size as i32) {
             panic!("HBitmap::create_meta: {why}");
         }
-        self.create_meta_checked(chunk_size as i32)
+        self.create_meta_unchecked(chunk_size as i32)
     }
 
     pub(crate) fn meta_granularity(&self, chunk_size: i32) -> u32 {
@@ -501,7 +502,8 @@ impl HBitmap {
         Ok(())
     }
 
-    pub(crate) fn create_meta_checked(&mut self, chunk_size: i32) -> &mut HBitmap {
+    /// `create_meta` once `check_create_meta` passed.
+    pub(crate) fn create_meta_unchecked(&mut self, chunk_size: i32) -> &mut HBitmap {
         let granularity = self.meta_granularity(chunk_size);
         // The meta bitmap has at most as many groups as this one: it cannot be too large.
         let meta = HBitmap::new(self.groups << self.granularity, granularity)

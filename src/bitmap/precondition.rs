@@ -6,6 +6,8 @@
 
 use std::fmt;
 
+use super::BitmapError;
+
 /// A broken precondition and its values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Violation {
@@ -20,14 +22,9 @@ pub enum Violation {
         last: u64,
         groups: u64,
     },
-    /// A size needing more than 2^41 groups.
-    TooLarge {
-        size: u64,
-        granularity: u32,
-        groups: u64,
-    },
-    /// A granularity outside 0..64.
-    Granularity(i64),
+    /// A granularity outside 0..64, or a size needing more than 2^41 groups: what
+    /// [`HBitmap::new`](super::HBitmap::new) refuses.
+    Geometry(BitmapError),
     /// A meta bitmap chunk size that is not a power of two.
     ChunkNotPowerOfTwo(i32),
     /// A second meta bitmap.
@@ -77,13 +74,7 @@ impl fmt::Display for Violation {
                 f,
                 "range start {start} count {count} ends in group {last}, beyond the bitmap's {groups} groups"
             ),
-            Violation::TooLarge { size, granularity, groups } => write!(
-                f,
-                "size {size} at granularity {granularity} needs {groups} groups, more than 2^41"
-            ),
-            Violation::Granularity(granularity) => {
-                write!(f, "granularity {granularity} is not in 0..64")
-            }
+            Violation::Geometry(why) => why.fmt(f),
             Violation::ChunkNotPowerOfTwo(chunk_size) => {
                 write!(f, "chunk size {chunk_size} is not a power of two")
             }

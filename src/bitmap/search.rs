@@ -8,15 +8,9 @@ impl HBitmap {
     /// the end is clipped to it. The result is the first item of the clean group, or `start`
     /// when `start` itself lies in a clean group.
     pub fn next_zero(&self, start: u64, count: u64) -> Option<u64> {
-        iter::item_or_none(self.next_zero_raw(start, count))
-    }
-
-    /// `next_zero` with the original's return convention: -1 for "none", and items at or past
-    /// 2^63 reading as negative.
-    pub(crate) fn next_zero_raw(&self, start: u64, count: u64) -> i64 {
         // Bounds first, then the read (the original read the word before checking).
         if start >= self.orig_size || count == 0 {
-            return -1;
+            return None;
         }
         let granularity = self.granularity;
         let words = &self.levels[LAST];
@@ -32,42 +26,20 @@ impl HBitmap {
         let mut word = words[pos] | ((1u64 << (first & 63)) - 1);
         if word == u64::MAX {
             // The full-block summary finds the end of the run without reading all of it.
-            match self.full.next_not_full(words, pos + 1, end_word) {
-                Some(next) => pos = next,
-                None => return -1,
-            }
+            pos = self.full.next_not_full(words, pos + 1, end_word)?;
             word = words[pos];
         }
         let group = ((pos as u64) << BITS_PER_LEVEL) + u64::from(word.trailing_ones());
         if group >= end_bit {
-            return -1;
+            return None;
         }
-        let item = group << granularity;
-        if item < start {
-            return start as i64;
-        }
-        item as i64
+        Some((group << granularity).max(start))
     }
 
     /// The first dirty extent that intersects `start..start + count` (clipped to the bitmap's
     /// size): its start (never before `start`) and length. The extent runs to the first clean
     /// group or the end of the range. `None` when the range holds no dirty group.
     pub fn next_dirty_area(&self, start: u64, count: u64) -> Option<(u64, u64)> {
-        self.dirty_area(start, count, iter::item_or_none)
-    }
-
-    /// `next_dirty_area` as the original's C computes it: an item at or past 2^63 reads as
-    /// negative there, so as none (no dirty area, or a clean group that does not end one).
-    pub(crate) fn next_dirty_area_original(&self, start: u64, count: u64) -> Option<(u64, u64)> {
-        self.dirty_area(start, count, |raw| u64::try_from(raw).ok())
-    }
-
-    fn dirty_area(
-        &self,
-        start: u64,
-        count: u64,
-        item: fn(i64) -> Option<u64>,
-    ) -> Option<(u64, u64)> {
         if start >= self.orig_size || count == 0 {
             return None;
         }
@@ -82,15 +54,15 @@ impl HBitmap {
             return None;
         }
         let (mut pos, mut cur) = iter::init(self, group);
-        let first_dirty = iter::next_item(self, self.granularity, &mut pos, &mut cur, false);
-        let first_dirty = item(first_dirty).filter(|&first| first < end)?;
+        let first_dirty = iter::next_item(self, self.granularity, &mut pos, &mut cur, false)
+            .filter(|&first| first < end)?;
         // 64-bit group size: the original truncated it to 32 bits.
         let group_size = 1u64 << self.granularity;
         let area_end = if group_size >= end - first_dirty {
             end
         } else {
             let from = first_dirty + group_size;
-            item(self.next_zero_raw(from, end - from)).unwrap_or(end)
+            self.next_zero(from, end - from).unwrap_or(end)
         };
         let area_start = first_dirty.max(start);
         Some((area_start, area_end - area_start))
@@ -127,8 +99,8 @@ impl HBitmap {
             return None;
         }
         let (mut pos, mut cur) = iter::init(self, group);
-        let first_dirty = iter::next_item(self, self.granularity, &mut pos, &mut cur, true);
-        let first_dirty = iter::item_or_none(first_dirty).filter(|&item| item < end)?;
+        let first_dirty = iter::next_item(self, self.granularity, &mut pos, &mut cur, true)
+            .filter(|&item| item < end)?;
         Some(first_dirty.max(start))
     }
 
@@ -188,7 +160,7 @@ impl HBitmap {
         if let Err(why) = self.check_status(start, count) {
             panic!("HBitmap::status: {why}");
         }
-        self.status_checked(start, count)
+        self.status_unchecked(start, count)
     }
 
     pub(crate) fn check_status(&self, start: u64, count: u64) -> Result<(), Violation> {
@@ -202,7 +174,8 @@ impl HBitmap {
         }
     }
 
-    pub(crate) fn status_checked(&self, start: u64, count: u64) -> (bool, u64) {
+    /// `status` once `check_status` passed.
+    pub(crate) fn status_unchecked(&self, start: u64, count: u64) -> (bool, u64) {
         match self.next_dirty(start, count) {
             None => (false, count),
             Some(dirty) if dirty > start => (false, dirty - start),

@@ -455,7 +455,10 @@ pub(super) unsafe fn iter_next(hbi: *mut HBitmapIter, advance: bool) -> i64 {
                     return unsafe { iter_next_word(hbi, advance) };
                 }
                 let granularity = iter.granularity as u32 & 63;
-                return iter_state::take_item(word, granularity, iter.pos, &mut iter.cur, advance);
+                let item =
+                    iter_state::take_item(word, granularity, iter.pos, &mut iter.cur, advance);
+                // Items at or past 2^63 read as negative, as in the original's int64_t.
+                return item as i64;
             }
         }
     }
@@ -477,6 +480,7 @@ unsafe extern "C" fn iter_next_word(hbi: *mut HBitmapIter, advance: bool) -> i64
     let bitmap = unsafe { &*iter.hb };
     let granularity = iter.granularity as u32 & 63;
     iter_state::item_in_next_word(bitmap, granularity, &mut iter.pos, &mut iter.cur, advance)
+        .map_or(-1, |item| item as i64)
 }
 
 /// `hbitmap_iter_next` with a NULL iterator or bitmap, or an iterator that outlived a shrink of

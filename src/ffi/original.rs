@@ -6,7 +6,7 @@ use libc::{c_int, c_ulong};
 
 use super::hbitmap::{iter_next, iter_parts, merge_operands, HBitmapIter, MergeOperands};
 use super::{borrow, borrow_mut, require, violated};
-use crate::bitmap::{iter as iter_state, HBitmap, Violation};
+use crate::bitmap::{iter as iter_state, BitmapError, HBitmap, Violation};
 
 /// Allocate a new bitmap of `size` items, one bit per `2^granularity` items.
 ///
@@ -15,12 +15,13 @@ use crate::bitmap::{iter as iter_state, HBitmap, Violation};
 #[no_mangle]
 pub extern "C" fn hbitmap_alloc(size: u64, granularity: c_int) -> *mut HBitmap {
     if !(0..64).contains(&granularity) {
-        violated("hbitmap_alloc", &Violation::Granularity(granularity.into()));
+        violated(
+            "hbitmap_alloc",
+            &Violation::Geometry(BitmapError::Granularity(granularity.into())),
+        );
     }
-    let bitmap = require!(
-        "hbitmap_alloc",
-        HBitmap::new(size, granularity as u32).map_err(|e| e.to_string())
-    );
+    let bitmap = HBitmap::new(size, granularity as u32)
+        .unwrap_or_else(|why| violated("hbitmap_alloc", &Violation::Geometry(why)));
     Box::into_raw(Box::new(bitmap))
 }
 
@@ -35,7 +36,7 @@ pub unsafe extern "C" fn hbitmap_truncate(hb: *mut HBitmap, size: u64) {
     // SAFETY: the caller's contract.
     let bitmap = unsafe { borrow_mut("hbitmap_truncate", "hb", hb) };
     require!("hbitmap_truncate", bitmap.check_truncate(size));
-    bitmap.truncate_checked(size);
+    bitmap.truncate_unchecked(size);
 }
 
 /// Whether `a` and `b` have the same number of groups and the same granularity.
@@ -120,7 +121,11 @@ pub unsafe extern "C" fn hbitmap_iter_next(hbi: *mut HBitmapIter, advance: bool)
 #[no_mangle]
 pub unsafe extern "C" fn hbitmap_next_zero(hb: *const HBitmap, start: u64, count: u64) -> i64 {
     // SAFETY: the caller's contract.
-    unsafe { borrow("hbitmap_next_zero", "hb", hb) }.next_zero_raw(start, count)
+    let bitmap = unsafe { borrow("hbitmap_next_zero", "hb", hb) };
+    // Items at or past 2^63 read as negative, as in the original's int64_t.
+    bitmap
+        .next_zero(start, count)
+        .map_or(-1, |item| item as i64)
 }
 
 /// Find the first dirty extent intersecting `*start .. *start + *count - 1` (clipped to the
@@ -144,7 +149,7 @@ pub unsafe extern "C" fn hbitmap_next_dirty_area(
             borrow_mut(F, "count", count),
         )
     };
-    match bitmap.next_dirty_area_original(*start, *count) {
+    match dirty_area_as_int64(bitmap, *start, *count) {
         Some((area_start, area_count)) => {
             *start = area_start;
             *count = area_count;
@@ -152,6 +157,34 @@ pub unsafe extern "C" fn hbitmap_next_dirty_area(
         }
         None => false,
     }
+}
+
+/// `HBitmap::next_dirty_area` as the original computes it in `int64_t`: an item at or past 2^63
+/// reads as negative there, so as none (no dirty area, or a clean group that does not end one).
+fn dirty_area_as_int64(bitmap: &HBitmap, start: u64, count: u64) -> Option<(u64, u64)> {
+    let below_2_63 = |item: &u64| i64::try_from(*item).is_ok();
+    let size = bitmap.size();
+    if start >= size || count == 0 || start >> bitmap.granularity() >= bitmap.groups() {
+        return None;
+    }
+    let end = start + count.min(size - start);
+    let first_dirty = bitmap
+        .iter_from(start)
+        .peek()
+        .filter(below_2_63)
+        .filter(|&first| first < end)?;
+    let group_size = 1u64 << bitmap.granularity();
+    let area_end = if group_size >= end - first_dirty {
+        end
+    } else {
+        let from = first_dirty + group_size;
+        bitmap
+            .next_zero(from, end - from)
+            .filter(below_2_63)
+            .unwrap_or(end)
+    };
+    let area_start = first_dirty.max(start);
+    Some((area_start, area_end - area_start))
 }
 
 /// Create the meta bitmap of `hb`, with one bit per `chunk_size` groups' worth of items, marked
@@ -167,7 +200,7 @@ pub unsafe extern "C" fn hbitmap_create_meta(hb: *mut HBitmap, chunk_size: c_int
     // SAFETY: the caller's contract.
     let bitmap = unsafe { borrow_mut("hbitmap_create_meta", "hb", hb) };
     require!("hbitmap_create_meta", bitmap.check_create_meta(chunk_size));
-    bitmap.create_meta_checked(chunk_size);
+    bitmap.create_meta_unchecked(chunk_size);
     bitmap.meta_ptr().expect("the meta bitmap was just created")
 }
 

@@ -8,7 +8,7 @@ use libc::c_int;
 
 use super::hbitmap::{iter_next, merge_operands, HBitmapIter, MergeOperands};
 use super::{borrow, borrow_mut, require, violated};
-use crate::bitmap::{merge, HBitmap, Violation};
+use crate::bitmap::{merge, BitmapError, HBitmap, Violation};
 
 /// Current QEMU's sizes, positions and lengths are `int64_t`: a negative one is a broken
 /// precondition.
@@ -33,12 +33,13 @@ pub extern "C" fn hbitmap_alloc_qemu10(size: u64, granularity: c_int) -> *mut HB
     const F: &str = "hbitmap_alloc";
     check_size(F, size);
     if !(0..64).contains(&granularity) {
-        violated(F, &Violation::Granularity(granularity.into()));
+        violated(
+            F,
+            &Violation::Geometry(BitmapError::Granularity(granularity.into())),
+        );
     }
-    let bitmap = require!(
-        "hbitmap_alloc",
-        HBitmap::new(size, granularity as u32).map_err(|e| e.to_string())
-    );
+    let bitmap = HBitmap::new(size, granularity as u32)
+        .unwrap_or_else(|why| violated(F, &Violation::Geometry(why)));
     Box::into_raw(Box::new(bitmap))
 }
 
@@ -54,7 +55,7 @@ pub unsafe extern "C" fn hbitmap_truncate_qemu10(hb: *mut HBitmap, size: u64) {
     let bitmap = unsafe { borrow_mut(F, "hb", hb) };
     check_size(F, size);
     require!("hbitmap_truncate", bitmap.check_truncate(size));
-    bitmap.truncate_checked(size);
+    bitmap.truncate_unchecked(size);
 }
 
 /// `result = a | b`. The three must have the same size in items; `a` and `b` may have different
@@ -82,11 +83,11 @@ pub unsafe extern "C" fn hbitmap_merge_qemu10(
                 "hbitmap_merge",
                 merge::check_union_sizes(result, source, result)
             );
-            result.union_with_checked(source);
+            result.union_with_unchecked(source);
         }
         MergeOperands::Into { a, b, result } => {
             require!("hbitmap_merge", merge::check_union_sizes(a, b, result));
-            require!("hbitmap_merge", HBitmap::union_into_checked(a, b, result));
+            require!("hbitmap_merge", HBitmap::union_into_unchecked(a, b, result));
         }
     }
 }
@@ -158,7 +159,9 @@ pub unsafe extern "C" fn hbitmap_next_zero_qemu10(
         non_negative(F, "start", start),
         non_negative(F, "count", count),
     );
-    bitmap.next_zero_raw(start, count)
+    bitmap
+        .next_zero(start, count)
+        .map_or(-1, |item| item as i64)
 }
 
 /// Find the first dirty extent within `start .. end - 1` (`end` clipped to the bitmap's size),
@@ -225,7 +228,7 @@ pub unsafe extern "C" fn hbitmap_status(
         non_negative(F, "count", count),
     );
     require!("hbitmap_status", bitmap.check_status(start, count));
-    let (dirty, run) = bitmap.status_checked(start, count);
+    let (dirty, run) = bitmap.status_unchecked(start, count);
     *pnum = run as i64;
     dirty
 }
