@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use sha2::{Digest, Sha256};
 
-use crate::bitmap::{storage, HBitmap, Violation, BITS_PER_LEVEL, LEVELS};
+use crate::bitmap::{bulk_write, HBitmap, Violation, BITS_PER_LEVEL, LEVELS};
 
 /// Granularities from this one up cannot be serialized: `64 << granularity` must fit 64 bits.
 pub const MAX_SERIALIZABLE_GRANULARITY: u32 = 58;
@@ -96,7 +96,7 @@ impl HBitmap {
                 "HBitmap::serialize_part: buffer of {} bytes, {needed} needed",
                 buf.len()
             );
-            self.read_words_le(words, storage::as_uninit(&mut buf[..needed]));
+            self.read_words_le(words, bulk_write::as_uninit(&mut buf[..needed]));
         }
     }
 

@@ -8,7 +8,7 @@ use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use super::{
-    padding_mask, padding_ones, storage, words, BlockSet, HBitmap, BLOCK_WORDS, LAST, SENTINEL,
+    bulk_write, padding_mask, padding_ones, words, BlockSet, HBitmap, BLOCK_WORDS, LAST, SENTINEL,
 };
 
 impl HBitmap {
@@ -32,7 +32,7 @@ impl HBitmap {
             let first = block * BLOCK_WORDS;
             words::bits_clear(summary, first..(first + BLOCK_WORDS).min(level.len()))
         };
-        let bulk = storage::BulkWrite::whole(out);
+        let bulk = bulk_write::BulkWrite::whole(out);
         let mut at = words.start;
         while at < words.end {
             // The run of blocks, all clean or all dirty, that starts at `at`.
@@ -66,7 +66,7 @@ impl HBitmap {
         let (upper, lower) = self.levels.split_at_mut(LAST);
         let known_clean = known_clean(&upper[LAST - 1], &self.unsummarized, words.start);
         let dst = bytemuck::cast_slice_mut(&mut lower[0][words.clone()]);
-        storage::BulkWrite::new(dst.len()).clear(dst, known_clean);
+        bulk_write::BulkWrite::new(dst.len()).clear(dst, known_clean);
         if !words.is_empty() {
             self.full.words_unfilled(words.start, words.end - 1);
         }
@@ -105,7 +105,7 @@ impl HBitmap {
         let (upper, lower) = self.levels.split_at_mut(LAST);
         let known_clean = known_clean(&upper[LAST - 1], &self.unsummarized, words.start);
         let mut copied = Vec::new();
-        storage::copy_into_ours(
+        bulk_write::copy_into_ours(
             bytemuck::cast_slice_mut(&mut lower[0][words.clone()]),
             bytes,
             known_clean,
@@ -191,7 +191,7 @@ impl Filling<'_> {
         read: impl FnOnce(&mut [u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         let dst = &mut self.bitmap.levels[LAST][words.clone()];
-        storage::prefault_whole(bytemuck::cast_slice_mut(dst));
+        bulk_write::prefault_whole(bytemuck::cast_slice_mut(dst));
         if let Err(error) = read(bytemuck::cast_slice_mut(dst)) {
             dst.fill(0);
             return Err(error);
@@ -269,7 +269,7 @@ fn words_of(first: usize, bytes: Range<usize>) -> Range<usize> {
 pub(crate) fn write_le_words(words: &[u64], out: &mut [MaybeUninit<u8>]) {
     if cfg!(target_endian = "little") {
         // The words' memory is their encoding: a plain copy.
-        storage::BulkWrite::whole(out).copy(out, bytemuck::cast_slice(words));
+        bulk_write::BulkWrite::whole(out).copy(out, bytemuck::cast_slice(words));
     } else {
         for (bytes, word) in out.chunks_exact_mut(8).zip(words) {
             for (byte, value) in bytes.iter_mut().zip(word.to_le_bytes()) {

@@ -9,13 +9,14 @@
 
 mod blocks;
 mod bulk;
+pub(crate) mod bulk_write;
 mod full;
 pub(crate) mod iter;
 pub(crate) mod merge;
 mod meta;
 mod precondition;
 mod search;
-pub(crate) mod storage;
+mod storage;
 mod update;
 pub(crate) mod words;
 
@@ -219,8 +220,9 @@ impl HBitmap {
         }
         let index = (group >> BITS_PER_LEVEL) as usize;
         debug_assert!(index < self.levels[LAST].len());
-        // SAFETY: the last level always holds `words_for(self.groups)` words (`new` and
-        // `truncate_unchecked` size it, nothing else resizes it), and `group < self.groups`. The
+        // SAFETY: the last level always holds `words_for(self.groups)` words: the fields are
+        // private to this module, where only `new` and `truncate_unchecked` size the levels, and
+        // `group < self.groups`. The
         // point queries of the guest write path are latency-bound: each instruction saved
         // lets more of them overlap.
         let word = unsafe { *self.levels[LAST].get_unchecked(index) };

@@ -8,7 +8,7 @@
 //! must be zero.
 #![forbid(unsafe_code)]
 
-use crate::bitmap::{padding_mask, storage};
+use crate::bitmap::{bulk_write, padding_mask};
 use crate::HBitmap;
 use byteorder::{BigEndian, ByteOrder, LittleEndian};
 
@@ -293,7 +293,7 @@ pub(crate) fn write_data(
             while from < first + run.len() {
                 let to = (from + CHUNK / 8).min(first + run.len());
                 buf.resize((to - from) * 8, 0);
-                bitmap.read_words_le(from..to, storage::as_uninit(&mut buf));
+                bitmap.read_words_le(from..to, bulk_write::as_uninit(&mut buf));
                 write(at, &buf)?;
                 at += buf.len() as u64;
                 from = to;
