@@ -1,15 +1,8 @@
 //! `hbitmap_qcow2_*`: persistent dirty bitmaps in qcow2 images (`hbitmap::qcow2`) for C.
 //!
-//! Conventions: every function returns 0 on success or a negative errno (`-EINVAL` for a
-//! malformed image or a bad argument, `-ENOENT` for an unknown bitmap, `-EEXIST`, `-EBUSY` for a
-//! bitmap marked in use, `-EAGAIN` when another process holds the image, `-EROFS` for a write
-//! refused, `-ENOTSUP`, `-EFBIG` for a QEMU limit, `-EIO` or the OS error for I/O). When `errmsg`
-//! is not NULL and the call fails, `*errmsg` receives a message allocated with `malloc` (free it
-//! with `free`); it is left untouched on success. Output parameters are written only on
-//! success. Image handles and strings must not be NULL (the process aborts, as for the
-//! `hbitmap_*` preconditions); `errmsg` may be. A panic inside the library is turned into
-//! `-EIO` with a message, never unwound into C, and poisons the handle: its in-memory state may
-//! be half updated, so every later call on it fails with `-EIO` (closing still works).
+//! The conventions (negative errno values and what each means, error messages, NULL
+//! arguments, poisoning after an internal error) are documented once, on [`HBitmapQcow2`],
+//! whose documentation is the header's; `Error::errno` is the one mapping from errors to them.
 
 use std::ffi::CStr;
 use std::panic::{catch_unwind, AssertUnwindSafe};

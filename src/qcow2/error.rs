@@ -49,10 +49,8 @@ pub enum Error {
 }
 
 impl Error {
-    /// The errno this error maps to (positive): `EIO` or the OS error for I/O, `EINVAL` for a
-    /// malformed image or a bad argument, `ENOTSUP`, `EAGAIN` for a lock held elsewhere,
-    /// `EROFS`/`EACCES` for refused writes, `ENOENT`, `EEXIST`, `EBUSY` for an in-use bitmap and
-    /// `EFBIG` for a limit.
+    /// The errno this error maps to (positive), as the C ABI returns it negated: the match
+    /// below is the table.
     pub fn errno(&self) -> i32 {
         match self {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
