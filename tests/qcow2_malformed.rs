@@ -889,9 +889,12 @@ fn resource_bounds_of_hostile_images() {
                 drop(open_rw().unwrap_or_else(|e| panic!("{what}: writing refused: {e}")));
             }
         }
+        // A bound against work proportional to what the image claims (a 16 EiB disk's tables),
+        // which would take hours: loose enough for a loaded machine, where a case takes 0.1 s
+        // idle and up to a few seconds under load.
         let elapsed = started.elapsed();
         assert!(
-            elapsed < std::time::Duration::from_secs(2),
+            elapsed < std::time::Duration::from_secs(30),
             "{what}: took {elapsed:?}"
         );
         assert_eq!(file_hash(&path), before, "{what}: the file changed");
