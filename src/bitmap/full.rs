@@ -30,10 +30,10 @@ pub(crate) struct FullSummary {
 fn block_is_full(last_level: &[u64], block: usize) -> bool {
     let start = block * BLOCK;
     let end = (start + BLOCK).min(last_level.len());
+    // Stops at the first word with a clear bit: the usual answer, at the first word read.
     last_level[start.min(end)..end]
         .iter()
-        .fold(u64::MAX, |all, &word| all & word)
-        == u64::MAX
+        .all(|&word| word == u64::MAX)
 }
 
 /// The word summarizing words `index * 64 ..` of `below` (an upper level): bit j set iff word
@@ -48,14 +48,6 @@ fn full_bits(below: &[u64], index: usize) -> u64 {
         .fold(0, |bits, (j, &word)| {
             bits | u64::from(word == u64::MAX) << j
         })
-}
-
-/// Writes `bits` only if it changes the word: a clean page of the summary stays unbacked.
-#[inline(always)]
-fn store(word: &mut u64, bits: u64) {
-    if *word != bits {
-        *word = bits;
-    }
 }
 
 /// Mask of bits `first..=last` (both within one word, taken modulo 64).
@@ -198,7 +190,8 @@ impl FullSummary {
         blocks: impl IntoIterator<Item = usize>,
     ) {
         debug_assert_eq!(last_level.len(), self.words);
-        let mut span: Option<(usize, usize)> = None;
+        // Only words that change are passed up: most refreshes change nothing.
+        let mut changed: Option<(usize, usize)> = None;
         for block in blocks {
             let word = &mut self.levels[0][block >> BITS_PER_LEVEL];
             let bit = 1 << (block & 63);
@@ -207,18 +200,25 @@ impl FullSummary {
             } else {
                 *word & !bit
             };
-            store(word, bits);
-            span = Some(span.map_or((block, block), |(first, _)| (first, block)));
+            if *word != bits {
+                *word = bits;
+                changed = Some(changed.map_or((block, block), |(first, _)| (first, block)));
+            }
         }
-        let Some((mut first, mut last)) = span else {
-            return;
-        };
         for level in 1..self.levels.len() {
+            let Some((first, last)) = changed.take() else {
+                return;
+            };
             let (below, above) = self.levels.split_at_mut(level);
             let (below, above) = (&below[level - 1], &mut above[0]);
-            (first, last) = (first >> BITS_PER_LEVEL, last >> BITS_PER_LEVEL);
+            // Bits first/64..=last/64 of this level summarize the words that changed below.
+            let (first, last) = (first >> BITS_PER_LEVEL, last >> BITS_PER_LEVEL);
             for index in first >> BITS_PER_LEVEL..=last >> BITS_PER_LEVEL {
-                store(&mut above[index], full_bits(below, index));
+                let bits = full_bits(below, index);
+                if above[index] != bits {
+                    above[index] = bits;
+                    changed = Some((first, last));
+                }
             }
         }
     }
