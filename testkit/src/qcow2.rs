@@ -115,6 +115,25 @@ pub fn bitmaps_extension(bytes: &[u8]) -> Option<usize> {
         .map(Extension::data)
 }
 
+/// The file offset of the directory entry of the bitmap named `name`; panics when the image
+/// has no bitmaps extension or no such bitmap.
+pub fn directory_entry(bytes: &[u8], name: impl AsRef<[u8]>) -> usize {
+    let name = name.as_ref();
+    let ext = bitmaps_extension(bytes).expect("no bitmaps extension");
+    let count = be32(bytes, ext);
+    let mut entry = be64(bytes, ext + 16) as usize;
+    for _ in 0..count {
+        let name_size = field(bytes, entry + 18, 2).expect("a directory entry") as usize;
+        let extra = be32(bytes, entry + 20) as usize;
+        let start = entry + 24 + extra;
+        if bytes.get(start..start + name_size) == Some(name) {
+            return entry;
+        }
+        entry += (24 + extra + name_size).div_ceil(8) * 8;
+    }
+    panic!("no directory entry for {}", String::from_utf8_lossy(name));
+}
+
 /// A field the fuzzer may mutate: offset and width in bytes (big-endian).
 #[derive(Clone, Copy, Debug)]
 pub struct Field {
@@ -215,4 +234,52 @@ pub fn mutable_fields(img: &[u8]) -> Vec<Field> {
         e += (24 + extra + name_size).div_ceil(8) * 8;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_read_back_what_was_put() {
+        let mut bytes = [0u8; 12];
+        put32(&mut bytes, 0, 0x0102_0304);
+        put64(&mut bytes, 4, 0x1122_3344_5566_7788);
+        assert_eq!(bytes[..4], [1, 2, 3, 4], "big-endian");
+        assert_eq!(be32(&bytes, 0), 0x0102_0304);
+        assert_eq!(be64(&bytes, 4), 0x1122_3344_5566_7788);
+        assert_eq!(field(&bytes, 10, 2), Some(0x7788));
+        assert_eq!(field(&bytes, 11, 2), None, "past the end");
+        assert_eq!(field(&bytes, usize::MAX, 2), None, "offset overflow");
+    }
+
+    #[test]
+    fn finds_the_bitmaps_extension_and_its_entries() {
+        let dir = std::env::temp_dir().join(format!("hbitmap-testkit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("two-bitmaps.qcow2");
+        let mut image = hbitmap::qcow2::Image::create(&path, 1 << 20, 512).unwrap();
+        let flags = hbitmap::qcow2::BitmapFlags {
+            in_use: false,
+            auto: true,
+        };
+        for (name, granularity_bits) in [("first", 9), ("second", 12)] {
+            let bitmap = hbitmap::HBitmap::new(1 << 20, granularity_bits).unwrap();
+            image.store_bitmap(name, &bitmap, flags).unwrap();
+        }
+        image.close().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let magics: Vec<u32> = extensions(&bytes).iter().map(|e| e.magic).collect();
+        assert_eq!(magics.last(), Some(&0), "the walk ends at the end marker");
+        let ext = bitmaps_extension(&bytes).expect("a bitmaps extension");
+        assert_eq!(be32(&bytes, ext), 2, "nb_bitmaps");
+        // Entry fields: granularity_bits at 17.
+        let second = directory_entry(&bytes, "second");
+        assert_eq!(field(&bytes, second + 17, 1), Some(12));
+        let first = directory_entry(&bytes, b"first");
+        assert_eq!(field(&bytes, first + 17, 1), Some(9));
+        assert_eq!(first, be64(&bytes, ext + 16) as usize, "the first entry");
+    }
 }
