@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use assert_cmd::cargo::cargo_bin_cmd;
 use assert_cmd::Command;
 use hbitmap_testkit::qcow2::{be32, be64, directory_entry, put32, put64, L1_TABLE_OFFSET};
+use hbitmap_testkit::Rng;
 use predicates::prelude::*;
 use predicates::str::contains;
 use serde_json::{json, Value};
@@ -540,19 +541,13 @@ fn dump_after_import_round_trips_extents() {
     let size = 4 * GIB + 12 * KIB;
     let (dir, path) = image(&size.to_string());
     // A reproducible scatter of aligned extents, the last one ending at the (unaligned) end.
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut rng = Rng::new(0x2545_f491_4f6c_dd1d);
     let granule = 64 * KIB;
     let mut expected = Vec::new();
     let mut offset = 0;
     while offset < size - 16 * MIB {
-        offset += (1 + next() % 256) * granule;
-        let length = (1 + next() % 32) * granule;
+        offset += (1 + rng.below(256)) * granule;
+        let length = (1 + rng.below(32)) * granule;
         expected.push((offset, length));
         offset += length;
     }
