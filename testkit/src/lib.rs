@@ -4,9 +4,10 @@
 //! ([`qcow2`]) and the open options every qcow2 test uses ([`RW`], [`RO`],
 //! [`RO_FORCE_SHARE`]).
 //!
-//! Not published: the main crate takes it as a dev-dependency (its tests and benches link the
-//! same `hbitmap` as this crate, so the cycle is one cargo allows), the fuzz crate as a
-//! dependency.
+//! Not published: the main crate and qbitmap take it as a dev-dependency (the main crate's tests
+//! and benches link the same `hbitmap` as this crate, so the cycle is one cargo allows), the fuzz
+//! crate as a dependency. Unit tests inside `src/` cannot use it: they build their own `hbitmap`,
+//! whose types would not be this crate's.
 
 pub mod model;
 pub mod qcow2;
