@@ -6,9 +6,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use hbitmap::HBitmap;
 
-mod common;
-
-use common::Rng;
+use hbitmap_testkit::Rng;
 
 fn random_extents(
     bits: u64,
@@ -19,8 +17,8 @@ fn random_extents(
 ) -> HBitmap {
     let mut bitmap = HBitmap::new(bits, granularity).unwrap();
     for _ in 0..extents {
-        let len = 1 + rng.next() % max_len;
-        bitmap.set(rng.next() % (bits - len), len);
+        let len = 1 + rng.next_u64() % max_len;
+        bitmap.set(rng.next_u64() % (bits - len), len);
     }
     bitmap
 }
@@ -33,23 +31,23 @@ fn guest_writes(c: &mut Criterion) {
     let mut rng = Rng::new(1);
     group.bench_function("set_small_random", |b| {
         b.iter(|| {
-            let len = 1 + rng.next() % 16;
-            bitmap.set(rng.next() % (BITS - 16), len);
+            let len = 1 + rng.next_u64() % 16;
+            bitmap.set(rng.next_u64() % (BITS - 16), len);
         })
     });
     let mut full = HBitmap::new(BITS, 0).unwrap();
     full.set(0, BITS);
     group.bench_function("reset_small_random", |b| {
         b.iter(|| {
-            let len = 1 + rng.next() % 16;
-            full.reset(rng.next() % (BITS - 16), len);
+            let len = 1 + rng.next_u64() % 16;
+            full.reset(rng.next_u64() % (BITS - 16), len);
         })
     });
     group.bench_function("set_reset_large", |b| {
         let mut i = 0u64;
         b.iter(|| {
-            let len = (1 << 20) + rng.next() % 4096;
-            let start = rng.next() % (BITS - len);
+            let len = (1 << 20) + rng.next_u64() % 4096;
+            let start = rng.next_u64() % (BITS - len);
             if i % 3 == 2 {
                 bitmap.reset(start, len);
             } else {
@@ -61,14 +59,14 @@ fn guest_writes(c: &mut Criterion) {
     });
     let sparse = random_extents(BITS, 0, 200_000, 4096, &mut rng);
     group.bench_function("get_random", |b| {
-        b.iter(|| black_box(sparse.get(rng.next() % BITS)))
+        b.iter(|| black_box(sparse.get(rng.next_u64() % BITS)))
     });
     let mut tracked = HBitmap::new(BITS, 0).unwrap();
     tracked.create_meta(4096 * 8);
     group.bench_function("meta_set", |b| {
         b.iter(|| {
-            let len = 1 + rng.next() % 64;
-            tracked.set(rng.next() % (BITS - len), len);
+            let len = 1 + rng.next_u64() % 64;
+            tracked.set(rng.next_u64() % (BITS - len), len);
         })
     });
     group.finish();
@@ -80,7 +78,7 @@ fn backup_walks(c: &mut Criterion) {
     // A 1 TiB disk at 64 KiB granularity, 30% dirty in 1 MiB runs.
     let mut disk = HBitmap::new(1 << 40, 16).unwrap();
     for offset in (0..1u64 << 40).step_by(1 << 20) {
-        if rng.next() % 10 < 3 {
+        if rng.next_u64() % 10 < 3 {
             disk.set(offset, 1 << 20);
         }
     }

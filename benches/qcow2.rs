@@ -15,9 +15,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use hbitmap::qcow2::{BitmapFlags, Image, OpenOptions};
 use hbitmap::HBitmap;
 
-mod common;
-
-use common::Rng;
+use hbitmap_testkit::Rng;
 
 const DISK: u64 = 16 << 40;
 const GRANULARITY: u32 = 16;
@@ -32,13 +30,13 @@ fn realistic() -> HBitmap {
     let run = 1 << 20;
     let runs = DISK / run;
     for index in 0..runs {
-        if rng.next() % 100 < 30 {
+        if rng.next_u64() % 100 < 30 {
             bitmap.set(index * run, run);
         }
     }
     for _ in 0..1_000_000 {
-        let len = 4096 * (1 + rng.next() % 64);
-        bitmap.set(rng.next() % (DISK - len), len);
+        let len = 4096 * (1 + rng.next_u64() % 64);
+        bitmap.set(rng.next_u64() % (DISK - len), len);
     }
     bitmap
 }
@@ -49,7 +47,7 @@ fn dense() -> HBitmap {
     let mut bitmap = HBitmap::new(DISK, GRANULARITY).unwrap();
     let mut buf = vec![0u8; DATA_BYTES as usize];
     for chunk in buf.chunks_exact_mut(8) {
-        chunk.copy_from_slice(&rng.next().to_le_bytes());
+        chunk.copy_from_slice(&rng.next_u64().to_le_bytes());
     }
     bitmap.deserialize_part(&buf, 0, DISK, true);
     bitmap

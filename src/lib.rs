@@ -2,9 +2,18 @@
 //!
 //! Layers, each in its own module:
 //! - [`bitmap`](crate::HBitmap): the bitmap (levels, set/reset, iteration, search, resize, merge,
-//!   meta bitmaps), safe Rust;
+//!   meta bitmaps), with a safe API;
 //! - [`serialize`]: QEMU's little-endian, word-size-independent serialization;
+//! - [`qcow2`]: persistent dirty bitmaps in qcow2 images (header, refcounts, bitmap directory
+//!   and tables, image locks), over the bitmap and its serialization;
 //! - `ffi`: the C ABI of `include/hbitmap.h`, the only place with `extern "C"` and raw pointers.
+//!
+//! `unsafe` is denied crate-wide and allowed only where it is needed: the C ABI (`ffi`), the
+//! bitmap's memory (`bitmap/storage.rs`: mappings; `bitmap/meta.rs`: the pointer C holds), its
+//! hot loops (`bitmap/words.rs`: `popcnt`; `bitmap/bulk_write.rs`: streaming stores, and one
+//! unchecked read in `bitmap/mod.rs`) and the image lock's `fcntl` (`qcow2/lock.rs`).
+
+#![deny(unsafe_code)]
 
 mod bitmap;
 #[doc(hidden)]

@@ -31,8 +31,6 @@
 //! - `HBITMAP_DIFF_TRACE`: print every operation before running it (for a crash, which cannot be
 //!   caught and minimized).
 
-mod common;
-
 use std::ffi::CStr;
 use std::fmt::{Debug, Display};
 use std::time::Instant;
@@ -42,9 +40,10 @@ use hbitmap::{HBitmap, LEVELS};
 use hbitmap_oracle::{self as oracle, QemuHBitmap, QemuHBitmapIter};
 use libc::{c_char, c_int};
 
-use common::{
-    check_summary, expect_next_dirty_area, expect_next_zero, groups_for, popcount_below, Rng,
+use hbitmap_testkit::model::{
+    check_summary, expect_next_dirty_area, expect_next_zero, groups_for, popcount_below,
 };
+use hbitmap_testkit::Rng;
 
 // ---------------------------------------------------------------------------------------------
 // The original, reachable only when it was built.

@@ -24,8 +24,6 @@
 //! - `HBITMAP_DIFF_TRACE`: print every operation before running it (for a crash, which cannot be
 //!   caught and minimized).
 
-mod common;
-
 use std::ffi::CStr;
 use std::fmt::{Debug, Display};
 use std::time::Instant;
@@ -35,7 +33,7 @@ use hbitmap::HBitmap;
 use hbitmap_oracle::qemu10::{self as oracle, Qemu10HBitmap, Qemu10HBitmapIter};
 use libc::{c_char, c_int};
 
-use common::Rng;
+use hbitmap_testkit::Rng;
 
 /// True (after saying why) when QEMU 10's implementation was not built and the tests must pass
 /// vacuously.

@@ -7,13 +7,14 @@
 //! and of two bugs these tests found: a panic when iterating after shrinking over dirty padding
 //! bits, and an overflow panic (debug builds) on a count skewed the way the original skews it.
 
-mod common;
-
 use hbitmap::ffi;
 use hbitmap::HBitmap;
 use proptest::prelude::*;
 
-use common::{check_summary, expect_next_dirty_area, expect_next_zero, first_set, groups_for};
+use hbitmap_testkit::model::{
+    check_summary, expect_next_dirty_area, expect_next_zero, first_set, groups_for, word_of,
+};
+use hbitmap_testkit::Rng;
 
 /// The bitmap as a flag per group, with the same observable rules as the original.
 #[derive(Clone, Debug)]
@@ -53,10 +54,7 @@ impl Model {
     }
 
     fn word(&self, index: u64) -> u64 {
-        self.bits[index as usize * 64..index as usize * 64 + 64]
-            .iter()
-            .enumerate()
-            .fold(0, |word, (bit, &set)| word | u64::from(set) << bit)
+        word_of(&self.bits, index)
     }
 
     fn set_word(&mut self, index: usize, word: u64) {
@@ -538,7 +536,7 @@ fn apply(hb: &mut HBitmap, model: &mut Model, action: &Action) -> Result<(), Tes
             copy_model.recount();
             check(&copy, &copy_model, *a)?;
             // Then a deserialization step into `self`.
-            let mut rng = common::Rng::new(*seed);
+            let mut rng = Rng::new(*seed);
             let words: Vec<u64> = (0..bytes.len() / 8)
                 .map(|_| match fill {
                     0 => rng.word(),

@@ -2,18 +2,10 @@
 mod qcow2_util;
 
 use hbitmap::qcow2::io::{FailingIo, Faults, FileIo};
-use hbitmap::qcow2::{BitmapFlags, Error, Image, OpenOptions};
+use hbitmap::qcow2::{BitmapFlags, Error, Image};
 use hbitmap::HBitmap;
+use hbitmap_testkit::{Rng, RO, RO_FORCE_SHARE, RW};
 use qcow2_util::*;
-
-const RW: OpenOptions = OpenOptions {
-    write: true,
-    force_share: false,
-};
-const RO: OpenOptions = OpenOptions {
-    write: false,
-    force_share: false,
-};
 
 #[test]
 fn store_load_roundtrip_and_flags() {
@@ -24,7 +16,7 @@ fn store_load_roundtrip_and_flags() {
     assert_eq!(image.virtual_size(), size);
     assert_eq!(image.cluster_size(), 65536);
     assert!(image.bitmaps().is_empty());
-    let mut rng = Rng(1);
+    let mut rng = Rng::new(1);
     let a = random_bitmap(&mut rng, size, 12, 100);
     let b = random_bitmap(&mut rng, size, 16, 10);
     image.store_bitmap("a", &a, AUTO).unwrap();
@@ -108,7 +100,7 @@ fn merge_within_and_across_images() {
     let s = Scratch::new("api-merge");
     let size = 64 << 20;
     let (p1, p2) = (s.path("1.qcow2"), s.path("2.qcow2"));
-    let mut rng = Rng(2);
+    let mut rng = Rng::new(2);
     let a = random_bitmap(&mut rng, size, 12, 40);
     let b = random_bitmap(&mut rng, size, 16, 10);
     let c = random_bitmap(&mut rng, size, 9, 30);
@@ -171,14 +163,7 @@ fn read_only_refuses_writes_and_locks_exclude() {
         other => panic!("reading while a writer holds the image: {other:?}"),
     }
     assert!(matches!(Image::open(&p, RW), Err(Error::Locked(_))));
-    Image::open(
-        &p,
-        OpenOptions {
-            write: false,
-            force_share: true,
-        },
-    )
-    .unwrap();
+    Image::open(&p, RO_FORCE_SHARE).unwrap();
     if have("qemu-img") {
         let out = std::process::Command::new("qemu-img")
             .args(["info"])
@@ -203,7 +188,7 @@ fn replacing_reuses_space() {
     let p = s.path("a.qcow2");
     let size = 256 << 20;
     let mut image = Image::create(&p, size, 65536).unwrap();
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     let mut len_after_first = 0;
     for round in 0..20 {
         let bitmap = random_bitmap(&mut rng, size, 9, 200);
@@ -232,7 +217,7 @@ fn failed_writes_leave_the_image_usable() {
     let s = Scratch::new("api-fail");
     let p = s.path("a.qcow2");
     let size = 32 << 20;
-    let mut rng = Rng(4);
+    let mut rng = Rng::new(4);
     let a = random_bitmap(&mut rng, size, 12, 30);
     let mut image = Image::create(&p, size, 65536).unwrap();
     image.store_bitmap("a", &a, AUTO).unwrap();

@@ -10,6 +10,8 @@ use std::sync::atomic::Ordering;
 use hbitmap::qcow2::io::{CrashIo, FileIo};
 use hbitmap::qcow2::{BitmapFlags, Image, OpenOptions};
 use hbitmap::HBitmap;
+use hbitmap_testkit::qcow2::{be32, REFCOUNT_TABLE_CLUSTERS};
+use hbitmap_testkit::{Rng, RW};
 use qcow2_util::*;
 
 type State = BTreeMap<String, (bool, bool, Vec<(u64, u64)>)>;
@@ -63,7 +65,7 @@ fn crash_each_write(name: &str, base: &Path, dir: &Path, op: &dyn Fn(&mut Image)
 }
 
 fn base_image(path: &Path, size: u64) -> (HBitmap, HBitmap) {
-    let mut rng = Rng(11);
+    let mut rng = Rng::new(11);
     let a = random_bitmap(&mut rng, size, 12, 40);
     let b = random_bitmap(&mut rng, size, 14, 20);
     let mut image = Image::create(path, size, 65536).unwrap();
@@ -79,7 +81,7 @@ fn crash_during_each_change() {
     let base = s.path("base.qcow2");
     let size = 256 << 20;
     base_image(&base, size);
-    let mut rng = Rng(12);
+    let mut rng = Rng::new(12);
     let c = random_bitmap(&mut rng, size, 10, 60);
     let a2 = random_bitmap(&mut rng, size, 12, 40);
     let mut total = 0;
@@ -115,8 +117,7 @@ fn spread_bitmap(size: u64, first: u64, clusters: u64) -> HBitmap {
 }
 
 fn be32_at(path: &Path, offset: usize) -> u32 {
-    let bytes = std::fs::read(path).unwrap();
-    u32::from_be_bytes(bytes[offset..offset + 4].try_into().unwrap())
+    be32(&std::fs::read(path).unwrap(), offset)
 }
 
 /// With 512-byte clusters and 64-bit refcounts a refcount table cluster covers 2 MiB: a store
@@ -141,16 +142,9 @@ fn crash_while_growing_refcounts() {
         &size.to_string(),
     ]);
     // Fill the file up to just below what the refcount table covers.
-    let table_clusters = be32_at(&base, 56);
+    let table_clusters = be32_at(&base, REFCOUNT_TABLE_CLUSTERS);
     let coverage = u64::from(table_clusters) * (512 / 8) * 64 * 512;
-    let mut image = Image::open(
-        &base,
-        OpenOptions {
-            write: true,
-            force_share: false,
-        },
-    )
-    .unwrap();
+    let mut image = Image::open(&base, RW).unwrap();
     let mut round = 0;
     loop {
         let len = std::fs::metadata(&base).unwrap().len();
@@ -167,7 +161,7 @@ fn crash_while_growing_refcounts() {
     }
     image.close().unwrap();
     qemu_check(&base, false);
-    assert_eq!(be32_at(&base, 56), table_clusters);
+    assert_eq!(be32_at(&base, REFCOUNT_TABLE_CLUSTERS), table_clusters);
     let big = spread_bitmap(size, 0, 60);
     let writes = crash_each_write("grow", &base, &s.dir, &|image| {
         if let Err(e) = image.store_bitmap("big", &big, BitmapFlags::default()) {
@@ -176,20 +170,13 @@ fn crash_while_growing_refcounts() {
     });
     let work = s.dir.join("grow-work.qcow2");
     std::fs::copy(&base, &work).unwrap();
-    let mut image = Image::open(
-        &work,
-        OpenOptions {
-            write: true,
-            force_share: false,
-        },
-    )
-    .unwrap();
+    let mut image = Image::open(&work, RW).unwrap();
     image
         .store_bitmap("big", &big, BitmapFlags::default())
         .unwrap();
     image.close().unwrap();
     assert!(
-        be32_at(&work, 56) > table_clusters,
+        be32_at(&work, REFCOUNT_TABLE_CLUSTERS) > table_clusters,
         "the refcount table did not grow"
     );
     qemu_check(&work, false);
@@ -209,7 +196,7 @@ fn crash_while_dropping_a_stale_extension() {
     bytes[95] &= !1;
     std::fs::write(&base, &bytes).unwrap();
     assert!(state(&base).is_empty());
-    let mut rng = Rng(14);
+    let mut rng = Rng::new(14);
     let c = random_bitmap(&mut rng, size, 12, 10);
     crash_each_write("stale", &base, &s.dir, &|image| {
         let _ = image.store_bitmap("c", &c, BitmapFlags::default());
@@ -242,14 +229,7 @@ fn crash_while_allocating_runs_longer_than_a_refcount_block() {
     let writes = crash_each_write("long-table", &base, &s.dir, &|image| {
         let _ = image.add_bitmap("b", 512, true);
     });
-    let mut image = Image::open(
-        &base,
-        OpenOptions {
-            write: true,
-            force_share: false,
-        },
-    )
-    .unwrap();
+    let mut image = Image::open(&base, RW).unwrap();
     image.add_bitmap("b", 512, true).unwrap();
     // A 128-cluster table: two refcount blocks' worth.
     assert_eq!(image.bitmap("b").unwrap().table_size, 128 * 64);
@@ -268,7 +248,7 @@ fn crash_during_each_qbitmap_command() {
     let base = s.path("base.qcow2");
     let size = 64 << 20;
     base_image(&base, size);
-    let mut rng = Rng(15);
+    let mut rng = Rng::new(15);
     let imported = random_bitmap(&mut rng, size, 16, 30);
     /// A command's name and its library operation.
     type Op<'a> = (&'a str, &'a dyn Fn(&mut Image));

@@ -16,14 +16,11 @@ use std::time::Instant;
 use hbitmap::qcow2::io::{FailingIo, Faults, FileIo, ImageIo};
 use hbitmap::qcow2::{BitmapFlags, Error, Image, OpenOptions};
 use hbitmap::HBitmap;
+use hbitmap_testkit::{Rng, RW};
 use qcow2_util::*;
 
 const SIZE: u64 = 64 << 20;
 const CLUSTER: u64 = 65536;
-const RW: OpenOptions = OpenOptions {
-    write: true,
-    force_share: false,
-};
 
 /// An I/O operation seen by [`Recorder`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -356,7 +353,7 @@ fn every_write_and_flush_fails_in_turn() {
         println!("qemu-img is not installed: skipping its checks (our own checks still run)");
     }
     let base = s.path("base.qcow2");
-    let mut rng = Rng(21);
+    let mut rng = Rng::new(21);
     let a = random_bitmap(&mut rng, SIZE, 9, 60);
     let b = random_bitmap(&mut rng, SIZE, 12, 40);
     let c = random_bitmap(&mut rng, SIZE, 16, 20);

@@ -9,18 +9,10 @@ mod qcow2_util;
 use std::path::Path;
 use std::process::Command;
 
-use hbitmap::qcow2::{BitmapFlags, Error, Image, OpenOptions};
+use hbitmap::qcow2::{BitmapFlags, Error, Image};
 use hbitmap::HBitmap;
+use hbitmap_testkit::{Rng, RO, RO_FORCE_SHARE, RW};
 use qcow2_util::*;
-
-const RW: OpenOptions = OpenOptions {
-    write: true,
-    force_share: false,
-};
-const RO: OpenOptions = OpenOptions {
-    write: false,
-    force_share: false,
-};
 
 fn ours(path: &Path) -> Vec<(String, u64, Vec<String>)> {
     let image = Image::open(path, RO).unwrap();
@@ -109,7 +101,7 @@ fn bitmaps_tracked_by_qemu_are_read_exactly() {
             r#"{{"execute":"block-dirty-bitmap-add","arguments":{{"node":"fmt0","name":"{name}","persistent":true,"granularity":{granularity}}}}}"#
         ));
     }
-    let mut rng = Rng(21);
+    let mut rng = Rng::new(21);
     let mut expected = HBitmap::new(size, 9).unwrap();
     for i in 0..40 {
         let offset = rng.below(size / 512 - 300) * 512;
@@ -171,14 +163,7 @@ fn in_use_bitmaps_from_a_crashed_qemu() {
         other => panic!("opening an image QEMU writes: {other:?}"),
     }
     assert!(matches!(Image::open(&p, RO), Err(Error::Locked(_))));
-    let shared = Image::open(
-        &p,
-        OpenOptions {
-            write: false,
-            force_share: true,
-        },
-    )
-    .unwrap();
+    let shared = Image::open(&p, RO_FORCE_SHARE).unwrap();
     assert!(shared.bitmap("tracked").unwrap().in_use);
     drop(shared);
     drop(qsd); // killed: the bitmap stays in use
@@ -212,7 +197,7 @@ fn store_and_compare(
 ) {
     let p = s.path(&format!("{case}.qcow2"));
     create(&p, size, cluster, refcount_bits);
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut image = Image::open(&p, RW).unwrap();
     let mut stored = Vec::new();
     for (i, &bits) in grans.iter().enumerate() {
@@ -326,7 +311,7 @@ fn hundreds_of_bitmaps() {
     let size = 256 << 20;
     create(&p, size, 4096, 16);
     let mut image = Image::open(&p, RW).unwrap();
-    let mut rng = Rng(41);
+    let mut rng = Rng::new(41);
     for i in 0..300 {
         let runs = rng.below(5);
         let bitmap = random_bitmap(&mut rng, size, 16, runs);
@@ -365,7 +350,7 @@ fn qemu_edits_our_images() {
     let p = s.path("a.qcow2");
     let ps = p.to_str().unwrap();
     let size = 300 << 20;
-    let mut rng = Rng(51);
+    let mut rng = Rng::new(51);
     let a = random_bitmap(&mut rng, size, 16, 30);
     let b = random_bitmap(&mut rng, size, 16, 30);
     let mut image = Image::create(&p, size, 65536).unwrap();
@@ -485,7 +470,7 @@ fn images_with_other_features() {
             ],
         ),
     ];
-    let mut rng = Rng(61);
+    let mut rng = Rng::new(61);
     for (name, options) in variants {
         let p = s.path(&format!("{name}.qcow2"));
         let ps = p.to_str().unwrap().to_string();

@@ -5,23 +5,14 @@ mod qcow2_util;
 
 use hbitmap::qcow2::{BitmapFlags, Error, Image, OpenOptions};
 use hbitmap::HBitmap;
+use hbitmap_testkit::qcow2::{
+    be64, bitmaps_extension, put32, put64, L1_TABLE_OFFSET, REFCOUNT_TABLE_OFFSET,
+};
+use hbitmap_testkit::{Rng, RW};
 use qcow2_util::*;
 
 const CLUSTER: usize = 65536;
 const SIZE: u64 = 64 << 20;
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
-}
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
-}
-fn put32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_be_bytes());
-}
-fn put64(b: &mut [u8], at: usize, v: u64) {
-    b[at..at + 8].copy_from_slice(&v.to_be_bytes());
-}
 
 /// Offsets in the base image.
 #[derive(Clone, Copy, Debug)]
@@ -38,16 +29,7 @@ struct Map {
 }
 
 fn map_of(bytes: &[u8]) -> Map {
-    let mut pos = be32(bytes, 100) as usize;
-    let ext = loop {
-        let magic = be32(bytes, pos);
-        let len = be32(bytes, pos + 4) as usize;
-        assert_ne!(magic, 0, "no bitmaps extension");
-        if magic == 0x2385_2875 {
-            break pos + 8;
-        }
-        pos += 8 + len.div_ceil(8) * 8;
-    };
+    let ext = bitmaps_extension(bytes).expect("no bitmaps extension");
     let dir = be64(bytes, ext + 16) as usize;
     let entry_b = dir + 32;
     let table_a = be64(bytes, dir) as usize;
@@ -60,8 +42,8 @@ fn map_of(bytes: &[u8]) -> Map {
         table_b,
         data_a: be64(bytes, table_a) as usize,
         data_b: be64(bytes, table_b) as usize,
-        l1: be64(bytes, 40) as usize,
-        reftable: be64(bytes, 48) as usize,
+        l1: be64(bytes, L1_TABLE_OFFSET) as usize,
+        reftable: be64(bytes, REFCOUNT_TABLE_OFFSET) as usize,
     }
 }
 
@@ -519,13 +501,7 @@ fn malformed_images_are_refused() {
                 assert!(errors.is_empty(), "{what}: check errors {errors:?}");
             }
         }
-        match Image::open(
-            &path,
-            OpenOptions {
-                write: true,
-                force_share: false,
-            },
-        ) {
+        match Image::open(&path, RW) {
             Ok(_) => panic!("{what}: opened for writing"),
             Err(err) => {
                 let text = err.to_string();
@@ -559,14 +535,7 @@ fn stale_extension_is_ignored_then_dropped() {
     assert!(image.bitmaps().is_empty());
     assert!(image.check().warnings.iter().any(|w| w.contains("stale")));
     drop(image);
-    let mut image = Image::open(
-        &path,
-        OpenOptions {
-            write: true,
-            force_share: false,
-        },
-    )
-    .unwrap();
+    let mut image = Image::open(&path, RW).unwrap();
     image.add_bitmap("new", 65536, true).unwrap();
     image.close().unwrap();
     let image = Image::open(&path, OpenOptions::default()).unwrap();
@@ -593,14 +562,7 @@ fn unknown_autoclear_bits_are_cleared() {
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[88] |= 0x40;
     std::fs::write(&path, &bytes).unwrap();
-    let mut image = Image::open(
-        &path,
-        OpenOptions {
-            write: true,
-            force_share: false,
-        },
-    )
-    .unwrap();
+    let mut image = Image::open(&path, RW).unwrap();
     image.add_bitmap("x", 65536, true).unwrap();
     image.close().unwrap();
     let bytes = std::fs::read(&path).unwrap();
@@ -631,7 +593,7 @@ fn truncated_images_never_panic() {
         len += 509;
     }
     // And random byte flips.
-    let mut rng = Rng(99);
+    let mut rng = Rng::new(99);
     for _ in 0..300 {
         let mut copy = bytes.clone();
         for _ in 0..4 {
@@ -639,13 +601,7 @@ fn truncated_images_never_panic() {
             copy[at] ^= 1 << rng.below(8);
         }
         std::fs::write(&cut, &copy).unwrap();
-        if let Ok(mut image) = Image::open(
-            &cut,
-            OpenOptions {
-                write: true,
-                force_share: false,
-            },
-        ) {
+        if let Ok(mut image) = Image::open(&cut, RW) {
             for info in image.bitmaps().to_vec() {
                 let _ = image.inspect_bitmap(&info.name);
             }
@@ -832,15 +788,7 @@ fn resource_bounds_of_hostile_images() {
             report.errors.len(),
             report.warnings.len()
         );
-        let open_rw = || {
-            Image::open(
-                &path,
-                OpenOptions {
-                    write: true,
-                    force_share: false,
-                },
-            )
-        };
+        let open_rw = || Image::open(&path, RW);
         match outcome {
             Outcome::Refused(expected) => {
                 let err = read.expect_err(what).to_string();

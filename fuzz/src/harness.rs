@@ -1,15 +1,16 @@
 //! Fuzz harness logic shared by the libFuzzer targets (`fuzz/fuzz_targets/`) and the plain
 //! regression test `tests/fuzz_regressions.rs` (which includes this file with `#[path]`).
-//! Depends only on `hbitmap` and `std`: inputs are decoded with the small [`Bytes`] reader
-//! rather than `arbitrary`, so the regression test needs no extra dependency.
+//! Depends only on `hbitmap`, `hbitmap-testkit` and `std`: inputs are decoded with the small
+//! [`Bytes`] reader rather than `arbitrary`, so the regression test needs no extra dependency.
 #![allow(dead_code)]
 
-use std::io;
 use std::sync::OnceLock;
 
-use hbitmap::qcow2::io::ImageIo;
+use hbitmap::qcow2::io::MemIo;
 use hbitmap::qcow2::{BitmapFlags, BitmapName, Image};
 use hbitmap::HBitmap;
+use hbitmap_testkit::model::{expect_next_dirty_area, expect_next_zero, first_set, word_of};
+use hbitmap_testkit::qcow2::{field, mutable_fields, put_field, CLUSTER_BITS};
 
 // ---------------------------------------------------------------------------------------------
 // Input decoding
@@ -72,58 +73,6 @@ impl<'a> Bytes<'a> {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// In-memory image I/O
-
-/// An [`ImageIo`] over a `Vec<u8>`: no disk I/O. Reads past the end fail like `read_exact_at`.
-pub struct MemIo {
-    pub data: Vec<u8>,
-}
-
-impl ImageIo for MemIo {
-    fn pread(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
-        let end = start
-            .checked_add(buf.len())
-            .filter(|&end| end <= self.data.len())
-            .ok_or(io::ErrorKind::UnexpectedEof)?;
-        buf.copy_from_slice(&self.data[start..end]);
-        Ok(())
-    }
-    fn pwrite(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
-        let end = start
-            .checked_add(buf.len())
-            .ok_or(io::ErrorKind::InvalidInput)?;
-        if end > MAX_MEM_FILE {
-            return Err(io::Error::other(
-                "MemIo: file would exceed the fuzzing limit",
-            ));
-        }
-        if end > self.data.len() {
-            self.data.resize(end, 0);
-        }
-        self.data[start..end].copy_from_slice(buf);
-        Ok(())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-    fn len(&self) -> io::Result<u64> {
-        Ok(self.data.len() as u64)
-    }
-    fn set_len(&mut self, len: u64) -> io::Result<()> {
-        let len = usize::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
-        if len > MAX_MEM_FILE {
-            return Err(io::Error::other(
-                "MemIo: file would exceed the fuzzing limit",
-            ));
-        }
-        self.data.resize(len, 0);
-        Ok(())
-    }
-}
-
 /// Writes through [`MemIo`] may not grow the "file" beyond this.
 pub const MAX_MEM_FILE: usize = 64 << 20;
 
@@ -137,9 +86,7 @@ pub const MAX_MEM_FILE: usize = 64 << 20;
 /// it is 9..=21), so that seeds can be stored with their trailing zeros trimmed: an image with
 /// 2 MiB clusters is then a few hundred bytes of input instead of 8 MiB.
 pub fn qcow2_open(bytes: &[u8]) {
-    let io = Box::new(MemIo {
-        data: pad_to_cluster(bytes),
-    });
+    let io = Box::new(MemIo::with_limit(pad_to_cluster(bytes), MAX_MEM_FILE));
     let mut image = match Image::open_io(io, "fuzz.qcow2", false) {
         Ok(image) => image,
         Err(_) => return,
@@ -172,7 +119,7 @@ pub fn qcow2_open(bytes: &[u8]) {
 /// `bytes` zero-padded to a multiple of the cluster size named in its header.
 pub fn pad_to_cluster(bytes: &[u8]) -> Vec<u8> {
     let mut data = bytes.to_vec();
-    let cluster_bits = be(bytes, 20, 4);
+    let cluster_bits = field(bytes, CLUSTER_BITS, 4).unwrap_or(0);
     if (9..=21).contains(&cluster_bits) {
         let cluster = 1usize << cluster_bits;
         data.resize(data.len().div_ceil(cluster) * cluster, 0);
@@ -195,9 +142,7 @@ pub fn trim_for_corpus(bytes: &[u8]) -> Vec<u8> {
 /// writing paths: store, clear, toggle, merge, remove, add. After every successful write the
 /// image must still open and check without errors.
 pub fn qcow2_write(bytes: &[u8], ops: &mut Bytes<'_>) {
-    let io = Box::new(MemIo {
-        data: bytes.to_vec(),
-    });
+    let io = Box::new(MemIo::with_limit(bytes.to_vec(), MAX_MEM_FILE));
     let Ok(mut image) = Image::open_io(io, "fuzz.qcow2", true) else {
         return;
     };
@@ -321,132 +266,14 @@ pub fn base_images() -> &'static [Vec<u8>] {
     })
 }
 
-fn be(bytes: &[u8], offset: usize, width: usize) -> u64 {
-    bytes.get(offset..offset + width).map_or(0, |b| {
-        b.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x))
-    })
-}
-
-/// A field of the image: offset and width in bytes (big-endian), and its kind.
-#[derive(Clone, Copy, Debug)]
-pub struct Field {
-    pub offset: usize,
-    pub width: usize,
-}
-
-/// Parses a (valid) image enough to list its mutable fields: header, extension headers, the
-/// bitmaps extension, directory entries, bitmap table entries, refcount table and blocks, L1.
-pub fn fields_of(img: &[u8]) -> Vec<Field> {
-    let mut out = Vec::new();
-    let mut add = |offset: usize, width: usize| {
-        if offset + width <= img.len() {
-            out.push(Field { offset, width });
-        }
-    };
-    // Header (version 3).
-    for &(o, w) in &[
-        (0, 4),
-        (4, 4),
-        (8, 8),
-        (16, 4),
-        (20, 4),
-        (24, 8),
-        (32, 4),
-        (36, 4),
-        (40, 8),
-        (48, 8),
-        (56, 4),
-        (60, 4),
-        (64, 8),
-        (72, 8),
-        (80, 8),
-        (88, 8),
-        (96, 4),
-        (100, 4),
-    ] {
-        add(o, w);
-    }
-    let cluster_bits = be(img, 20, 4) as u32;
-    let cluster = 1usize << cluster_bits.min(30);
-    let header_len = (be(img, 100, 4) as usize).max(72);
-    // Refcount table and first blocks (16-bit refcounts).
-    let rt = be(img, 48, 8) as usize;
-    let rt_clusters = be(img, 56, 4) as usize;
-    for i in 0..(rt_clusters * cluster / 8).min(64) {
-        let entry = be(img, rt + i * 8, 8) as usize;
-        add(rt + i * 8, 8);
-        if entry != 0 {
-            for j in 0..(cluster / 2).min(256) {
-                add(entry + j * 2, 2);
-            }
-        }
-    }
-    // L1 table.
-    let l1 = be(img, 40, 8) as usize;
-    for i in 0..(be(img, 36, 4) as usize).min(16) {
-        add(l1 + i * 8, 8);
-    }
-    // Extensions.
-    let mut off = header_len;
-    let mut bitmaps_ext = None;
-    while off + 8 <= img.len() && off < cluster {
-        let ty = be(img, off, 4);
-        let len = be(img, off + 4, 4) as usize;
-        add(off, 4);
-        add(off + 4, 4);
-        if ty == 0 {
-            break;
-        }
-        if ty == 0x2385_2875 {
-            bitmaps_ext = Some(off + 8);
-        }
-        off += 8 + len.div_ceil(8) * 8;
-    }
-    let Some(ext) = bitmaps_ext else {
-        return out;
-    };
-    for &(o, w) in &[(0, 4), (4, 4), (8, 8), (16, 8)] {
-        add(ext + o, w);
-    }
-    let nb = be(img, ext, 4) as usize;
-    let dir = be(img, ext + 16, 8) as usize;
-    let mut e = dir;
-    for _ in 0..nb.min(64) {
-        if e + 24 > img.len() {
-            break;
-        }
-        for &(o, w) in &[(0, 8), (8, 4), (12, 4), (16, 1), (17, 1), (18, 2), (20, 4)] {
-            add(e + o, w);
-        }
-        let table = be(img, e, 8) as usize;
-        let table_size = be(img, e + 8, 4) as usize;
-        for i in 0..table_size.min(64) {
-            add(table + i * 8, 8);
-        }
-        let name_size = be(img, e + 18, 2) as usize;
-        let extra = be(img, e + 20, 4) as usize;
-        if name_size > 0 {
-            add(e + 24 + extra, 1);
-        }
-        e += (24 + extra + name_size).div_ceil(8) * 8;
-    }
-    out
-}
-
-fn put_be(img: &mut [u8], offset: usize, width: usize, value: u64) {
-    for i in 0..width {
-        img[offset + i] = (value >> (8 * (width - 1 - i))) as u8;
-    }
-}
-
 /// Applies input-driven mutations to one of the base images and runs [`qcow2_open`] (and the
 /// writing paths) on the result.
 pub fn qcow2_mutate(data: &[u8]) {
     let mut input = Bytes::new(data);
     let bases = base_images();
     let mut img = bases[usize::from(input.u8()) % bases.len()].clone();
-    let fields = fields_of(&img);
-    let cluster = 1u64 << (be(&img, 20, 4) as u32).min(30);
+    let fields = mutable_fields(&img);
+    let cluster = 1u64 << (field(&img, CLUSTER_BITS, 4).unwrap_or(0) as u32).min(30);
     let file_len = img.len() as u64;
     let mutations = 1 + usize::from(input.u8() % 8);
     for _ in 0..mutations {
@@ -464,13 +291,12 @@ pub fn qcow2_mutate(data: &[u8]) {
             }
             continue;
         }
-        let Some(&field) = fields.get(usize::from(selector / 16) % fields.len().max(1)) else {
+        let Some(&chosen) = fields.get(usize::from(selector / 16) % fields.len().max(1)) else {
             continue;
         };
-        if field.offset + field.width > img.len() {
+        let Some(old) = field(&img, chosen.offset, chosen.width) else {
             continue;
-        }
-        let old = be(&img, field.offset, field.width);
+        };
         let new = match input.u8() % 12 {
             0 => 0,
             1 => u64::MAX,
@@ -485,11 +311,11 @@ pub fn qcow2_mutate(data: &[u8]) {
             10 => {
                 // Another field's value (e.g. a table offset into the directory).
                 let other = fields[usize::from(input.u16()) % fields.len()];
-                be(&img, other.offset, other.width)
+                field(&img, other.offset, other.width).unwrap_or(0)
             }
             _ => input.u64(),
         };
-        put_be(&mut img, field.offset, field.width, new);
+        put_field(&mut img, chosen.offset, chosen.width, new);
     }
     qcow2_open(&img);
     qcow2_write(&img, &mut input);
@@ -566,14 +392,24 @@ fn hbitmap_ops_impl(data: &[u8], strict: bool) {
                     let start = input.upto(size + 2);
                     let count = input.upto(u64::MAX);
                     let got = ffi::hbitmap_next_zero(hb, start, count);
-                    let want = model_next_zero(&model, g, size, start, count);
+                    let want = expect_next_zero(size, g, groups as u64, start, count, |w| {
+                        word_of(&model, w)
+                    });
                     assert_eq!(got, want, "next_zero({start}, {count}) size {size} g {g}");
                 }
                 5 => {
                     let (mut start, mut count) = (input.upto(size + 2), input.upto(u64::MAX));
                     let (s0, c0) = (start, count);
                     let found = ffi::hbitmap_next_dirty_area(hb, &mut start, &mut count);
-                    let want = model_next_dirty_area(&model, g, size, s0, c0);
+                    // The iterator's first stop, padding bits included as in the original.
+                    let first_dirty =
+                        || match first_set(|w| word_of(&model, w), s0 >> g, model.len() as u64) {
+                            Some(group) => (group << g) as i64,
+                            None => -1,
+                        };
+                    let want = expect_next_dirty_area(size, g, s0, c0, first_dirty, |w| {
+                        word_of(&model, w)
+                    });
                     let got = found.then_some((start, count));
                     assert_eq!(got, want, "next_dirty_area({s0}, {c0}) size {size} g {g}");
                 }
@@ -684,40 +520,6 @@ fn hbitmap_ops_impl(data: &[u8], strict: bool) {
 /// stay positive as `i64` and the group rounding cannot wrap).
 fn max_ops_size(g: u32) -> u64 {
     1u64 << (16 + g).min(62)
-}
-
-fn model_next_zero(model: &[bool], g: u32, size: u64, start: u64, count: u64) -> i64 {
-    if start >= size || count == 0 {
-        return -1;
-    }
-    let end = start.saturating_add(count).min(size);
-    let (first, last) = (start >> g, (end - 1) >> g);
-    for grp in first..=last {
-        if !model[grp as usize] {
-            return (grp << g).max(start) as i64;
-        }
-    }
-    -1
-}
-
-fn model_next_dirty_area(
-    model: &[bool],
-    g: u32,
-    size: u64,
-    start: u64,
-    count: u64,
-) -> Option<(u64, u64)> {
-    if start >= size || count == 0 {
-        return None;
-    }
-    let end = start.saturating_add(count).min(size);
-    let (first, last) = (start >> g, (end - 1) >> g);
-    let dirty = (first..=last).find(|&grp| model[grp as usize])?;
-    let area_start = (dirty << g).max(start);
-    let area_end = ((dirty + 1)..=last)
-        .find(|&grp| !model[grp as usize])
-        .map_or(end, |grp| (grp << g).min(end));
-    Some((area_start, area_end - area_start))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@
 //! calls it and formats what it returns. Exit status: 0 on success, 1 on an error (reported on
 //! stderr with the image it concerns), 2 on bad usage.
 
+// Everything unsafe lives in the library, behind its safe API.
+#![forbid(unsafe_code)]
+
 mod cli;
 mod commands;
 mod demo;

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use assert_cmd::cargo::cargo_bin_cmd;
 use assert_cmd::Command;
+use hbitmap_testkit::qcow2::{be32, be64, directory_entry, put32, put64, L1_TABLE_OFFSET};
+use hbitmap_testkit::Rng;
 use predicates::prelude::*;
 use predicates::str::contains;
 use serde_json::{json, Value};
@@ -116,40 +118,14 @@ fn set_in_use(path: &Path, name: &str, in_use: bool) {
     let mut data = fs::read(path).unwrap();
     let entry = directory_entry(&data, name);
     let flags_at = entry + 12;
-    let mut flags = u32::from_be_bytes(data[flags_at..flags_at + 4].try_into().unwrap());
+    let mut flags = be32(&data, flags_at);
     if in_use {
         flags |= 1;
     } else {
         flags &= !1;
     }
-    data[flags_at..flags_at + 4].copy_from_slice(&flags.to_be_bytes());
+    put32(&mut data, flags_at, flags);
     fs::write(path, data).unwrap();
-}
-
-/// File offset of the bitmap directory entry named `name`.
-fn directory_entry(data: &[u8], name: &str) -> usize {
-    let be32 = |at: usize| u32::from_be_bytes(data[at..at + 4].try_into().unwrap()) as usize;
-    let be64 = |at: usize| u64::from_be_bytes(data[at..at + 8].try_into().unwrap()) as usize;
-    assert_eq!(&data[..4], b"QFI\xfb");
-    let mut ext = be32(100);
-    let (count, mut entry) = loop {
-        let (kind, len) = (be32(ext), be32(ext + 4));
-        assert_ne!(kind, 0, "no bitmaps extension");
-        if kind == 0x2385_2875 {
-            break (be32(ext + 8), be64(ext + 24));
-        }
-        ext += 8 + len.div_ceil(8) * 8;
-    };
-    for _ in 0..count {
-        let name_size = u16::from_be_bytes([data[entry + 18], data[entry + 19]]) as usize;
-        let extra = be32(entry + 20);
-        let start = entry + 24 + extra;
-        if &data[start..start + name_size] == name.as_bytes() {
-            return entry;
-        }
-        entry += (24 + extra + name_size).div_ceil(8) * 8;
-    }
-    panic!("no directory entry for {name}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -565,19 +541,13 @@ fn dump_after_import_round_trips_extents() {
     let size = 4 * GIB + 12 * KIB;
     let (dir, path) = image(&size.to_string());
     // A reproducible scatter of aligned extents, the last one ending at the (unaligned) end.
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut rng = Rng::new(0x2545_f491_4f6c_dd1d);
     let granule = 64 * KIB;
     let mut expected = Vec::new();
     let mut offset = 0;
     while offset < size - 16 * MIB {
-        offset += (1 + next() % 256) * granule;
-        let length = (1 + next() % 32) * granule;
+        offset += (1 + rng.below(256)) * granule;
+        let length = (1 + rng.below(32)) * granule;
         expected.push((offset, length));
         offset += length;
     }
@@ -748,8 +718,8 @@ fn check_fails_a_damaged_image() {
     // The bitmap table moved off a cluster boundary.
     let mut data = before.clone();
     let entry = directory_entry(&data, "b");
-    let table = u64::from_be_bytes(data[entry..entry + 8].try_into().unwrap());
-    data[entry..entry + 8].copy_from_slice(&(table + 512).to_be_bytes());
+    let table = be64(&data, entry);
+    put64(&mut data, entry, table + 512);
     fs::write(&path, &data).unwrap();
     let output = qbitmap()
         .args(["check", s(&path), "--output=json"])
@@ -778,17 +748,16 @@ fn check_reports_overlaps() {
         ok(&["set", s(&path), name, "0", "10M"]);
     }
     let clean = fs::read(&path).unwrap();
-    let be64 = |data: &[u8], at: usize| u64::from_be_bytes(data[at..at + 8].try_into().unwrap());
     let table_of = |data: &[u8], name: &str| be64(data, directory_entry(data, name)) as usize;
-    let l1 = be64(&clean, 40);
+    let l1 = be64(&clean, L1_TABLE_OFFSET);
     let data_a = be64(&clean, table_of(&clean, "a"));
 
     let mut over_l1 = clean.clone();
     let entry = directory_entry(&over_l1, "b");
-    over_l1[entry..entry + 8].copy_from_slice(&l1.to_be_bytes());
+    put64(&mut over_l1, entry, l1);
     let mut shared = clean.clone();
     let table_b = table_of(&shared, "b");
-    shared[table_b..table_b + 8].copy_from_slice(&data_a.to_be_bytes());
+    put64(&mut shared, table_b, data_a);
 
     for (data, expected) in [
         (over_l1, "overlaps the active L1 table"),

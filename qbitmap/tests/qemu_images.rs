@@ -11,10 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use hbitmap_testkit::qcow2::{be64, directory_entry, extensions, put64};
 use serde_json::Value;
 use tempfile::TempDir;
 
-const BITMAPS_EXT: u32 = 0x2385_2875;
+/// The magic of the feature name table header extension.
+const FEATURE_NAME_TABLE: u32 = 0x6803_f857;
 
 fn qbitmap(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_qbitmap"))
@@ -168,41 +170,6 @@ fn our_bitmaps(path: &Path) -> Vec<(String, u64, Vec<String>)> {
         .collect()
 }
 
-fn be32(data: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(data[at..at + 4].try_into().unwrap())
-}
-
-fn be64(data: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(data[at..at + 8].try_into().unwrap())
-}
-
-fn put64(data: &mut [u8], at: usize, value: u64) {
-    data[at..at + 8].copy_from_slice(&value.to_be_bytes());
-}
-
-/// File offset of the directory entry of bitmap `name`.
-fn directory_entry(data: &[u8], name: &str) -> usize {
-    let mut ext = be32(data, 100) as usize;
-    let (count, mut entry) = loop {
-        let (kind, len) = (be32(data, ext), be32(data, ext + 4) as usize);
-        assert_ne!(kind, 0, "no bitmaps extension");
-        if kind == BITMAPS_EXT {
-            break (be32(data, ext + 8), be64(data, ext + 24) as usize);
-        }
-        ext += 8 + len.div_ceil(8) * 8;
-    };
-    for _ in 0..count {
-        let name_size = u16::from_be_bytes([data[entry + 18], data[entry + 19]]) as usize;
-        let extra = be32(data, entry + 20) as usize;
-        let start = entry + 24 + extra;
-        if &data[start..start + name_size] == name.as_bytes() {
-            return entry;
-        }
-        entry += (24 + extra + name_size).div_ceil(8) * 8;
-    }
-    panic!("no directory entry for {name}");
-}
-
 /// Changes the image file in place.
 fn patch(path: &Path, change: impl FnOnce(&mut Vec<u8>)) {
     let mut data = fs::read(path).unwrap();
@@ -261,12 +228,11 @@ fn unknown_incompatible_features_refuse_reads() {
         put64(data, 72, bits);
         // Name bit 5 in the feature name table, as a newer QEMU would (its first entry,
         // incompatible bit 0, becomes incompatible bit 5).
-        let mut ext = be32(data, 100) as usize;
-        while be32(data, ext) != 0x6803_f857 {
-            assert_ne!(be32(data, ext), 0, "no feature name table");
-            ext += 8 + (be32(data, ext + 4) as usize).div_ceil(8) * 8;
-        }
-        let entry = ext + 8;
+        let entry = extensions(data)
+            .iter()
+            .find(|e| e.magic == FEATURE_NAME_TABLE)
+            .expect("a feature name table")
+            .data();
         assert_eq!(&data[entry..entry + 2], &[0, 0]);
         data[entry + 1] = 5;
         data[entry + 2..entry + 48].fill(0);

@@ -2,6 +2,9 @@
 //! serialized chunks that prefault what they will write, stream past the cache when large, and
 //! leave clean pages of a bitmap unwritten so they stay unbacked.
 
+// Streaming stores and the view of initialized bytes as possibly uninitialized ones.
+#![allow(unsafe_code)]
+
 use std::mem::MaybeUninit;
 use std::ops::Range;
 

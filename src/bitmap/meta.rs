@@ -3,6 +3,7 @@
 //! sending a chunk). So the meta bitmap lives at a fixed heap address for its whole life and is
 //! reached only through the raw pointer it was allocated as, never through a `Box`: using a
 //! `Box` asserts unique access to its contents, which would invalidate the pointer given to C.
+#![allow(unsafe_code)]
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};

@@ -213,6 +213,7 @@ impl HBitmap {
 
     /// Whether the group holding `item` is dirty; `None` past the last group.
     #[inline]
+    #[allow(unsafe_code)]
     pub(crate) fn get_checked(&self, item: u64) -> Option<bool> {
         let group = item >> self.granularity;
         if group >= self.groups {

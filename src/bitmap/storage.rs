@@ -9,6 +9,7 @@
 //! zeroing is a `memset` that makes every page resident.
 //!
 //! Elsewhere (non-Linux) every level lives on the heap.
+#![allow(unsafe_code)]
 
 use std::mem::{ManuallyDrop, MaybeUninit};
 use std::ops::{Deref, DerefMut};

@@ -4,6 +4,7 @@
 //! compiled twice: portably, and with the `popcnt` instruction for CPUs that have it (chosen
 //! at run time; x86-64's baseline lacks it and its software popcount costs a dozen
 //! instructions per word).
+#![allow(unsafe_code)]
 
 use std::ops::Range;
 

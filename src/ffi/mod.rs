@@ -13,6 +13,7 @@
 //! function, the rule and the values on stderr and aborts, as a failed assertion would. Nothing
 //! unwinds into C: the checks run before the safe core is called, and a panic escaping an
 //! `extern "C"` function aborts the process.
+#![allow(unsafe_code)]
 
 mod hbitmap;
 #[cfg(not(hbitmap_omit = "original"))]

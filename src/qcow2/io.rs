@@ -3,7 +3,7 @@
 //! [`FileIo`] is the real thing. [`FailingIo`] fails chosen operations (an OS error such as
 //! `EIO` or `ENOSPC` at the N-th write, every write from then on, or a flush), and [`CrashIo`]
 //! lets the first N writes reach the file and then behaves as if the process had died: nothing
-//! more is written.
+//! more is written. [`MemIo`] keeps the image in memory, for fuzzing and tests that need no file.
 #![forbid(unsafe_code)]
 
 use std::fs::File;
@@ -242,5 +242,106 @@ impl ImageIo for Box<dyn ImageIo> {
     }
     fn set_len(&mut self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
+    }
+}
+
+/// An [`ImageIo`] over bytes in memory: no file, no disk I/O. Reads past the end fail, as
+/// `read_exact_at` does; writes past the end extend the bytes, up to a limit past which they
+/// fail with `EFBIG` (as a file would past its size limit), so that a hostile image cannot make
+/// a fuzzer allocate without bound.
+#[derive(Clone, Debug)]
+pub struct MemIo {
+    data: Vec<u8>,
+    limit: usize,
+}
+
+impl MemIo {
+    /// An image made of `data`, which writes may grow to any length.
+    pub fn new(data: Vec<u8>) -> MemIo {
+        MemIo::with_limit(data, usize::MAX)
+    }
+
+    /// An image made of `data`, which writes may grow up to `limit` bytes.
+    pub fn with_limit(data: Vec<u8>, limit: usize) -> MemIo {
+        MemIo { data, limit }
+    }
+
+    /// The image's bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    fn grow_to(&mut self, len: usize) -> io::Result<()> {
+        if len > self.limit {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        }
+        if len > self.data.len() {
+            self.data.resize(len, 0);
+        }
+        Ok(())
+    }
+}
+
+impl ImageIo for MemIo {
+    fn pread(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let range = usize::try_from(offset)
+            .ok()
+            .and_then(|start| Some(start..start.checked_add(buf.len())?))
+            .filter(|range| range.end <= self.data.len())
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(&self.data[range]);
+        Ok(())
+    }
+
+    fn pwrite(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let end = start
+            .checked_add(buf.len())
+            .ok_or(io::ErrorKind::InvalidInput)?;
+        self.grow_to(end)?;
+        self.data[start..end].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.data.len() as u64)
+    }
+
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        let len = usize::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
+        self.grow_to(len)?;
+        self.data.truncate(len);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_io_reads_exactly_and_grows_up_to_its_limit() {
+        let mut io = MemIo::with_limit(vec![1, 2, 3], 8);
+        let mut two = [0u8; 2];
+        io.pread(1, &mut two).unwrap();
+        assert_eq!(two, [2, 3]);
+        let past_end = io.pread(2, &mut two).unwrap_err();
+        assert_eq!(past_end.kind(), io::ErrorKind::UnexpectedEof);
+
+        io.pwrite(5, &[9]).unwrap();
+        assert_eq!(io.data(), [1, 2, 3, 0, 0, 9]);
+        let too_long = io.pwrite(7, &[0, 0]).unwrap_err();
+        assert_eq!(too_long.raw_os_error(), Some(libc::EFBIG));
+        assert_eq!(io.len().unwrap(), 6, "a refused write changes nothing");
+
+        io.set_len(2).unwrap();
+        assert_eq!(io.data(), [1, 2]);
+        io.set_len(4).unwrap();
+        assert_eq!(io.data(), [1, 2, 0, 0]);
+        assert!(io.set_len(9).is_err());
     }
 }

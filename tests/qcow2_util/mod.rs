@@ -1,5 +1,5 @@
 //! Helpers shared by the qcow2 tests: scratch directories, QEMU's tools, a tiny QMP client and
-//! a deterministic random generator.
+//! random bitmaps.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -9,6 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use hbitmap::HBitmap;
+use hbitmap_testkit::Rng;
 
 /// A scratch directory removed on drop.
 pub struct Scratch {
@@ -374,28 +375,6 @@ impl Drop for Qsd {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
-        }
-    }
-}
-
-/// xorshift64*: deterministic randomness without dependencies.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
         }
     }
 }
