@@ -98,10 +98,17 @@ impl HBitmap {
             // Only reachable when the size's rounding wrapped (see `groups_for`).
             return None;
         }
-        let (mut pos, mut cur) = iter::init(self, group);
-        let first_dirty = iter::next_item(self, self.granularity, &mut pos, &mut cur, true)
-            .filter(|&item| item < end)?;
-        Some(first_dirty.max(start))
+        // Most searches end in the word they start in: no cursor over the levels for them.
+        let pos = (group >> BITS_PER_LEVEL) as usize;
+        let word = self.levels[LAST][pos] & (u64::MAX << (group & 63));
+        let first_dirty = if word != 0 {
+            (((pos as u64) << BITS_PER_LEVEL) + u64::from(word.trailing_zeros()))
+                << self.granularity
+        } else {
+            let (mut pos, mut cur) = iter::init(self, group);
+            iter::next_item(self, self.granularity, &mut pos, &mut cur, true)?
+        };
+        (first_dirty < end).then(|| first_dirty.max(start))
     }
 
     /// The first dirty extent within `start..end` (`end` clipped to the bitmap's size), at most
