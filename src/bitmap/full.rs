@@ -5,8 +5,9 @@
 //! word is all ones, up to a single word. Finding the end of a dirty run then reads the words of
 //! its first and last blocks and climbs and descends this tree in between: QEMU reads 2^18 words
 //! to cross a 2^24-group run, this reads at most 128 and a few summary words. At one bit per
-//! 4096 groups it costs 1/4096 of the last level, and it is written only where a block becomes
-//! or stops being full, so its pages stay unbacked unless a bitmap has long dirty runs.
+//! 4096 groups it costs 1/4096 of the last level, and only once some block is full: until then
+//! (and after `reset_all`) it is not allocated at all, so creating a bitmap costs what it did
+//! without it, and its pages are written only where a block becomes or stops being full.
 //!
 //! Unlike the dirty summary it is exact at all times, deserialization steps included: it
 //! depends on the last level only, which is always exact.
@@ -19,7 +20,8 @@ const BLOCK: usize = 64;
 
 #[derive(Clone, Default)]
 pub(crate) struct FullSummary {
-    /// `levels[0]` summarizes the last level's blocks; the last entry is a single word.
+    /// `levels[0]` summarizes the last level's blocks; the last entry is a single word. Empty
+    /// while no block is full: every bit then reads as clear.
     levels: Vec<Words>,
     /// Words of the bitmap's last level that `levels[0]` covers.
     words: usize,
@@ -57,14 +59,26 @@ fn mask(first: usize, last: usize) -> u64 {
 }
 
 impl FullSummary {
-    /// The summary of a last level of `words` clean words.
+    /// The summary of a last level of `words` clean words (nothing allocated).
     pub(crate) fn new(words: usize) -> FullSummary {
-        let mut summary = FullSummary {
+        FullSummary {
             levels: Vec::new(),
-            words: 0,
-        };
-        summary.fit(words);
-        summary
+            words,
+        }
+    }
+
+    /// Allocates the levels, all clear, for the first full block.
+    fn allocate(&mut self) {
+        debug_assert!(self.levels.is_empty());
+        let mut bits = self.words.div_ceil(BLOCK).max(1);
+        loop {
+            let len = words_for(bits as u64);
+            self.levels.push(Words::zeroed(len));
+            if len == 1 {
+                break;
+            }
+            bits = len;
+        }
     }
 
     /// Follows a resize of the last level to `words` words, whose first `min(old, new)` words
@@ -72,6 +86,10 @@ impl FullSummary {
     /// went away are dropped. The caller then [`refresh`](Self::refresh)es the last word both
     /// sizes share, whose block (and, after a grow, new top level) may have changed.
     pub(crate) fn fit(&mut self, words: usize) {
+        self.words = words;
+        if self.levels.is_empty() {
+            return;
+        }
         let mut bits = words.div_ceil(BLOCK).max(1);
         let mut level = 0;
         loop {
@@ -96,20 +114,18 @@ impl FullSummary {
             bits = len;
         }
         self.levels.truncate(level);
-        self.words = words;
     }
 
     /// Every word is clean.
     pub(crate) fn clear(&mut self) {
-        for level in &mut self.levels {
-            for word in level.iter_mut().filter(|word| **word != 0) {
-                *word = 0;
-            }
-        }
+        self.levels = Vec::new();
     }
 
     /// Sets bit `index` of level 0 and the bits above it that this fills.
     fn mark_full(&mut self, index: usize) {
+        if self.levels.is_empty() {
+            self.allocate();
+        }
         let mut index = index;
         for level in &mut self.levels {
             let word = &mut level[index >> BITS_PER_LEVEL];
@@ -193,13 +209,16 @@ impl FullSummary {
         // Only words that change are passed up: most refreshes change nothing.
         let mut changed: Option<(usize, usize)> = None;
         for block in blocks {
+            let full = block_is_full(last_level, block);
+            if self.levels.is_empty() {
+                if !full {
+                    continue;
+                }
+                self.allocate();
+            }
             let word = &mut self.levels[0][block >> BITS_PER_LEVEL];
             let bit = 1 << (block & 63);
-            let bits = if block_is_full(last_level, block) {
-                *word | bit
-            } else {
-                *word & !bit
-            };
+            let bits = if full { *word | bit } else { *word & !bit };
             if *word != bits {
                 *word = bits;
                 changed = Some(changed.map_or((block, block), |(first, _)| (first, block)));
@@ -264,6 +283,9 @@ impl FullSummary {
     /// clear bit of each word (a clear bit stands for a word below that has one, or for a word
     /// past the end). `None` past the end.
     fn next_block_not_full(&self, from: usize) -> Option<usize> {
+        if self.levels.is_empty() {
+            return (from < self.words.div_ceil(BLOCK)).then_some(from);
+        }
         let mut index = from;
         let mut level = 0;
         loop {
@@ -293,13 +315,26 @@ impl FullSummary {
 pub(crate) fn is_exact(summary: &FullSummary, last_level: &[u64]) -> bool {
     let mut fresh = FullSummary::new(last_level.len());
     fresh.rebuild(last_level);
-    summary.words == last_level.len()
-        && summary.levels.len() == fresh.levels.len()
-        && summary
-            .levels
-            .iter()
-            .zip(&fresh.levels)
-            .all(|(a, b)| a[..] == b[..])
+    summary.words == last_level.len() && summary.same_bits(&fresh)
+}
+
+#[cfg(test)]
+impl FullSummary {
+    /// Whether both summaries have the same bits, an unallocated one reading as all clear.
+    fn same_bits(&self, other: &FullSummary) -> bool {
+        let all_clear = |summary: &FullSummary| {
+            summary.levels.iter().all(|level| level.iter().all(|&word| word == 0))
+        };
+        match (self.levels.is_empty(), other.levels.is_empty()) {
+            (true, true) => true,
+            (true, false) => all_clear(other),
+            (false, true) => all_clear(self),
+            (false, false) => {
+                self.levels.len() == other.levels.len()
+                    && self.levels.iter().zip(&other.levels).all(|(a, b)| a[..] == b[..])
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -313,9 +348,7 @@ mod tests {
     fn check(summary: &FullSummary, words: &[u64]) {
         let mut fresh = FullSummary::new(words.len());
         fresh.rebuild(words);
-        for (level, (a, b)) in summary.levels.iter().zip(&fresh.levels).enumerate() {
-            assert_eq!(&a[..], &b[..], "level {level}");
-        }
+        assert!(summary.same_bits(&fresh), "levels differ from a rebuild");
         for from in (0..words.len())
             .step_by((words.len() / 300).max(7))
             .chain([words.len().saturating_sub(1)])
