@@ -128,10 +128,21 @@ pub enum Command {
         /// The JSON file; standard input when absent or "-".
         file: Option<PathBuf>,
     },
-    /// Validate an image's bitmaps without changing anything; exit 1 when anything is wrong.
+    /// Check an image as `qemu-img check` does (refcounts of every cluster, the bitmaps), and
+    /// repair it with -r.
+    ///
+    /// Without -r nothing is changed. Exit status as qemu-img check's: 0 consistent (bitmaps
+    /// in use or a stale bitmaps extension are states, not damage), 1 the check could not be
+    /// completed (or the repair was refused), 2 corruptions, 3 leaked clusters only. With -r
+    /// the status is that of the check made after the repair.
     Check {
         /// The qcow2 image.
         image: PathBuf,
+        /// Repair: "leaks" frees leaked clusters; "all" also removes every bitmap that cannot
+        /// be trusted (in use, damaged, cross-linked) and a stale or unreadable bitmaps
+        /// extension. Holds QEMU's write lock; every change is named.
+        #[arg(short = 'r', long = "repair", value_enum, value_name = "leaks|all")]
+        repair: Option<Repair>,
         #[command(flatten)]
         output: OutputArgs,
     },
@@ -214,6 +225,15 @@ impl OutputArgs {
     pub fn json(self) -> bool {
         self.json || self.output == Format::Json
     }
+}
+
+/// `check -r`: what to repair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Repair {
+    /// Free leaked clusters.
+    Leaks,
+    /// Also remove untrusted bitmaps and a stale or unreadable bitmaps extension.
+    All,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

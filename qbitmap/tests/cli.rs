@@ -485,23 +485,25 @@ fn in_use_bitmaps() {
             .code(1)
             .stderr(contains(s(&path)).and(contains("in use")));
     }
-    // check reports it and fails.
+    // check reports it; an in-use bitmap is a state, not damage: exit 0, as qemu-img check.
     qbitmap()
         .args(["check", s(&path)])
         .assert()
-        .code(1)
+        .code(0)
         .stdout(contains("WARNING").and(contains("'b' is in use")))
         .stdout(contains("no errors, 1 warning found"));
     let report = qbitmap()
         .args(["check", s(&path), "--json"])
         .assert()
-        .code(1)
+        .code(0)
         .get_output()
         .stdout
         .clone();
     let report: Value = serde_json::from_slice(&report).unwrap();
     assert_eq!(report["clean"], false);
     assert_eq!(report["errors"], json!([]));
+    assert_eq!(report["corruptions"], 0);
+    assert_eq!(report["in-use-bitmaps"], json!(["b"]));
     assert_eq!(report["warnings"].as_array().unwrap().len(), 1);
 
     // An in-use bitmap can still be removed.
@@ -733,10 +735,38 @@ fn check_passes_a_clean_image() {
         .success()
         .stdout(contains("no errors were found (1 bitmap checked)"));
     let report = ok_json(&["check", s(&path), "--output=json"]);
-    assert_eq!(
-        report,
-        json!({"image": s(&path), "bitmaps": 1, "clean": true, "errors": [], "warnings": [], "notes": []})
-    );
+    for (key, value) in [
+        ("image", json!(s(&path))),
+        ("filename", json!(s(&path))),
+        ("format", json!("qcow2")),
+        ("bitmaps", json!(1)),
+        ("clean", json!(true)),
+        ("check-errors", json!(0)),
+        ("corruptions", json!(0)),
+        ("leaks", json!(0)),
+        ("errors", json!([])),
+        ("warnings", json!([])),
+        ("notes", json!([])),
+        ("leaked", json!([])),
+        ("in-use-bitmaps", json!([])),
+        ("damaged-bitmaps", json!([])),
+        ("stale-extension", json!(false)),
+        ("broken-extension", json!(false)),
+    ] {
+        assert_eq!(report[key], value, "{key}: {report}");
+    }
+    // The figures qemu-img check gives, when it is installed.
+    if let Ok(output) = Command::new("qemu-img")
+        .args(["check", "--output=json", s(&path)])
+        .output()
+    {
+        let qemu: Value = serde_json::from_slice(&output.stdout).unwrap();
+        for key in ["image-end-offset", "total-clusters", "check-errors"] {
+            assert_eq!(report[key], qemu[key], "{key}: {report} against {qemu}");
+        }
+    } else {
+        eprintln!("qemu-img is not installed: figures not compared with it");
+    }
 }
 
 #[test]
@@ -755,7 +785,7 @@ fn check_fails_a_damaged_image() {
         .args(["check", s(&path), "--output=json"])
         .output()
         .unwrap();
-    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(output.status.code(), Some(2));
     if output.stdout.is_empty() {
         // Too broken to open: the error names the image.
         assert!(String::from_utf8_lossy(&output.stderr).contains(s(&path)));
@@ -799,7 +829,7 @@ fn check_reports_overlaps() {
             .args(["check", s(&path), "--output=json"])
             .output()
             .unwrap();
-        assert_eq!(output.status.code(), Some(1), "{expected}");
+        assert_eq!(output.status.code(), Some(2), "{expected}");
         let report: Value = serde_json::from_slice(&output.stdout).unwrap();
         let errors = report["errors"].as_array().unwrap();
         assert!(

@@ -29,14 +29,14 @@ const MAX_SNAPSHOTS: u64 = 65536;
 const MAX_SNAPSHOTS_SIZE: u64 = 1024 * MAX_SNAPSHOTS;
 const MAX_SNAPSHOT_EXTRA: u64 = 1024;
 const SNAPSHOT_HEADER: u64 = 40;
-const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const L2_COMPRESSED: u64 = 1 << 62;
+pub(crate) const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub(crate) const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub(crate) const L2_COMPRESSED: u64 = 1 << 62;
 /// Incompatible feature bits: guest data in an external file; 128-bit L2 entries.
-const INCOMPAT_DATA_FILE: u64 = 1 << 2;
-const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
+pub(crate) const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+pub(crate) const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 /// Overlaps reported at most, then summarized.
-const MAX_REPORTED: usize = 20;
+pub(crate) const MAX_REPORTED: usize = 20;
 
 /// What a region of the file holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +70,9 @@ pub(crate) struct Region {
 pub(crate) struct Bitmap {
     pub entry: DirEntry,
     pub table: Vec<u64>,
+    /// Nothing wrong was found with its entry, name, table or clusters (an in-use bitmap may
+    /// still be trusted in this sense: its clusters are known).
+    pub trusted: bool,
 }
 
 impl Bitmap {
@@ -85,6 +88,8 @@ pub(crate) enum ExtState {
     /// Present but the autoclear bit is clear: ignored, dropped by the next write.
     Stale,
     Valid,
+    /// Present and counted but unreadable (its fields or directory are malformed).
+    Broken,
 }
 
 /// An L2 table to scan for guest data clusters.
@@ -107,6 +112,10 @@ pub(crate) struct Layout {
     pub bitmaps: Vec<Bitmap>,
     /// Metadata other than the bitmaps': where new clusters must never go.
     pub metadata: Vec<Region>,
+    /// Snapshot L1 tables: snapshot index, offset, bytes (`l1_size * 8`).
+    pub snapshot_l1s: Vec<(u64, u64, u64)>,
+    /// The bitmap directory shares a cluster with other metadata or guest data.
+    pub directory_damaged: bool,
 }
 
 impl Layout {
@@ -152,6 +161,24 @@ pub(crate) struct Problems {
     pub write_blockers: Vec<String>,
     /// Harmless: not problems at all.
     pub notes: Vec<String>,
+    /// Which of `errors` concern the bitmaps extension (the others concern the rest of the
+    /// image).
+    pub bitmap_errors: std::ops::Range<usize>,
+    /// Metadata clusters whose refcount is 0 or, for bitmap clusters, above 1 (also in
+    /// `warnings`): a full reference count reports these precisely.
+    pub refcount_warnings: Vec<String>,
+}
+
+impl Problems {
+    /// Errors that do not concern the bitmaps extension.
+    pub(crate) fn structural_errors(&self) -> impl Iterator<Item = &String> {
+        let range = self.bitmap_errors.clone();
+        self.errors
+            .iter()
+            .enumerate()
+            .filter(move |(index, _)| !range.contains(index))
+            .map(|(_, error)| error)
+    }
 }
 
 fn round_up(value: u64, to: u64) -> u64 {
@@ -203,6 +230,8 @@ fn is_bitmap_owner(owner: Owner) -> bool {
 struct Overlap {
     message: String,
     bitmaps: Vec<usize>,
+    /// The bitmap directory is one of the two.
+    directory: bool,
 }
 
 fn bitmap_of(owner: Owner) -> Option<usize> {
@@ -225,6 +254,7 @@ fn overlaps(
     let mut unreported = Overlap {
         message: String::new(),
         bitmaps: Vec::new(),
+        directory: false,
     };
     let mut count = 0usize;
     let mut widest: Option<usize> = None;
@@ -240,6 +270,7 @@ fn overlaps(
                     .into_iter()
                     .filter_map(bitmap_of)
                     .collect();
+                let directory = region.owner == Owner::Directory || other.owner == Owner::Directory;
                 count += 1;
                 if count <= MAX_REPORTED {
                     found.push(Overlap {
@@ -249,9 +280,11 @@ fn overlaps(
                             describe(&other, bitmaps)
                         ),
                         bitmaps: involved,
+                        directory,
                     });
                 } else {
                     unreported.bitmaps.extend(involved);
+                    unreported.directory |= directory;
                 }
             }
             if region.end > other.end {
@@ -439,8 +472,10 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
     }
 
     // Snapshots: the table and each snapshot's L1 table.
+    let mut snapshot_l1s = Vec::new();
     if header.nb_snapshots > 0 {
         let l1_tables = read_snapshots(io, &header, file_len, &mut metadata, &mut problems)?;
+        snapshot_l1s.clone_from(&l1_tables);
         for (snapshot, l1_offset, l1_bytes) in l1_tables {
             let l1 = read_exact(io, l1_offset, l1_bytes, "a snapshot's L1 table")?;
             for (index, chunk) in l1.chunks_exact(8).enumerate() {
@@ -485,8 +520,12 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
         directory: None,
         bitmaps: Vec::new(),
         metadata,
+        snapshot_l1s,
+        directory_damaged: false,
     };
+    let first_bitmap_error = problems.errors.len();
     read_bitmaps(io, &mut layout, &mut problems, &l2_tables)?;
+    problems.bitmap_errors = first_bitmap_error..problems.errors.len();
 
     // Overlaps among the other metadata (bitmap ones were reported by read_bitmaps).
     let mut regions = layout.metadata.clone();
@@ -675,6 +714,7 @@ fn read_bitmaps(
             at - 8,
             ext.data.len()
         ));
+        layout.ext = ExtState::Broken;
         return Ok(());
     }
     if layout.header.autoclear & AUTOCLEAR_BITMAPS == 0 {
@@ -745,6 +785,7 @@ fn read_bitmaps(
     }
     if !errors.is_empty() {
         problems.errors.extend(errors);
+        layout.ext = ExtState::Broken;
         return Ok(());
     }
     let raw = read_exact(
@@ -757,11 +798,13 @@ fn read_bitmaps(
         Ok(entries) => entries,
         Err(message) => {
             problems.errors.push(message);
+            layout.ext = ExtState::Broken;
             return Ok(());
         }
     };
     let len = layout.virtual_len();
     let mut names = HashSet::new();
+    let mut duplicates = HashSet::new();
     let mut bitmaps: Vec<Bitmap> = Vec::with_capacity(entries.len());
     // Whether the bitmap's table is read and trusted. An in-use bitmap's table is only read to
     // free its clusters on removal (QEMU never reads it otherwise): whatever is wrong with it is
@@ -777,6 +820,7 @@ fn read_bitmaps(
             ));
         }
         if !names.insert(entry.name.clone()) {
+            duplicates.insert(entry.name.clone());
             problems.errors.push(format!(
                 "bitmap '{name}' (directory entry at {pos:#x}): the name is used by another \
                  bitmap too (names must be unique)"
@@ -813,12 +857,15 @@ fn read_bitmaps(
         bitmaps.push(Bitmap {
             entry,
             table: Vec::new(),
+            trusted: false,
         });
     }
     let in_use: Vec<bool> = bitmaps.iter().map(|b| b.entry.in_use()).collect();
     // Reports overlaps; the bitmaps involved are no longer trusted.
-    let settle = |found: Vec<Overlap>, problems: &mut Problems, entry_ok: &mut Vec<bool>| {
+    let mut directory_damaged = false;
+    let mut settle = |found: Vec<Overlap>, problems: &mut Problems, entry_ok: &mut Vec<bool>| {
         for overlap in found {
+            directory_damaged |= overlap.directory;
             let soft = !overlap.bitmaps.is_empty() && overlap.bitmaps.iter().all(|&b| in_use[b]);
             if !overlap.message.is_empty() {
                 complain(problems, soft, overlap.message);
@@ -931,7 +978,9 @@ fn read_bitmaps(
         if !entry_ok[index] {
             bitmap.table = Vec::new();
         }
+        bitmap.trusted = entry_ok[index] && !duplicates.contains(&bitmap.entry.name);
     }
+    layout.directory_damaged = directory_damaged;
 
     // Padding bits of the last data cluster of every consistent bitmap.
     for (index, bitmap) in bitmaps.iter().enumerate() {
@@ -1057,6 +1106,7 @@ fn guest_cross_links(
                     found.push(Overlap {
                         message: String::new(),
                         bitmaps: bitmap_of(region.owner).into_iter().collect(),
+                        directory: region.owner == Owner::Directory,
                     });
                     continue;
                 }
@@ -1075,6 +1125,7 @@ fn guest_cross_links(
                         l2.offset
                     ),
                     bitmaps: bitmap_of(region.owner).into_iter().collect(),
+                    directory: region.owner == Owner::Directory,
                 });
             }
         }
@@ -1086,6 +1137,7 @@ fn guest_cross_links(
                 count - MAX_REPORTED
             ),
             bitmaps: Vec::new(),
+            directory: false,
         });
     }
     Ok(found)
@@ -1145,13 +1197,16 @@ fn check_refcounts(
                         describe(region, &layout.bitmaps)
                     );
                     problems.warnings.push(message.clone());
+                    problems.refcount_warnings.push(message.clone());
                     problems.write_blockers.push(message);
                 }
             } else if count > 1 && is_bitmap_owner(region.owner) {
-                problems.warnings.push(format!(
+                let message = format!(
                     "the cluster at {at:#x} ({}) has refcount {count}, expected 1",
                     describe(region, &layout.bitmaps)
-                ));
+                );
+                problems.warnings.push(message.clone());
+                problems.refcount_warnings.push(message);
             }
             cluster += 1;
         }

@@ -205,6 +205,34 @@ impl Refcounts {
         ))
     }
 
+    /// Whether the refcount block describing cluster `cluster` exists.
+    pub(crate) fn has_block(&self, cluster: u64) -> bool {
+        let index = cluster / self.per_block();
+        index < self.table.len() as u64 && self.table[index as usize] != 0
+    }
+
+    /// Lowers the refcount of a cluster whose block exists to `value` (in the cache; written by
+    /// [`write_dirty`](Self::write_dirty)).
+    pub(crate) fn lower(
+        &mut self,
+        io: &dyn ImageIo,
+        cluster: u64,
+        value: u64,
+    ) -> Result<(), Error> {
+        let current = self.get(io, cluster)?;
+        if value >= current {
+            return Err(Error::InvalidArgument(format!(
+                "lowering the refcount of cluster {:#x} from {current} to {value}",
+                cluster << self.cluster_bits
+            )));
+        }
+        self.set(io, cluster, value)?;
+        if value == 0 && cluster < self.free_hint {
+            self.free_hint = cluster;
+        }
+        Ok(())
+    }
+
     /// Sets the refcount of a cluster whose block exists.
     fn set(&mut self, io: &dyn ImageIo, cluster: u64, value: u64) -> Result<(), Error> {
         let per_block = self.per_block();
