@@ -74,8 +74,11 @@ fn check(path: &Path) -> CheckReport {
     Image::check_file(path, OpenOptions::default()).unwrap()
 }
 
+/// A bitmap's name, in_use and auto flags, and dirty extents.
+type BitmapState = (String, bool, bool, Vec<(u64, u64)>);
+
 /// The bitmaps of an image that opens, with their flags and content.
-fn bitmaps(path: &Path) -> Vec<(String, bool, bool, Vec<(u64, u64)>)> {
+fn bitmaps(path: &Path) -> Vec<BitmapState> {
     let image = Image::open(path, OpenOptions::default())
         .unwrap_or_else(|e| panic!("{} does not open: {e}", path.display()));
     image
@@ -103,7 +106,10 @@ fn leak_some_clusters(path: &Path, seed: u64) {
     let mut image = Image::open_io(Box::new(io), path, true).unwrap();
     assert!(image.store_bitmap("lost", &bitmap, AUTO).is_err());
     drop(image);
-    assert!(check(path).leaks > 0, "the interrupted store leaked nothing");
+    assert!(
+        check(path).leaks > 0,
+        "the interrupted store leaked nothing"
+    );
 }
 
 /// An image with an intact bitmap 'a', 'b' left in use (loaded and never stored, as by a
@@ -147,7 +153,10 @@ fn check_reports_and_changes_nothing() {
     assert_eq!(report.in_use_bitmaps, ["b"]);
     assert_eq!(report.damaged_bitmaps, ["c"]);
     assert!(report.unrepairable.is_none(), "{report:?}");
-    assert!(report.errors.iter().any(|e| e.contains("'c'")), "{report:?}");
+    assert!(
+        report.errors.iter().any(|e| e.contains("'c'")),
+        "{report:?}"
+    );
     assert!(!report.leaked.is_empty());
     assert_eq!(file_hash(&path), before, "check wrote to the image");
 }
@@ -246,9 +255,15 @@ fn stale_and_unreadable_extensions_are_dropped() {
         let report = check(&path);
         assert!(report.leaks > 0, "{name}: {report:?}");
         if name == "stale" {
-            assert!(report.stale_extension && report.corruptions == 0, "{report:?}");
+            assert!(
+                report.stale_extension && report.corruptions == 0,
+                "{report:?}"
+            );
         } else {
-            assert!(report.broken_extension && report.corruptions > 0, "{report:?}");
+            assert!(
+                report.broken_extension && report.corruptions > 0,
+                "{report:?}"
+            );
         }
         let repaired = Image::repair_file(&path, mode).unwrap();
         let changes = repaired.changes.join("\n");
@@ -300,7 +315,11 @@ fn crash_each_write(name: &str, base: &Path, dir: &Path, mode: RepairMode) -> u6
         let again = Image::repair_file(&work, mode)
             .unwrap_or_else(|e| panic!("{name}: repair after a crash at {crash_at}: {e}"));
         assert!(again.after.is_consistent(), "{name}: {:?}", again.after);
-        assert_eq!(bitmaps(&work), done, "{name}: crash at {crash_at}, repaired again");
+        assert_eq!(
+            bitmaps(&work),
+            done,
+            "{name}: crash at {crash_at}, repaired again"
+        );
         if have("qemu-img") {
             qemu_check(&work, false);
         }

@@ -513,13 +513,19 @@ fn bitmap_cluster_cross_linked_with_a_snapshot() {
     run("qemu-io", &["-r", "-c", "read -P 0xcd 0 64k", s(&path)]);
 }
 
-/// Runs `qbitmap check -r all` on a copy-checked image: every expected change is named, the
-/// guest data compares equal with the copy taken before (`qemu-img compare`, every snapshot
-/// included), `qemu-img check` is clean (exit 0: no corruption, no leak), QEMU opens it
-/// (`qemu-img info`, `qemu-io`), and our check agrees.
+/// Runs `qbitmap check -r all`: every expected change is named, the guest data compares equal
+/// with a copy taken before (`qemu-img compare`, every snapshot included), `qemu-img check` is
+/// clean (exit 0: no corruption, no leak), QEMU opens it (`qemu-img info`, `qemu-io`), and our
+/// check agrees.
 fn repair_all_and_verify(path: &Path, expected: &[&str]) -> String {
     let before = path.with_extension("before.qcow2");
     fs::copy(path, &before).unwrap();
+    repair_all_and_compare(path, &before, expected)
+}
+
+/// `repair_all_and_verify` against `before`, a copy QEMU can open taken before the damage.
+fn repair_all_and_compare(path: &Path, before: &Path, expected: &[&str]) -> String {
+    let before = before.to_path_buf();
     let output = qbitmap(&["check", "-r", "all", s(path)]);
     let out = text(&output);
     assert_eq!(output.status.code(), Some(0), "check -r all: {out}");
@@ -697,5 +703,197 @@ fn allocation_for_every_cluster_size_and_refcount_width() {
                 Duration::from_secs(5),
             );
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// check -r on images QEMU's tools leave behind
+
+#[path = "../../tests/qcow2_util/mod.rs"]
+mod qcow2_util;
+
+/// A qemu-storage-daemon killed with SIGKILL while it holds a persistent bitmap: QEMU marked it
+/// in use when it loaded it, and never stored it. check reports it (a state, exit 0, as
+/// qemu-img check); -r leaks keeps it; -r all removes it and keeps a bitmap added since, to the
+/// byte, and the guest data QEMU wrote stays.
+#[test]
+fn qsd_killed_while_holding_a_bitmap() {
+    if !have(
+        &["qemu-img", "qemu-io", "qemu-storage-daemon"],
+        "qsd_killed_while_holding_a_bitmap",
+    ) {
+        return;
+    }
+    let (dir, path) = qemu_image("64M", "");
+    run("qemu-io", &["-c", "write -P 0x11 0 1M", s(&path)]);
+    run("qemu-img", &["bitmap", "--add", s(&path), "tracked"]);
+    let mut qsd = qcow2_util::Qsd::start(dir.path(), &path);
+    qsd.qmp_ok(
+        r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"fmt0","name":"added","persistent":true}}"#,
+    );
+    qsd.write(2 << 20, 1 << 20);
+    drop(qsd); // SIGKILL: nothing is stored
+    let info = qemu_bitmaps(&path);
+    assert_eq!(
+        info,
+        [(
+            "tracked".to_string(),
+            65536,
+            vec!["in-use".to_string(), "auto".to_string()]
+        )]
+    );
+    let (code, qemu) = qemu_check(&path);
+    assert_eq!(code, 0, "{qemu}");
+    let output = qbitmap(&["check", s(&path), "--output=json"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["in-use-bitmaps"], serde_json::json!(["tracked"]));
+    assert_eq!(report["corruptions"], 0);
+    assert_eq!(report["leaks"], 0);
+    // The figures qemu-img check gives.
+    let theirs: Value =
+        serde_json::from_str(&run("qemu-img", &["check", "--output=json", s(&path)])).unwrap();
+    for key in [
+        "image-end-offset",
+        "total-clusters",
+        "allocated-clusters",
+        "fragmented-clusters",
+        "check-errors",
+    ] {
+        assert_eq!(report[key], theirs[key], "{key}: {report} against {theirs}");
+    }
+    // -r leaks has nothing to do and keeps the in-use bitmap.
+    let out = ok(&["check", "-r", "leaks", s(&path)]);
+    assert!(out.contains("Nothing to repair"), "{out}");
+    assert_eq!(qemu_bitmaps(&path).len(), 1);
+
+    ok(&["add", s(&path), "fresh"]);
+    ok(&["set", s(&path), "fresh", "3M", "5M"]);
+    let fresh = ok(&["dump", s(&path), "fresh", "--output=json"]);
+    repair_all_and_verify(&path, &["removed bitmap 'tracked': marked in use"]);
+    assert_eq!(ok(&["dump", s(&path), "fresh", "--output=json"]), fresh);
+    assert_eq!(
+        qemu_bitmaps(&path),
+        [("fresh".to_string(), 65536, vec!["auto".to_string()])]
+    );
+    run("qemu-io", &["-r", "-c", "read -P 0x5a 2M 1M", s(&path)]);
+    run("qemu-io", &["-r", "-c", "read -P 0x11 0 1M", s(&path)]);
+    // QEMU uses the repaired image's bitmap again.
+    run("qemu-io", &["-c", "write 8M 64k", s(&path)]);
+    both_clean(&path);
+}
+
+/// ENOSPC injected into QEMU's own bitmap store (blkdebug fails the cluster allocation made
+/// when qemu-io closes the image): QEMU leaves every bitmap in use. -r all removes them and
+/// leaves an image qemu-img check finds clean, with the same guest data.
+#[test]
+fn enospc_in_qemus_bitmap_store() {
+    if !have(&["qemu-img", "qemu-io"], "enospc_in_qemus_bitmap_store") {
+        return;
+    }
+    let (_dir, path) = qemu_image("64M", "");
+    run("qemu-io", &["-c", "write -P 0x22 0 1M", s(&path)]);
+    run("qemu-img", &["bitmap", "--add", s(&path), "enabled"]);
+    run(
+        "qemu-img",
+        &["bitmap", "--add", "--disable", s(&path), "disabled"],
+    );
+    ok(&["set", s(&path), "disabled", "0", "3M"]);
+    // The write goes to allocated clusters: the only allocation is the store's, at close.
+    let options = format!(
+        "driver=qcow2,file.driver=blkdebug,file.image.filename={},\
+         file.inject-error.0.event=cluster_alloc,file.inject-error.0.errno=28,\
+         file.inject-error.0.once=on,file.inject-error.0.immediately=off",
+        s(&path)
+    );
+    let output = Command::new("qemu-io")
+        .args(["--image-opts", "-c", "write -P 0x33 0 64k", &options])
+        .output()
+        .unwrap();
+    let _ = output; // qemu-io reports the write; the store's failure only shows in the image
+    let flags: Vec<Vec<String>> = qemu_bitmaps(&path).into_iter().map(|b| b.2).collect();
+    assert!(
+        flags.iter().all(|f| f.contains(&"in-use".to_string())) && flags.len() == 2,
+        "QEMU's failed store left {flags:?}"
+    );
+    let (code, ours) = our_check(&path);
+    assert_eq!(code, 0, "{ours}");
+    let out = repair_all_and_verify(
+        &path,
+        &[
+            "removed bitmap 'enabled': marked in use",
+            "removed bitmap 'disabled': marked in use",
+            "the image has no bitmaps extension any more",
+        ],
+    );
+    assert!(out.contains("leaked cluster"), "{out}");
+    assert!(qemu_bitmaps(&path).is_empty());
+    run("qemu-io", &["-r", "-c", "read -P 0x33 0 64k", s(&path)]);
+}
+
+/// Damaged bitmaps QEMU refuses to open the image for (a bitmap table entry with reserved bits,
+/// a bitmap whose table overlaps the L1 table, a directory entry with an unknown flag): -r all
+/// removes them, keeps the intact bitmap, and QEMU opens the image again.
+#[test]
+fn damaged_bitmaps_qemu_refuses() {
+    if !have(&["qemu-img", "qemu-io"], "damaged_bitmaps_qemu_refuses") {
+        return;
+    }
+    type Damage = fn(&mut Vec<u8>);
+    let cases: [(&str, Damage, &str); 3] = [
+        (
+            "reserved bits in a table entry",
+            |data| {
+                let table = be64(data, directory_entry(data, "broken")) as usize;
+                let entry = be64(data, table);
+                put64(data, table, entry | 0x1fe);
+            },
+            "removed bitmap 'broken': damaged",
+        ),
+        (
+            "a table over the L1 table",
+            |data| {
+                let l1 = be64(data, 40);
+                let entry = directory_entry(data, "broken");
+                put64(data, entry, l1);
+            },
+            "removed bitmap 'broken': damaged",
+        ),
+        (
+            "an unknown flag",
+            |data| {
+                let entry = directory_entry(data, "broken");
+                data[entry + 15] |= 4;
+            },
+            "removed bitmap 'broken': damaged",
+        ),
+    ];
+    for (what, damage, expected) in cases {
+        let (_dir, path) = qemu_image("64M", "");
+        run("qemu-io", &["-c", "write -P 0x44 0 2M", s(&path)]);
+        run("qemu-img", &["snapshot", "-c", "snap", s(&path)]);
+        run("qemu-io", &["-c", "write -P 0x45 1M 2M", s(&path)]);
+        ok(&["add", s(&path), "intact"]);
+        ok(&["set", s(&path), "intact", "1M", "7M"]);
+        ok(&["add", s(&path), "broken"]);
+        ok(&["set", s(&path), "broken", "0", "64M"]);
+        let intact = ok(&["dump", s(&path), "intact", "--output=json"]);
+        let pristine = path.with_extension("pristine.qcow2");
+        fs::copy(&path, &pristine).unwrap();
+        patch(&path, damage);
+        let refused = Command::new("qemu-io")
+            .args(["-c", "quit", s(&path)])
+            .output()
+            .unwrap();
+        assert!(!refused.status.success(), "{what}: QEMU opened the image");
+        let (code, ours) = our_check(&path);
+        assert_eq!(code, 2, "{what}: {ours}");
+        repair_all_and_compare(&path, &pristine, &[expected]);
+        assert_eq!(
+            ok(&["dump", s(&path), "intact", "--output=json"]),
+            intact,
+            "{what}"
+        );
+        assert_eq!(qemu_bitmaps(&path).len(), 1, "{what}");
     }
 }
