@@ -732,6 +732,11 @@ fn qsd_killed_while_holding_a_bitmap() {
         r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"fmt0","name":"added","persistent":true}}"#,
     );
     qsd.write(2 << 20, 1 << 20);
+    // A repair takes QEMU's write lock: refused while QEMU has the image, which is unchanged.
+    let before = fs::read(&path).unwrap();
+    let out = fails(&["check", "-r", "all", s(&path)]);
+    assert!(out.contains("lock") && out.contains("QEMU"), "{out}");
+    assert!(fs::read(&path).unwrap() == before, "a refused repair wrote");
     drop(qsd); // SIGKILL: nothing is stored
     let info = qemu_bitmaps(&path);
     assert_eq!(
