@@ -424,7 +424,8 @@ fn c_abi_check_and_repair() {
             "{text}"
         );
         assert!(result.leaks_fixed > 0, "{result:?}");
-        assert_eq!(result.corruptions_fixed, 1);
+        // In use is a state, not damage: removed, but not counted as a corruption fixed.
+        assert_eq!(result.corruptions_fixed, 0);
         assert_eq!((result.leaks, result.corruptions), (0, 0), "{text}");
         // 'mine' is still the handle's: storing it clears the mark.
         assert_eq!(result.in_use_bitmaps, 1);

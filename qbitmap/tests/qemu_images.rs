@@ -902,3 +902,62 @@ fn damaged_bitmaps_qemu_refuses() {
         assert_eq!(qemu_bitmaps(&path).len(), 1, "{what}");
     }
 }
+
+/// `check --output=json` gives qemu-img check's figures on an image with normal, compressed and
+/// zero clusters, an internal snapshot sharing some of them and a bitmap; then with a leak
+/// (the header cluster's refcount raised), which both count, and `-r leaks` frees.
+#[test]
+fn check_figures_match_qemu_img() {
+    if !have(&["qemu-img", "qemu-io"], "check_figures_match_qemu_img") {
+        return;
+    }
+    let (_dir, path) = qemu_image("64M", "");
+    run("qemu-io", &["-c", "write -P 0x11 0 3M", s(&path)]);
+    run("qemu-io", &["-c", "write -c -P 0x22 8M 1M", s(&path)]);
+    run("qemu-io", &["-c", "write -z 20M 128k", s(&path)]);
+    run("qemu-img", &["snapshot", "-c", "s1", s(&path)]);
+    run("qemu-io", &["-c", "write -P 0x33 1M 1M", s(&path)]);
+    run("qemu-io", &["-c", "write -c -P 0x44 9M 64k", s(&path)]);
+    run("qemu-img", &["bitmap", "--add", s(&path), "b"]);
+    run("qemu-io", &["-c", "write -P 0x55 30M 64k", s(&path)]);
+    let compare = |expect_leaks: u64| {
+        let ours = qbitmap(&["check", s(&path), "--output=json"]);
+        let report: Value = serde_json::from_slice(&ours.stdout).unwrap();
+        let theirs = Command::new("qemu-img")
+            .args(["check", "--output=json", s(&path)])
+            .output()
+            .unwrap();
+        assert_eq!(ours.status.code(), theirs.status.code(), "{report}");
+        let theirs: Value = serde_json::from_slice(&theirs.stdout).unwrap();
+        for key in [
+            "image-end-offset",
+            "total-clusters",
+            "allocated-clusters",
+            "fragmented-clusters",
+            "compressed-clusters",
+            "check-errors",
+        ] {
+            assert_eq!(report[key], theirs[key], "{key}: {report} against {theirs}");
+        }
+        // qemu-img leaves zero counts out.
+        assert_eq!(
+            report["leaks"],
+            theirs.get("leaks").cloned().unwrap_or(0.into())
+        );
+        assert_eq!(report["leaks"], expect_leaks);
+        assert_eq!(report["corruptions"], 0);
+        assert!(report["compressed-clusters"].as_u64().unwrap() > 0);
+    };
+    compare(0);
+    patch(&path, |data| {
+        let table = be64(data, 48) as usize;
+        let block = be64(data, table) as usize;
+        assert_eq!(&data[block..block + 2], &[0, 1]);
+        data[block + 1] = 2;
+    });
+    compare(1);
+    let out = ok(&["check", "-r", "leaks", s(&path)]);
+    assert!(out.contains("Repaired: freed 1 leaked cluster"), "{out}");
+    compare(0);
+    both_clean(&path);
+}

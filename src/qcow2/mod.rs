@@ -201,7 +201,8 @@ pub struct RepairReport {
     pub changes: Vec<String>,
     /// `leaks-fixed`: leaked clusters whose refcount was lowered to their references.
     pub leaks_fixed: u64,
-    /// `corruptions-fixed`: bitmaps removed and bitmaps extension problems dropped.
+    /// `corruptions-fixed`: damaged bitmaps removed and bitmaps extension problems dropped
+    /// (bitmaps removed because they were in use are a state, not damage: only in `changes`).
     pub corruptions_fixed: u64,
     /// The check before the repair.
     pub before: CheckReport,
@@ -1061,6 +1062,7 @@ impl Image {
     }
 
     fn repair_in_place(&mut self, mode: RepairMode) -> Result<RepairReport, Error> {
+        const IN_USE_REASON: &str = "marked in use";
         self.ensure_writable()?;
         let before = Self::check_io(&*self.io);
         let refuse = |image: &Image, why: String| {
@@ -1105,11 +1107,10 @@ impl Image {
                     && b.entry.in_use()
                     && !self.tracked.contains(&b.entry.name)
                 {
-                    Some(
-                        "marked in use: it was not saved properly, so its content cannot be \
+                    Some(format!(
+                        "{IN_USE_REASON}: it was not saved properly, so its content cannot be \
                          trusted"
-                            .into(),
-                    )
+                    ))
                 } else {
                     None
                 }
@@ -1225,7 +1226,12 @@ impl Image {
             let kept_count = kept.len();
             // Nothing is freed here: the walk below frees what nothing references any more.
             self.write_op(|image| image.commit_with(kept, Vec::new(), false))?;
-            report.corruptions_fixed += removal.iter().flatten().count() as u64;
+            // A bitmap in use is a state, not damage: its removal is a change, not a fix.
+            report.corruptions_fixed += removal
+                .iter()
+                .flatten()
+                .filter(|why| !why.starts_with(IN_USE_REASON))
+                .count() as u64;
             if let Some(change) = directory_problem {
                 report.corruptions_fixed += u64::from(ext != ExtState::Stale);
                 report.changes.push(change);
