@@ -106,7 +106,7 @@ pub(crate) struct Base {
     /// `MAX_REPORTED` messages, then one summing up the rest).
     pub unmapped: Vec<String>,
     unmapped_count: u64,
-    /// Where the next guest cluster of the active disk would be if it were contiguous.
+    /// Where the next guest cluster of the current L2 table would be if it were contiguous.
     next_contiguous: u64,
 }
 
@@ -273,6 +273,8 @@ fn scan_l2(
     let offset_bits = 62 - (cluster_bits - 8);
     let sectors_mask = (1u64 << (cluster_bits - 8)) - 1;
     let active = u64::from(active);
+    // As QEMU 10 counts it: contiguity within one L2 table.
+    base.next_contiguous = 0;
     base.refs.add_weighted(l2_offset, cluster_size, weight);
     let table = read_exact(io, l2_offset, cluster_size, "an L2 table")?;
     for (i, entry) in table.chunks_exact(entry_bytes).enumerate() {
