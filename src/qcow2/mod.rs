@@ -51,6 +51,14 @@
 //! cluster is rewritten in one write and flushed, and only then are the old clusters freed. An
 //! interruption at any point leaves the old or the new bitmaps, with at worst leaked clusters.
 //!
+//! # Check and repair
+//!
+//! [`Image::check`] and [`Image::check_file`] count every cluster's references as `qemu-img
+//! check` does and compare them with the refcounts (leaks above, corruption below), besides
+//! validating the bitmaps; they never write. [`Image::repair_file`] and [`Image::repair`] do
+//! what `qemu-img check -r leaks|all` does for what this library maps completely (see
+//! [`RepairMode`]); where it does not, they refuse with the reason and write nothing.
+//!
 //! # Locking
 //!
 //! Images are locked as QEMU locks them (OFD byte-range locks, see `lock.rs`): a writer keeps QEMU
