@@ -285,6 +285,17 @@ fn stale_and_unreadable_extensions_are_dropped() {
 /// back unchanged when the image opens, and a second repair must reach the same final state
 /// as an uninterrupted one.
 fn crash_each_write(name: &str, base: &Path, dir: &Path, mode: RepairMode) -> u64 {
+    crash_each_write_keeping(name, base, dir, mode, Some("a"))
+}
+
+/// As `crash_each_write`, with `intact` the bitmap that must survive (None: none does).
+fn crash_each_write_keeping(
+    name: &str,
+    base: &Path,
+    dir: &Path,
+    mode: RepairMode,
+    intact: Option<&str>,
+) -> u64 {
     let work = dir.join(format!("{name}-work.qcow2"));
     let before = check(base);
     std::fs::copy(base, &work).unwrap();
@@ -295,8 +306,16 @@ fn crash_each_write(name: &str, base: &Path, dir: &Path, mode: RepairMode) -> u6
     assert!(writes > 0, "{name}: the repair wrote nothing");
     let done = bitmaps(&work);
     assert!(check(&work).is_consistent());
-    let intact: Vec<_> = done.iter().filter(|b| b.0 == "a").cloned().collect();
-    assert_eq!(intact.len(), 1, "{name}: 'a' was not kept");
+    let kept: Vec<_> = done
+        .iter()
+        .filter(|b| Some(b.0.as_str()) == intact)
+        .cloned()
+        .collect();
+    assert_eq!(
+        kept.len(),
+        usize::from(intact.is_some()),
+        "{name}: {intact:?}"
+    );
     for crash_at in 0..writes {
         std::fs::copy(base, &work).unwrap();
         let io = CrashIo::new(FileIo::new(rw_file(&work)), crash_at);
@@ -309,9 +328,12 @@ fn crash_each_write(name: &str, base: &Path, dir: &Path, mode: RepairMode) -> u6
             now.corruptions <= before.corruptions && now.check_errors == 0,
             "{name}: crash before write {crash_at} of {writes}: {now:?}"
         );
-        if let Ok(image) = Image::open(&work, OpenOptions::default()) {
-            let a = extents(&image.inspect_bitmap("a").unwrap());
-            assert_eq!(a, intact[0].3, "{name}: crash at {crash_at} changed 'a'");
+        if let (Ok(image), Some(intact)) = (Image::open(&work, OpenOptions::default()), intact) {
+            let content = extents(&image.inspect_bitmap(intact).unwrap());
+            assert_eq!(
+                content, kept[0].3,
+                "{name}: crash at {crash_at} changed '{intact}'"
+            );
         }
         let again = Image::repair_file(&work, mode)
             .unwrap_or_else(|e| panic!("{name}: repair after a crash at {crash_at}: {e}"));
@@ -346,5 +368,38 @@ fn crash_during_each_repair() {
     image.close().unwrap();
     leak_some_clusters(&leaky, 52);
     total += crash_each_write("leaks", &leaky, &s.dir, RepairMode::Leaks);
+
+    // Leaks spread over many refcount blocks (512-byte clusters: 256 clusters a block): the
+    // bitmaps of a stale extension, then of an unreadable one, are freed block by block.
+    for (name, mode, change) in [
+        (
+            "stale",
+            RepairMode::Leaks,
+            (|data: &mut Vec<u8>| data[95] &= !1) as fn(&mut Vec<u8>),
+        ),
+        ("unreadable", RepairMode::All, |data: &mut Vec<u8>| {
+            let ext = bitmaps_ext(data);
+            data[ext..ext + 4].copy_from_slice(&9u32.to_be_bytes());
+        }),
+    ] {
+        let path = s.path(&format!("{name}.qcow2"));
+        let size = 1 << 30;
+        let mut image = Image::create(&path, size, 512).unwrap();
+        // A dirty granule every 4 KiB: each 512-byte data cluster (2 MiB of disk) is stored.
+        let mut bitmap = HBitmap::new(size, 9).unwrap();
+        for granule in 0..size / 4096 {
+            bitmap.set(granule * 4096, 512);
+        }
+        for index in 0..3 {
+            image
+                .store_bitmap(&format!("b{index}"), &bitmap, AUTO)
+                .unwrap();
+        }
+        image.close().unwrap();
+        patch(&path, change);
+        let leaks = check(&path).leaks;
+        assert!(leaks > 512, "{name}: only {leaks} leaked clusters");
+        total += crash_each_write_keeping(name, &path, &s.dir, mode, None);
+    }
     println!("{total} interrupted writes checked");
 }
