@@ -403,3 +403,71 @@ fn crash_during_each_repair() {
     }
     println!("{total} interrupted writes checked");
 }
+
+/// A bitmap one of whose clusters has refcount 0 (QEMU would still load it) is removed by
+/// -r all ("counted wrong"); until the header switch that removes it, no new cluster may be
+/// placed on it: after a crash at any write, while the old directory lists it, it reads back
+/// as before.
+#[test]
+fn uncounted_bitmap_clusters_stay_untouched_until_removed() {
+    let s = Scratch::new("repair-uncounted");
+    let base = s.path("base.qcow2");
+    let mut rng = Rng(71);
+    let a = random_bitmap(&mut rng, SIZE, 12, 40);
+    let c = random_bitmap(&mut rng, SIZE, 12, 40);
+    // c first: its clusters come before the hole its directory leaves when a is stored.
+    let mut image = Image::create(&base, SIZE, 65536).unwrap();
+    image.store_bitmap("c", &c, AUTO).unwrap();
+    image.store_bitmap("a", &a, AUTO).unwrap();
+    image.close().unwrap();
+    // Uncount every cluster of c (its table and data): the lowest free clusters are then its.
+    patch(&base, |data| {
+        let table_offset = be64(data, directory_entry(data, "c")) as usize;
+        let table_size = be32(data, directory_entry(data, "c") + 8) as usize;
+        let reftable = be64(data, 48) as usize;
+        let block = be64(data, reftable) as usize;
+        let mut clusters = vec![table_offset / 65536];
+        for i in 0..table_size {
+            let entry = be64(data, table_offset + 8 * i) & 0x00ff_ffff_ffff_fe00;
+            if entry != 0 {
+                clusters.push(entry as usize / 65536);
+            }
+        }
+        for cluster in clusters {
+            data[block + 2 * cluster..block + 2 * cluster + 2].copy_from_slice(&[0, 0]);
+        }
+    });
+    let report = check(&base);
+    assert!(report.corruptions > 0, "{report:?}");
+    let work = s.path("work.qcow2");
+    std::fs::copy(&base, &work).unwrap();
+    let io = CrashIo::new(FileIo::new(rw_file(&work)), u64::MAX);
+    let counter = io.writes();
+    let repaired = Image::repair_io(Box::new(io), &work, RepairMode::All).unwrap();
+    assert!(
+        repaired
+            .changes
+            .iter()
+            .any(|c| c.contains("removed bitmap 'c': counted wrong")),
+        "{:?}",
+        repaired.changes
+    );
+    let writes = counter.load(Ordering::SeqCst);
+    let mut listed = 0;
+    for crash_at in 0..writes {
+        std::fs::copy(&base, &work).unwrap();
+        let io = CrashIo::new(FileIo::new(rw_file(&work)), crash_at);
+        let _ = Image::repair_io(Box::new(io), &work, RepairMode::All);
+        let image = Image::open(&work, OpenOptions::default()).unwrap();
+        assert_eq!(image.inspect_bitmap("a").unwrap(), a, "crash at {crash_at}");
+        if image.bitmap("c").is_some() {
+            listed += 1;
+            assert_eq!(
+                image.inspect_bitmap("c").unwrap(),
+                c,
+                "crash at {crash_at} of {writes}: 'c' was overwritten before its removal"
+            );
+        }
+    }
+    assert!(listed > 0, "no crash point left 'c' listed");
+}

@@ -1232,6 +1232,27 @@ impl Image {
                 }
             }
             let kept_count = kept.len();
+            // Until the header switch the old directory still lists the removed bitmaps: the
+            // new directory must not land on a cluster they point to, counted or not.
+            let cluster_size = self.cluster_size();
+            let file_len = self.layout.file_len;
+            let mut untouchable: Vec<(u64, u64)> = self.layout.directory.into_iter().collect();
+            for (bitmap, why) in self.layout.bitmaps.iter().zip(&removal) {
+                if why.is_some() {
+                    untouchable.push((
+                        bitmap.entry.table_offset,
+                        u64::from(bitmap.entry.table_size) * 8,
+                    ));
+                    untouchable.extend(clusters_of(bitmap, cluster_size));
+                }
+            }
+            // Only what lies in the file: a damaged entry may point anywhere.
+            let untouchable: Vec<(u64, u64)> = untouchable
+                .into_iter()
+                .filter(|&(offset, _)| offset < file_len)
+                .map(|(offset, len)| (offset, len.min(file_len - offset)))
+                .collect();
+            self.layout.refcounts.reserve(&untouchable);
             // Nothing is freed here: the walk below frees what nothing references any more.
             self.write_op(|image| image.commit_with(kept, Vec::new(), false))?;
             // A bitmap in use is a state, not damage: its removal is a change, not a fix.
