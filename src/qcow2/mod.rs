@@ -1162,8 +1162,14 @@ impl Image {
         }
         // A bitmap or directory cluster counted below its references may have been handed out
         // for something else: that bitmap (or the directory) cannot be trusted either.
+        // The base count is used once as it is; only a retry (rare) counts it again, which
+        // keeps one copy of the per-cluster counts in memory.
+        let mut base_refs = Some(base.refs);
         loop {
-            let mut refs = base.refs.clone();
+            let mut refs = match base_refs.take() {
+                Some(refs) => refs,
+                None => repair::count_base(&*self.io, &self.layout)?.refs,
+            };
             let count_directory = ext == ExtState::Valid && directory_problem.is_none();
             repair::add_bitmaps(&mut refs, &self.layout, count_directory, |i| {
                 removal[i].is_none()
