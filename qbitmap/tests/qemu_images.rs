@@ -1098,3 +1098,49 @@ fn dirty_image_is_not_repaired() {
         assert!(fs::read(&path).unwrap() == data, "-r {mode} wrote");
     }
 }
+
+/// A bitmaps extension whose directory offset points at the L1 table (QEMU refuses to open the
+/// image): -r all drops the extension and frees what only its bitmaps used; the L1 table, which
+/// the directory "shared", stays, and so does the guest data.
+#[test]
+fn unreadable_directory_over_the_l1_table() {
+    if !have(
+        &["qemu-img", "qemu-io"],
+        "unreadable_directory_over_the_l1_table",
+    ) {
+        return;
+    }
+    let (_dir, path) = qemu_image("64M", "");
+    run("qemu-io", &["-c", "write -P 0x66 0 1M", s(&path)]);
+    run("qemu-img", &["bitmap", "--add", s(&path), "b"]);
+    let pristine = path.with_extension("pristine.qcow2");
+    fs::copy(&path, &pristine).unwrap();
+    patch(&path, |data| {
+        let l1 = be64(data, 40);
+        let mut ext = be32(data, 100) as usize;
+        while be32(data, ext) != BITMAPS_EXT {
+            ext += 8 + (be32(data, ext + 4) as usize).div_ceil(8) * 8;
+        }
+        put64(data, ext + 8 + 16, l1);
+    });
+    let refused = Command::new("qemu-io")
+        .args(["-c", "quit", s(&path)])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "QEMU opened the image");
+    let (code, ours) = our_check(&path);
+    assert_eq!(code, 2, "{ours}");
+    let out = fails(&["check", "-r", "leaks", s(&path)]);
+    assert!(out.contains("bitmaps extension is damaged"), "{out}");
+    repair_all_and_compare(
+        &path,
+        &pristine,
+        &[
+            "the bitmaps extension is unreadable",
+            "the image has no bitmaps extension any more",
+            "freed 2 leaked clusters",
+        ],
+    );
+    assert!(qemu_bitmaps(&path).is_empty());
+    run("qemu-io", &["-r", "-c", "read -P 0x66 0 1M", s(&path)]);
+}
