@@ -471,3 +471,59 @@ fn uncounted_bitmap_clusters_stay_untouched_until_removed() {
     }
     assert!(listed > 0, "no crash point left 'c' listed");
 }
+
+/// ENOSPC and EIO at each write and each flush of a repair in turn: the repair fails with that
+/// errno, leaves no more corruption than before and the intact bitmap as it was, and a second
+/// repair reaches the same image as an uninterrupted one.
+#[test]
+fn enospc_and_eio_at_each_write_and_flush_of_a_repair() {
+    use hbitmap::qcow2::io::{FailingIo, Faults};
+
+    let s = Scratch::new("repair-faults");
+    let base = s.path("damaged.qcow2");
+    let a = damaged_image(&base);
+    let before = check(&base);
+    let work = s.path("work.qcow2");
+    std::fs::copy(&base, &work).unwrap();
+    Image::repair_file(&work, RepairMode::All).unwrap();
+    let done = bitmaps(&work);
+    let mut faults_checked = 0;
+    for errno in [libc::ENOSPC, libc::EIO] {
+        for on_flush in [false, true] {
+            for index in 0.. {
+                std::fs::copy(&base, &work).unwrap();
+                let faults = Faults {
+                    write: (!on_flush).then_some(index),
+                    flush: on_flush.then_some(index),
+                    errno: Some(errno),
+                    ..Faults::default()
+                };
+                let io = FailingIo::new(FileIo::new(rw_file(&work)), faults);
+                let what = format!(
+                    "errno {errno} at {} {index}",
+                    if on_flush { "flush" } else { "write" }
+                );
+                match Image::repair_io(Box::new(io), &work, RepairMode::All) {
+                    // The fault was never reached: every write and flush was tried.
+                    Ok(_) => break,
+                    Err(error) => assert_eq!(error.errno(), errno, "{what}: {error}"),
+                }
+                faults_checked += 1;
+                let now = check(&work);
+                assert!(
+                    now.corruptions <= before.corruptions && now.check_errors == 0,
+                    "{what}: {now:?}"
+                );
+                if let Ok(image) = Image::open(&work, OpenOptions::default()) {
+                    assert_eq!(image.inspect_bitmap("a").unwrap(), a, "{what}");
+                }
+                let again = Image::repair_file(&work, RepairMode::All)
+                    .unwrap_or_else(|e| panic!("{what}: second repair: {e}"));
+                assert!(again.after.is_consistent(), "{what}: {:?}", again.after);
+                assert_eq!(bitmaps(&work), done, "{what}");
+            }
+        }
+    }
+    assert!(faults_checked >= 8, "only {faults_checked} faults injected");
+    println!("{faults_checked} injected faults checked");
+}
