@@ -9,7 +9,8 @@ use crate::size::{parse_power_of_two, parse_size};
 /// Inspect and edit the persistent dirty bitmaps of qcow2 images.
 ///
 /// Sizes and offsets take qemu-img's suffixes: 512, 64K, 1M, 2G, 1T (binary units), or plain
-/// bytes. Exit status: 0 on success, 1 on an error, 2 on bad usage.
+/// bytes. Exit status: 0 on success, 1 on an error, 2 on bad usage; `check` exits as
+/// `qemu-img check` does (0 consistent, 1 check error, 2 corruptions, 3 leaks only).
 #[derive(Debug, Parser)]
 #[command(name = "qbitmap", version, max_term_width = 100)]
 pub struct Cli {
