@@ -1144,3 +1144,51 @@ fn unreadable_directory_over_the_l1_table() {
     assert!(qemu_bitmaps(&path).is_empty());
     run("qemu-io", &["-r", "-c", "read -P 0x66 0 1M", s(&path)]);
 }
+
+/// A guest data cluster past the end of the file (the file was cut after QEMU wrote it): the
+/// guest data map cannot be followed, so -r is refused without a write, naming the entry.
+#[test]
+fn guest_data_past_the_end_is_not_repaired() {
+    if !have(
+        &["qemu-img", "qemu-io"],
+        "guest_data_past_the_end_is_not_repaired",
+    ) {
+        return;
+    }
+    let (_dir, path) = qemu_image("64M", "");
+    run("qemu-io", &["-c", "write -P 0x77 32M 64k", s(&path)]);
+    let guest = {
+        let map: Value =
+            serde_json::from_str(&run("qemu-img", &["map", "--output=json", s(&path)])).unwrap();
+        map.as_array()
+            .unwrap()
+            .iter()
+            .find_map(|extent| extent["offset"].as_u64().filter(|_| extent["data"] == true))
+            .expect("an allocated cluster")
+    };
+    let len = fs::metadata(&path).unwrap().len();
+    assert!(
+        guest + 65536 >= len,
+        "the guest cluster is not the file's last"
+    );
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(guest)
+        .unwrap();
+    let (code, ours) = our_check(&path);
+    assert_eq!(code, 2, "{ours}");
+    assert!(ours.contains("past the end of the file"), "{ours}");
+    let before = fs::read(&path).unwrap();
+    for mode in ["leaks", "all"] {
+        let out = fails(&["check", "-r", mode, s(&path)]);
+        assert!(
+            out.contains("refusing to repair")
+                && out.contains("cannot be followed")
+                && out.contains(&format!("{guest:#x}")),
+            "-r {mode}: {out}"
+        );
+        assert!(fs::read(&path).unwrap() == before, "-r {mode} wrote");
+    }
+}

@@ -291,8 +291,20 @@ fn scan_l2(
             }
             let offset = entry & ((1u64 << offset_bits) - 1);
             let sectors = ((entry >> offset_bits) & sectors_mask) + 1;
-            base.refs
-                .add_weighted(offset, sectors * 512 - (offset & 511), weight);
+            let size = sectors * 512 - (offset & 511);
+            // The last sector of compressed data may lie past the end of the file (QEMU does
+            // not pad it); its first byte may not.
+            if offset >= layout.file_len {
+                base.cannot_follow(|| {
+                    format!(
+                        "entry {i} of the L2 table at {l2_offset:#x} points to compressed data at \
+                         {offset:#x}, past the end of the file ({} bytes)",
+                        layout.file_len
+                    )
+                });
+                continue;
+            }
+            base.refs.add_weighted(offset, size, weight);
             base.stats.allocated += active;
             base.stats.compressed += active;
             base.stats.fragmented += active;
@@ -313,6 +325,18 @@ fn scan_l2(
         }
         // With an external data file, data clusters are in that file.
         if !data_file {
+            if offset + cluster_size > layout.file_len {
+                // Counting clusters past the end would take memory the file does not justify,
+                // and their refcounts say nothing a repair could trust.
+                base.cannot_follow(|| {
+                    format!(
+                        "entry {i} of the L2 table at {l2_offset:#x} points to a data cluster at \
+                         {offset:#x}, past the end of the file ({} bytes)",
+                        layout.file_len
+                    )
+                });
+                continue;
+            }
             base.refs.add_weighted(offset, cluster_size, weight);
         }
         if active > 0 {
