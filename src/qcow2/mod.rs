@@ -1178,6 +1178,20 @@ impl Image {
             let Some(first) = comparison.under.first() else {
                 break;
             };
+            // Which kept bitmaps use each cluster: one map, not a scan per mismatch.
+            let mut users: std::collections::HashMap<u64, Vec<usize>> =
+                std::collections::HashMap::new();
+            for (index, bitmap) in self.layout.bitmaps.iter().enumerate() {
+                if removal[index].is_some() {
+                    continue;
+                }
+                for (offset, len) in clusters_of(bitmap, cluster_size) {
+                    let last = (offset + len.max(1) - 1) >> cluster_bits;
+                    for cluster in (offset >> cluster_bits)..=last {
+                        users.entry(cluster).or_default().push(index);
+                    }
+                }
+            }
             let mut blamed = false;
             for mismatch in &comparison.under {
                 let at = mismatch.cluster << cluster_bits;
@@ -1195,15 +1209,11 @@ impl Image {
                         blamed = true;
                     }
                 }
-                for (index, bitmap) in self.layout.bitmaps.iter().enumerate() {
-                    if removal[index].is_none()
-                        && clusters_of(bitmap, cluster_size)
-                            .iter()
-                            .any(|&(offset, len)| at + cluster_size > offset && at < offset + len)
-                    {
+                for &index in users.get(&mismatch.cluster).into_iter().flatten() {
+                    if removal[index].is_none() {
                         removal[index] = Some(format!("counted wrong: {why}"));
-                        blamed = true;
                     }
+                    blamed = true;
                 }
             }
             if !blamed || mode == RepairMode::Leaks {
