@@ -30,10 +30,13 @@ use super::refcount::Refcounts;
 #[derive(Clone)]
 pub(crate) struct References {
     cluster_bits: u32,
-    /// Clusters below the end of the file (one counter each, as QEMU's check allocates).
-    within: Vec<u32>,
+    /// Clusters below the end of the file, 16 bits each (as QEMU's default refcounts); a count
+    /// of `u16::MAX` means the count is in `large`.
+    within: Vec<u16>,
+    /// Counts of `u16::MAX` and more (a compressed cluster shared by many entries...).
+    large: HashMap<u64, u64>,
     /// Clusters past the end of the file that something points to.
-    beyond: BTreeMap<u64, u32>,
+    beyond: BTreeMap<u64, u64>,
 }
 
 impl References {
@@ -41,17 +44,25 @@ impl References {
         References {
             cluster_bits,
             within: vec![0; file_len.div_ceil(1 << cluster_bits) as usize],
+            large: HashMap::new(),
             beyond: BTreeMap::new(),
         }
     }
 
     fn add_cluster(&mut self, cluster: u64, weight: u32) {
+        let weight = u64::from(weight);
         match self.within.get_mut(cluster as usize) {
-            Some(count) => *count = count.saturating_add(weight),
-            None => {
-                let count = self.beyond.entry(cluster).or_insert(0);
-                *count = count.saturating_add(weight);
+            Some(count) if *count < u16::MAX => {
+                let total = u64::from(*count) + weight;
+                if total < u64::from(u16::MAX) {
+                    *count = total as u16;
+                } else {
+                    *count = u16::MAX;
+                    self.large.insert(cluster, total);
+                }
             }
+            Some(_) => *self.large.entry(cluster).or_insert(0) += weight,
+            None => *self.beyond.entry(cluster).or_insert(0) += weight,
         }
     }
 
@@ -74,8 +85,9 @@ impl References {
 
     pub(crate) fn get(&self, cluster: u64) -> u64 {
         match self.within.get(cluster as usize) {
+            Some(&u16::MAX) => self.large.get(&cluster).copied().unwrap_or(0),
             Some(&count) => u64::from(count),
-            None => self.beyond.get(&cluster).map_or(0, |&c| u64::from(c)),
+            None => self.beyond.get(&cluster).copied().unwrap_or(0),
         }
     }
 
@@ -582,5 +594,28 @@ fn more(count: usize) -> String {
     match count {
         0 | 1 => String::new(),
         n => format!(" (and {} more)", n - 1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::References;
+
+    #[test]
+    fn counts_past_16_bits_are_exact() {
+        let mut refs = References::new(4 << 16, 16);
+        refs.add_weighted(0, 1, u32::from(u16::MAX) - 1);
+        assert_eq!(refs.get(0), u64::from(u16::MAX) - 1);
+        refs.add(0, 1);
+        assert_eq!(refs.get(0), u64::from(u16::MAX));
+        refs.add_weighted(0, 1, 10);
+        assert_eq!(refs.get(0), u64::from(u16::MAX) + 10);
+        refs.add_weighted(1 << 16, 3 << 16, 70_000);
+        assert_eq!(refs.get(3), 70_000);
+        assert_eq!(refs.get(2), 70_000);
+        assert_eq!(refs.get(1), 70_000);
+        refs.add(10 << 16, 1);
+        assert_eq!(refs.get(10), 1);
+        assert_eq!(refs.referenced().collect::<Vec<_>>(), [0, 1, 2, 3, 10]);
     }
 }
