@@ -87,6 +87,21 @@ typedef struct HBitmap HBitmap;
 #define HBITMAP_QCOW2_BITMAP_AUTO 2
 #endif
 
+#if !defined(HBITMAP_OMIT_QCOW2)
+/*
+ `hbitmap_qcow2_repair` mode: free leaked clusters (`qemu-img check -r leaks`).
+ */
+#define HBITMAP_QCOW2_REPAIR_LEAKS 1
+#endif
+
+#if !defined(HBITMAP_OMIT_QCOW2)
+/*
+ `hbitmap_qcow2_repair` mode: also remove every bitmap that cannot be trusted (in use after a
+ crash, damaged, cross-linked) and a stale bitmaps extension (`-r all`).
+ */
+#define HBITMAP_QCOW2_REPAIR_ALL 2
+#endif
+
 /*
  QEMU's `Error`: never set by this library, accepted for signature compatibility.
  */
@@ -177,6 +192,55 @@ typedef struct HBitmapQcow2BitmapInfo {
    */
   uint8_t bitmap_type;
 } HBitmapQcow2BitmapInfo;
+#endif
+
+#if !defined(HBITMAP_OMIT_QCOW2)
+/*
+ What `hbitmap_qcow2_check` and `hbitmap_qcow2_repair` found, with `qemu-img check`'s
+ meanings.
+ */
+typedef struct HBitmapQcow2CheckResult {
+  /*
+   Clusters whose refcount is below their references, plus every other error found.
+   */
+  uint64_t corruptions;
+  /*
+   Clusters whose refcount is above their references.
+   */
+  uint64_t leaks;
+  /*
+   Errors that stopped the check (I/O).
+   */
+  uint64_t check_errors;
+  /*
+   End of the last cluster in use or counted (0 when the references could not be counted).
+   */
+  uint64_t image_end_offset;
+  /*
+   After a repair: leaked clusters freed (0 for a check).
+   */
+  uint64_t leaks_fixed;
+  /*
+   After a repair: bitmaps removed and extension problems dropped (0 for a check).
+   */
+  uint64_t corruptions_fixed;
+  /*
+   Bitmaps marked in use.
+   */
+  uint32_t in_use_bitmaps;
+  /*
+   Bitmaps with a broken entry, table or a cross-link.
+   */
+  uint32_t damaged_bitmaps;
+  /*
+   The bitmaps extension is stale (the image has no usable bitmaps).
+   */
+  bool stale_extension;
+  /*
+   The bitmaps extension or its directory is unreadable or cross-linked.
+   */
+  bool broken_extension;
+} HBitmapQcow2CheckResult;
 #endif
 
 #ifdef __cplusplus
@@ -663,6 +727,46 @@ int hbitmap_qcow2_merge(struct HBitmapQcow2 *image,
                         const char *source,
                         const char *target,
                         char **errmsg);
+#endif
+
+#if !defined(HBITMAP_OMIT_QCOW2)
+/*
+ Checks the image behind an open handle from the file, as `qemu-img check` does: the
+ refcount of every cluster against its references (leaks, corruptions) and every bitmap.
+ Never writes. `*result` receives the counts; when `findings` is not NULL, `*findings`
+ receives every finding as text, one per line (free it with `free`). A consistent image with
+ bitmaps in use or a stale extension returns 0 with `corruptions` and `leaks` 0: those are
+ states, not damage.
+
+ # Safety
+ `image` is a live handle; `result` is valid for writing; `findings` and `errmsg` are NULL or
+ valid for writing.
+ */
+int hbitmap_qcow2_check(const struct HBitmapQcow2 *image,
+                        struct HBitmapQcow2CheckResult *result,
+                        char **findings,
+                        char **errmsg);
+#endif
+
+#if !defined(HBITMAP_OMIT_QCOW2)
+/*
+ Repairs the image behind a handle open for writing, as `qemu-img check -r` does: `mode` is
+ `HBITMAP_QCOW2_REPAIR_LEAKS` or `HBITMAP_QCOW2_REPAIR_ALL`. Bitmaps this handle loaded and
+ marks in use stay (they are in use for a reason). Refused with -ENOTSUP, nothing written,
+ when the clusters in use cannot be known completely (damaged metadata other than the
+ bitmaps', a dirty or corrupt image, and for `LEAKS` damaged bitmaps); -EROFS on a read-only
+ handle. Crash-consistent. `*result` receives the check made after the repair with the
+ counts fixed; `*findings` (when not NULL) every change made and what that check found.
+
+ # Safety
+ `image` is a live handle; `result` is valid for writing; `findings` and `errmsg` are NULL or
+ valid for writing.
+ */
+int hbitmap_qcow2_repair(struct HBitmapQcow2 *image,
+                         uint32_t mode,
+                         struct HBitmapQcow2CheckResult *result,
+                         char **findings,
+                         char **errmsg);
 #endif
 
 #if !defined(HBITMAP_OMIT_QEMU10)

@@ -59,6 +59,27 @@ const QEMU10_FUNCTIONS: [&str; 9] = [
 /// This library's own qcow2 functions.
 const QCOW2_PREFIX: &str = "hbitmap_qcow2_";
 
+/// Every qcow2 function, exactly: a new export must be listed here (and documented).
+const QCOW2_FUNCTIONS: [&str; 17] = [
+    "hbitmap_qcow2_open",
+    "hbitmap_qcow2_create",
+    "hbitmap_qcow2_close",
+    "hbitmap_qcow2_virtual_size",
+    "hbitmap_qcow2_bitmap_count",
+    "hbitmap_qcow2_bitmap_info",
+    "hbitmap_qcow2_load",
+    "hbitmap_qcow2_inspect",
+    "hbitmap_qcow2_store",
+    "hbitmap_qcow2_add",
+    "hbitmap_qcow2_remove",
+    "hbitmap_qcow2_release",
+    "hbitmap_qcow2_clear",
+    "hbitmap_qcow2_set_enabled",
+    "hbitmap_qcow2_merge",
+    "hbitmap_qcow2_check",
+    "hbitmap_qcow2_repair",
+];
+
 fn cdylib() -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable's path");
     let deps = exe.parent().expect("target/<profile>/deps");
@@ -156,6 +177,22 @@ fn exports_nothing_but_the_c_api() {
          {foreign:?}",
         cdylib().display()
     );
+}
+
+#[test]
+fn exports_exactly_the_qcow2_functions() {
+    let Some(symbols) = exported_symbols() else {
+        return;
+    };
+    let mut exported: Vec<&str> = symbols
+        .iter()
+        .map(String::as_str)
+        .filter(|s| s.starts_with(QCOW2_PREFIX))
+        .collect();
+    exported.sort_unstable();
+    let mut expected = QCOW2_FUNCTIONS.to_vec();
+    expected.sort_unstable();
+    assert_eq!(exported, expected, "{}", cdylib().display());
 }
 
 #[test]

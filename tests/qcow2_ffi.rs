@@ -6,6 +6,7 @@ use std::ptr;
 
 use hbitmap::ffi::*;
 use hbitmap::HBitmap;
+use hbitmap_testkit::Rng;
 use libc::c_char;
 use qcow2_util::*;
 
@@ -352,5 +353,167 @@ fn c_abi_names_are_bytes() {
         );
         assert_eq!(hbitmap_qcow2_bitmap_count(image), 0);
         assert_eq!(hbitmap_qcow2_close(image, ptr::null_mut()), 0);
+    }
+}
+
+/// Check and repair through the C ABI, on a handle a hypervisor holds: the bitmap it loaded
+/// (in use for a reason) stays, the one a crash left in use goes, leaked clusters are freed;
+/// a read-only handle and an unknown mode are refused.
+#[test]
+fn c_abi_check_and_repair() {
+    use hbitmap::qcow2::io::{CrashIo, FileIo};
+    use hbitmap::qcow2::{Image, OpenOptions};
+    use std::sync::atomic::Ordering;
+
+    let s = Scratch::new("ffi-repair");
+    let path = s.path("a.qcow2");
+    let size: u64 = 64 << 20;
+    let mut rng = Rng::new(61);
+    let content = random_bitmap(&mut rng, size, 12, 30);
+    let mut image = Image::create(&path, size, 65536).unwrap();
+    image.store_bitmap("mine", &content, AUTO).unwrap();
+    image.store_bitmap("crashed", &content, AUTO).unwrap();
+    image.close().unwrap();
+    let rw = OpenOptions {
+        write: true,
+        force_share: false,
+    };
+    // 'crashed' loaded and never stored; then a store interrupted before its header: leaks.
+    let _ = Image::open(&path, rw)
+        .unwrap()
+        .load_bitmap("crashed")
+        .unwrap();
+    let io = CrashIo::new(FileIo::new(rw_file(&path)), u64::MAX);
+    let writes = io.writes();
+    let mut image = Image::open_io(Box::new(io), &path, true).unwrap();
+    image.store_bitmap("lost", &content, AUTO).unwrap();
+    drop(image);
+    let writes = writes.load(Ordering::SeqCst);
+    Image::open(&path, rw)
+        .unwrap()
+        .remove_bitmap("lost")
+        .unwrap();
+    let io = CrashIo::new(FileIo::new(rw_file(&path)), writes - 2);
+    let mut image = Image::open_io(Box::new(io), &path, true).unwrap();
+    assert!(image.store_bitmap("lost", &content, AUTO).is_err());
+    drop(image);
+
+    let c_path = CString::new(path.to_str().unwrap()).unwrap();
+    let mine = CString::new("mine").unwrap();
+    let mut handle: *mut HBitmapQcow2 = ptr::null_mut();
+    let mut message: *mut c_char = ptr::null_mut();
+    let mut findings: *mut c_char = ptr::null_mut();
+    let mut result = HBitmapQcow2CheckResult::default();
+    // SAFETY: valid pointers throughout, as a C caller would pass them.
+    unsafe {
+        // Read-only: check works, repair is refused.
+        assert_eq!(
+            hbitmap_qcow2_open(c_path.as_ptr(), 0, &mut handle, &mut message),
+            0
+        );
+        assert_eq!(
+            hbitmap_qcow2_check(handle, &mut result, &mut findings, &mut message),
+            0
+        );
+        let text = take_message(findings);
+        assert!(result.leaks > 0, "{result:?}");
+        assert_eq!(
+            (result.corruptions, result.in_use_bitmaps),
+            (0, 1),
+            "{text}"
+        );
+        assert!(
+            text.contains("LEAK: ") && text.contains("'crashed' is in use"),
+            "{text}"
+        );
+        assert_eq!(
+            hbitmap_qcow2_repair(
+                handle,
+                HBITMAP_QCOW2_REPAIR_ALL,
+                &mut result,
+                ptr::null_mut(),
+                &mut message
+            ),
+            -libc::EROFS
+        );
+        assert!(take_message(message).contains("read-only"));
+        message = ptr::null_mut();
+        assert_eq!(hbitmap_qcow2_close(handle, ptr::null_mut()), 0);
+
+        // Writable, with 'mine' loaded (so in use through this handle).
+        assert_eq!(
+            hbitmap_qcow2_open(
+                c_path.as_ptr(),
+                HBITMAP_QCOW2_OPEN_WRITE,
+                &mut handle,
+                &mut message
+            ),
+            0
+        );
+        let mut loaded: *mut HBitmap = ptr::null_mut();
+        assert_eq!(
+            hbitmap_qcow2_load(handle, mine.as_ptr(), &mut loaded, &mut message),
+            0
+        );
+        assert_eq!(
+            hbitmap_qcow2_repair(handle, 3, &mut result, ptr::null_mut(), &mut message),
+            -libc::EINVAL
+        );
+        assert!(take_message(message).contains("unknown repair mode 3"));
+        message = ptr::null_mut();
+        assert_eq!(
+            hbitmap_qcow2_repair(
+                handle,
+                HBITMAP_QCOW2_REPAIR_ALL,
+                &mut result,
+                &mut findings,
+                &mut message
+            ),
+            0,
+            "{}",
+            if message.is_null() {
+                String::new()
+            } else {
+                take_message(message)
+            }
+        );
+        let text = take_message(findings);
+        assert!(
+            text.contains("REPAIRED: removed bitmap 'crashed'") && !text.contains("'mine':"),
+            "{text}"
+        );
+        assert!(result.leaks_fixed > 0, "{result:?}");
+        // In use is a state, not damage: removed, but not counted as a corruption fixed.
+        assert_eq!(result.corruptions_fixed, 0);
+        assert_eq!((result.leaks, result.corruptions), (0, 0), "{text}");
+        // 'mine' is still the handle's: storing it clears the mark.
+        assert_eq!(result.in_use_bitmaps, 1);
+        assert_eq!(
+            hbitmap_qcow2_store(
+                handle,
+                mine.as_ptr(),
+                loaded,
+                HBITMAP_QCOW2_BITMAP_AUTO,
+                &mut message
+            ),
+            0
+        );
+        hbitmap_free(loaded);
+        assert_eq!(
+            hbitmap_qcow2_check(handle, &mut result, ptr::null_mut(), &mut message),
+            0
+        );
+        assert_eq!(
+            (result.leaks, result.corruptions, result.in_use_bitmaps),
+            (0, 0, 0),
+            "{result:?}"
+        );
+        assert_eq!(hbitmap_qcow2_close(handle, &mut message), 0);
+    }
+    let image = Image::open(&path, OpenOptions::default()).unwrap();
+    assert_eq!(image.bitmaps().len(), 1);
+    assert_eq!(image.inspect_bitmap("mine").unwrap(), content);
+    if have("qemu-img") {
+        qemu_check(&path, false);
     }
 }

@@ -12,7 +12,8 @@ use crate::size::{parse_power_of_two, parse_size};
 /// Sizes and offsets take qemu-img's suffixes: 512, 64K, 1M, 2G, 1T (binary units), or plain
 /// bytes. Bitmap names are bytes: an argument is the name's exact bytes (UTF-8 or not), or with
 /// --escaped-names the escaped form that list and dump print. Exit status: 0 on success, 1 on
-/// an error, 2 on bad usage.
+/// an error, 2 on bad usage; `check` exits as `qemu-img check` does (0 consistent, 1 check
+/// error, 2 corruptions, 3 leaks only).
 #[derive(Debug, Parser)]
 #[command(name = "qbitmap", version, max_term_width = 100)]
 pub struct Cli {
@@ -138,10 +139,21 @@ pub enum Command {
         /// The JSON file; standard input when absent or "-".
         file: Option<PathBuf>,
     },
-    /// Validate an image's bitmaps without changing anything; exit 1 when anything is wrong.
+    /// Check an image as `qemu-img check` does (refcounts of every cluster, the bitmaps), and
+    /// repair it with -r.
+    ///
+    /// Without -r nothing is changed. Exit status as qemu-img check's: 0 consistent (bitmaps
+    /// in use or a stale bitmaps extension are states, not damage), 1 the check could not be
+    /// completed (or the repair was refused), 2 corruptions, 3 leaked clusters only. With -r
+    /// the status is that of the check made after the repair.
     Check {
         /// The qcow2 image.
         image: PathBuf,
+        /// Repair: "leaks" frees leaked clusters; "all" also removes every bitmap that cannot
+        /// be trusted (in use, damaged, cross-linked) and a stale or unreadable bitmaps
+        /// extension. Holds QEMU's write lock; every change is named.
+        #[arg(short = 'r', long = "repair", value_enum, value_name = "leaks|all")]
+        repair: Option<Repair>,
         #[command(flatten)]
         output: OutputArgs,
     },
@@ -224,6 +236,15 @@ impl OutputArgs {
     pub fn json(self) -> bool {
         self.json || self.output == Format::Json
     }
+}
+
+/// `check -r`: what to repair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Repair {
+    /// Free leaked clusters.
+    Leaks,
+    /// Also remove untrusted bitmaps and a stale or unreadable bitmaps extension.
+    All,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

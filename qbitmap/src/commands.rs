@@ -3,12 +3,12 @@
 use std::io::{self, Read, Write};
 use std::path::Path;
 
-use crate::qcow2::{BitmapFlags, BitmapInfo, BitmapName, Image, OpenOptions};
+use crate::qcow2::{BitmapFlags, BitmapInfo, BitmapName, Image, OpenOptions, RepairMode};
 use anyhow::{anyhow, bail, Context, Result};
 use hbitmap::HBitmap;
 use serde::Deserialize;
 
-use crate::cli::{DumpFormat, DumpOutputArgs, OutputArgs};
+use crate::cli::{DumpFormat, DumpOutputArgs, OutputArgs, Repair};
 use crate::extents::{self, dirty_bytes, Extent};
 use crate::output::{self, BitmapReport, CheckOutput, DumpReport, ImageReport, JsonName};
 use crate::size::format_size;
@@ -412,59 +412,145 @@ pub fn import(
     })
 }
 
+/// `check [-r leaks|all]`: returns qemu-img check's exit status (0 consistent, 1 check error
+/// or refused repair, 2 corruptions, 3 leaks only).
 pub fn check(
     out: &mut impl Write,
     path: &Path,
     force_share: bool,
+    repair: Option<Repair>,
     format: OutputArgs,
-) -> Result<bool> {
+) -> Result<u8> {
     let options = OpenOptions {
         write: false,
         force_share,
     };
-    // check_file reports every problem of an image too damaged to open.
-    let report = Image::check_file(path, options).with_context(|| path.display().to_string())?;
+    let (report, repaired) = match repair {
+        None => {
+            // check_file reports every problem of an image too damaged to open.
+            let report =
+                Image::check_file(path, options).with_context(|| path.display().to_string())?;
+            (report, None)
+        }
+        Some(mode) => {
+            let mode = match mode {
+                Repair::Leaks => RepairMode::Leaks,
+                Repair::All => RepairMode::All,
+            };
+            let repaired =
+                Image::repair_file(path, mode).with_context(|| path.display().to_string())?;
+            (repaired.after.clone(), Some(repaired))
+        }
+    };
     let bitmaps = Image::open(path, options)
         .ok()
         .map(|image| image.bitmaps().len());
+    let status = if report.check_errors > 0 {
+        1
+    } else if report.corruptions > 0 {
+        2
+    } else if report.leaks > 0 {
+        3
+    } else {
+        0
+    };
     let result = CheckOutput {
         image: path.display().to_string(),
+        filename: path.display().to_string(),
+        format: "qcow2",
+        check_errors: report.check_errors,
+        corruptions: report.corruptions,
+        leaks: report.leaks,
+        corruptions_fixed: repaired.as_ref().map(|r| r.corruptions_fixed),
+        leaks_fixed: repaired.as_ref().map(|r| r.leaks_fixed),
+        image_end_offset: report.image_end_offset,
+        total_clusters: report.total_clusters,
+        allocated_clusters: report.allocated_clusters,
+        fragmented_clusters: report.fragmented_clusters,
+        compressed_clusters: report.compressed_clusters,
         bitmaps,
         clean: report.is_clean(),
         errors: report.errors,
         warnings: report.warnings,
         notes: report.notes,
+        leaked: report.leaked,
+        in_use_bitmaps: report.in_use_bitmaps,
+        damaged_bitmaps: report.damaged_bitmaps,
+        stale_extension: report.stale_extension,
+        broken_extension: report.broken_extension,
+        changes: repaired.as_ref().map(|r| r.changes.clone()),
+        unrepairable: report.unrepairable,
     };
     if format.json() {
         output::write_json(out, &result)?;
-    } else {
-        for error in &result.errors {
-            writeln!(out, "ERROR: {error}")?;
+        return Ok(status);
+    }
+    if let Some(repaired) = &repaired {
+        for change in &repaired.changes {
+            writeln!(out, "Repaired: {change}")?;
         }
-        for warning in &result.warnings {
-            writeln!(out, "WARNING: {warning}")?;
-        }
-        for note in &result.notes {
-            writeln!(out, "NOTE: {note}")?;
-        }
-        let checked = match result.bitmaps {
-            Some(1) => " (1 bitmap checked)".to_string(),
-            Some(n) => format!(" ({n} bitmaps checked)"),
-            None => String::new(),
-        };
-        if result.clean {
-            writeln!(out, "{}: no errors were found{checked}.", result.image)?;
+        if repaired.changes.is_empty() {
+            writeln!(out, "Nothing to repair.")?;
         } else {
             writeln!(
                 out,
-                "{}: {}, {} found{checked}.",
-                result.image,
-                count(result.errors.len(), "error"),
-                count(result.warnings.len(), "warning")
+                "{} leaked cluster{} freed, {} corruption{} repaired; checked again:",
+                repaired.leaks_fixed,
+                if repaired.leaks_fixed == 1 { "" } else { "s" },
+                repaired.corruptions_fixed,
+                if repaired.corruptions_fixed == 1 {
+                    ""
+                } else {
+                    "s"
+                }
             )?;
         }
     }
-    Ok(result.clean)
+    for error in &result.errors {
+        writeln!(out, "ERROR: {error}")?;
+    }
+    for warning in &result.warnings {
+        writeln!(out, "WARNING: {warning}")?;
+    }
+    for leak in &result.leaked {
+        writeln!(out, "LEAK: {leak}")?;
+    }
+    for note in &result.notes {
+        writeln!(out, "NOTE: {note}")?;
+    }
+    let checked = match result.bitmaps {
+        Some(1) => " (1 bitmap checked)".to_string(),
+        Some(n) => format!(" ({n} bitmaps checked)"),
+        None => String::new(),
+    };
+    if result.clean {
+        writeln!(out, "{}: no errors were found{checked}.", result.image)?;
+    } else {
+        let mut found = vec![
+            count(result.errors.len(), "error"),
+            count(result.warnings.len(), "warning"),
+        ];
+        if result.leaks > 0 {
+            found.push(count(result.leaks as usize, "leaked cluster"));
+        }
+        writeln!(
+            out,
+            "{}: {} found{checked}.",
+            result.image,
+            found.join(", ")
+        )?;
+    }
+    if result.leaks > 0 && result.corruptions == 0 {
+        writeln!(
+            out,
+            "Leaked clusters waste disk space but do no harm to data; 'qbitmap check -r leaks' \
+             frees them."
+        )?;
+    }
+    if let Some(end) = result.image_end_offset {
+        writeln!(out, "Image end offset: {end}")?;
+    }
+    Ok(status)
 }
 
 /// "no errors", "1 error", "2 errors".

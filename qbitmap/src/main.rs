@@ -2,7 +2,7 @@
 //!
 //! The work is done by the `hbitmap` library (`hbitmap::qcow2`); this binary parses arguments,
 //! calls it and formats what it returns. Exit status: 0 on success, 1 on an error (reported on
-//! stderr with the image it concerns), 2 on bad usage.
+//! stderr with the image it concerns), 2 on bad usage; `check` uses qemu-img check's.
 
 // Everything unsafe lives in the library, behind its safe API.
 #![forbid(unsafe_code)]
@@ -43,8 +43,7 @@ fn main() -> ExitCode {
         Ok(ok)
     });
     match result {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
+        Ok(status) => ExitCode::from(status),
         Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             drop(out);
@@ -84,8 +83,9 @@ fn name_arg(arg: &OsStr, escaped: bool) -> BitmapName {
     }
 }
 
-/// Runs a command; Ok(false) when it ran but found something wrong (check, demo).
-fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<bool> {
+/// Runs a command; returns the exit status: nonzero when it ran but found something wrong
+/// (check, demo).
+fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<u8> {
     let share = cli.force_share;
     let escaped = cli.escaped_names;
     let name = |arg: &OsStr| name_arg(arg, escaped);
@@ -155,7 +155,11 @@ fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<bool> {
             }
             commands::import(&image, &name(&arg), granularity, disabled, file.as_deref())?
         }
-        Command::Check { image, output } => return commands::check(out, &image, share, output),
+        Command::Check {
+            image,
+            repair,
+            output,
+        } => return commands::check(out, &image, share, repair, output),
         Command::Create {
             image,
             size,
@@ -165,10 +169,10 @@ fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<bool> {
                 .unwrap_or_else(|why| usage_error(ErrorKind::InvalidValue, &why));
             commands::create(&image, size, cluster_size)?
         }
-        Command::Demo(args) => return demo::run(&args, out),
+        Command::Demo(args) => return Ok(if demo::run(&args, out)? { 0 } else { 1 }),
         Command::Generate { what, dir } => generate(what, dir.as_deref(), out)?,
     }
-    Ok(true)
+    Ok(0)
 }
 
 /// The manual pages (qbitmap.1 and one page per command, as git's) or a shell's completions,
@@ -218,7 +222,7 @@ impl Command {
             self,
             Command::List { .. }
                 | Command::Dump { .. }
-                | Command::Check { .. }
+                | Command::Check { repair: None, .. }
                 | Command::Demo(_)
                 | Command::Generate { .. }
                 | Command::Merge {

@@ -95,11 +95,31 @@ pub struct DumpReport {
     pub extents: Vec<Extent>,
 }
 
-/// `check --output=json`.
+/// `check --output=json`: `qemu-img check --output=json`'s fields where they apply, then the
+/// bitmap findings.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct CheckOutput {
     pub image: String,
+    pub filename: String,
+    pub format: &'static str,
+    pub check_errors: u64,
+    pub corruptions: u64,
+    pub leaks: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corruptions_fixed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leaks_fixed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_end_offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total_clusters: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocated_clusters: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fragmented_clusters: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compressed_clusters: Option<u64>,
     /// None when the image is too damaged to open.
     pub bitmaps: Option<usize>,
     pub clean: bool,
@@ -107,6 +127,18 @@ pub struct CheckOutput {
     pub warnings: Vec<String>,
     /// Harmless oddities (not counted by `clean`).
     pub notes: Vec<String>,
+    /// Runs of leaked clusters.
+    pub leaked: Vec<String>,
+    pub in_use_bitmaps: Vec<String>,
+    pub damaged_bitmaps: Vec<String>,
+    pub stale_extension: bool,
+    pub broken_extension: bool,
+    /// With -r: every change made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changes: Option<Vec<String>>,
+    /// Why -r would be refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unrepairable: Option<String>,
 }
 
 /// Writes a value as pretty JSON followed by a newline.

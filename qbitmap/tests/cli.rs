@@ -461,23 +461,25 @@ fn in_use_bitmaps() {
             .code(1)
             .stderr(contains(s(&path)).and(contains("in use")));
     }
-    // check reports it and fails.
+    // check reports it; an in-use bitmap is a state, not damage: exit 0, as qemu-img check.
     qbitmap()
         .args(["check", s(&path)])
         .assert()
-        .code(1)
+        .code(0)
         .stdout(contains("WARNING").and(contains("'b' is in use")))
         .stdout(contains("no errors, 1 warning found"));
     let report = qbitmap()
         .args(["check", s(&path), "--json"])
         .assert()
-        .code(1)
+        .code(0)
         .get_output()
         .stdout
         .clone();
     let report: Value = serde_json::from_slice(&report).unwrap();
     assert_eq!(report["clean"], false);
     assert_eq!(report["errors"], json!([]));
+    assert_eq!(report["corruptions"], 0);
+    assert_eq!(report["in-use-bitmaps"], json!(["b"]));
     assert_eq!(report["warnings"].as_array().unwrap().len(), 1);
 
     // An in-use bitmap can still be removed.
@@ -703,10 +705,38 @@ fn check_passes_a_clean_image() {
         .success()
         .stdout(contains("no errors were found (1 bitmap checked)"));
     let report = ok_json(&["check", s(&path), "--output=json"]);
-    assert_eq!(
-        report,
-        json!({"image": s(&path), "bitmaps": 1, "clean": true, "errors": [], "warnings": [], "notes": []})
-    );
+    for (key, value) in [
+        ("image", json!(s(&path))),
+        ("filename", json!(s(&path))),
+        ("format", json!("qcow2")),
+        ("bitmaps", json!(1)),
+        ("clean", json!(true)),
+        ("check-errors", json!(0)),
+        ("corruptions", json!(0)),
+        ("leaks", json!(0)),
+        ("errors", json!([])),
+        ("warnings", json!([])),
+        ("notes", json!([])),
+        ("leaked", json!([])),
+        ("in-use-bitmaps", json!([])),
+        ("damaged-bitmaps", json!([])),
+        ("stale-extension", json!(false)),
+        ("broken-extension", json!(false)),
+    ] {
+        assert_eq!(report[key], value, "{key}: {report}");
+    }
+    // The figures qemu-img check gives, when it is installed.
+    if let Ok(output) = Command::new("qemu-img")
+        .args(["check", "--output=json", s(&path)])
+        .output()
+    {
+        let qemu: Value = serde_json::from_slice(&output.stdout).unwrap();
+        for key in ["image-end-offset", "total-clusters", "check-errors"] {
+            assert_eq!(report[key], qemu[key], "{key}: {report} against {qemu}");
+        }
+    } else {
+        eprintln!("qemu-img is not installed: figures not compared with it");
+    }
 }
 
 #[test]
@@ -725,7 +755,7 @@ fn check_fails_a_damaged_image() {
         .args(["check", s(&path), "--output=json"])
         .output()
         .unwrap();
-    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(output.status.code(), Some(2));
     if output.stdout.is_empty() {
         // Too broken to open: the error names the image.
         assert!(String::from_utf8_lossy(&output.stderr).contains(s(&path)));
@@ -768,7 +798,7 @@ fn check_reports_overlaps() {
             .args(["check", s(&path), "--output=json"])
             .output()
             .unwrap();
-        assert_eq!(output.status.code(), Some(1), "{expected}");
+        assert_eq!(output.status.code(), Some(2), "{expected}");
         let report: Value = serde_json::from_slice(&output.stdout).unwrap();
         let errors = report["errors"].as_array().unwrap();
         assert!(
@@ -1434,4 +1464,122 @@ fn generates_manual_pages_and_completions() {
         );
     }
     assert!(!ok(&["--help"]).contains("generate"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// check -r
+
+/// Raises the refcount of the header cluster from 1 to 2: a leak (refcount above references).
+fn leak_the_header_cluster(path: &Path) {
+    let mut data = fs::read(path).unwrap();
+    let be64 = |data: &[u8], at: usize| u64::from_be_bytes(data[at..at + 8].try_into().unwrap());
+    let table = be64(&data, 48) as usize;
+    let block = be64(&data, table) as usize;
+    // 16-bit refcounts (qbitmap create's refcount_order 4): entry 0 is the header's.
+    assert_eq!(&data[block..block + 2], &[0, 1]);
+    data[block + 1] = 2;
+    fs::write(path, data).unwrap();
+}
+
+#[test]
+fn check_exit_codes_and_repair_of_leaks() {
+    let (_dir, path) = image("1G");
+    ok(&["add", s(&path), "b"]);
+    ok(&["set", s(&path), "b", "0", "10M"]);
+    let content = ok(&["dump", s(&path), "b", "--output=json"]);
+    leak_the_header_cluster(&path);
+    // Leaks only: exit 3, as qemu-img check.
+    qbitmap()
+        .args(["check", s(&path)])
+        .assert()
+        .code(3)
+        .stdout(contains("1 leaked cluster at 0x0..0x10000").and(contains("-r leaks")));
+    let output = qbitmap()
+        .args(["check", s(&path), "--output=json"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (report["leaks"].clone(), report["corruptions"].clone()),
+        (json!(1), json!(0))
+    );
+    assert!(report.get("leaks-fixed").is_none(), "{report}");
+    // -r leaks frees it, names it, and the check made after it is clean.
+    let report = ok_json(&["check", "-r", "leaks", s(&path), "--output=json"]);
+    assert_eq!(report["leaks-fixed"], 1, "{report}");
+    assert_eq!(report["corruptions-fixed"], 0);
+    assert_eq!(report["leaks"], 0);
+    assert_eq!(report["clean"], true);
+    let changes = report["changes"].to_string();
+    assert!(changes.contains("freed 1 leaked cluster"), "{changes}");
+    assert_eq!(ok(&["dump", s(&path), "b", "--output=json"]), content);
+    qbitmap()
+        .args(["check", "-r", "all", s(&path)])
+        .assert()
+        .success()
+        .stdout(contains("Nothing to repair"));
+    // -r writes: -U is bad usage.
+    qbitmap()
+        .args(["-U", "check", "-r", "leaks", s(&path)])
+        .assert()
+        .code(2);
+}
+
+#[test]
+fn check_repair_all_removes_an_in_use_bitmap() {
+    let (_dir, path) = image("1G");
+    for name in ["keep", "crashed"] {
+        ok(&["add", s(&path), name]);
+        ok(&["set", s(&path), name, "1M", "3M"]);
+    }
+    let kept = ok(&["dump", s(&path), "keep", "--output=json"]);
+    set_in_use(&path, "crashed", true);
+    let report = ok_json(&["check", "-r", "all", s(&path), "--json"]);
+    // In use is a state, not damage: a change, not a corruption fixed.
+    assert_eq!(report["corruptions-fixed"], 0, "{report}");
+    assert!(report["leaks-fixed"].as_u64().unwrap() > 0, "{report}");
+    let changes = report["changes"].to_string();
+    assert!(
+        changes.contains("removed bitmap 'crashed': marked in use"),
+        "{changes}"
+    );
+    assert_eq!(report["in-use-bitmaps"], json!([]));
+    assert_eq!(report["clean"], true);
+    let names: Vec<Value> = list_json(&path)["bitmaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("keep")]);
+    assert_eq!(ok(&["dump", s(&path), "keep", "--output=json"]), kept);
+}
+
+/// Damage outside the bitmaps: the repair is refused with the reason, exit 1, nothing written.
+#[test]
+fn check_repair_refuses_what_it_cannot_map() {
+    let (_dir, path) = image("1G");
+    ok(&["add", s(&path), "b"]);
+    let mut data = fs::read(&path).unwrap();
+    let l1 = u64::from_be_bytes(data[40..48].try_into().unwrap()) as usize;
+    data[l1..l1 + 8].copy_from_slice(&(1u64 << 40).to_be_bytes());
+    fs::write(&path, &data).unwrap();
+    qbitmap()
+        .args(["check", s(&path)])
+        .assert()
+        .code(2)
+        .stdout(contains("L1 table entry 0"));
+    for mode in ["leaks", "all"] {
+        qbitmap()
+            .args(["check", "-r", mode, s(&path)])
+            .assert()
+            .code(1)
+            .stderr(
+                contains("refusing to repair")
+                    .and(contains("metadata other than the bitmaps"))
+                    .and(contains("L1 table entry 0")),
+            );
+        assert_eq!(fs::read(&path).unwrap(), data, "-r {mode} wrote");
+    }
 }

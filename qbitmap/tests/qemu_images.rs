@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use hbitmap_testkit::qcow2::{be64, directory_entry, extensions, put64};
+use hbitmap_testkit::qcow2::{be64, bitmaps_extension, directory_entry, extensions, put64};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -293,8 +293,9 @@ fn in_use_bitmap_whose_table_lies_past_the_end() {
     // qemu-img check counts the table past the end as an error; so do we (a warning naming it).
     let (code, qemu) = qemu_check(&path);
     assert_ne!(code, 0, "{qemu}");
+    // What in-use bitmaps' tables pointed to is not counted: leaked clusters (exit 3).
     let (code, ours) = our_check(&path);
-    assert_eq!(code, 1, "{ours}");
+    assert_eq!(code, 3, "{ours}");
     assert!(
         ours.contains("'lost'") && ours.contains("0x40000000") && ours.contains("past the end"),
         "{ours}"
@@ -416,7 +417,7 @@ fn bitmap_cluster_cross_linked_with_guest_data() {
     let (code, qemu) = qemu_check(&path);
     assert_eq!(code, 2, "{qemu}");
     let (code, ours) = our_check(&path);
-    assert_eq!(code, 1, "{ours}");
+    assert_eq!(code, 2, "{ours}");
     assert!(
         ours.contains(&format!("{guest:#x}")) && ours.contains("guest data"),
         "{ours}"
@@ -433,6 +434,15 @@ fn bitmap_cluster_cross_linked_with_guest_data() {
     run("qemu-io", &["-r", "-c", "read -P 0xab 0 64k", s(&path)]);
     let (code, after) = qemu_check(&path);
     assert_eq!((code, after), (2, qemu));
+    // -r leaks refuses: the damaged bitmap's clusters are not known.
+    let out = fails(&["check", "-r", "leaks", s(&path)]);
+    assert!(
+        out.contains("refusing to repair") && out.contains("-r all"),
+        "{out}"
+    );
+    // -r all removes the bitmap and frees only what it alone used: the guest's cluster stays.
+    repair_all_and_verify(&path, &["removed bitmap 'b'"]);
+    run("qemu-io", &["-r", "-c", "read -P 0xab 0 64k", s(&path)]);
 }
 
 /// Also a bitmap cluster shared with a snapshot's L2 table or data.
@@ -458,12 +468,93 @@ fn bitmap_cluster_cross_linked_with_a_snapshot() {
     let (code, qemu) = qemu_check(&path);
     assert_eq!(code, 2, "{qemu}");
     let (code, ours) = our_check(&path);
-    assert_eq!(code, 1, "{ours}");
+    assert_eq!(code, 2, "{ours}");
     assert!(
         ours.contains(&format!("{guest:#x}")) && ours.contains("snapshot"),
         "{ours}"
     );
     fails(&["clear", s(&path), "b"]);
+    repair_all_and_verify(&path, &["removed bitmap 'b'"]);
+    run("qemu-img", &["snapshot", "-a", "snap", s(&path)]);
+    run("qemu-io", &["-r", "-c", "read -P 0xcd 0 64k", s(&path)]);
+}
+
+/// Runs `qbitmap check -r all`: every expected change is named, the guest data compares equal
+/// with a copy taken before (`qemu-img compare`, every snapshot included), `qemu-img check` is
+/// clean (exit 0: no corruption, no leak), QEMU opens it (`qemu-img info`, `qemu-io`), and our
+/// check agrees.
+fn repair_all_and_verify(path: &Path, expected: &[&str]) -> String {
+    let before = path.with_extension("before.qcow2");
+    fs::copy(path, &before).unwrap();
+    repair_all_and_compare(path, &before, expected)
+}
+
+/// `repair_all_and_verify` against `before`, a copy QEMU can open taken before the damage.
+fn repair_all_and_compare(path: &Path, before: &Path, expected: &[&str]) -> String {
+    let before = before.to_path_buf();
+    let output = qbitmap(&["check", "-r", "all", s(path)]);
+    let out = text(&output);
+    assert_eq!(output.status.code(), Some(0), "check -r all: {out}");
+    for change in expected {
+        assert!(
+            out.contains(&format!("Repaired: {change}")),
+            "{change}: {out}"
+        );
+    }
+    let (code, qemu) = qemu_check(path);
+    assert_eq!(code, 0, "qemu-img check after check -r all: {qemu}");
+    assert!(qemu.contains("No errors were found"), "{qemu}");
+    run(
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "qcow2", s(&before), s(path)],
+    );
+    let snapshots = |p: &Path| -> Vec<String> {
+        let info: Value =
+            serde_json::from_str(&run("qemu-img", &["info", "--output=json", s(p)])).unwrap();
+        info["snapshots"]
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .map(|snap| snap["name"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let names = snapshots(&before);
+    assert_eq!(snapshots(path), names);
+    // qemu-img compare reads the active disk only: each snapshot is converted and compared.
+    for name in names {
+        let raw = |p: &Path, tag: &str| {
+            let out = p.with_extension(format!("{tag}.raw"));
+            let option = format!("snapshot.name={name}");
+            run(
+                "qemu-img",
+                &[
+                    "convert",
+                    "-f",
+                    "qcow2",
+                    "-O",
+                    "raw",
+                    "-l",
+                    &option,
+                    s(p),
+                    s(&out),
+                ],
+            );
+            let bytes = fs::read(&out).unwrap();
+            fs::remove_file(&out).unwrap();
+            bytes
+        };
+        assert!(
+            raw(&before, "before") == raw(path, "after"),
+            "snapshot {name} differs after check -r all"
+        );
+    }
+    run("qemu-io", &["-c", "quit", s(path)]);
+    let (code, ours) = our_check(path);
+    assert_eq!(code, 0, "qbitmap check after -r all: {ours}");
+    fs::remove_file(&before).unwrap();
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -578,5 +669,489 @@ fn allocation_for_every_cluster_size_and_refcount_width() {
                 Duration::from_secs(5),
             );
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// check -r on images QEMU's tools leave behind
+
+#[path = "../../tests/qcow2_util/mod.rs"]
+mod qcow2_util;
+
+/// A qemu-storage-daemon killed with SIGKILL while it holds a persistent bitmap: QEMU marked it
+/// in use when it loaded it, and never stored it. check reports it (a state, exit 0, as
+/// qemu-img check); -r leaks keeps it; -r all removes it and keeps a bitmap added since, to the
+/// byte, and the guest data QEMU wrote stays.
+#[test]
+fn qsd_killed_while_holding_a_bitmap() {
+    if !have(
+        &["qemu-img", "qemu-io", "qemu-storage-daemon"],
+        "qsd_killed_while_holding_a_bitmap",
+    ) {
+        return;
+    }
+    let (dir, path) = qemu_image("64M", "");
+    run("qemu-io", &["-c", "write -P 0x11 0 1M", s(&path)]);
+    run("qemu-img", &["bitmap", "--add", s(&path), "tracked"]);
+    let mut qsd = qcow2_util::Qsd::start(dir.path(), &path);
+    qsd.qmp_ok(
+        r#"{"execute":"block-dirty-bitmap-add","arguments":{"node":"fmt0","name":"added","persistent":true}}"#,
+    );
+    qsd.write(2 << 20, 1 << 20);
+    // A repair takes QEMU's write lock: refused while QEMU has the image, which is unchanged.
+    let before = fs::read(&path).unwrap();
+    let out = fails(&["check", "-r", "all", s(&path)]);
+    assert!(out.contains("lock") && out.contains("QEMU"), "{out}");
+    assert!(fs::read(&path).unwrap() == before, "a refused repair wrote");
+    drop(qsd); // SIGKILL: nothing is stored
+    let info = qemu_bitmaps(&path);
+    assert_eq!(
+        info,
+        [(
+            "tracked".to_string(),
+            65536,
+            vec!["in-use".to_string(), "auto".to_string()]
+        )]
+    );
+    let (code, qemu) = qemu_check(&path);
+    assert_eq!(code, 0, "{qemu}");
+    let output = qbitmap(&["check", s(&path), "--output=json"]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["in-use-bitmaps"], serde_json::json!(["tracked"]));
+    assert_eq!(report["corruptions"], 0);
+    assert_eq!(report["leaks"], 0);
+    // The figures qemu-img check gives.
+    let theirs: Value =
+        serde_json::from_str(&run("qemu-img", &["check", "--output=json", s(&path)])).unwrap();
+    for key in [
+        "image-end-offset",
+        "total-clusters",
+        "allocated-clusters",
+        "fragmented-clusters",
+        "check-errors",
+    ] {
+        assert_eq!(report[key], theirs[key], "{key}: {report} against {theirs}");
+    }
+    // -r leaks has nothing to do and keeps the in-use bitmap.
+    let out = ok(&["check", "-r", "leaks", s(&path)]);
+    assert!(out.contains("Nothing to repair"), "{out}");
+    assert_eq!(qemu_bitmaps(&path).len(), 1);
+
+    ok(&["add", s(&path), "fresh"]);
+    ok(&["set", s(&path), "fresh", "3M", "5M"]);
+    let fresh = ok(&["dump", s(&path), "fresh", "--output=json"]);
+    repair_all_and_verify(&path, &["removed bitmap 'tracked': marked in use"]);
+    assert_eq!(ok(&["dump", s(&path), "fresh", "--output=json"]), fresh);
+    assert_eq!(
+        qemu_bitmaps(&path),
+        [("fresh".to_string(), 65536, vec!["auto".to_string()])]
+    );
+    run("qemu-io", &["-r", "-c", "read -P 0x5a 2M 1M", s(&path)]);
+    run("qemu-io", &["-r", "-c", "read -P 0x11 0 1M", s(&path)]);
+    // QEMU uses the repaired image's bitmap again.
+    run("qemu-io", &["-c", "write 8M 64k", s(&path)]);
+    both_clean(&path);
+}
+
+/// ENOSPC injected into QEMU's own bitmap store (blkdebug fails the cluster allocation made
+/// when qemu-io closes the image): QEMU leaves every bitmap in use. -r all removes them and
+/// leaves an image qemu-img check finds clean, with the same guest data.
+#[test]
+fn enospc_in_qemus_bitmap_store() {
+    if !have(&["qemu-img", "qemu-io"], "enospc_in_qemus_bitmap_store") {
+        return;
+    }
+    let (_dir, path) = qemu_image("64M", "");
+    run("qemu-io", &["-c", "write -P 0x22 0 1M", s(&path)]);
+    run("qemu-img", &["bitmap", "--add", s(&path), "enabled"]);
+    run(
+        "qemu-img",
+        &["bitmap", "--add", "--disable", s(&path), "disabled"],
+    );
+    ok(&["set", s(&path), "disabled", "0", "3M"]);
+    // The write goes to allocated clusters: the only allocation is the store's, at close.
+    let options = format!(
+        "driver=qcow2,file.driver=blkdebug,file.image.filename={},\
+         file.inject-error.0.event=cluster_alloc,file.inject-error.0.errno=28,\
+         file.inject-error.0.once=on,file.inject-error.0.immediately=off",
+        s(&path)
+    );
+    let output = Command::new("qemu-io")
+        .args(["--image-opts", "-c", "write -P 0x33 0 64k", &options])
+        .output()
+        .unwrap();
+    let _ = output; // qemu-io reports the write; the store's failure only shows in the image
+    let flags: Vec<Vec<String>> = qemu_bitmaps(&path).into_iter().map(|b| b.2).collect();
+    assert!(
+        flags.iter().all(|f| f.contains(&"in-use".to_string())) && flags.len() == 2,
+        "QEMU's failed store left {flags:?}"
+    );
+    let (code, ours) = our_check(&path);
+    assert_eq!(code, 0, "{ours}");
+    let out = repair_all_and_verify(
+        &path,
+        &[
+            "removed bitmap 'enabled': marked in use",
+            "removed bitmap 'disabled': marked in use",
+            "the image has no bitmaps extension any more",
+        ],
+    );
+    assert!(out.contains("leaked cluster"), "{out}");
+    assert!(qemu_bitmaps(&path).is_empty());
+    run("qemu-io", &["-r", "-c", "read -P 0x33 0 64k", s(&path)]);
+}
+
+/// Damaged bitmaps QEMU refuses to open the image for (a bitmap table entry with reserved bits,
+/// a bitmap whose table overlaps the L1 table, a directory entry with an unknown flag): -r all
+/// removes them, keeps the intact bitmap, and QEMU opens the image again.
+#[test]
+fn damaged_bitmaps_qemu_refuses() {
+    if !have(&["qemu-img", "qemu-io"], "damaged_bitmaps_qemu_refuses") {
+        return;
+    }
+    type Damage = fn(&mut Vec<u8>);
+    let cases: [(&str, Damage, &str); 3] = [
+        (
+            "reserved bits in a table entry",
+            |data| {
+                let table = be64(data, directory_entry(data, "broken")) as usize;
+                let entry = be64(data, table);
+                put64(data, table, entry | 0x1fe);
+            },
+            "removed bitmap 'broken': damaged",
+        ),
+        (
+            "a table over the L1 table",
+            |data| {
+                let l1 = be64(data, 40);
+                let entry = directory_entry(data, "broken");
+                put64(data, entry, l1);
+            },
+            "removed bitmap 'broken': damaged",
+        ),
+        (
+            "an unknown flag",
+            |data| {
+                let entry = directory_entry(data, "broken");
+                data[entry + 15] |= 4;
+            },
+            "removed bitmap 'broken': damaged",
+        ),
+    ];
+    for (what, damage, expected) in cases {
+        let (_dir, path) = qemu_image("64M", "");
+        run("qemu-io", &["-c", "write -P 0x44 0 2M", s(&path)]);
+        run("qemu-img", &["snapshot", "-c", "snap", s(&path)]);
+        run("qemu-io", &["-c", "write -P 0x45 1M 2M", s(&path)]);
+        ok(&["add", s(&path), "intact"]);
+        ok(&["set", s(&path), "intact", "1M", "7M"]);
+        ok(&["add", s(&path), "broken"]);
+        ok(&["set", s(&path), "broken", "0", "64M"]);
+        let intact = ok(&["dump", s(&path), "intact", "--output=json"]);
+        let pristine = path.with_extension("pristine.qcow2");
+        fs::copy(&path, &pristine).unwrap();
+        patch(&path, damage);
+        let refused = Command::new("qemu-io")
+            .args(["-c", "quit", s(&path)])
+            .output()
+            .unwrap();
+        assert!(!refused.status.success(), "{what}: QEMU opened the image");
+        let (code, ours) = our_check(&path);
+        assert_eq!(code, 2, "{what}: {ours}");
+        repair_all_and_compare(&path, &pristine, &[expected]);
+        assert_eq!(
+            ok(&["dump", s(&path), "intact", "--output=json"]),
+            intact,
+            "{what}"
+        );
+        assert_eq!(qemu_bitmaps(&path).len(), 1, "{what}");
+    }
+}
+
+/// `check --output=json` gives qemu-img check's figures on an image with normal, compressed and
+/// zero clusters, an internal snapshot sharing some of them and a bitmap; then with a leak
+/// (the header cluster's refcount raised), which both count, and `-r leaks` frees.
+#[test]
+fn check_figures_match_qemu_img() {
+    if !have(&["qemu-img", "qemu-io"], "check_figures_match_qemu_img") {
+        return;
+    }
+    let (_dir, path) = qemu_image("64M", "");
+    run("qemu-io", &["-c", "write -P 0x11 0 3M", s(&path)]);
+    run("qemu-io", &["-c", "write -c -P 0x22 8M 1M", s(&path)]);
+    run("qemu-io", &["-c", "write -z 20M 128k", s(&path)]);
+    run("qemu-img", &["snapshot", "-c", "s1", s(&path)]);
+    run("qemu-io", &["-c", "write -P 0x33 1M 1M", s(&path)]);
+    run("qemu-io", &["-c", "write -c -P 0x44 9M 64k", s(&path)]);
+    run("qemu-img", &["bitmap", "--add", s(&path), "b"]);
+    run("qemu-io", &["-c", "write -P 0x55 30M 64k", s(&path)]);
+    let compare = |expect_leaks: u64| {
+        let ours = qbitmap(&["check", s(&path), "--output=json"]);
+        let report: Value = serde_json::from_slice(&ours.stdout).unwrap();
+        let theirs = Command::new("qemu-img")
+            .args(["check", "--output=json", s(&path)])
+            .output()
+            .unwrap();
+        assert_eq!(ours.status.code(), theirs.status.code(), "{report}");
+        let theirs: Value = serde_json::from_slice(&theirs.stdout).unwrap();
+        for key in [
+            "image-end-offset",
+            "total-clusters",
+            "allocated-clusters",
+            "fragmented-clusters",
+            "compressed-clusters",
+            "check-errors",
+        ] {
+            assert_eq!(report[key], theirs[key], "{key}: {report} against {theirs}");
+        }
+        // qemu-img leaves zero counts out.
+        assert_eq!(
+            report["leaks"],
+            theirs.get("leaks").cloned().unwrap_or(0.into())
+        );
+        assert_eq!(report["leaks"], expect_leaks);
+        assert_eq!(report["corruptions"], 0);
+        assert!(report["compressed-clusters"].as_u64().unwrap() > 0);
+    };
+    compare(0);
+    patch(&path, |data| {
+        let table = be64(data, 48) as usize;
+        let block = be64(data, table) as usize;
+        assert_eq!(&data[block..block + 2], &[0, 1]);
+        data[block + 1] = 2;
+    });
+    compare(1);
+    let out = ok(&["check", "-r", "leaks", s(&path)]);
+    assert!(out.contains("Repaired: freed 1 leaked cluster"), "{out}");
+    compare(0);
+    both_clean(&path);
+}
+
+/// Several L2 tables, each full (preallocation=metadata): QEMU counts contiguity within one L2
+/// table, and so do we.
+#[test]
+fn check_figures_match_qemu_img_across_l2_tables() {
+    if !have(
+        &["qemu-img"],
+        "check_figures_match_qemu_img_across_l2_tables",
+    ) {
+        return;
+    }
+    let (_dir, path) = qemu_image("2G", "preallocation=metadata");
+    run("qemu-img", &["bitmap", "--add", s(&path), "b"]);
+    let ours: Value = serde_json::from_str(&ok(&["check", s(&path), "--output=json"])).unwrap();
+    let theirs: Value =
+        serde_json::from_str(&run("qemu-img", &["check", "--output=json", s(&path)])).unwrap();
+    for key in [
+        "image-end-offset",
+        "total-clusters",
+        "allocated-clusters",
+        "check-errors",
+    ] {
+        assert_eq!(ours[key], theirs[key], "{key}: {ours} against {theirs}");
+    }
+    assert_eq!(ours["allocated-clusters"], 32768);
+    // qemu-img leaves zero counts out.
+    let fragmented = theirs
+        .get("fragmented-clusters")
+        .cloned()
+        .unwrap_or(0.into());
+    assert_eq!(
+        ours["fragmented-clusters"], fragmented,
+        "{ours} against {theirs}"
+    );
+}
+
+/// The figures on other geometries: extended L2 entries, 512-byte clusters with 1-bit
+/// refcounts (where QEMU's own `snapshot -c` fails on a refcount overflow and leaks clusters:
+/// both checks count the same leaks, and -r leaks frees them), 64-bit refcounts.
+#[test]
+fn check_figures_and_leaks_on_other_geometries() {
+    if !have(
+        &["qemu-img", "qemu-io"],
+        "check_figures_and_leaks_on_other_geometries",
+    ) {
+        return;
+    }
+    for options in [
+        "extended_l2=on,cluster_size=128k",
+        "cluster_size=512,refcount_bits=1",
+        "refcount_bits=64",
+    ] {
+        let (_dir, path) = qemu_image("64M", options);
+        run(
+            "qemu-io",
+            &[
+                "-c",
+                "write -P 1 0 3M",
+                "-c",
+                "write -c 8M 1M",
+                "-c",
+                "write -z 20M 256k",
+                s(&path),
+            ],
+        );
+        let snapshot = Command::new("qemu-img")
+            .args(["snapshot", "-c", "s", s(&path)])
+            .output()
+            .unwrap();
+        run("qemu-io", &["-c", "write 1M 1M", s(&path)]);
+        let ours = qbitmap(&["check", s(&path), "--output=json"]);
+        let report: Value = serde_json::from_slice(&ours.stdout).unwrap();
+        let theirs = Command::new("qemu-img")
+            .args(["check", "--output=json", s(&path)])
+            .output()
+            .unwrap();
+        assert_eq!(
+            ours.status.code(),
+            theirs.status.code(),
+            "{options}: {report}"
+        );
+        let theirs: Value = serde_json::from_slice(&theirs.stdout).unwrap();
+        for key in [
+            "image-end-offset",
+            "total-clusters",
+            "allocated-clusters",
+            "fragmented-clusters",
+            "compressed-clusters",
+            "check-errors",
+        ] {
+            assert_eq!(report[key], theirs[key], "{options}: {key}");
+        }
+        let leaks = theirs.get("leaks").cloned().unwrap_or(0.into());
+        assert_eq!(report["leaks"], leaks, "{options}");
+        if snapshot.status.success() {
+            assert_eq!(leaks, 0, "{options}");
+            continue;
+        }
+        // QEMU's failed snapshot left leaked clusters: -r leaks frees exactly those.
+        assert!(leaks.as_u64().unwrap() > 0, "{options}: {theirs}");
+        let before = path.with_extension("before.qcow2");
+        fs::copy(&path, &before).unwrap();
+        let report: Value =
+            serde_json::from_str(&ok(&["check", "-r", "leaks", s(&path), "--output=json"]))
+                .unwrap();
+        assert_eq!(report["leaks-fixed"], leaks, "{options}");
+        both_clean(&path);
+        run("qemu-img", &["compare", s(&before), s(&path)]);
+    }
+}
+
+/// An image with lazy refcounts left dirty by a killed qemu-storage-daemon: its refcounts are
+/// not maintained, so no repair is made here (qemu-img check -r all rebuilds them).
+#[test]
+fn dirty_image_is_not_repaired() {
+    if !have(
+        &["qemu-img", "qemu-io", "qemu-storage-daemon"],
+        "dirty_image_is_not_repaired",
+    ) {
+        return;
+    }
+    let (dir, path) = qemu_image("64M", "lazy_refcounts=on");
+    run("qemu-img", &["bitmap", "--add", s(&path), "b"]);
+    let qsd = qcow2_util::Qsd::start(dir.path(), &path);
+    qsd.write(0, 1 << 20);
+    drop(qsd); // SIGKILL
+    let data = fs::read(&path).unwrap();
+    assert_ne!(data[79] & 1, 0, "QEMU left the dirty bit clear");
+    for mode in ["leaks", "all"] {
+        let out = fails(&["check", "-r", mode, s(&path)]);
+        assert!(
+            out.contains("refusing to repair") && out.contains("dirty bit"),
+            "-r {mode}: {out}"
+        );
+        assert!(fs::read(&path).unwrap() == data, "-r {mode} wrote");
+    }
+}
+
+/// A bitmaps extension whose directory offset points at the L1 table (QEMU refuses to open the
+/// image): -r all drops the extension and frees what only its bitmaps used; the L1 table, which
+/// the directory "shared", stays, and so does the guest data.
+#[test]
+fn unreadable_directory_over_the_l1_table() {
+    if !have(
+        &["qemu-img", "qemu-io"],
+        "unreadable_directory_over_the_l1_table",
+    ) {
+        return;
+    }
+    let (_dir, path) = qemu_image("64M", "");
+    run("qemu-io", &["-c", "write -P 0x66 0 1M", s(&path)]);
+    run("qemu-img", &["bitmap", "--add", s(&path), "b"]);
+    let pristine = path.with_extension("pristine.qcow2");
+    fs::copy(&path, &pristine).unwrap();
+    patch(&path, |data| {
+        let l1 = be64(data, 40);
+        let ext = bitmaps_extension(data).expect("a bitmaps extension");
+        put64(data, ext + 16, l1);
+    });
+    let refused = Command::new("qemu-io")
+        .args(["-c", "quit", s(&path)])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "QEMU opened the image");
+    let (code, ours) = our_check(&path);
+    assert_eq!(code, 2, "{ours}");
+    let out = fails(&["check", "-r", "leaks", s(&path)]);
+    assert!(out.contains("bitmaps extension is damaged"), "{out}");
+    repair_all_and_compare(
+        &path,
+        &pristine,
+        &[
+            "the bitmaps extension is unreadable",
+            "the image has no bitmaps extension any more",
+            "freed 2 leaked clusters",
+        ],
+    );
+    assert!(qemu_bitmaps(&path).is_empty());
+    run("qemu-io", &["-r", "-c", "read -P 0x66 0 1M", s(&path)]);
+}
+
+/// A guest data cluster past the end of the file (the file was cut after QEMU wrote it): the
+/// guest data map cannot be followed, so -r is refused without a write, naming the entry.
+#[test]
+fn guest_data_past_the_end_is_not_repaired() {
+    if !have(
+        &["qemu-img", "qemu-io"],
+        "guest_data_past_the_end_is_not_repaired",
+    ) {
+        return;
+    }
+    let (_dir, path) = qemu_image("64M", "");
+    run("qemu-io", &["-c", "write -P 0x77 32M 64k", s(&path)]);
+    let guest = {
+        let map: Value =
+            serde_json::from_str(&run("qemu-img", &["map", "--output=json", s(&path)])).unwrap();
+        map.as_array()
+            .unwrap()
+            .iter()
+            .find_map(|extent| extent["offset"].as_u64().filter(|_| extent["data"] == true))
+            .expect("an allocated cluster")
+    };
+    let len = fs::metadata(&path).unwrap().len();
+    assert!(
+        guest + 65536 >= len,
+        "the guest cluster is not the file's last"
+    );
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(guest)
+        .unwrap();
+    let (code, ours) = our_check(&path);
+    assert_eq!(code, 2, "{ours}");
+    assert!(ours.contains("past the end of the file"), "{ours}");
+    let before = fs::read(&path).unwrap();
+    for mode in ["leaks", "all"] {
+        let out = fails(&["check", "-r", mode, s(&path)]);
+        assert!(
+            out.contains("refusing to repair")
+                && out.contains("cannot be followed")
+                && out.contains(&format!("{guest:#x}")),
+            "-r {mode}: {out}"
+        );
+        assert!(fs::read(&path).unwrap() == before, "-r {mode} wrote");
     }
 }

@@ -323,7 +323,10 @@ impl FullSummary {
     /// Whether both summaries have the same bits, an unallocated one reading as all clear.
     fn same_bits(&self, other: &FullSummary) -> bool {
         let all_clear = |summary: &FullSummary| {
-            summary.levels.iter().all(|level| level.iter().all(|&word| word == 0))
+            summary
+                .levels
+                .iter()
+                .all(|level| level.iter().all(|&word| word == 0))
         };
         match (self.levels.is_empty(), other.levels.is_empty()) {
             (true, true) => true,
@@ -331,7 +334,11 @@ impl FullSummary {
             (false, true) => all_clear(self),
             (false, false) => {
                 self.levels.len() == other.levels.len()
-                    && self.levels.iter().zip(&other.levels).all(|(a, b)| a[..] == b[..])
+                    && self
+                        .levels
+                        .iter()
+                        .zip(&other.levels)
+                        .all(|(a, b)| a[..] == b[..])
             }
         }
     }

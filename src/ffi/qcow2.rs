@@ -791,3 +791,162 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// `hbitmap_qcow2_repair` mode: free leaked clusters (`qemu-img check -r leaks`).
+pub const HBITMAP_QCOW2_REPAIR_LEAKS: u32 = 1;
+/// `hbitmap_qcow2_repair` mode: also remove every bitmap that cannot be trusted (in use after a
+/// crash, damaged, cross-linked) and a stale bitmaps extension (`-r all`).
+pub const HBITMAP_QCOW2_REPAIR_ALL: u32 = 2;
+
+/// What `hbitmap_qcow2_check` and `hbitmap_qcow2_repair` found, with `qemu-img check`'s
+/// meanings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HBitmapQcow2CheckResult {
+    /// Clusters whose refcount is below their references, plus every other error found.
+    pub corruptions: u64,
+    /// Clusters whose refcount is above their references.
+    pub leaks: u64,
+    /// Errors that stopped the check (I/O).
+    pub check_errors: u64,
+    /// End of the last cluster in use or counted (0 when the references could not be counted).
+    pub image_end_offset: u64,
+    /// After a repair: leaked clusters freed (0 for a check).
+    pub leaks_fixed: u64,
+    /// After a repair: bitmaps removed and extension problems dropped (0 for a check).
+    pub corruptions_fixed: u64,
+    /// Bitmaps marked in use.
+    pub in_use_bitmaps: u32,
+    /// Bitmaps with a broken entry, table or a cross-link.
+    pub damaged_bitmaps: u32,
+    /// The bitmaps extension is stale (the image has no usable bitmaps).
+    pub stale_extension: bool,
+    /// The bitmaps extension or its directory is unreadable or cross-linked.
+    pub broken_extension: bool,
+}
+
+fn check_result(report: &crate::qcow2::CheckReport) -> HBitmapQcow2CheckResult {
+    HBitmapQcow2CheckResult {
+        corruptions: report.corruptions,
+        leaks: report.leaks,
+        check_errors: report.check_errors,
+        image_end_offset: report.image_end_offset.unwrap_or(0),
+        leaks_fixed: 0,
+        corruptions_fixed: 0,
+        in_use_bitmaps: report.in_use_bitmaps.len() as u32,
+        damaged_bitmaps: report.damaged_bitmaps.len() as u32,
+        stale_extension: report.stale_extension,
+        broken_extension: report.broken_extension,
+    }
+}
+
+/// The findings as text, one per line (ERROR, WARNING, LEAK, NOTE), then the changes of a
+/// repair (REPAIRED).
+fn findings_text(report: &crate::qcow2::CheckReport, changes: &[String]) -> String {
+    let mut text = String::new();
+    for change in changes {
+        text.push_str(&format!("REPAIRED: {change}\n"));
+    }
+    for (tag, lines) in [
+        ("ERROR", &report.errors),
+        ("WARNING", &report.warnings),
+        ("LEAK", &report.leaked),
+        ("NOTE", &report.notes),
+    ] {
+        for line in lines {
+            text.push_str(&format!("{tag}: {line}\n"));
+        }
+    }
+    text
+}
+
+/// Stores a malloc'd copy of `text` in `*out` when `out` is not NULL.
+///
+/// # Safety
+/// `out` is NULL or valid for writing one pointer.
+unsafe fn put_text(out: *mut *mut c_char, text: &str) {
+    // SAFETY: the caller's contract; set_errmsg copies any string with malloc.
+    unsafe { set_errmsg(out, text) };
+}
+
+/// Checks the image behind an open handle from the file, as `qemu-img check` does: the
+/// refcount of every cluster against its references (leaks, corruptions) and every bitmap.
+/// Never writes. `*result` receives the counts; when `findings` is not NULL, `*findings`
+/// receives every finding as text, one per line (free it with `free`). A consistent image with
+/// bitmaps in use or a stale extension returns 0 with `corruptions` and `leaks` 0: those are
+/// states, not damage.
+///
+/// # Safety
+/// `image` is a live handle; `result` is valid for writing; `findings` and `errmsg` are NULL or
+/// valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_qcow2_check(
+    image: *const HBitmapQcow2,
+    result: *mut HBitmapQcow2CheckResult,
+    findings: *mut *mut c_char,
+    errmsg: *mut *mut c_char,
+) -> c_int {
+    const F: &str = "hbitmap_qcow2_check";
+    if result.is_null() {
+        null_pointer(F, "result");
+    }
+    // SAFETY: the caller's contract.
+    let handle = unsafe { borrow(F, "image", image) };
+    // SAFETY: the caller's contract.
+    unsafe {
+        guarded_ref(F, errmsg, handle, |image| {
+            let report = image.check();
+            put(F, "result", result, check_result(&report));
+            put_text(findings, &findings_text(&report, &[]));
+            Ok(())
+        })
+    }
+}
+
+/// Repairs the image behind a handle open for writing, as `qemu-img check -r` does: `mode` is
+/// `HBITMAP_QCOW2_REPAIR_LEAKS` or `HBITMAP_QCOW2_REPAIR_ALL`. Bitmaps this handle loaded and
+/// marks in use stay (they are in use for a reason). Refused with -ENOTSUP, nothing written,
+/// when the clusters in use cannot be known completely (damaged metadata other than the
+/// bitmaps', a dirty or corrupt image, and for `LEAKS` damaged bitmaps); -EROFS on a read-only
+/// handle. Crash-consistent. `*result` receives the check made after the repair with the
+/// counts fixed; `*findings` (when not NULL) every change made and what that check found.
+///
+/// # Safety
+/// `image` is a live handle; `result` is valid for writing; `findings` and `errmsg` are NULL or
+/// valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_qcow2_repair(
+    image: *mut HBitmapQcow2,
+    mode: u32,
+    result: *mut HBitmapQcow2CheckResult,
+    findings: *mut *mut c_char,
+    errmsg: *mut *mut c_char,
+) -> c_int {
+    const F: &str = "hbitmap_qcow2_repair";
+    if result.is_null() {
+        null_pointer(F, "result");
+    }
+    // SAFETY: the caller's contract.
+    let handle = unsafe { borrow_mut(F, "image", image) };
+    // SAFETY: the caller's contract.
+    unsafe {
+        guarded_mut(F, errmsg, handle, |image| {
+            let mode = match mode {
+                HBITMAP_QCOW2_REPAIR_LEAKS => crate::qcow2::RepairMode::Leaks,
+                HBITMAP_QCOW2_REPAIR_ALL => crate::qcow2::RepairMode::All,
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "unknown repair mode {other}"
+                    )))
+                }
+            };
+            let repaired = image.repair(mode)?;
+            let mut counts = check_result(&repaired.after);
+            counts.leaks_fixed = repaired.leaks_fixed;
+            counts.corruptions_fixed = repaired.corruptions_fixed;
+            put(F, "result", result, counts);
+            put_text(findings, &findings_text(&repaired.after, &repaired.changes));
+            Ok(())
+        })
+    }
+}

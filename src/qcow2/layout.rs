@@ -29,14 +29,14 @@ const MAX_SNAPSHOTS: u64 = 65536;
 const MAX_SNAPSHOTS_SIZE: u64 = 1024 * MAX_SNAPSHOTS;
 const MAX_SNAPSHOT_EXTRA: u64 = 1024;
 const SNAPSHOT_HEADER: u64 = 40;
-const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const L2_COMPRESSED: u64 = 1 << 62;
+pub(crate) const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub(crate) const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub(crate) const L2_COMPRESSED: u64 = 1 << 62;
 /// Incompatible feature bits: guest data in an external file; 128-bit L2 entries.
-const INCOMPAT_DATA_FILE: u64 = 1 << 2;
-const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
+pub(crate) const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+pub(crate) const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 /// Overlaps reported at most, then summarized.
-const MAX_REPORTED: usize = 20;
+pub(crate) const MAX_REPORTED: usize = 20;
 
 /// What a region of the file holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +70,9 @@ pub(crate) struct Region {
 pub(crate) struct Bitmap {
     pub entry: DirEntry,
     pub table: Vec<u64>,
+    /// Nothing wrong was found with its entry, name, table or clusters (an in-use bitmap may
+    /// still be trusted in this sense: its clusters are known).
+    pub trusted: bool,
 }
 
 impl Bitmap {
@@ -85,6 +88,8 @@ pub(crate) enum ExtState {
     /// Present but the autoclear bit is clear: ignored, dropped by the next write.
     Stale,
     Valid,
+    /// Present and counted but unreadable (its fields or directory are malformed).
+    Broken,
 }
 
 /// An L2 table to scan for guest data clusters.
@@ -107,6 +112,10 @@ pub(crate) struct Layout {
     pub bitmaps: Vec<Bitmap>,
     /// Metadata other than the bitmaps': where new clusters must never go.
     pub metadata: Vec<Region>,
+    /// Snapshot L1 tables: snapshot index, offset, bytes (`l1_size * 8`).
+    pub snapshot_l1s: Vec<(u64, u64, u64)>,
+    /// The bitmap directory shares a cluster with other metadata or guest data.
+    pub directory_damaged: bool,
 }
 
 impl Layout {
@@ -152,6 +161,27 @@ pub(crate) struct Problems {
     pub write_blockers: Vec<String>,
     /// Harmless: not problems at all.
     pub notes: Vec<String>,
+    /// Which of `errors` concern the bitmaps extension (the others concern the rest of the
+    /// image).
+    pub bitmap_errors: std::ops::Range<usize>,
+    /// Metadata clusters whose refcount is 0 or, for bitmap clusters, above 1 (also in
+    /// `warnings`): a full reference count reports these precisely.
+    pub refcount_warnings: Vec<String>,
+    /// Pairs of bitmaps whose names QEMU reads as one (up to a NUL byte): reading works here,
+    /// but QEMU refuses to open the image, so `check` counts each as a corruption.
+    pub name_clashes: u64,
+}
+
+impl Problems {
+    /// Errors that do not concern the bitmaps extension.
+    pub(crate) fn structural_errors(&self) -> impl Iterator<Item = &String> {
+        let range = self.bitmap_errors.clone();
+        self.errors
+            .iter()
+            .enumerate()
+            .filter(move |(index, _)| !range.contains(index))
+            .map(|(_, error)| error)
+    }
 }
 
 fn round_up(value: u64, to: u64) -> u64 {
@@ -203,6 +233,8 @@ fn is_bitmap_owner(owner: Owner) -> bool {
 struct Overlap {
     message: String,
     bitmaps: Vec<usize>,
+    /// The bitmap directory is one of the two.
+    directory: bool,
 }
 
 fn bitmap_of(owner: Owner) -> Option<usize> {
@@ -225,6 +257,7 @@ fn overlaps(
     let mut unreported = Overlap {
         message: String::new(),
         bitmaps: Vec::new(),
+        directory: false,
     };
     let mut count = 0usize;
     let mut widest: Option<usize> = None;
@@ -240,6 +273,7 @@ fn overlaps(
                     .into_iter()
                     .filter_map(bitmap_of)
                     .collect();
+                let directory = region.owner == Owner::Directory || other.owner == Owner::Directory;
                 count += 1;
                 if count <= MAX_REPORTED {
                     found.push(Overlap {
@@ -249,9 +283,11 @@ fn overlaps(
                             describe(&other, bitmaps)
                         ),
                         bitmaps: involved,
+                        directory,
                     });
                 } else {
                     unreported.bitmaps.extend(involved);
+                    unreported.directory |= directory;
                 }
             }
             if region.end > other.end {
@@ -439,8 +475,10 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
     }
 
     // Snapshots: the table and each snapshot's L1 table.
+    let mut snapshot_l1s = Vec::new();
     if header.nb_snapshots > 0 {
         let l1_tables = read_snapshots(io, &header, file_len, &mut metadata, &mut problems)?;
+        snapshot_l1s.clone_from(&l1_tables);
         for (snapshot, l1_offset, l1_bytes) in l1_tables {
             let l1 = read_exact(io, l1_offset, l1_bytes, "a snapshot's L1 table")?;
             for (index, chunk) in l1.chunks_exact(8).enumerate() {
@@ -485,8 +523,12 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
         directory: None,
         bitmaps: Vec::new(),
         metadata,
+        snapshot_l1s,
+        directory_damaged: false,
     };
+    let first_bitmap_error = problems.errors.len();
     read_bitmaps(io, &mut layout, &mut problems, &l2_tables)?;
+    problems.bitmap_errors = first_bitmap_error..problems.errors.len();
 
     // Overlaps among the other metadata (bitmap ones were reported by read_bitmaps).
     let mut regions = layout.metadata.clone();
@@ -669,6 +711,7 @@ fn read_bitmaps(
             at - 8,
             ext.data.len()
         ));
+        layout.ext = ExtState::Broken;
         return Ok(());
     }
     if layout.header.autoclear & AUTOCLEAR_BITMAPS == 0 {
@@ -739,6 +782,7 @@ fn read_bitmaps(
     }
     if !errors.is_empty() {
         problems.errors.extend(errors);
+        layout.ext = ExtState::Broken;
         return Ok(());
     }
     let raw = read_exact(
@@ -751,6 +795,7 @@ fn read_bitmaps(
         Ok(entries) => entries,
         Err(message) => {
             problems.errors.push(message);
+            layout.ext = ExtState::Broken;
             return Ok(());
         }
     };
@@ -758,6 +803,7 @@ fn read_bitmaps(
     let mut names = HashSet::new();
     // Names as QEMU uses them (up to a NUL byte), with the first bitmap that has each.
     let mut qemu_names: HashMap<Vec<u8>, String> = HashMap::new();
+    let mut duplicates = HashSet::new();
     let mut bitmaps: Vec<Bitmap> = Vec::with_capacity(entries.len());
     // Whether the bitmap's table is read and trusted. An in-use bitmap's table is only read to
     // free its clusters on removal (QEMU never reads it otherwise): whatever is wrong with it is
@@ -773,6 +819,7 @@ fn read_bitmaps(
             ));
         }
         if !names.insert(entry.name.clone()) {
+            duplicates.insert(entry.name.clone());
             problems.errors.push(format!(
                 "bitmap '{name}' (directory entry at {pos:#x}): the name is used by another \
                  bitmap too (names must be unique)"
@@ -793,12 +840,15 @@ fn read_bitmaps(
         }
         let qemu_name = entry.name.split(|&b| b == 0).next().unwrap_or_default();
         match qemu_names.get(qemu_name) {
-            Some(other) if *other != name => problems.warnings.push(format!(
-                "bitmap '{name}' (directory entry at {pos:#x}): QEMU reads the name up to its \
+            Some(other) if *other != name => {
+                problems.name_clashes += 1;
+                problems.warnings.push(format!(
+                    "bitmap '{name}' (directory entry at {pos:#x}): QEMU reads the name up to its \
                  NUL byte, as '{}', the name of bitmap '{other}' too, and so refuses to open \
                  the image (\"Bitmap already exists\"); remove or replace one of them",
-                super::name::escape(qemu_name)
-            )),
+                    super::name::escape(qemu_name)
+                ));
+            }
             Some(_) => {}
             None => {
                 qemu_names.insert(qemu_name.to_vec(), name.clone());
@@ -837,12 +887,15 @@ fn read_bitmaps(
         bitmaps.push(Bitmap {
             entry,
             table: Vec::new(),
+            trusted: false,
         });
     }
     let in_use: Vec<bool> = bitmaps.iter().map(|b| b.entry.in_use()).collect();
     // Reports overlaps; the bitmaps involved are no longer trusted.
-    let settle = |found: Vec<Overlap>, problems: &mut Problems, entry_ok: &mut Vec<bool>| {
+    let mut directory_damaged = false;
+    let mut settle = |found: Vec<Overlap>, problems: &mut Problems, entry_ok: &mut Vec<bool>| {
         for overlap in found {
+            directory_damaged |= overlap.directory;
             let soft = !overlap.bitmaps.is_empty() && overlap.bitmaps.iter().all(|&b| in_use[b]);
             if !overlap.message.is_empty() {
                 complain(problems, soft, overlap.message);
@@ -955,7 +1008,9 @@ fn read_bitmaps(
         if !entry_ok[index] {
             bitmap.table = Vec::new();
         }
+        bitmap.trusted = entry_ok[index] && !duplicates.contains(&bitmap.entry.name);
     }
+    layout.directory_damaged = directory_damaged;
 
     // Padding bits of the last data cluster of every consistent bitmap.
     for (index, bitmap) in bitmaps.iter().enumerate() {
@@ -1081,6 +1136,7 @@ fn guest_cross_links(
                     found.push(Overlap {
                         message: String::new(),
                         bitmaps: bitmap_of(region.owner).into_iter().collect(),
+                        directory: region.owner == Owner::Directory,
                     });
                     continue;
                 }
@@ -1099,6 +1155,7 @@ fn guest_cross_links(
                         l2.offset
                     ),
                     bitmaps: bitmap_of(region.owner).into_iter().collect(),
+                    directory: region.owner == Owner::Directory,
                 });
             }
         }
@@ -1110,6 +1167,7 @@ fn guest_cross_links(
                 count - MAX_REPORTED
             ),
             bitmaps: Vec::new(),
+            directory: false,
         });
     }
     Ok(found)
@@ -1169,13 +1227,16 @@ fn check_refcounts(
                         describe(region, &layout.bitmaps)
                     );
                     problems.warnings.push(message.clone());
+                    problems.refcount_warnings.push(message.clone());
                     problems.write_blockers.push(message);
                 }
             } else if count > 1 && is_bitmap_owner(region.owner) {
-                problems.warnings.push(format!(
+                let message = format!(
                     "the cluster at {at:#x} ({}) has refcount {count}, expected 1",
                     describe(region, &layout.bitmaps)
-                ));
+                );
+                problems.warnings.push(message.clone());
+                problems.refcount_warnings.push(message);
             }
             cluster += 1;
         }

@@ -60,6 +60,14 @@
 //! cluster is rewritten in one write and flushed, and only then are the old clusters freed. An
 //! interruption at any point leaves the old or the new bitmaps, with at worst leaked clusters.
 //!
+//! # Check and repair
+//!
+//! [`Image::check`] and [`Image::check_file`] count every cluster's references as `qemu-img
+//! check` does and compare them with the refcounts (leaks above, corruption below), besides
+//! validating the bitmaps; they never write. [`Image::repair_file`] and [`Image::repair`] do
+//! what `qemu-img check -r leaks|all` does for what this library maps completely (see
+//! [`RepairMode`]); where it does not, they refuse with the reason and write nothing.
+//!
 //! # Locking
 //!
 //! Images are locked as QEMU locks them (OFD byte-range locks, see `lock.rs`): a writer keeps QEMU
@@ -79,6 +87,7 @@ mod layout;
 mod lock;
 mod name;
 mod refcount;
+mod repair;
 
 use std::fs::OpenOptions as FsOpenOptions;
 use std::path::{Path, PathBuf};
@@ -133,23 +142,92 @@ pub struct BitmapFlags {
     pub auto: bool,
 }
 
-/// What [`Image::check`] found.
+/// What [`Image::check`] found. The counts use `qemu-img check`'s meanings.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CheckReport {
-    /// Malformed or inconsistent structures.
+    /// Malformed or inconsistent structures, clusters whose refcount is below their references
+    /// included.
     pub errors: Vec<String>,
     /// Things worth knowing that do not make the image unreadable (bitmaps in use, a stale
     /// extension, flags that block writing...).
     pub warnings: Vec<String>,
     /// Harmless oddities QEMU produces too (padding bits QEMU wrote): not problems.
     pub notes: Vec<String>,
+    /// `corruptions`: clusters whose refcount is below their references, plus every other
+    /// error found.
+    pub corruptions: u64,
+    /// `leaks`: clusters whose refcount is above their references.
+    pub leaks: u64,
+    /// The leaked clusters, in runs of consecutive ones.
+    pub leaked: Vec<String>,
+    /// `check-errors`: the check could not be completed (an I/O error).
+    pub check_errors: u64,
+    /// `image-end-offset`: the end of the last cluster counted or referenced (None when the
+    /// references could not be counted).
+    pub image_end_offset: Option<u64>,
+    /// `total-clusters`: clusters of the virtual disk.
+    pub total_clusters: Option<u64>,
+    /// `allocated-clusters`, `fragmented-clusters`, `compressed-clusters`: the active disk's
+    /// guest clusters, as `qemu-img check` counts them.
+    pub allocated_clusters: Option<u64>,
+    /// See `allocated_clusters`.
+    pub fragmented_clusters: Option<u64>,
+    /// See `allocated_clusters`.
+    pub compressed_clusters: Option<u64>,
+    /// Bitmaps marked in use (not saved properly: their content cannot be trusted).
+    pub in_use_bitmaps: Vec<String>,
+    /// Bitmaps with a broken entry, name, flags, table or a cross-link.
+    pub damaged_bitmaps: Vec<String>,
+    /// The bitmaps extension is stale (autoclear bit 0 clear): the image has no usable bitmaps.
+    pub stale_extension: bool,
+    /// The bitmaps extension or its directory is unreadable or cross-linked.
+    pub broken_extension: bool,
+    /// Why [`Image::repair_file`] would refuse this image, if it would.
+    pub unrepairable: Option<String>,
 }
 
 impl CheckReport {
-    /// No errors and no warnings.
+    /// No errors, no warnings and no leaks.
     pub fn is_clean(&self) -> bool {
-        self.errors.is_empty() && self.warnings.is_empty()
+        self.errors.is_empty()
+            && self.warnings.is_empty()
+            && self.leaks == 0
+            && self.check_errors == 0
     }
+
+    /// No corruption, no leak and no check error: the image is consistent (bitmaps in use or a
+    /// stale extension are states, not damage).
+    pub fn is_consistent(&self) -> bool {
+        self.corruptions == 0 && self.leaks == 0 && self.check_errors == 0
+    }
+}
+
+/// What `check -r` repairs (`qemu-img check -r`'s modes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RepairMode {
+    /// Free leaked clusters (refcount above the references). Refused when the image holds
+    /// damaged bitmaps, whose clusters are then not known.
+    Leaks,
+    /// Also remove every bitmap that cannot be trusted (in use, damaged, cross-linked) and a
+    /// stale or unreadable bitmaps extension, keeping every intact bitmap as it is, then free
+    /// what only they used.
+    All,
+}
+
+/// What a repair did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RepairReport {
+    /// Each change made, in order.
+    pub changes: Vec<String>,
+    /// `leaks-fixed`: leaked clusters whose refcount was lowered to their references.
+    pub leaks_fixed: u64,
+    /// `corruptions-fixed`: damaged bitmaps removed and bitmaps extension problems dropped
+    /// (bitmaps removed because they were in use are a state, not damage: only in `changes`).
+    pub corruptions_fixed: u64,
+    /// The check before the repair.
+    pub before: CheckReport,
+    /// The check after it.
+    pub after: CheckReport,
 }
 
 /// An open qcow2 image.
@@ -339,31 +417,107 @@ impl Image {
     }
 
     fn check_io(io: &dyn ImageIo) -> CheckReport {
-        match layout::read(io) {
-            Ok((
-                _,
-                Problems {
-                    errors,
-                    warnings,
-                    notes,
-                    ..
-                },
-            )) => CheckReport {
-                errors,
-                warnings,
-                notes,
-            },
-            Err(Error::Io { context, source }) => CheckReport {
-                errors: vec![format!("{context}: {source}")],
-                warnings: Vec::new(),
-                notes: Vec::new(),
-            },
-            Err(error) => CheckReport {
-                errors: vec![error.to_string()],
-                warnings: Vec::new(),
-                notes: Vec::new(),
-            },
+        let (mut layout, problems) = match layout::read(io) {
+            Ok(read) => read,
+            Err(Error::Io { context, source }) => {
+                return CheckReport {
+                    errors: vec![format!("{context}: {source}")],
+                    check_errors: 1,
+                    unrepairable: Some(format!("{context}: {source}")),
+                    ..CheckReport::default()
+                }
+            }
+            // What cannot be read at all makes qemu-img check fail to open the image too.
+            Err(error) => {
+                return CheckReport {
+                    errors: vec![error.to_string()],
+                    check_errors: 1,
+                    unrepairable: Some(error.to_string()),
+                    ..CheckReport::default()
+                }
+            }
+        };
+        let Problems {
+            errors,
+            warnings,
+            notes,
+            ..
+        } = problems.clone();
+        let mut report = CheckReport {
+            errors,
+            warnings,
+            notes,
+            total_clusters: Some(layout.header.size.div_ceil(layout.cluster_size())),
+            in_use_bitmaps: layout
+                .bitmaps
+                .iter()
+                .filter(|b| b.entry.in_use())
+                .map(|b| b.name())
+                .collect(),
+            damaged_bitmaps: layout
+                .bitmaps
+                .iter()
+                .filter(|b| !b.trusted)
+                .map(|b| b.name())
+                .collect(),
+            stale_extension: layout.ext == ExtState::Stale,
+            broken_extension: layout.ext == ExtState::Broken || layout.directory_damaged,
+            ..CheckReport::default()
+        };
+        let cluster_bits = layout.header.cluster_bits;
+        if let Some(first) = problems.structural_errors().next() {
+            // Damaged metadata other than the bitmaps': a count would follow garbage (and a
+            // hostile image's millions of pointers), and no repair would be made anyway.
+            report.corruptions = report.errors.len() as u64;
+            report.unrepairable = Some(format!(
+                "metadata other than the bitmaps is damaged, so the clusters it uses are not \
+                 known completely: {first}"
+            ));
+            return report;
         }
+        let counted = repair::count_base(io, &layout).and_then(|mut base| {
+            let structural: Vec<String> = problems.structural_errors().cloned().collect();
+            let unrepairable = repair::refusal(&layout, &structural, &base);
+            let directory = layout.ext == ExtState::Valid;
+            repair::add_bitmaps(&mut base.refs, &layout, directory, |_| true);
+            let comparison = repair::compare(io, &mut layout.refcounts, &base.refs)?;
+            Ok((base, comparison, unrepairable))
+        });
+        match counted {
+            Ok((base, comparison, unrepairable)) => {
+                // The full count reports these precisely.
+                report
+                    .warnings
+                    .retain(|w| !problems.refcount_warnings.contains(w));
+                for message in &base.unmapped {
+                    if !report.errors.contains(message) {
+                        report.errors.push(message.clone());
+                    }
+                }
+                // A name clash makes QEMU refuse the image, though it reads here.
+                report.corruptions =
+                    (report.errors.len() + comparison.under.len()) as u64 + problems.name_clashes;
+                report
+                    .errors
+                    .extend(repair::describe_under(&comparison.under, &layout));
+                report.leaks = comparison.leaks.len() as u64;
+                report.leaked = repair::describe_leaks(&comparison.leaks, cluster_bits);
+                report.image_end_offset = Some(comparison.end_cluster << cluster_bits);
+                report.allocated_clusters = Some(base.stats.allocated);
+                report.fragmented_clusters = Some(base.stats.fragmented);
+                report.compressed_clusters = Some(base.stats.compressed);
+                report.unrepairable = unrepairable;
+            }
+            Err(error) => {
+                report.check_errors += 1;
+                report.corruptions = report.errors.len() as u64;
+                report
+                    .errors
+                    .push(format!("counting the references of every cluster: {error}"));
+                report.unrepairable = Some(format!("the references could not be counted: {error}"));
+            }
+        }
+        report
     }
 
     /// The image's path.
@@ -729,6 +883,7 @@ impl Image {
                 dir_pos: 0,
             },
             table,
+            trusted: true,
         };
         let mut bitmaps = self.layout.bitmaps.clone();
         let mut to_free = Vec::new();
@@ -905,6 +1060,360 @@ impl Image {
         Ok(())
     }
 
+    /// Repairs an image as `qemu-img check -r` does (see [`RepairMode`]), holding QEMU's write
+    /// lock. Also for images too damaged to open: every change is named in the report.
+    /// Refused ([`Error::Unsupported`], nothing written) when the clusters in use cannot be
+    /// known completely: damaged metadata other than the bitmaps', a dirty or corrupt image, a
+    /// version 2 image, clusters other than the bitmaps' counted below their references, or (for
+    /// [`RepairMode::Leaks`]) damaged bitmaps.
+    ///
+    /// Crash-consistent: bitmaps are removed by the one header switch of every bitmap change,
+    /// and refcounts are only ever lowered to the references a complete walk found, so an
+    /// interruption at any write leaves the image as it was, repaired, or with fewer leaks.
+    pub fn repair_file(path: impl AsRef<Path>, mode: RepairMode) -> Result<RepairReport, Error> {
+        let path = path.as_ref();
+        let lock = ImageLock::acquire(path, true)?;
+        let file = FsOpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        Image::repair_with(
+            path.to_path_buf(),
+            Box::new(FileIo::new(file)),
+            Some(lock),
+            mode,
+        )
+    }
+
+    /// [`repair_file`](Self::repair_file) through any [`ImageIo`] (no locking): for fault
+    /// injection in tests.
+    pub fn repair_io(
+        io: Box<dyn ImageIo>,
+        path: impl Into<PathBuf>,
+        mode: RepairMode,
+    ) -> Result<RepairReport, Error> {
+        Image::repair_with(path.into(), io, None, mode)
+    }
+
+    fn repair_with(
+        path: PathBuf,
+        io: Box<dyn ImageIo>,
+        lock: Option<ImageLock>,
+        mode: RepairMode,
+    ) -> Result<RepairReport, Error> {
+        let (layout, _) = layout::read(&*io)?;
+        let mut image = Image {
+            path,
+            io,
+            _lock: lock,
+            writable: true,
+            layout,
+            infos: Vec::new(),
+            warnings: Vec::new(),
+            poisoned: None,
+            pending: Vec::new(),
+            header_attempted: false,
+            tracked: Vec::new(),
+        };
+        image.refresh_infos();
+        let report = image.repair_in_place(mode)?;
+        image.close()?;
+        Ok(report)
+    }
+
+    /// Repairs this image, open for writing (see [`repair_file`](Self::repair_file)). The
+    /// bitmaps this handle loaded and marks in use are in use for a reason: they stay.
+    pub fn repair(&mut self, mode: RepairMode) -> Result<RepairReport, Error> {
+        self.ensure_writable()?;
+        self.repair_in_place(mode)
+    }
+
+    fn repair_in_place(&mut self, mode: RepairMode) -> Result<RepairReport, Error> {
+        const IN_USE_REASON: &str = "marked in use";
+        self.ensure_writable()?;
+        let before = Self::check_io(&*self.io);
+        let refuse = |image: &Image, why: String| {
+            Error::Unsupported(format!(
+                "refusing to repair {}: {why}",
+                image.path.display()
+            ))
+        };
+        let (layout, problems) = layout::read(&*self.io)?;
+        let base = repair::count_base(&*self.io, &layout)?;
+        let structural: Vec<String> = problems.structural_errors().cloned().collect();
+        if let Some(why) = repair::refusal(&layout, &structural, &base) {
+            return Err(refuse(self, why));
+        }
+        self.layout = layout;
+        self.refresh_infos();
+        let cluster_bits = self.layout.header.cluster_bits;
+        let cluster_size = self.cluster_size();
+        let ext = self.layout.ext;
+        let bitmap_problem = |name: &str| {
+            let quoted = format!("'{name}'");
+            problems
+                .errors
+                .iter()
+                .chain(&problems.warnings)
+                .find(|m| m.contains(&quoted) && !m.contains("is in use (flag in_use)"))
+                .cloned()
+        };
+        // Why each bitmap goes (None: it stays).
+        let mut removal: Vec<Option<String>> = self
+            .layout
+            .bitmaps
+            .iter()
+            .map(|b| {
+                if !b.trusted {
+                    Some(format!(
+                        "damaged: {}",
+                        bitmap_problem(&b.entry.display_name())
+                            .unwrap_or_else(|| "its entry or table is invalid".into())
+                    ))
+                } else if mode == RepairMode::All
+                    && b.entry.in_use()
+                    && !self.tracked.contains(&b.entry.name)
+                {
+                    Some(format!(
+                        "{IN_USE_REASON}: it was not saved properly, so its content cannot be \
+                         trusted"
+                    ))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        let mut directory_problem = match ext {
+            ExtState::Broken => Some(format!(
+                "the bitmaps extension is unreadable ({}); dropped it with every bitmap it listed",
+                problems
+                    .errors
+                    .get(problems.bitmap_errors.start)
+                    .cloned()
+                    .unwrap_or_default()
+            )),
+            ExtState::Stale => Some(
+                "dropped the stale bitmaps extension (autoclear bit 0 was clear: a program \
+                 without bitmap support modified the image, so its bitmaps were void)"
+                    .into(),
+            ),
+            _ if self.layout.directory_damaged => Some(format!(
+                "the bitmap directory at {:#x} shares clusters with other data; wrote a new one",
+                self.layout.directory.map_or(0, |d| d.0)
+            )),
+            _ => None,
+        };
+        if mode == RepairMode::Leaks {
+            if let Some(why) = removal.iter().flatten().next() {
+                return Err(refuse(
+                    self,
+                    format!("a bitmap is {why}; its clusters are not known ('-r all' removes it)"),
+                ));
+            }
+            if ext == ExtState::Broken || self.layout.directory_damaged {
+                return Err(refuse(
+                    self,
+                    "the bitmaps extension is damaged; its clusters are not known ('-r all' \
+                     drops it)"
+                        .into(),
+                ));
+            }
+        }
+        // A bitmap or directory cluster counted below its references may have been handed out
+        // for something else: that bitmap (or the directory) cannot be trusted either.
+        // The base count is used once as it is; only a retry (rare) counts it again, which
+        // keeps one copy of the per-cluster counts in memory.
+        let mut base_refs = Some(base.refs);
+        loop {
+            let mut refs = match base_refs.take() {
+                Some(refs) => refs,
+                None => repair::count_base(&*self.io, &self.layout)?.refs,
+            };
+            let count_directory = ext == ExtState::Valid && directory_problem.is_none();
+            repair::add_bitmaps(&mut refs, &self.layout, count_directory, |i| {
+                removal[i].is_none()
+            });
+            let comparison = repair::compare(&*self.io, &mut self.layout.refcounts, &refs)?;
+            let Some(first) = comparison.under.first() else {
+                break;
+            };
+            // Which kept bitmaps use each cluster: one map, not a scan per mismatch.
+            let mut users: std::collections::HashMap<u64, Vec<usize>> =
+                std::collections::HashMap::new();
+            for (index, bitmap) in self.layout.bitmaps.iter().enumerate() {
+                if removal[index].is_some() {
+                    continue;
+                }
+                for (offset, len) in clusters_of(bitmap, cluster_size) {
+                    let last = (offset + len.max(1) - 1) >> cluster_bits;
+                    for cluster in (offset >> cluster_bits)..=last {
+                        users.entry(cluster).or_default().push(index);
+                    }
+                }
+            }
+            let mut blamed = false;
+            for mismatch in &comparison.under {
+                let at = mismatch.cluster << cluster_bits;
+                let why = format!(
+                    "its cluster at {at:#x} has refcount {} but {} references",
+                    mismatch.stored, mismatch.referenced
+                );
+                if count_directory {
+                    let (offset, size) = self.layout.directory.unwrap_or((0, 0));
+                    if at + cluster_size > offset && at < offset + size {
+                        directory_problem = Some(format!(
+                            "the bitmap directory at {offset:#x} was counted wrong ({why}); \
+                             wrote a new one"
+                        ));
+                        blamed = true;
+                    }
+                }
+                for &index in users.get(&mismatch.cluster).into_iter().flatten() {
+                    if removal[index].is_none() {
+                        removal[index] = Some(format!("counted wrong: {why}"));
+                    }
+                    blamed = true;
+                }
+            }
+            if !blamed || mode == RepairMode::Leaks {
+                return Err(refuse(
+                    self,
+                    format!(
+                        "{}{}; raising refcounts is left to 'qemu-img check -r all'",
+                        repair::describe_under(std::slice::from_ref(first), &self.layout)[0],
+                        if comparison.under.len() > 1 {
+                            format!(" (and {} more such clusters)", comparison.under.len() - 1)
+                        } else {
+                            String::new()
+                        }
+                    ),
+                ));
+            }
+        }
+
+        let mut report = RepairReport {
+            before,
+            ..RepairReport::default()
+        };
+        let removing = removal.iter().any(Option::is_some);
+        if removing || directory_problem.is_some() {
+            let mut kept = Vec::new();
+            for (bitmap, why) in self.layout.bitmaps.iter().zip(&removal) {
+                match why {
+                    None => kept.push(bitmap.clone()),
+                    Some(why) => report
+                        .changes
+                        .push(format!("removed bitmap '{}': {why}", bitmap.name())),
+                }
+            }
+            let kept_count = kept.len();
+            // Until the header switch the old directory still lists the removed bitmaps: the
+            // new directory must not land on a cluster they point to, counted or not.
+            let cluster_size = self.cluster_size();
+            let file_len = self.layout.file_len;
+            let mut untouchable: Vec<(u64, u64)> = self.layout.directory.into_iter().collect();
+            for (bitmap, why) in self.layout.bitmaps.iter().zip(&removal) {
+                if why.is_some() {
+                    untouchable.push((
+                        bitmap.entry.table_offset,
+                        u64::from(bitmap.entry.table_size) * 8,
+                    ));
+                    untouchable.extend(clusters_of(bitmap, cluster_size));
+                }
+            }
+            // Only what lies in the file: a damaged entry may point anywhere.
+            let untouchable: Vec<(u64, u64)> = untouchable
+                .into_iter()
+                .filter(|&(offset, _)| offset < file_len)
+                .map(|(offset, len)| (offset, len.min(file_len - offset)))
+                .collect();
+            self.layout.refcounts.reserve(&untouchable);
+            // Nothing is freed here: the walk below frees what nothing references any more.
+            self.write_op(|image| image.commit_with(kept, Vec::new(), false))?;
+            // A bitmap in use is a state, not damage: its removal is a change, not a fix.
+            report.corruptions_fixed += removal
+                .iter()
+                .flatten()
+                .filter(|why| !why.starts_with(IN_USE_REASON))
+                .count() as u64;
+            if let Some(change) = directory_problem {
+                report.corruptions_fixed += u64::from(ext != ExtState::Stale);
+                report.changes.push(change);
+            }
+            report.changes.push(match self.layout.directory {
+                Some((offset, _)) => format!(
+                    "wrote a new bitmap directory at {offset:#x} listing the {kept_count} \
+                     bitmap{} kept",
+                    if kept_count == 1 { "" } else { "s" }
+                ),
+                None => "the image has no bitmaps extension any more".into(),
+            });
+        }
+        let fixed = self.fix_leaks(&mut report.changes);
+        if let Err(error) = &fixed {
+            self.reload(error.to_string());
+        }
+        report.leaks_fixed = fixed?;
+        self.refresh_infos();
+        report.after = Self::check_io(&*self.io);
+        self.warnings = report.after.warnings.clone();
+        Ok(report)
+    }
+
+    /// Walks the image again and lowers every refcount above its references; returns how many
+    /// clusters it changed.
+    fn fix_leaks(&mut self, changes: &mut Vec<String>) -> Result<u64, Error> {
+        let (layout, problems) = layout::read(&*self.io)?;
+        let mut base = repair::count_base(&*self.io, &layout)?;
+        let structural: Vec<String> = problems.structural_errors().cloned().collect();
+        if let Some(why) = repair::refusal(&layout, &structural, &base) {
+            return Err(Error::Corrupt(format!(
+                "{}: not freeing leaked clusters: {why}",
+                self.path.display()
+            )));
+        }
+        if let Some(bitmap) = layout.bitmaps.iter().find(|b| !b.trusted) {
+            return Err(Error::Corrupt(format!(
+                "{}: not freeing leaked clusters: bitmap '{}' is damaged",
+                self.path.display(),
+                bitmap.name()
+            )));
+        }
+        let directory = layout.ext == ExtState::Valid;
+        repair::add_bitmaps(&mut base.refs, &layout, directory, |_| true);
+        self.layout = layout;
+        let comparison = repair::compare(&*self.io, &mut self.layout.refcounts, &base.refs)?;
+        if !comparison.under.is_empty() {
+            return Err(Error::Corrupt(format!(
+                "{}: not freeing leaked clusters: {}",
+                self.path.display(),
+                repair::describe_under(&comparison.under, &self.layout)[0]
+            )));
+        }
+        if comparison.leaks.is_empty() {
+            return Ok(0);
+        }
+        for leak in &comparison.leaks {
+            self.layout
+                .refcounts
+                .lower(&*self.io, leak.cluster, leak.referenced)?;
+        }
+        self.layout.refcounts.write_dirty(&mut *self.io)?;
+        self.flush("flushing the repaired refcounts")?;
+        let count = comparison.leaks.len() as u64;
+        changes.push(format!(
+            "freed {count} leaked cluster{} (refcount lowered to the references found):",
+            if count == 1 { "" } else { "s" }
+        ));
+        changes.extend(
+            repair::describe_leaks(&comparison.leaks, self.layout.header.cluster_bits)
+                .into_iter()
+                .map(|run| format!("  {run}")),
+        );
+        Ok(count)
+    }
+
     // Writing machinery.
 
     fn ensure_writable(&self) -> Result<(), Error> {
@@ -1076,7 +1585,18 @@ impl Image {
 
     /// Writes a new directory for `bitmaps`, switches the header to it and frees the old
     /// directory and `to_free`.
-    fn commit(&mut self, mut bitmaps: Vec<Bitmap>, to_free: Vec<(u64, u64)>) -> Result<(), Error> {
+    fn commit(&mut self, bitmaps: Vec<Bitmap>, to_free: Vec<(u64, u64)>) -> Result<(), Error> {
+        self.commit_with(bitmaps, to_free, true)
+    }
+
+    /// [`commit`](Self::commit), freeing the old directory or not (a repair leaves that to its
+    /// reference count: the old directory may share clusters with what stays).
+    fn commit_with(
+        &mut self,
+        mut bitmaps: Vec<Bitmap>,
+        to_free: Vec<(u64, u64)>,
+        free_old_directory: bool,
+    ) -> Result<(), Error> {
         let cluster_size = self.cluster_size();
         let names: Vec<&[u8]> = bitmaps.iter().map(|b| b.entry.name.as_slice()).collect();
         self.check_directory_limits(&names)?;
@@ -1117,7 +1637,7 @@ impl Image {
         // Committed: now the old clusters can go. A failure from here on only leaks them (as
         // QEMU, which ignores errors when freeing): the change itself is durable.
         let mut to_free = to_free;
-        if let Some((offset, size)) = old_directory {
+        if let Some((offset, size)) = old_directory.filter(|_| free_old_directory) {
             to_free.push((offset, size));
         }
         if let Err(error) = self.release_clusters(&to_free) {

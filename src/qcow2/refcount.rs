@@ -79,6 +79,9 @@ pub(crate) struct Refcounts {
     free_hint: u64,
     /// Bumped whenever the table moves or a block is created.
     pub generation: u64,
+    /// Cluster ranges (first, end), sorted and disjoint, never handed out although their
+    /// refcount is 0 (a repair's: what the bitmaps it removes point to until its header switch).
+    reserved: Vec<(u64, u64)>,
 }
 
 impl Refcounts {
@@ -147,6 +150,7 @@ impl Refcounts {
             dirty: BTreeSet::new(),
             free_hint: 0,
             generation: 0,
+            reserved: Vec::new(),
         })
     }
 
@@ -205,6 +209,70 @@ impl Refcounts {
         ))
     }
 
+    /// Keeps the clusters of every `(offset, len)` byte range from being allocated, whatever
+    /// their refcount (replacing what was reserved before).
+    pub(crate) fn reserve(&mut self, ranges: &[(u64, u64)]) {
+        let mut clusters: Vec<(u64, u64)> = ranges
+            .iter()
+            .filter(|&&(_, len)| len > 0)
+            .map(|&(offset, len)| {
+                (
+                    offset >> self.cluster_bits,
+                    (offset.saturating_add(len - 1) >> self.cluster_bits) + 1,
+                )
+            })
+            .collect();
+        clusters.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(clusters.len());
+        for (first, end) in clusters {
+            match merged.last_mut() {
+                Some(last) if first <= last.1 => last.1 = last.1.max(end),
+                _ => merged.push((first, end)),
+            }
+        }
+        self.reserved = merged;
+    }
+
+    fn is_reserved(&self, cluster: u64) -> bool {
+        let after = self
+            .reserved
+            .partition_point(|&(first, _)| first <= cluster);
+        after > 0 && self.reserved[after - 1].1 > cluster
+    }
+
+    /// Whether a reserved cluster lies at or after `cluster`.
+    fn reserved_from(&self, cluster: u64) -> bool {
+        self.reserved.last().is_some_and(|&(_, end)| end > cluster)
+    }
+
+    /// Whether the refcount block describing cluster `cluster` exists.
+    pub(crate) fn has_block(&self, cluster: u64) -> bool {
+        let index = cluster / self.per_block();
+        index < self.table.len() as u64 && self.table[index as usize] != 0
+    }
+
+    /// Lowers the refcount of a cluster whose block exists to `value` (in the cache; written by
+    /// [`write_dirty`](Self::write_dirty)).
+    pub(crate) fn lower(
+        &mut self,
+        io: &dyn ImageIo,
+        cluster: u64,
+        value: u64,
+    ) -> Result<(), Error> {
+        let current = self.get(io, cluster)?;
+        if value >= current {
+            return Err(Error::InvalidArgument(format!(
+                "lowering the refcount of cluster {:#x} from {current} to {value}",
+                cluster << self.cluster_bits
+            )));
+        }
+        self.set(io, cluster, value)?;
+        if value == 0 && cluster < self.free_hint {
+            self.free_hint = cluster;
+        }
+        Ok(())
+    }
+
     /// Sets the refcount of a cluster whose block exists.
     fn set(&mut self, io: &dyn ImageIo, cluster: u64, value: u64) -> Result<(), Error> {
         let per_block = self.per_block();
@@ -242,10 +310,10 @@ impl Refcounts {
                 ));
             }
             // Past the table's coverage every cluster is free: finish the run at once.
-            if cluster >= self.covered_clusters() {
+            if cluster >= self.covered_clusters() && !self.reserved_from(cluster) {
                 return Ok(if run == 0 { cluster } else { start });
             }
-            if self.get(io, cluster)? == 0 {
+            if self.get(io, cluster)? == 0 && !self.is_reserved(cluster) {
                 if run == 0 {
                     start = cluster;
                 }
@@ -334,12 +402,12 @@ impl Refcounts {
             let mut count = 1;
             while count < max {
                 let cluster = start + count;
-                if cluster >= covered {
+                if cluster >= covered && !self.reserved_from(cluster) {
                     // Past the table's coverage every cluster is free.
                     count = max;
                     break;
                 }
-                if self.get(io, cluster)? != 0 {
+                if self.get(io, cluster)? != 0 || self.is_reserved(cluster) {
                     break;
                 }
                 count += 1;

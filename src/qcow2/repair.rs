@@ -1,0 +1,621 @@
+//! Reference counting over the whole image, as `qemu-img check` does it, and the repairs of
+//! `check -r leaks|all`.
+//!
+//! Every structure is walked and every reference to a cluster counted: the header, the L1
+//! tables of the active disk and of every snapshot, each L2 table once per L1 entry pointing to
+//! it and each data cluster (normal, zero with an allocation, every cluster a compressed one
+//! touches) once per L2 entry, the snapshot table, the refcount table and blocks, the encryption
+//! header, and the bitmap directory, tables and data clusters. A cluster whose stored refcount
+//! is above that count is leaked; below, the image is corrupt.
+//!
+//! A repair lowers refcounts only to the count of a complete walk, so it never frees a
+//! referenced cluster; where the walk cannot be complete (damaged metadata other than the
+//! bitmaps', a dirty or corrupt image) it refuses and says why. `All` first removes the bitmaps
+//! that cannot be trusted in one header switch to a new directory (the crash-safe path of every
+//! bitmap change), then walks the image again and frees what only they used.
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::error::Error;
+use super::header::{be64, read_exact, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use super::io::ImageIo;
+use super::layout::{
+    describe, Layout, Owner, Region, INCOMPAT_DATA_FILE, INCOMPAT_EXTENDED_L2, L1_OFFSET_MASK,
+    L2_COMPRESSED, L2_OFFSET_MASK, MAX_REPORTED,
+};
+use super::refcount::Refcounts;
+
+/// How many times each cluster is referenced.
+#[derive(Clone)]
+pub(crate) struct References {
+    cluster_bits: u32,
+    /// Clusters below the end of the file, 16 bits each (as QEMU's default refcounts); a count
+    /// of `u16::MAX` means the count is in `large`.
+    within: Vec<u16>,
+    /// Counts of `u16::MAX` and more (a compressed cluster shared by many entries...).
+    large: HashMap<u64, u64>,
+    /// Clusters past the end of the file that something points to.
+    beyond: BTreeMap<u64, u64>,
+}
+
+impl References {
+    fn new(file_len: u64, cluster_bits: u32) -> References {
+        References {
+            cluster_bits,
+            within: vec![0; file_len.div_ceil(1 << cluster_bits) as usize],
+            large: HashMap::new(),
+            beyond: BTreeMap::new(),
+        }
+    }
+
+    fn add_cluster(&mut self, cluster: u64, weight: u32) {
+        let weight = u64::from(weight);
+        match self.within.get_mut(cluster as usize) {
+            Some(count) if *count < u16::MAX => {
+                let total = u64::from(*count) + weight;
+                if total < u64::from(u16::MAX) {
+                    *count = total as u16;
+                } else {
+                    *count = u16::MAX;
+                    self.large.insert(cluster, total);
+                }
+            }
+            Some(_) => *self.large.entry(cluster).or_insert(0) += weight,
+            None => *self.beyond.entry(cluster).or_insert(0) += weight,
+        }
+    }
+
+    /// Counts one reference to every cluster of `offset..offset + len`.
+    fn add(&mut self, offset: u64, len: u64) {
+        self.add_weighted(offset, len, 1);
+    }
+
+    /// Counts `weight` references to every cluster of `offset..offset + len`.
+    fn add_weighted(&mut self, offset: u64, len: u64, weight: u32) {
+        if len == 0 {
+            return;
+        }
+        let first = offset >> self.cluster_bits;
+        let last = offset.saturating_add(len - 1) >> self.cluster_bits;
+        for cluster in first..=last {
+            self.add_cluster(cluster, weight);
+        }
+    }
+
+    pub(crate) fn get(&self, cluster: u64) -> u64 {
+        match self.within.get(cluster as usize) {
+            Some(&u16::MAX) => self.large.get(&cluster).copied().unwrap_or(0),
+            Some(&count) => u64::from(count),
+            None => self.beyond.get(&cluster).copied().unwrap_or(0),
+        }
+    }
+
+    /// Every referenced cluster, in order.
+    fn referenced(&self) -> impl Iterator<Item = u64> + '_ {
+        self.within
+            .iter()
+            .enumerate()
+            .filter(|(_, &count)| count != 0)
+            .map(|(cluster, _)| cluster as u64)
+            .chain(self.beyond.keys().copied())
+    }
+}
+
+/// Guest cluster statistics of the active disk, as `qemu-img check` reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct GuestStats {
+    pub allocated: u64,
+    pub fragmented: u64,
+    pub compressed: u64,
+}
+
+/// The references of everything but the bitmaps extension, and what could not be mapped.
+pub(crate) struct Base {
+    pub refs: References,
+    pub stats: GuestStats,
+    /// Structures the walk could not follow: the count is then incomplete (at most
+    /// `MAX_REPORTED` messages, then one summing up the rest).
+    pub unmapped: Vec<String>,
+    unmapped_count: u64,
+    /// Where the next guest cluster of the current L2 table would be if it were contiguous.
+    next_contiguous: u64,
+}
+
+/// Counts the references of everything but the bitmaps extension.
+pub(crate) fn count_base(io: &dyn ImageIo, layout: &Layout) -> Result<Base, Error> {
+    let header = &layout.header;
+    let cluster_size = layout.cluster_size();
+    let mut base = Base {
+        refs: References::new(layout.file_len, header.cluster_bits),
+        stats: GuestStats::default(),
+        unmapped: Vec::new(),
+        unmapped_count: 0,
+        next_contiguous: 0,
+    };
+    base.refs.add(0, cluster_size);
+    // Each L2 table counts once per L1 entry pointing to it, and so does every data cluster in
+    // it (QEMU's check walks it again for each). It is read once here, its references weighted:
+    // a hostile L1 table of 4 Mi entries all pointing to one L2 table costs one read.
+    let mut l2_tables = L2Tables::default();
+    let l1_bytes = u64::from(header.l1_size) * 8;
+    if l1_bytes > 0 {
+        base.refs.add(header.l1_table_offset, l1_bytes);
+        l2_tables.collect(
+            io,
+            layout,
+            header.l1_table_offset,
+            l1_bytes,
+            None,
+            &mut base,
+        )?;
+    }
+    for &(snapshot, offset, bytes) in &layout.snapshot_l1s {
+        base.refs.add(offset, bytes);
+        l2_tables.collect(io, layout, offset, bytes, Some(snapshot), &mut base)?;
+    }
+    for l2 in &l2_tables.order {
+        let (weight, active) = l2_tables.weights[l2];
+        scan_l2(io, layout, *l2, weight, active, &mut base)?;
+    }
+    for region in &layout.metadata {
+        if matches!(region.owner, Owner::SnapshotTable | Owner::CryptoHeader) {
+            base.refs.add(region.start, region.end - region.start);
+        }
+    }
+    let refcounts = &layout.refcounts;
+    base.refs.add(
+        refcounts.table_offset,
+        u64::from(refcounts.table_clusters) * cluster_size,
+    );
+    for (_, offset) in refcounts.blocks() {
+        base.refs.add(offset, cluster_size);
+    }
+    if base.unmapped_count > MAX_REPORTED as u64 {
+        let more = base.unmapped_count - MAX_REPORTED as u64;
+        base.unmapped.push(format!(
+            "... and {more} more entries that cannot be followed"
+        ));
+    }
+    Ok(base)
+}
+
+impl Base {
+    fn cannot_follow(&mut self, message: impl FnOnce() -> String) {
+        self.unmapped_count += 1;
+        if self.unmapped_count <= MAX_REPORTED as u64 {
+            self.unmapped.push(message());
+        }
+    }
+}
+
+/// The L2 tables of every L1 table, in the order first met, with how many L1 entries point
+/// to each (in all, and in the active L1 table).
+#[derive(Default)]
+struct L2Tables {
+    order: Vec<u64>,
+    weights: HashMap<u64, (u32, u32)>,
+    /// The L2 table the last L1 entries pointed to, and how many did.
+    last: Option<(u64, u64)>,
+}
+
+impl L2Tables {
+    fn collect(
+        &mut self,
+        io: &dyn ImageIo,
+        layout: &Layout,
+        l1_offset: u64,
+        l1_bytes: u64,
+        snapshot: Option<u64>,
+        base: &mut Base,
+    ) -> Result<(), Error> {
+        let cluster_size = layout.cluster_size();
+        let l1 = read_exact(io, l1_offset, l1_bytes, "an L1 table")?;
+        for (index, chunk) in l1.chunks_exact(8).enumerate() {
+            let l2_offset = be64(chunk, 0) & L1_OFFSET_MASK;
+            if l2_offset == 0 {
+                continue;
+            }
+            if l2_offset % cluster_size != 0 || l2_offset + cluster_size > layout.file_len {
+                // layout::read reported it; the L2 table cannot be followed.
+                base.cannot_follow(|| {
+                    format!(
+                    "L1 table entry {index} of {} points to an L2 table at {l2_offset:#x} that \
+                     is misaligned or past the end of the file",
+                    disk_name(snapshot)
+                )
+                });
+                continue;
+            }
+            // Runs of one offset (a hostile table's millions of entries) hash once.
+            if self.last.is_some_and(|(offset, _)| offset == l2_offset) {
+                let (_, run) = self.last.as_mut().expect("checked");
+                *run += 1;
+                continue;
+            }
+            self.flush_run(snapshot.is_none());
+            self.last = Some((l2_offset, 1));
+        }
+        self.flush_run(snapshot.is_none());
+        Ok(())
+    }
+
+    /// Adds the pending run of entries pointing to one L2 table.
+    fn flush_run(&mut self, active: bool) {
+        let Some((l2_offset, run)) = self.last.take() else {
+            return;
+        };
+        let run = u32::try_from(run).unwrap_or(u32::MAX);
+        let weight = self.weights.entry(l2_offset).or_insert_with(|| {
+            self.order.push(l2_offset);
+            (0, 0)
+        });
+        weight.0 = weight.0.saturating_add(run);
+        if active {
+            weight.1 = weight.1.saturating_add(run);
+        }
+    }
+}
+
+fn disk_name(snapshot: Option<u64>) -> String {
+    match snapshot {
+        None => "the active disk".to_string(),
+        Some(index) => format!("snapshot {index}"),
+    }
+}
+
+/// Counts an L2 table and its data clusters `weight` times (the statistics `active` times).
+fn scan_l2(
+    io: &dyn ImageIo,
+    layout: &Layout,
+    l2_offset: u64,
+    weight: u32,
+    active: u32,
+    base: &mut Base,
+) -> Result<(), Error> {
+    let header = &layout.header;
+    let cluster_bits = header.cluster_bits;
+    let cluster_size = layout.cluster_size();
+    let data_file = header.incompatible & INCOMPAT_DATA_FILE != 0;
+    let entry_bytes = if header.incompatible & INCOMPAT_EXTENDED_L2 != 0 {
+        16
+    } else {
+        8
+    };
+    let offset_bits = 62 - (cluster_bits - 8);
+    let sectors_mask = (1u64 << (cluster_bits - 8)) - 1;
+    let active = u64::from(active);
+    // As QEMU 10 counts it: contiguity within one L2 table.
+    base.next_contiguous = 0;
+    base.refs.add_weighted(l2_offset, cluster_size, weight);
+    let table = read_exact(io, l2_offset, cluster_size, "an L2 table")?;
+    for (i, entry) in table.chunks_exact(entry_bytes).enumerate() {
+        let entry = be64(entry, 0);
+        if entry & L2_COMPRESSED != 0 {
+            if data_file {
+                base.cannot_follow(|| {
+                    format!(
+                    "the L2 table at {l2_offset:#x} has a compressed cluster in entry {i}, which \
+                     an image with an external data file cannot have"
+                )
+                });
+                continue;
+            }
+            let offset = entry & ((1u64 << offset_bits) - 1);
+            let sectors = ((entry >> offset_bits) & sectors_mask) + 1;
+            let size = sectors * 512 - (offset & 511);
+            // The last sector of compressed data may lie past the end of the file (QEMU does
+            // not pad it); its first byte may not.
+            if offset >= layout.file_len {
+                base.cannot_follow(|| {
+                    format!(
+                        "entry {i} of the L2 table at {l2_offset:#x} points to compressed data at \
+                         {offset:#x}, past the end of the file ({} bytes)",
+                        layout.file_len
+                    )
+                });
+                continue;
+            }
+            base.refs.add_weighted(offset, size, weight);
+            base.stats.allocated += active;
+            base.stats.compressed += active;
+            base.stats.fragmented += active;
+            continue;
+        }
+        let offset = entry & L2_OFFSET_MASK;
+        if offset == 0 {
+            continue;
+        }
+        if offset % cluster_size != 0 {
+            base.cannot_follow(|| {
+                format!(
+                    "entry {i} of the L2 table at {l2_offset:#x} points to a data cluster at \
+                 {offset:#x} that is not cluster-aligned"
+                )
+            });
+            continue;
+        }
+        // With an external data file, data clusters are in that file.
+        if !data_file {
+            if offset + cluster_size > layout.file_len {
+                // Counting clusters past the end would take memory the file does not justify,
+                // and their refcounts say nothing a repair could trust.
+                base.cannot_follow(|| {
+                    format!(
+                        "entry {i} of the L2 table at {l2_offset:#x} points to a data cluster at \
+                         {offset:#x}, past the end of the file ({} bytes)",
+                        layout.file_len
+                    )
+                });
+                continue;
+            }
+            base.refs.add_weighted(offset, cluster_size, weight);
+        }
+        if active > 0 {
+            base.stats.allocated += active;
+            if base.next_contiguous != 0 && offset != base.next_contiguous {
+                base.stats.fragmented += active;
+            }
+            base.next_contiguous = offset + cluster_size;
+        }
+    }
+    Ok(())
+}
+
+/// Counts the bitmaps extension: the directory (when `directory`) and the table and data
+/// clusters of every bitmap `keep` selects whose table was read.
+pub(crate) fn add_bitmaps(
+    refs: &mut References,
+    layout: &Layout,
+    directory: bool,
+    keep: impl Fn(usize) -> bool,
+) {
+    let cluster_size = layout.cluster_size();
+    if directory {
+        if let Some((offset, size)) = layout.directory {
+            refs.add(offset, size);
+        }
+    }
+    for (index, bitmap) in layout.bitmaps.iter().enumerate() {
+        if !keep(index) || bitmap.table.is_empty() {
+            continue;
+        }
+        refs.add(
+            bitmap.entry.table_offset,
+            u64::from(bitmap.entry.table_size) * 8,
+        );
+        for &entry in &bitmap.table {
+            let data = entry & super::bitmap_table::ENTRY_OFFSET_MASK;
+            if data != 0 {
+                refs.add(data, cluster_size);
+            }
+        }
+    }
+}
+
+/// A cluster whose refcount differs from its references.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Mismatch {
+    pub cluster: u64,
+    pub stored: u64,
+    pub referenced: u64,
+}
+
+/// Stored refcounts against references.
+pub(crate) struct Comparison {
+    /// Refcount above the references.
+    pub leaks: Vec<Mismatch>,
+    /// Refcount below the references: corruption.
+    pub under: Vec<Mismatch>,
+    /// One past the highest cluster with a refcount or a reference.
+    pub end_cluster: u64,
+}
+
+pub(crate) fn compare(
+    io: &dyn ImageIo,
+    refcounts: &mut Refcounts,
+    refs: &References,
+) -> Result<Comparison, Error> {
+    let mut out = Comparison {
+        leaks: Vec::new(),
+        under: Vec::new(),
+        end_cluster: 0,
+    };
+    let per_block = refcounts.per_block();
+    let blocks: Vec<usize> = refcounts.blocks().map(|(index, _)| index).collect();
+    for index in blocks {
+        let first = index as u64 * per_block;
+        for cluster in first..first + per_block {
+            let stored = refcounts.get(io, cluster)?;
+            let referenced = refs.get(cluster);
+            if stored != 0 || referenced != 0 {
+                out.end_cluster = out.end_cluster.max(cluster + 1);
+            }
+            let mismatch = Mismatch {
+                cluster,
+                stored,
+                referenced,
+            };
+            if stored > referenced {
+                out.leaks.push(mismatch);
+            } else if stored < referenced {
+                out.under.push(mismatch);
+            }
+        }
+    }
+    // Referenced clusters without a refcount block: refcount 0.
+    for cluster in refs.referenced() {
+        if !refcounts.has_block(cluster) {
+            out.end_cluster = out.end_cluster.max(cluster + 1);
+            out.under.push(Mismatch {
+                cluster,
+                stored: 0,
+                referenced: refs.get(cluster),
+            });
+        }
+    }
+    out.under.sort_by_key(|m| m.cluster);
+    Ok(out)
+}
+
+/// Messages for leaked clusters, one per run of consecutive ones (at most `MAX_REPORTED`).
+pub(crate) fn describe_leaks(leaks: &[Mismatch], cluster_bits: u32) -> Vec<String> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for leak in leaks {
+        match runs.last_mut() {
+            Some((_, end)) if *end == leak.cluster => *end += 1,
+            _ => runs.push((leak.cluster, leak.cluster + 1)),
+        }
+    }
+    let mut out: Vec<String> = runs
+        .iter()
+        .take(MAX_REPORTED)
+        .map(|&(start, end)| {
+            let count = end - start;
+            format!(
+                "{count} leaked cluster{} at {:#x}..{:#x}: refcount above the references",
+                if count == 1 { "" } else { "s" },
+                start << cluster_bits,
+                end << cluster_bits
+            )
+        })
+        .collect();
+    if runs.len() > MAX_REPORTED {
+        out.push(format!(
+            "... and {} more runs of leaked clusters",
+            runs.len() - MAX_REPORTED
+        ));
+    }
+    out
+}
+
+/// Messages for clusters whose refcount is below their references, naming what uses each
+/// cluster when it is metadata.
+pub(crate) fn describe_under(under: &[Mismatch], layout: &Layout) -> Vec<String> {
+    let cluster_bits = layout.header.cluster_bits;
+    let cluster_size = layout.cluster_size();
+    let mut regions = layout.metadata.clone();
+    if let Some((offset, size)) = layout.directory {
+        regions.push(Region {
+            start: offset,
+            end: (offset + size).div_ceil(cluster_size) * cluster_size,
+            owner: Owner::Directory,
+        });
+    }
+    for (index, bitmap) in layout.bitmaps.iter().enumerate() {
+        if bitmap.table.is_empty() {
+            continue;
+        }
+        let start = bitmap.entry.table_offset;
+        let len = u64::from(bitmap.entry.table_size) * 8;
+        regions.push(Region {
+            start,
+            end: (start + len).div_ceil(cluster_size) * cluster_size,
+            owner: Owner::BitmapTable(index),
+        });
+        for (i, &entry) in bitmap.table.iter().enumerate() {
+            let data = entry & super::bitmap_table::ENTRY_OFFSET_MASK;
+            if data != 0 {
+                regions.push(Region {
+                    start: data,
+                    end: data + cluster_size,
+                    owner: Owner::BitmapData(index, i as u64),
+                });
+            }
+        }
+    }
+    let mut out: Vec<String> = under
+        .iter()
+        .take(MAX_REPORTED)
+        .map(|m| {
+            let at = m.cluster << cluster_bits;
+            let owner = regions
+                .iter()
+                .find(|r| r.start <= at && at < r.end)
+                .map(|r| format!(" ({})", describe(r, &layout.bitmaps)))
+                .unwrap_or_default();
+            format!(
+                "the cluster at {at:#x}{owner} has refcount {} but {} reference{}: it could be \
+                 handed out while in use",
+                m.stored,
+                m.referenced,
+                if m.referenced == 1 { "" } else { "s" }
+            )
+        })
+        .collect();
+    if under.len() > MAX_REPORTED {
+        out.push(format!(
+            "... and {} more clusters whose refcount is below their references",
+            under.len() - MAX_REPORTED
+        ));
+    }
+    out
+}
+
+/// Why the image as a whole cannot be repaired by this library, if it cannot.
+pub(crate) fn refusal(layout: &Layout, structural: &[String], base: &Base) -> Option<String> {
+    let header = &layout.header;
+    if header.incompatible & INCOMPAT_DIRTY != 0 {
+        return Some(
+            "the image has the dirty bit set: its refcounts are not maintained (lazy refcounts) \
+             and must be rebuilt; use 'qemu-img check -r all'"
+                .into(),
+        );
+    }
+    if header.incompatible & INCOMPAT_CORRUPT != 0 {
+        return Some(
+            "the image is marked corrupt: QEMU found damage beyond the bitmaps; use 'qemu-img \
+             check -r all'"
+                .into(),
+        );
+    }
+    if header.version < 3 {
+        return Some(
+            "qcow2 version 2 images are not repaired by this tool; use 'qemu-img check -r'".into(),
+        );
+    }
+    if let Some(first) = structural.first() {
+        return Some(format!(
+            "metadata other than the bitmaps is damaged, so the clusters it uses are not known \
+             completely: {first}{}",
+            more(structural.len())
+        ));
+    }
+    if let Some(first) = base.unmapped.first() {
+        return Some(format!(
+            "the guest data map cannot be followed completely: {first}{}",
+            more(base.unmapped.len())
+        ));
+    }
+    None
+}
+
+fn more(count: usize) -> String {
+    match count {
+        0 | 1 => String::new(),
+        n => format!(" (and {} more)", n - 1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::References;
+
+    #[test]
+    fn counts_past_16_bits_are_exact() {
+        let mut refs = References::new(4 << 16, 16);
+        refs.add_weighted(0, 1, u32::from(u16::MAX) - 1);
+        assert_eq!(refs.get(0), u64::from(u16::MAX) - 1);
+        refs.add(0, 1);
+        assert_eq!(refs.get(0), u64::from(u16::MAX));
+        refs.add_weighted(0, 1, 10);
+        assert_eq!(refs.get(0), u64::from(u16::MAX) + 10);
+        refs.add_weighted(1 << 16, 3 << 16, 70_000);
+        assert_eq!(refs.get(3), 70_000);
+        assert_eq!(refs.get(2), 70_000);
+        assert_eq!(refs.get(1), 70_000);
+        refs.add(10 << 16, 1);
+        assert_eq!(refs.get(10), 1);
+        assert_eq!(refs.referenced().collect::<Vec<_>>(), [0, 1, 2, 3, 10]);
+    }
+}
