@@ -16,15 +16,19 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap};
+use std::fs::OpenOptions as FsOpenOptions;
+use std::path::{Path, PathBuf};
 
 use super::error::Error;
 use super::header::{be64, read_exact, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use super::io::ImageIo;
+use super::layout::ExtState;
 use super::layout::{
     describe, Layout, Owner, Region, INCOMPAT_DATA_FILE, INCOMPAT_EXTENDED_L2, L1_OFFSET_MASK,
     L2_COMPRESSED, L2_OFFSET_MASK, MAX_REPORTED,
 };
 use super::refcount::Refcounts;
+use super::{clusters_of, layout, FileIo, Image, ImageLock, RepairMode, RepairReport};
 
 /// How many times each cluster is referenced.
 #[derive(Clone)]
@@ -594,6 +598,363 @@ fn more(count: usize) -> String {
     match count {
         0 | 1 => String::new(),
         n => format!(" (and {} more)", n - 1),
+    }
+}
+
+/// The repairs of an image, through the same writing machinery as every bitmap change.
+impl Image {
+    /// Repairs an image as `qemu-img check -r` does (see [`RepairMode`]), holding QEMU's write
+    /// lock. Also for images too damaged to open: every change is named in the report.
+    /// Refused ([`Error::Unsupported`], nothing written) when the clusters in use cannot be
+    /// known completely: damaged metadata other than the bitmaps', a dirty or corrupt image, a
+    /// version 2 image, clusters other than the bitmaps' counted below their references, or (for
+    /// [`RepairMode::Leaks`]) damaged bitmaps.
+    ///
+    /// Crash-consistent: bitmaps are removed by the one header switch of every bitmap change,
+    /// and refcounts are only ever lowered to the references a complete walk found, so an
+    /// interruption at any write leaves the image as it was, repaired, or with fewer leaks.
+    pub fn repair_file(path: impl AsRef<Path>, mode: RepairMode) -> Result<RepairReport, Error> {
+        let path = path.as_ref();
+        let lock = ImageLock::acquire(path, true)?;
+        let file = FsOpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        Image::repair_with(
+            path.to_path_buf(),
+            Box::new(FileIo::new(file)),
+            Some(lock),
+            mode,
+        )
+    }
+
+    /// [`repair_file`](Self::repair_file) through any [`ImageIo`] (no locking): for fault
+    /// injection in tests.
+    pub fn repair_io(
+        io: Box<dyn ImageIo>,
+        path: impl Into<PathBuf>,
+        mode: RepairMode,
+    ) -> Result<RepairReport, Error> {
+        Image::repair_with(path.into(), io, None, mode)
+    }
+
+    fn repair_with(
+        path: PathBuf,
+        io: Box<dyn ImageIo>,
+        lock: Option<ImageLock>,
+        mode: RepairMode,
+    ) -> Result<RepairReport, Error> {
+        let (layout, _) = layout::read(&*io)?;
+        let mut image = Image {
+            path,
+            io,
+            _lock: lock,
+            writable: true,
+            layout,
+            infos: Vec::new(),
+            warnings: Vec::new(),
+            poisoned: None,
+            pending: Vec::new(),
+            header_attempted: false,
+            tracked: Vec::new(),
+        };
+        image.refresh_infos();
+        let report = image.repair_in_place(mode)?;
+        image.close()?;
+        Ok(report)
+    }
+
+    /// Repairs this image, open for writing (see [`repair_file`](Self::repair_file)). The
+    /// bitmaps this handle loaded and marks in use are in use for a reason: they stay.
+    pub fn repair(&mut self, mode: RepairMode) -> Result<RepairReport, Error> {
+        self.ensure_writable()?;
+        self.repair_in_place(mode)
+    }
+
+    fn repair_in_place(&mut self, mode: RepairMode) -> Result<RepairReport, Error> {
+        const IN_USE_REASON: &str = "marked in use";
+        self.ensure_writable()?;
+        let before = Self::check_io(&*self.io);
+        let refuse = |image: &Image, why: String| {
+            Error::Unsupported(format!(
+                "refusing to repair {}: {why}",
+                image.path.display()
+            ))
+        };
+        let (layout, problems) = layout::read(&*self.io)?;
+        let base = count_base(&*self.io, &layout)?;
+        let structural: Vec<String> = problems.structural_errors().cloned().collect();
+        if let Some(why) = refusal(&layout, &structural, &base) {
+            return Err(refuse(self, why));
+        }
+        self.layout = layout;
+        self.refresh_infos();
+        let cluster_bits = self.layout.header.cluster_bits;
+        let cluster_size = self.cluster_size();
+        let ext = self.layout.ext;
+        let bitmap_problem = |name: &str| {
+            let quoted = format!("'{name}'");
+            problems
+                .errors
+                .iter()
+                .chain(&problems.warnings)
+                .find(|m| m.contains(&quoted) && !m.contains("is in use (flag in_use)"))
+                .cloned()
+        };
+        // Why each bitmap goes (None: it stays).
+        let mut removal: Vec<Option<String>> = self
+            .layout
+            .bitmaps
+            .iter()
+            .map(|b| {
+                if !b.trusted {
+                    Some(format!(
+                        "damaged: {}",
+                        bitmap_problem(&b.entry.display_name())
+                            .unwrap_or_else(|| "its entry or table is invalid".into())
+                    ))
+                } else if mode == RepairMode::All
+                    && b.entry.in_use()
+                    && !self.tracked.contains(&b.entry.name)
+                {
+                    Some(format!(
+                        "{IN_USE_REASON}: it was not saved properly, so its content cannot be \
+                         trusted"
+                    ))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        let mut directory_problem = match ext {
+            ExtState::Broken => Some(format!(
+                "the bitmaps extension is unreadable ({}); dropped it with every bitmap it listed",
+                problems
+                    .errors
+                    .get(problems.bitmap_errors.start)
+                    .cloned()
+                    .unwrap_or_default()
+            )),
+            ExtState::Stale => Some(
+                "dropped the stale bitmaps extension (autoclear bit 0 was clear: a program \
+                 without bitmap support modified the image, so its bitmaps were void)"
+                    .into(),
+            ),
+            _ if self.layout.directory_damaged => Some(format!(
+                "the bitmap directory at {:#x} shares clusters with other data; wrote a new one",
+                self.layout.directory.map_or(0, |d| d.0)
+            )),
+            _ => None,
+        };
+        if mode == RepairMode::Leaks {
+            if let Some(why) = removal.iter().flatten().next() {
+                return Err(refuse(
+                    self,
+                    format!("a bitmap is {why}; its clusters are not known ('-r all' removes it)"),
+                ));
+            }
+            if ext == ExtState::Broken || self.layout.directory_damaged {
+                return Err(refuse(
+                    self,
+                    "the bitmaps extension is damaged; its clusters are not known ('-r all' \
+                     drops it)"
+                        .into(),
+                ));
+            }
+        }
+        // A bitmap or directory cluster counted below its references may have been handed out
+        // for something else: that bitmap (or the directory) cannot be trusted either.
+        // The base count is used once as it is; only a retry (rare) counts it again, which
+        // keeps one copy of the per-cluster counts in memory.
+        let mut base_refs = Some(base.refs);
+        loop {
+            let mut refs = match base_refs.take() {
+                Some(refs) => refs,
+                None => count_base(&*self.io, &self.layout)?.refs,
+            };
+            let count_directory = ext == ExtState::Valid && directory_problem.is_none();
+            add_bitmaps(&mut refs, &self.layout, count_directory, |i| {
+                removal[i].is_none()
+            });
+            let comparison = compare(&*self.io, &mut self.layout.refcounts, &refs)?;
+            let Some(first) = comparison.under.first() else {
+                break;
+            };
+            // Which kept bitmaps use each cluster: one map, not a scan per mismatch.
+            let mut users: std::collections::HashMap<u64, Vec<usize>> =
+                std::collections::HashMap::new();
+            for (index, bitmap) in self.layout.bitmaps.iter().enumerate() {
+                if removal[index].is_some() {
+                    continue;
+                }
+                for (offset, len) in clusters_of(bitmap, cluster_size) {
+                    let last = (offset + len.max(1) - 1) >> cluster_bits;
+                    for cluster in (offset >> cluster_bits)..=last {
+                        users.entry(cluster).or_default().push(index);
+                    }
+                }
+            }
+            let mut blamed = false;
+            for mismatch in &comparison.under {
+                let at = mismatch.cluster << cluster_bits;
+                let why = format!(
+                    "its cluster at {at:#x} has refcount {} but {} references",
+                    mismatch.stored, mismatch.referenced
+                );
+                if count_directory {
+                    let (offset, size) = self.layout.directory.unwrap_or((0, 0));
+                    if at + cluster_size > offset && at < offset + size {
+                        directory_problem = Some(format!(
+                            "the bitmap directory at {offset:#x} was counted wrong ({why}); \
+                             wrote a new one"
+                        ));
+                        blamed = true;
+                    }
+                }
+                for &index in users.get(&mismatch.cluster).into_iter().flatten() {
+                    if removal[index].is_none() {
+                        removal[index] = Some(format!("counted wrong: {why}"));
+                    }
+                    blamed = true;
+                }
+            }
+            if !blamed || mode == RepairMode::Leaks {
+                return Err(refuse(
+                    self,
+                    format!(
+                        "{}{}; raising refcounts is left to 'qemu-img check -r all'",
+                        describe_under(std::slice::from_ref(first), &self.layout)[0],
+                        if comparison.under.len() > 1 {
+                            format!(" (and {} more such clusters)", comparison.under.len() - 1)
+                        } else {
+                            String::new()
+                        }
+                    ),
+                ));
+            }
+        }
+
+        let mut report = RepairReport {
+            before,
+            ..RepairReport::default()
+        };
+        let removing = removal.iter().any(Option::is_some);
+        if removing || directory_problem.is_some() {
+            let mut kept = Vec::new();
+            for (bitmap, why) in self.layout.bitmaps.iter().zip(&removal) {
+                match why {
+                    None => kept.push(bitmap.clone()),
+                    Some(why) => report
+                        .changes
+                        .push(format!("removed bitmap '{}': {why}", bitmap.name())),
+                }
+            }
+            let kept_count = kept.len();
+            // Until the header switch the old directory still lists the removed bitmaps: the
+            // new directory must not land on a cluster they point to, counted or not.
+            let cluster_size = self.cluster_size();
+            let file_len = self.layout.file_len;
+            let mut untouchable: Vec<(u64, u64)> = self.layout.directory.into_iter().collect();
+            for (bitmap, why) in self.layout.bitmaps.iter().zip(&removal) {
+                if why.is_some() {
+                    untouchable.push((
+                        bitmap.entry.table_offset,
+                        u64::from(bitmap.entry.table_size) * 8,
+                    ));
+                    untouchable.extend(clusters_of(bitmap, cluster_size));
+                }
+            }
+            // Only what lies in the file: a damaged entry may point anywhere.
+            let untouchable: Vec<(u64, u64)> = untouchable
+                .into_iter()
+                .filter(|&(offset, _)| offset < file_len)
+                .map(|(offset, len)| (offset, len.min(file_len - offset)))
+                .collect();
+            self.layout.refcounts.reserve(&untouchable);
+            // Nothing is freed here: the walk below frees what nothing references any more.
+            self.write_op(|image| image.commit_with(kept, Vec::new(), false))?;
+            // A bitmap in use is a state, not damage: its removal is a change, not a fix.
+            report.corruptions_fixed += removal
+                .iter()
+                .flatten()
+                .filter(|why| !why.starts_with(IN_USE_REASON))
+                .count() as u64;
+            if let Some(change) = directory_problem {
+                report.corruptions_fixed += u64::from(ext != ExtState::Stale);
+                report.changes.push(change);
+            }
+            report.changes.push(match self.layout.directory {
+                Some((offset, _)) => format!(
+                    "wrote a new bitmap directory at {offset:#x} listing the {kept_count} \
+                     bitmap{} kept",
+                    if kept_count == 1 { "" } else { "s" }
+                ),
+                None => "the image has no bitmaps extension any more".into(),
+            });
+        }
+        let fixed = self.fix_leaks(&mut report.changes);
+        if let Err(error) = &fixed {
+            self.reload(error.to_string());
+        }
+        report.leaks_fixed = fixed?;
+        self.refresh_infos();
+        report.after = Self::check_io(&*self.io);
+        self.warnings = report.after.warnings.clone();
+        Ok(report)
+    }
+
+    /// Walks the image again and lowers every refcount above its references; returns how many
+    /// clusters it changed.
+    fn fix_leaks(&mut self, changes: &mut Vec<String>) -> Result<u64, Error> {
+        let (layout, problems) = layout::read(&*self.io)?;
+        let mut base = count_base(&*self.io, &layout)?;
+        let structural: Vec<String> = problems.structural_errors().cloned().collect();
+        if let Some(why) = refusal(&layout, &structural, &base) {
+            return Err(Error::Corrupt(format!(
+                "{}: not freeing leaked clusters: {why}",
+                self.path.display()
+            )));
+        }
+        if let Some(bitmap) = layout.bitmaps.iter().find(|b| !b.trusted) {
+            return Err(Error::Corrupt(format!(
+                "{}: not freeing leaked clusters: bitmap '{}' is damaged",
+                self.path.display(),
+                bitmap.name()
+            )));
+        }
+        let directory = layout.ext == ExtState::Valid;
+        add_bitmaps(&mut base.refs, &layout, directory, |_| true);
+        self.layout = layout;
+        let comparison = compare(&*self.io, &mut self.layout.refcounts, &base.refs)?;
+        if !comparison.under.is_empty() {
+            return Err(Error::Corrupt(format!(
+                "{}: not freeing leaked clusters: {}",
+                self.path.display(),
+                describe_under(&comparison.under, &self.layout)[0]
+            )));
+        }
+        if comparison.leaks.is_empty() {
+            return Ok(0);
+        }
+        for leak in &comparison.leaks {
+            self.layout
+                .refcounts
+                .lower(&*self.io, leak.cluster, leak.referenced)?;
+        }
+        self.layout.refcounts.write_dirty(&mut *self.io)?;
+        self.flush("flushing the repaired refcounts")?;
+        let count = comparison.leaks.len() as u64;
+        changes.push(format!(
+            "freed {count} leaked cluster{} (refcount lowered to the references found):",
+            if count == 1 { "" } else { "s" }
+        ));
+        changes.extend(
+            describe_leaks(&comparison.leaks, self.layout.header.cluster_bits)
+                .into_iter()
+                .map(|run| format!("  {run}")),
+        );
+        Ok(count)
     }
 }
 
