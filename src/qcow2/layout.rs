@@ -123,6 +123,37 @@ pub(crate) struct Layout {
 }
 
 impl Layout {
+    /// Every metadata region: the metadata map's, the bitmap directory, and each bitmap's
+    /// table and data clusters (those of bitmaps whose table was read).
+    pub(crate) fn regions(&self) -> Vec<Region> {
+        let cluster_size = self.cluster_size();
+        let mut regions = self.metadata.clone();
+        if let Some((offset, size)) = self.directory {
+            regions.push(Region {
+                start: offset,
+                end: round_up(offset + size, cluster_size),
+                owner: Owner::Directory,
+            });
+        }
+        for (index, bitmap) in self.bitmaps.iter().enumerate() {
+            if bitmap.table.is_empty() {
+                continue;
+            }
+            regions.push(table_region(bitmap, index, cluster_size));
+            for (i, &entry) in bitmap.table.iter().enumerate() {
+                let data = entry & bitmap_table::ENTRY_OFFSET_MASK;
+                if data != 0 {
+                    regions.push(Region {
+                        start: data,
+                        end: data + cluster_size,
+                        owner: Owner::BitmapData(index, i as u64),
+                    });
+                }
+            }
+        }
+        regions
+    }
+
     pub(crate) fn cluster_size(&self) -> u64 {
         self.header.cluster_size()
     }
@@ -753,36 +784,7 @@ fn check_refcounts(
     problems: &mut Problems,
 ) -> Result<(), Error> {
     let cluster_bits = layout.header.cluster_bits;
-    let cluster_size = layout.cluster_size();
-    let mut regions = layout.metadata.clone();
-    if let Some((offset, size)) = layout.directory {
-        regions.push(Region {
-            start: offset,
-            end: round_up(offset + size, cluster_size),
-            owner: Owner::Directory,
-        });
-    }
-    for (index, bitmap) in layout.bitmaps.iter().enumerate() {
-        if bitmap.table.is_empty() {
-            continue;
-        }
-        let start = bitmap.entry.table_offset;
-        regions.push(Region {
-            start,
-            end: round_up(start + u64::from(bitmap.entry.table_size) * 8, cluster_size),
-            owner: Owner::BitmapTable(index),
-        });
-        for (i, &entry) in bitmap.table.iter().enumerate() {
-            let data = entry & bitmap_table::ENTRY_OFFSET_MASK;
-            if data != 0 {
-                regions.push(Region {
-                    start: data,
-                    end: data + cluster_size,
-                    owner: Owner::BitmapData(index, i as u64),
-                });
-            }
-        }
-    }
+    let regions = layout.regions();
     let mut reported = 0usize;
     for region in &regions {
         let mut cluster = region.start >> cluster_bits;

@@ -24,7 +24,7 @@ use super::header::{be64, read_exact, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use super::io::ImageIo;
 use super::layout::ExtState;
 use super::layout::{
-    describe, Layout, Owner, Region, INCOMPAT_DATA_FILE, INCOMPAT_EXTENDED_L2, L1_OFFSET_MASK,
+    describe, Layout, Owner, INCOMPAT_DATA_FILE, INCOMPAT_EXTENDED_L2, L1_OFFSET_MASK,
     L2_COMPRESSED, L2_OFFSET_MASK, MAX_REPORTED,
 };
 use super::refcount::Refcounts;
@@ -497,37 +497,7 @@ pub(crate) fn describe_leaks(leaks: &[Mismatch], cluster_bits: u32) -> Vec<Strin
 /// cluster when it is metadata.
 pub(crate) fn describe_under(under: &[Mismatch], layout: &Layout) -> Vec<String> {
     let cluster_bits = layout.header.cluster_bits;
-    let cluster_size = layout.cluster_size();
-    let mut regions = layout.metadata.clone();
-    if let Some((offset, size)) = layout.directory {
-        regions.push(Region {
-            start: offset,
-            end: (offset + size).div_ceil(cluster_size) * cluster_size,
-            owner: Owner::Directory,
-        });
-    }
-    for (index, bitmap) in layout.bitmaps.iter().enumerate() {
-        if bitmap.table.is_empty() {
-            continue;
-        }
-        let start = bitmap.entry.table_offset;
-        let len = u64::from(bitmap.entry.table_size) * 8;
-        regions.push(Region {
-            start,
-            end: (start + len).div_ceil(cluster_size) * cluster_size,
-            owner: Owner::BitmapTable(index),
-        });
-        for (i, &entry) in bitmap.table.iter().enumerate() {
-            let data = entry & super::bitmap_table::ENTRY_OFFSET_MASK;
-            if data != 0 {
-                regions.push(Region {
-                    start: data,
-                    end: data + cluster_size,
-                    owner: Owner::BitmapData(index, i as u64),
-                });
-            }
-        }
-    }
+    let regions = layout.regions();
     let mut out: Vec<String> = under
         .iter()
         .take(MAX_REPORTED)
