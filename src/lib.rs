@@ -22,6 +22,6 @@ pub mod qcow2;
 pub mod serialize;
 
 pub use crate::bitmap::{
-    BitmapError, Extents, HBitmap, Iter, BITS_PER_LEVEL, BITS_PER_WORD, LEVELS, LOG_MAX_SIZE,
-    MAX_GROUPS,
+    BitmapError, Extents, HBitmap, Iter, Violation, BITS_PER_LEVEL, BITS_PER_WORD, LEVELS,
+    LOG_MAX_SIZE, MAX_GROUPS,
 };

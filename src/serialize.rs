@@ -11,6 +11,16 @@ use crate::bitmap::{bulk_write, HBitmap, Violation, BITS_PER_LEVEL, LEVELS};
 /// Granularities from this one up cannot be serialized: `64 << granularity` must fit 64 bits.
 pub const MAX_SERIALIZABLE_GRANULARITY: u32 = 58;
 
+/// The first `words * 8` bytes of `buf`, or the violation when it is shorter.
+fn chunk_buffer(buf: &mut [u8], words: usize) -> Result<&mut [u8], Violation> {
+    let needed = words * 8;
+    let len = buf.len();
+    buf.get_mut(..needed).ok_or(Violation::BufferTooShort {
+        len: len as u64,
+        needed: needed as u64,
+    })
+}
+
 impl HBitmap {
     /// Whether the bitmap can be serialized (granularity below 58).
     pub fn is_serializable(&self) -> bool {
@@ -67,20 +77,21 @@ impl HBitmap {
         Ok(Some(first_word..last_word + 1))
     }
 
-    fn chunk_or_panic(&self, what: &str, start: u64, count: u64) -> Option<Range<usize>> {
-        match self.check_chunk(start, count) {
-            Ok(words) => words,
-            Err(why) => panic!("HBitmap::{what}: {why}"),
-        }
-    }
-
     /// Bytes that serializing the chunk `start..start + count` takes (0 for an empty chunk).
     ///
     /// # Panics
     /// On a misaligned or out-of-range chunk, or a bitmap that is not serializable.
     pub fn serialization_size(&self, start: u64, count: u64) -> u64 {
-        self.chunk_or_panic("serialization_size", start, count)
-            .map_or(0, |words| words.len() as u64 * 8)
+        self.try_serialization_size(start, count)
+            .unwrap_or_else(|why| panic!("HBitmap::serialization_size: {why}"))
+    }
+
+    /// [`serialization_size`](Self::serialization_size), returning the broken precondition
+    /// instead of panicking.
+    pub fn try_serialization_size(&self, start: u64, count: u64) -> Result<u64, Violation> {
+        Ok(self
+            .check_chunk(start, count)?
+            .map_or(0, |words| words.len() as u64 * 8))
     }
 
     /// Writes the chunk `start..start + count` into `buf` as little-endian 64-bit words.
@@ -89,15 +100,23 @@ impl HBitmap {
     /// On a misaligned or out-of-range chunk, or when `buf` is shorter than
     /// [`serialization_size`](Self::serialization_size).
     pub fn serialize_part(&self, buf: &mut [u8], start: u64, count: u64) {
-        if let Some(words) = self.chunk_or_panic("serialize_part", start, count) {
-            let needed = words.len() * 8;
-            assert!(
-                buf.len() >= needed,
-                "HBitmap::serialize_part: buffer of {} bytes, {needed} needed",
-                buf.len()
-            );
-            self.read_words_le(words, bulk_write::as_uninit(&mut buf[..needed]));
+        self.try_serialize_part(buf, start, count)
+            .unwrap_or_else(|why| panic!("HBitmap::serialize_part: {why}"));
+    }
+
+    /// [`serialize_part`](Self::serialize_part), returning the broken precondition (and
+    /// writing nothing) instead of panicking.
+    pub fn try_serialize_part(
+        &self,
+        buf: &mut [u8],
+        start: u64,
+        count: u64,
+    ) -> Result<(), Violation> {
+        if let Some(words) = self.check_chunk(start, count)? {
+            let out = chunk_buffer(buf, words.len())?;
+            self.read_words_le(words, bulk_write::as_uninit(out));
         }
+        Ok(())
     }
 
     /// Loads the chunk `start..start + count` from `buf` (little-endian 64-bit words). With
@@ -107,34 +126,81 @@ impl HBitmap {
     /// # Panics
     /// As [`serialize_part`](Self::serialize_part).
     pub fn deserialize_part(&mut self, buf: &[u8], start: u64, count: u64, finish: bool) {
-        if let Some(words) = self.chunk_or_panic("deserialize_part", start, count) {
+        self.try_deserialize_part(buf, start, count, finish)
+            .unwrap_or_else(|why| panic!("HBitmap::deserialize_part: {why}"));
+    }
+
+    /// [`deserialize_part`](Self::deserialize_part), returning the broken precondition (and
+    /// changing nothing) instead of panicking.
+    pub fn try_deserialize_part(
+        &mut self,
+        buf: &[u8],
+        start: u64,
+        count: u64,
+        finish: bool,
+    ) -> Result<(), Violation> {
+        if let Some(words) = self.check_chunk(start, count)? {
             let needed = words.len() * 8;
-            assert!(
-                buf.len() >= needed,
-                "HBitmap::deserialize_part: buffer of {} bytes, {needed} needed",
-                buf.len()
-            );
+            if buf.len() < needed {
+                return Err(Violation::BufferTooShort {
+                    len: buf.len() as u64,
+                    needed: needed as u64,
+                });
+            }
             self.write_words_le(words, &buf[..needed]);
             self.after_deserialize(finish);
         }
+        Ok(())
     }
 
     /// Makes the chunk `start..start + count` clean (whole words), as a deserialization step.
     /// Pages that are clean already are not written: a fresh bitmap stays unbacked.
+    ///
+    /// # Panics
+    /// On a misaligned or out-of-range chunk, or a bitmap that is not serializable.
     pub fn deserialize_zeroes(&mut self, start: u64, count: u64, finish: bool) {
-        if let Some(words) = self.chunk_or_panic("deserialize_zeroes", start, count) {
+        self.try_deserialize_zeroes(start, count, finish)
+            .unwrap_or_else(|why| panic!("HBitmap::deserialize_zeroes: {why}"));
+    }
+
+    /// [`deserialize_zeroes`](Self::deserialize_zeroes), returning the broken precondition (and
+    /// changing nothing) instead of panicking.
+    pub fn try_deserialize_zeroes(
+        &mut self,
+        start: u64,
+        count: u64,
+        finish: bool,
+    ) -> Result<(), Violation> {
+        if let Some(words) = self.check_chunk(start, count)? {
             self.zero_words(words);
             self.after_deserialize(finish);
         }
+        Ok(())
     }
 
     /// Makes the chunk `start..start + count` dirty (whole words, so the last chunk's padding
     /// bits are set too, as in the original), as a deserialization step.
+    ///
+    /// # Panics
+    /// On a misaligned or out-of-range chunk, or a bitmap that is not serializable.
     pub fn deserialize_ones(&mut self, start: u64, count: u64, finish: bool) {
-        if let Some(words) = self.chunk_or_panic("deserialize_ones", start, count) {
+        self.try_deserialize_ones(start, count, finish)
+            .unwrap_or_else(|why| panic!("HBitmap::deserialize_ones: {why}"));
+    }
+
+    /// [`deserialize_ones`](Self::deserialize_ones), returning the broken precondition (and
+    /// changing nothing) instead of panicking.
+    pub fn try_deserialize_ones(
+        &mut self,
+        start: u64,
+        count: u64,
+        finish: bool,
+    ) -> Result<(), Violation> {
+        if let Some(words) = self.check_chunk(start, count)? {
             self.fill_words(words);
             self.after_deserialize(finish);
         }
+        Ok(())
     }
 
     fn after_deserialize(&mut self, finish: bool) {

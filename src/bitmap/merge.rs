@@ -132,10 +132,16 @@ impl HBitmap {
     /// # Ok::<(), hbitmap::BitmapError>(())
     /// ```
     pub fn union_with(&mut self, other: &HBitmap) {
-        if let Err(why) = check_union_sizes(self, other, self) {
-            panic!("HBitmap::union_with: {why}");
-        }
+        self.try_union_with(other)
+            .unwrap_or_else(|why| panic!("HBitmap::union_with: {why}"));
+    }
+
+    /// [`union_with`](Self::union_with), returning the broken precondition (and changing
+    /// nothing) instead of panicking.
+    pub fn try_union_with(&mut self, other: &HBitmap) -> Result<(), Violation> {
+        check_union_sizes(self, other, self)?;
         self.union_with_unchecked(other);
+        Ok(())
     }
 
     /// `result = a | b` with current QEMU's rules (see [`union_with`](Self::union_with)); `a`
@@ -145,12 +151,15 @@ impl HBitmap {
     /// # Panics
     /// When the sizes in items differ, or `a` and `b` share a granularity that `result` has not.
     pub fn union_into(a: &HBitmap, b: &HBitmap, result: &mut HBitmap) {
-        if let Err(why) = check_union_sizes(a, b, result) {
-            panic!("HBitmap::union_into: {why}");
-        }
-        if let Err(why) = Self::union_into_unchecked(a, b, result) {
-            panic!("HBitmap::union_into: {why}");
-        }
+        Self::try_union_into(a, b, result)
+            .unwrap_or_else(|why| panic!("HBitmap::union_into: {why}"));
+    }
+
+    /// [`union_into`](Self::union_into), returning the broken precondition (and changing
+    /// nothing) instead of panicking.
+    pub fn try_union_into(a: &HBitmap, b: &HBitmap, result: &mut HBitmap) -> Result<(), Violation> {
+        check_union_sizes(a, b, result)?;
+        Self::union_into_unchecked(a, b, result)
     }
 
     /// `union_with` after its precondition was checked. Like QEMU, an `other` whose item count

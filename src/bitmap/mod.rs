@@ -205,9 +205,15 @@ impl HBitmap {
     /// # Panics
     /// When `item` lies beyond the last group.
     pub fn get(&self, item: u64) -> bool {
+        self.try_get(item)
+            .unwrap_or_else(|why| panic!("HBitmap::get: {why}"))
+    }
+
+    /// [`get`](Self::get), returning the broken precondition instead of panicking.
+    pub fn try_get(&self, item: u64) -> Result<bool, Violation> {
         match self.get_checked(item) {
-            Some(dirty) => dirty,
-            None => panic!("HBitmap::get: {}", self.check_item(item).unwrap_err()),
+            Some(dirty) => Ok(dirty),
+            None => Err(self.check_item(item).unwrap_err()),
         }
     }
 
@@ -294,11 +300,17 @@ impl HBitmap {
     /// # Panics
     /// When the range ends beyond the last group.
     pub fn set(&mut self, start: u64, count: u64) {
-        match self.check_range(start, count) {
-            Ok(Some((first, last))) => self.set_groups(start, count, first, last),
-            Ok(None) => {}
-            Err(why) => panic!("HBitmap::set: {why}"),
+        self.try_set(start, count)
+            .unwrap_or_else(|why| panic!("HBitmap::set: {why}"));
+    }
+
+    /// [`set`](Self::set), returning the broken precondition (and changing nothing) instead of
+    /// panicking.
+    pub fn try_set(&mut self, start: u64, count: u64) -> Result<(), Violation> {
+        if let Some((first, last)) = self.check_range(start, count)? {
+            self.set_groups(start, count, first, last);
         }
+        Ok(())
     }
 
     /// Marks every group touched by `start..start + count` clean: a range that covers a group
@@ -307,11 +319,17 @@ impl HBitmap {
     /// # Panics
     /// When the range ends beyond the last group.
     pub fn reset(&mut self, start: u64, count: u64) {
-        match self.check_range(start, count) {
-            Ok(Some((first, last))) => self.reset_groups(start, count, first, last),
-            Ok(None) => {}
-            Err(why) => panic!("HBitmap::reset: {why}"),
+        self.try_reset(start, count)
+            .unwrap_or_else(|why| panic!("HBitmap::reset: {why}"));
+    }
+
+    /// [`reset`](Self::reset), returning the broken precondition (and changing nothing) instead
+    /// of panicking.
+    pub fn try_reset(&mut self, start: u64, count: u64) -> Result<(), Violation> {
+        if let Some((first, last)) = self.check_range(start, count)? {
+            self.reset_groups(start, count, first, last);
         }
+        Ok(())
     }
 
     /// Marks the whole bitmap clean. The meta bitmap, if any, is not touched.
@@ -383,10 +401,16 @@ impl HBitmap {
     /// # Panics
     /// When the new size needs more than 2^41 groups.
     pub fn truncate(&mut self, size: u64) {
-        if let Err(why) = self.check_truncate(size) {
-            panic!("HBitmap::truncate: {why}");
-        }
+        self.try_truncate(size)
+            .unwrap_or_else(|why| panic!("HBitmap::truncate: {why}"));
+    }
+
+    /// [`truncate`](Self::truncate), returning the broken precondition (and changing nothing)
+    /// instead of panicking.
+    pub fn try_truncate(&mut self, size: u64) -> Result<(), Violation> {
+        self.check_truncate(size)?;
         self.truncate_unchecked(size);
+        Ok(())
     }
 
     pub(crate) fn check_truncate(&self, size: u64) -> Result<(), Violation> {
@@ -478,10 +502,17 @@ impl HBitmap {
     /// When a meta bitmap exists already, when `chunk_size` is not a power of two, or when
     /// the resulting granularity would reach 64.
     pub fn create_meta(&mut self, chunk_size: u32) -> &mut HBitmap {
-        if let Err(why) = self.check_create_meta(chunk_size as i32) {
-            panic!("HBitmap::create_meta: {why}");
-        }
-        self.create_meta_unchecked(chunk_size as i32)
+        self.try_create_meta(chunk_size)
+            .unwrap_or_else(|why| panic!("HBitmap::create_meta: {why}"))
+    }
+
+    /// [`create_meta`](Self::create_meta), returning the broken precondition instead of
+    /// panicking.
+    pub fn try_create_meta(&mut self, chunk_size: u32) -> Result<&mut HBitmap, Violation> {
+        let chunk_size = i32::try_from(chunk_size)
+            .map_err(|_| Violation::ChunkNotPowerOfTwo(chunk_size as i32))?;
+        self.check_create_meta(chunk_size)?;
+        Ok(self.create_meta_unchecked(chunk_size))
     }
 
     pub(crate) fn meta_granularity(&self, chunk_size: i32) -> u32 {

@@ -1,15 +1,18 @@
 //! Broken preconditions: what the original guards with `assert()`.
 //!
 //! Checks return a `Violation` holding the offending values; it is formatted only when reported,
-//! so the checks cost a compare on the hot paths. The safe API panics with it, the C ABI aborts
-//! with it, both naming the function.
+//! so the checks cost a compare on the hot paths. The safe API panics with it, its `try_`
+//! methods return it (the Go and Python bindings turn it into an error), the C ABI aborts with
+//! it, each naming the function.
 
 use std::fmt;
 
 use super::BitmapError;
 
-/// A broken precondition and its values.
+/// A broken precondition and its values: what the `try_` methods of [`HBitmap`](super::HBitmap)
+/// return where their panicking counterparts panic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Violation {
     /// An item past the last group.
     ItemOutOfRange { item: u64, group: u64, groups: u64 },
@@ -33,6 +36,8 @@ pub enum Violation {
     MetaGranularity { chunk_size: i32, granularity: u32 },
     /// Serialization of a bitmap whose granularity is 58 or more.
     NotSerializable(u32),
+    /// A serialization buffer shorter than the chunk's serialized size.
+    BufferTooShort { len: u64, needed: u64 },
     /// A serialization chunk starting off alignment.
     ChunkStart { start: u64, align: u64 },
     /// A serialization chunk, not the last, whose length is off alignment.
@@ -61,6 +66,8 @@ pub enum Violation {
     MergeGranularity { operands: u32, result: u32 },
 }
 
+impl std::error::Error for Violation {}
+
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
@@ -85,6 +92,9 @@ impl fmt::Display for Violation {
             ),
             Violation::NotSerializable(granularity) => {
                 write!(f, "granularity {granularity} is not below 58: not serializable")
+            }
+            Violation::BufferTooShort { len, needed } => {
+                write!(f, "buffer of {len} bytes, {needed} needed")
             }
             Violation::ChunkStart { start, align } => {
                 write!(f, "chunk start {start} is not a multiple of {align}")

@@ -164,10 +164,14 @@ impl HBitmap {
     /// # Ok::<(), hbitmap::BitmapError>(())
     /// ```
     pub fn status(&self, start: u64, count: u64) -> (bool, u64) {
-        if let Err(why) = self.check_status(start, count) {
-            panic!("HBitmap::status: {why}");
-        }
-        self.status_unchecked(start, count)
+        self.try_status(start, count)
+            .unwrap_or_else(|why| panic!("HBitmap::status: {why}"))
+    }
+
+    /// [`status`](Self::status), returning the broken precondition instead of panicking.
+    pub fn try_status(&self, start: u64, count: u64) -> Result<(bool, u64), Violation> {
+        self.check_status(start, count)?;
+        Ok(self.status_unchecked(start, count))
     }
 
     pub(crate) fn check_status(&self, start: u64, count: u64) -> Result<(), Violation> {

@@ -35,8 +35,7 @@ pub extern "C" fn hbitmap_alloc(size: u64, granularity: c_int) -> *mut HBitmap {
 pub unsafe extern "C" fn hbitmap_truncate(hb: *mut HBitmap, size: u64) {
     // SAFETY: the caller's contract.
     let bitmap = unsafe { borrow_mut("hbitmap_truncate", "hb", hb) };
-    require!("hbitmap_truncate", bitmap.check_truncate(size));
-    bitmap.truncate_unchecked(size);
+    require!("hbitmap_truncate", bitmap.try_truncate(size));
 }
 
 /// Whether `a` and `b` have the same number of groups and the same granularity.

@@ -8,7 +8,7 @@ use libc::c_int;
 
 use super::hbitmap::{iter_next, merge_operands, HBitmapIter, MergeOperands};
 use super::{borrow, borrow_mut, require, violated};
-use crate::bitmap::{merge, BitmapError, HBitmap, Violation};
+use crate::bitmap::{BitmapError, HBitmap, Violation};
 
 /// Current QEMU's sizes, positions and lengths are `int64_t`: a negative one is a broken
 /// precondition.
@@ -54,8 +54,7 @@ pub unsafe extern "C" fn hbitmap_truncate_qemu10(hb: *mut HBitmap, size: u64) {
     // SAFETY: the caller's contract.
     let bitmap = unsafe { borrow_mut(F, "hb", hb) };
     check_size(F, size);
-    require!("hbitmap_truncate", bitmap.check_truncate(size));
-    bitmap.truncate_unchecked(size);
+    require!("hbitmap_truncate", bitmap.try_truncate(size));
 }
 
 /// `result = a | b`. The three must have the same size in items; `a` and `b` may have different
@@ -79,15 +78,10 @@ pub unsafe extern "C" fn hbitmap_merge_qemu10(
             bitmap.merge_with_itself();
         }
         MergeOperands::InPlace { result, source } => {
-            require!(
-                "hbitmap_merge",
-                merge::check_union_sizes(result, source, result)
-            );
-            result.union_with_unchecked(source);
+            require!("hbitmap_merge", result.try_union_with(source));
         }
         MergeOperands::Into { a, b, result } => {
-            require!("hbitmap_merge", merge::check_union_sizes(a, b, result));
-            require!("hbitmap_merge", HBitmap::union_into_unchecked(a, b, result));
+            require!("hbitmap_merge", HBitmap::try_union_into(a, b, result));
         }
     }
 }
@@ -227,8 +221,7 @@ pub unsafe extern "C" fn hbitmap_status(
         non_negative(F, "start", start),
         non_negative(F, "count", count),
     );
-    require!("hbitmap_status", bitmap.check_status(start, count));
-    let (dirty, run) = bitmap.status_unchecked(start, count);
+    let (dirty, run) = require!("hbitmap_status", bitmap.try_status(start, count));
     *pnum = run as i64;
     dirty
 }
