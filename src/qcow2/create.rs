@@ -1,12 +1,11 @@
 //! Creating a new, empty qcow2 image, laid out as `qemu-img create -f qcow2` lays it out.
 #![forbid(unsafe_code)]
 
-use std::fs::OpenOptions as FsOpenOptions;
 use std::path::Path;
 
 use super::error::Error;
 use super::header::{put32, put64, EXT_FEATURE_TABLE, QCOW_MAGIC};
-use super::io::{FileIo, ImageIo};
+use super::io::{self, FileIo, ImageIo};
 use super::lock::ImageLock;
 use super::refcount::set_entry;
 use super::Image;
@@ -121,13 +120,7 @@ pub(crate) fn build(virtual_size: u64, cluster_size: u64) -> Result<Vec<u8>, Err
 /// Creates (or overwrites) `path` as an empty image and opens it for writing.
 pub(crate) fn create(path: &Path, virtual_size: u64, cluster_size: u64) -> Result<Image, Error> {
     let bytes = build(virtual_size, cluster_size)?;
-    let file = FsOpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+    let file = io::open_file(path, io::Access::Create)?;
     let lock = ImageLock::acquire(path, true)?;
     let mut io = FileIo::new(file);
     let context = format!("writing the new image {}", path.display());

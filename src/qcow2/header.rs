@@ -21,6 +21,7 @@ pub(crate) const EXT_END: u32 = 0;
 pub(crate) const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 pub(crate) const EXT_BITMAPS: u32 = 0x2385_2875;
 pub(crate) const EXT_CRYPTO: u32 = 0x0537_be77;
+pub(crate) const EXT_DATA_FILE: u32 = 0x4441_5441;
 
 pub(crate) const INCOMPAT_DIRTY: u64 = 1 << 0;
 pub(crate) const INCOMPAT_CORRUPT: u64 = 1 << 1;
@@ -276,6 +277,13 @@ impl Header {
             cluster_size
         };
         header.read_extensions(io, ext_end.min(file_len))?;
+        if header.crypt_method == 2 && header.crypto_area().is_none() {
+            // QEMU refuses to open it ("Missing CRYPTO header for crypt method 2").
+            return Err(corrupt(format!(
+                "header: crypt_method 2 (LUKS, offset 32) needs the encryption header extension \
+                 ({EXT_CRYPTO:#010x}, 16 bytes), which the image lacks"
+            )));
+        }
         if header.backing_file_offset != 0 {
             let len = u64::from(header.backing_file_size);
             if len > 1023 || len > cluster_size - header.backing_file_offset {
@@ -364,6 +372,14 @@ impl Header {
                 let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
                 String::from_utf8_lossy(&name[..len]).into_owned()
             })
+    }
+
+    /// The external data file's name, if the header names one.
+    pub(crate) fn data_file_name(&self) -> Option<Vec<u8>> {
+        self.extensions
+            .iter()
+            .find(|e| e.magic == EXT_DATA_FILE)
+            .map(|e| e.data.clone())
     }
 
     /// The LUKS header area (offset, length), if the image has one.

@@ -7,8 +7,9 @@
 #![forbid(unsafe_code)]
 
 use std::fs::File;
-use std::io;
-use std::os::unix::fs::FileExt;
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -57,12 +58,70 @@ impl ImageIo for FileIo {
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        let metadata = self.file.metadata()?;
+        if metadata.file_type().is_block_device() {
+            // A block device's inode says 0: its size is where its end is.
+            return (&self.file).seek(SeekFrom::End(0));
+        }
+        Ok(metadata.len())
     }
 
     fn set_len(&mut self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
     }
+}
+
+/// How [`open_file`] opens an image file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Access {
+    Read,
+    Write,
+    /// Read and write, creating the file if it does not exist.
+    Create,
+}
+
+/// Opens an image file, refusing anything but a regular file or a block device. The file is
+/// opened non-blocking and checked before anything is read from it, so that a FIFO, a socket or a
+/// terminal named by mistake is refused at once instead of hanging the caller (reads and writes
+/// of regular files and block devices do not block either way).
+pub(crate) fn open_file(path: &Path, access: Access) -> Result<File, super::Error> {
+    let context = |what: &str| format!("{what} {}", path.display());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(access != Access::Read)
+        .create(access == Access::Create)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            let what = if access == Access::Create {
+                "creating"
+            } else {
+                "opening"
+            };
+            super::Error::io(context(what), e)
+        })?;
+    let kind = file
+        .metadata()
+        .map_err(|e| super::Error::io(context("reading the metadata of"), e))?
+        .file_type();
+    if !(kind.is_file() || kind.is_block_device()) {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_socket() {
+            "a socket"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else {
+            "not a file"
+        };
+        return Err(super::Error::InvalidArgument(format!(
+            "{} is {what}: an image must be a regular file or a block device",
+            path.display()
+        )));
+    }
+    Ok(file)
 }
 
 /// Which operations a [`FailingIo`] fails.

@@ -36,6 +36,14 @@ const SNAPSHOT_HEADER: u64 = 40;
 pub(crate) const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 pub(crate) const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 pub(crate) const L2_COMPRESSED: u64 = 1 << 62;
+/// L1 and L2 entries: the cluster's refcount is exactly one (it may be written in place).
+pub(crate) const OFLAG_COPIED: u64 = 1 << 63;
+/// L2 entries without subclusters: the cluster reads as zeroes.
+pub(crate) const L2_ZERO: u64 = 1;
+/// Bits of an L1 entry that must be zero.
+pub(crate) const L1_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
+/// Bits of a standard (not compressed) L2 entry that must be zero.
+pub(crate) const L2_STD_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
 /// Incompatible feature bits: guest data in an external file; 128-bit L2 entries.
 pub(crate) const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 pub(crate) const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;

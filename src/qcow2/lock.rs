@@ -58,8 +58,7 @@ impl ImageLock {
     /// other process holds a conflicting one. Fails with [`Error::Locked`] naming the
     /// permission in conflict.
     pub(crate) fn acquire(path: &Path, write: bool) -> Result<ImageLock, Error> {
-        let file = File::open(path)
-            .map_err(|e| Error::io(format!("opening {} to lock it", path.display()), e))?;
+        let file = super::io::open_file(path, super::io::Access::Read)?;
         let (perm, shared) = if write {
             (ALL, CONSISTENT_READ | WRITE_UNCHANGED)
         } else {

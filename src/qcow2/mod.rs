@@ -90,7 +90,7 @@ mod refcount;
 mod repair;
 mod writer;
 
-use std::fs::OpenOptions as FsOpenOptions;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::HBitmap;
@@ -159,6 +159,9 @@ pub struct CheckReport {
     pub corruptions: u64,
     /// `leaks`: clusters whose refcount is above their references.
     pub leaks: u64,
+    /// Of `corruptions`: active L1 and L2 entries whose OFLAG_COPIED flag disagrees with the
+    /// refcount of their cluster (set exactly where it is 1); `check -r` fixes them.
+    pub copied_flag_errors: u64,
     /// The leaked clusters, in runs of consecutive ones.
     pub leaked: Vec<String>,
     /// `check-errors`: the check could not be completed (an I/O error).
@@ -188,6 +191,42 @@ pub struct CheckReport {
 }
 
 impl CheckReport {
+    /// Counts a check error for each file the image needs that cannot be opened: its backing
+    /// file and its external data file, named in the header relative to the image's folder.
+    /// `qemu-img check` cannot open such an image (exit 1); the bitmaps do not need them, so
+    /// they can still be read and repaired here. Names QEMU would hand to a protocol
+    /// (`json:{...}`, `nbd://...`) are not looked at.
+    fn add_missing_files(&mut self, image: &Path, header: &header::Header) {
+        let named = [
+            ("backing file", header.backing_file.clone()),
+            ("external data file", header.data_file_name()),
+        ];
+        for (what, name) in named {
+            let Some(name) = name else { continue };
+            let text = String::from_utf8_lossy(&name).into_owned();
+            let protocol = text
+                .split_once(':')
+                .is_some_and(|(prefix, _)| !prefix.is_empty() && !prefix.contains('/'));
+            if name.is_empty() || protocol {
+                continue;
+            }
+            let relative = Path::new(std::ffi::OsStr::from_bytes(&name));
+            let resolved = match image.parent() {
+                Some(folder) if relative.is_relative() => folder.join(relative),
+                _ => relative.to_path_buf(),
+            };
+            if let Err(error) = std::fs::File::open(&resolved) {
+                self.check_errors += 1;
+                self.errors.push(format!(
+                    "the {what} '{}' ({}) cannot be opened: {error}; QEMU cannot open the image \
+                     without it",
+                    escape(&name),
+                    resolved.display()
+                ));
+            }
+        }
+    }
+
     /// No errors, no warnings and no leaks.
     pub fn is_clean(&self) -> bool {
         self.errors.is_empty()
@@ -331,11 +370,12 @@ impl Image {
         } else {
             Some(ImageLock::acquire(path, options.write)?)
         };
-        let file = FsOpenOptions::new()
-            .read(true)
-            .write(options.write)
-            .open(path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let access = if options.write {
+            io::Access::Write
+        } else {
+            io::Access::Read
+        };
+        let file = io::open_file(path, access)?;
         Image::from_parts(
             path.to_path_buf(),
             Box::new(FileIo::new(file)),
@@ -410,11 +450,15 @@ impl Image {
         } else {
             Some(ImageLock::acquire(path, false)?)
         };
-        let file = FsOpenOptions::new()
-            .read(true)
-            .open(path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        Ok(Self::check_io(&FileIo::new(file)))
+        let file = io::open_file(path, io::Access::Read)?;
+        let io = FileIo::new(file);
+        let mut report = Self::check_io(&io);
+        if let Ok(len) = io.len() {
+            if let Ok(header) = header::Header::read(&io, len) {
+                report.add_missing_files(path, &header);
+            }
+        }
+        Ok(report)
     }
 
     fn check_io(io: &dyn ImageIo) -> CheckReport {
@@ -481,7 +525,7 @@ impl Image {
             let unrepairable = repair::refusal(&layout, &structural, &base);
             let directory = layout.ext == ExtState::Valid;
             repair::add_bitmaps(&mut base.refs, &layout, directory, |_| true);
-            let comparison = repair::compare(io, &mut layout.refcounts, &base.refs)?;
+            let comparison = repair::compare(io, &mut layout.refcounts, &base.refs, &base.copied)?;
             Ok((base, comparison, unrepairable))
         });
         match counted {
@@ -496,11 +540,18 @@ impl Image {
                     }
                 }
                 // A name clash makes QEMU refuse the image, though it reads here.
-                report.corruptions =
-                    (report.errors.len() + comparison.under.len()) as u64 + problems.name_clashes;
+                report.corruptions = (report.errors.len() + comparison.under.len()) as u64
+                    + problems.name_clashes
+                    + base.bad_entries
+                    + comparison.copied_wrong;
+                report.copied_flag_errors = comparison.copied_wrong;
+                report.errors.extend(base.bad_entry_messages);
                 report
                     .errors
                     .extend(repair::describe_under(&comparison.under, &layout));
+                report
+                    .errors
+                    .extend(comparison.describe_copied(cluster_bits));
                 report.leaks = comparison.leaks.len() as u64;
                 report.leaked = repair::describe_leaks(&comparison.leaks, cluster_bits);
                 report.image_end_offset = Some(comparison.end_cluster << cluster_bits);
@@ -1045,6 +1096,7 @@ impl Image {
     /// table, overlaps, padding), refcounts of the metadata. Never writes.
     pub fn check(&self) -> CheckReport {
         let mut report = Self::check_io(&*self.io);
+        report.add_missing_files(&self.path, &self.layout.header);
         if let Some(why) = &self.poisoned {
             report.warnings.push(format!(
                 "an earlier write through this handle failed ({why}); reopen the image"

@@ -16,7 +16,6 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::OpenOptions as FsOpenOptions;
 use std::path::{Path, PathBuf};
 
 use super::error::Error;
@@ -25,7 +24,8 @@ use super::io::ImageIo;
 use super::layout::ExtState;
 use super::layout::{
     describe, Layout, Owner, INCOMPAT_DATA_FILE, INCOMPAT_EXTENDED_L2, L1_OFFSET_MASK,
-    L2_COMPRESSED, L2_OFFSET_MASK, MAX_REPORTED,
+    L1_RESERVED_MASK, L2_COMPRESSED, L2_OFFSET_MASK, L2_STD_RESERVED_MASK, L2_ZERO, MAX_REPORTED,
+    OFLAG_COPIED,
 };
 use super::refcount::Refcounts;
 use super::{clusters_of, layout, FileIo, Image, ImageLock, RepairMode, RepairReport};
@@ -95,6 +95,14 @@ impl References {
         }
     }
 
+    /// One past the last cluster of the file or referenced past its end.
+    fn limit(&self) -> u64 {
+        let within = self.within.len() as u64;
+        self.beyond
+            .last_key_value()
+            .map_or(within, |(&cluster, _)| within.max(cluster + 1))
+    }
+
     /// Every referenced cluster, in order.
     fn referenced(&self) -> impl Iterator<Item = u64> + '_ {
         self.within
@@ -122,6 +130,14 @@ pub(crate) struct Base {
     /// `MAX_REPORTED` messages, then one summing up the rest).
     pub unmapped: Vec<String>,
     unmapped_count: u64,
+    /// L1 and L2 entries that can be followed but break the format (reserved bits set, a
+    /// compressed cluster marked COPIED...): each a corruption, as `qemu-img check` counts them
+    /// (an L2 table once per L1 entry pointing to it).
+    pub bad_entries: u64,
+    /// Messages for `bad_entries` (at most `MAX_REPORTED`, then one summing up the rest).
+    pub bad_entry_messages: Vec<String>,
+    /// The COPIED flags of the active disk, to compare with the refcounts.
+    pub copied: CopiedFlags,
     /// Where the next guest cluster of the current L2 table would be if it were contiguous.
     next_contiguous: u64,
 }
@@ -135,6 +151,9 @@ pub(crate) fn count_base(io: &dyn ImageIo, layout: &Layout) -> Result<Base, Erro
         stats: GuestStats::default(),
         unmapped: Vec::new(),
         unmapped_count: 0,
+        bad_entries: 0,
+        bad_entry_messages: Vec::new(),
+        copied: CopiedFlags::new(layout.file_len.div_ceil(cluster_size)),
         next_contiguous: 0,
     };
     base.refs.add(0, cluster_size);
@@ -181,6 +200,11 @@ pub(crate) fn count_base(io: &dyn ImageIo, layout: &Layout) -> Result<Base, Erro
             "... and {more} more entries that cannot be followed"
         ));
     }
+    if base.bad_entries > MAX_REPORTED as u64 {
+        let more = base.bad_entries - MAX_REPORTED as u64;
+        base.bad_entry_messages
+            .push(format!("... and {more} more malformed L1 or L2 entries"));
+    }
     Ok(base)
 }
 
@@ -190,6 +214,89 @@ impl Base {
         if self.unmapped_count <= MAX_REPORTED as u64 {
             self.unmapped.push(message());
         }
+    }
+
+    /// Counts a malformed entry `weight` times (once per L1 entry leading to it).
+    fn bad_entry(&mut self, weight: u32, message: impl FnOnce() -> String) {
+        let before = self.bad_entries;
+        self.bad_entries += u64::from(weight);
+        if before < MAX_REPORTED as u64 {
+            self.bad_entry_messages.push(message());
+        }
+    }
+}
+
+/// What the OFLAG_COPIED flags of the active disk's L1 and L2 entries say of their clusters'
+/// refcounts: set means "exactly 1", clear means "not 1" (QEMU writes a cluster in place only
+/// where the flag is set). Kept as one bit per cluster of the file for each meaning, so that
+/// the comparison rides on the walk over the stored refcounts; a cluster met again with the
+/// same meaning (an L2 table several L1 entries point to) counts again in `repeats`, so the
+/// counts are per entry, as `qemu-img check` gives them.
+#[derive(Clone, Default)]
+pub(crate) struct CopiedFlags {
+    set: Vec<u64>,
+    clear: Vec<u64>,
+    repeats: HashMap<(u64, bool), u64>,
+    /// Entries whose flag is wrong whatever the refcounts say: a cluster of an external data
+    /// file always has refcount 1.
+    pub always_wrong: u64,
+}
+
+impl CopiedFlags {
+    fn new(clusters: u64) -> CopiedFlags {
+        let words = clusters.div_ceil(64) as usize;
+        CopiedFlags {
+            set: vec![0; words],
+            clear: vec![0; words],
+            ..CopiedFlags::default()
+        }
+    }
+
+    /// Records `weight` entries pointing to `cluster` (within the file) with flag `copied`.
+    fn note(&mut self, cluster: u64, copied: bool, weight: u32) {
+        if weight == 0 {
+            return;
+        }
+        let bits = if copied {
+            &mut self.set
+        } else {
+            &mut self.clear
+        };
+        let Some(word) = bits.get_mut((cluster / 64) as usize) else {
+            return;
+        };
+        let bit = 1u64 << (cluster % 64);
+        let mut extra = u64::from(weight);
+        if *word & bit == 0 {
+            *word |= bit;
+            extra -= 1;
+        }
+        if extra > 0 {
+            *self.repeats.entry((cluster, copied)).or_insert(0) += extra;
+        }
+    }
+
+    /// Entries with meaning `copied` pointing to `cluster`.
+    fn entries(&self, cluster: u64, copied: bool) -> u64 {
+        let bits = if copied { &self.set } else { &self.clear };
+        match bits.get((cluster / 64) as usize) {
+            Some(word) if word >> (cluster % 64) & 1 != 0 => {
+                1 + self.repeats.get(&(cluster, copied)).copied().unwrap_or(0)
+            }
+            _ => 0,
+        }
+    }
+
+    /// Entries pointing to `cluster` whose flag disagrees with `refcount`.
+    fn wrong(&self, cluster: u64, refcount: u64) -> u64 {
+        self.entries(cluster, refcount != 1)
+    }
+
+    /// Whether any entry was recorded (no cluster of an image without L2 tables is).
+    fn is_empty(&self) -> bool {
+        self.always_wrong == 0
+            && self.set.iter().all(|&w| w == 0)
+            && self.clear.iter().all(|&w| w == 0)
     }
 }
 
@@ -216,9 +323,35 @@ impl L2Tables {
         let cluster_size = layout.cluster_size();
         let l1 = read_exact(io, l1_offset, l1_bytes, "an L1 table")?;
         for (index, chunk) in l1.chunks_exact(8).enumerate() {
-            let l2_offset = be64(chunk, 0) & L1_OFFSET_MASK;
+            let entry = be64(chunk, 0);
+            let l2_offset = entry & L1_OFFSET_MASK;
+            if entry & L1_RESERVED_MASK != 0 {
+                base.bad_entry(1, || {
+                    format!(
+                        "L1 table entry {index} of {} ({entry:#x}) has reserved bits set",
+                        disk_name(snapshot)
+                    )
+                });
+            }
             if l2_offset == 0 {
+                if entry & !L1_RESERVED_MASK != 0 {
+                    // QEMU would read the header cluster as this entry's L2 table.
+                    base.cannot_follow(|| {
+                        format!(
+                            "L1 table entry {index} of {} ({entry:#x}) has flags but no L2 \
+                             table offset",
+                            disk_name(snapshot)
+                        )
+                    });
+                }
                 continue;
+            }
+            if snapshot.is_none() && l2_offset + cluster_size <= layout.file_len {
+                base.copied.note(
+                    l2_offset >> layout.header.cluster_bits,
+                    entry & OFLAG_COPIED != 0,
+                    1,
+                );
             }
             if l2_offset % cluster_size != 0 || l2_offset + cluster_size > layout.file_len {
                 // layout::read reported it; the L2 table cannot be followed.
@@ -293,9 +426,33 @@ fn scan_l2(
     base.next_contiguous = 0;
     base.refs.add_weighted(l2_offset, cluster_size, weight);
     let table = read_exact(io, l2_offset, cluster_size, "an L2 table")?;
-    for (i, entry) in table.chunks_exact(entry_bytes).enumerate() {
-        let entry = be64(entry, 0);
+    let active_entries = active as u32;
+    for (i, raw) in table.chunks_exact(entry_bytes).enumerate() {
+        let entry = be64(raw, 0);
+        let subclusters = if entry_bytes == 16 { be64(raw, 8) } else { 0 };
+        if entry & L2_COMPRESSED == 0 && entry & L2_STD_RESERVED_MASK != 0 {
+            base.bad_entry(weight, || {
+                format!("entry {i} of the L2 table at {l2_offset:#x} ({entry:#x}) has reserved bits set")
+            });
+        }
         if entry & L2_COMPRESSED != 0 {
+            if entry & OFLAG_COPIED != 0 {
+                base.bad_entry(weight, || {
+                    format!(
+                        "entry {i} of the L2 table at {l2_offset:#x} ({entry:#x}) is a \
+                         compressed cluster marked COPIED, which compressed clusters never are"
+                    )
+                });
+            }
+            if subclusters != 0 && !data_file {
+                base.bad_entry(weight, || {
+                    format!(
+                        "entry {i} of the L2 table at {l2_offset:#x} is a compressed cluster \
+                         with a non-zero subcluster allocation bitmap ({subclusters:#x})"
+                    )
+                });
+                continue;
+            }
             if data_file {
                 base.cannot_follow(|| {
                     format!(
@@ -327,8 +484,37 @@ fn scan_l2(
             continue;
         }
         let offset = entry & L2_OFFSET_MASK;
-        if offset == 0 {
+        // Offset 0 is unallocated, except in an external data file, where COPIED marks guest
+        // cluster data at the data file's offset 0 (a plain zero cluster is still unallocated).
+        let zero_plain = entry & L2_ZERO != 0 && entry_bytes == 8;
+        let copied = entry & OFLAG_COPIED != 0;
+        if offset == 0 && !(data_file && copied && !zero_plain) {
+            if entry_bytes == 16 && subclusters & 0xffff_ffff != 0 {
+                base.bad_entry(weight, || {
+                    format!(
+                        "entry {i} of the L2 table at {l2_offset:#x} is unallocated but its \
+                         subcluster bitmap ({subclusters:#x}) marks subclusters allocated"
+                    )
+                });
+            }
             continue;
+        }
+        if entry_bytes == 16 && (subclusters >> 32) & subclusters != 0 {
+            base.bad_entry(weight, || {
+                format!(
+                    "entry {i} of the L2 table at {l2_offset:#x} has a subcluster bitmap \
+                     ({subclusters:#x}) marking subclusters both allocated and zero"
+                )
+            });
+        }
+        if data_file {
+            // Clusters of an external data file have refcount 1.
+            if !copied {
+                base.copied.always_wrong += active;
+            }
+        } else if offset % cluster_size == 0 && offset + cluster_size <= layout.file_len {
+            base.copied
+                .note(offset >> cluster_bits, copied, active_entries);
         }
         if offset % cluster_size != 0 {
             base.cannot_follow(|| {
@@ -413,27 +599,85 @@ pub(crate) struct Comparison {
     pub under: Vec<Mismatch>,
     /// One past the highest cluster with a refcount or a reference.
     pub end_cluster: u64,
+    /// Active L1 and L2 entries whose OFLAG_COPIED flag disagrees with the stored refcount.
+    pub copied_wrong: u64,
+    /// The same once the leaks are freed (refcounts lowered to the references).
+    pub copied_wrong_after_leaks: u64,
+    /// The first clusters whose entries' COPIED flag is wrong (at most `MAX_REPORTED`):
+    /// cluster, stored refcount, entries.
+    pub copied_examples: Vec<(u64, u64, u64)>,
+}
+
+impl Comparison {
+    /// Messages for the COPIED flags that disagree with the refcounts.
+    pub(crate) fn describe_copied(&self, cluster_bits: u32) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .copied_examples
+            .iter()
+            .map(|&(cluster, refcount, entries)| {
+                format!(
+                    "{entries} entr{} of the active disk for the cluster at {:#x} {} the COPIED \
+                     flag {}, but its refcount is {refcount}",
+                    if entries == 1 { "y" } else { "ies" },
+                    cluster << cluster_bits,
+                    if entries == 1 { "has" } else { "have" },
+                    if refcount == 1 { "clear" } else { "set" },
+                )
+            })
+            .collect();
+        let listed: u64 = self.copied_examples.iter().map(|e| e.2).sum();
+        if self.copied_wrong > listed {
+            out.push(format!(
+                "... and {} more entries whose COPIED flag disagrees with the refcount",
+                self.copied_wrong - listed
+            ));
+        }
+        out
+    }
 }
 
 pub(crate) fn compare(
     io: &dyn ImageIo,
     refcounts: &mut Refcounts,
     refs: &References,
+    copied: &CopiedFlags,
 ) -> Result<Comparison, Error> {
     let mut out = Comparison {
         leaks: Vec::new(),
         under: Vec::new(),
         end_cluster: 0,
+        copied_wrong: copied.always_wrong,
+        copied_wrong_after_leaks: copied.always_wrong,
+        copied_examples: Vec::new(),
+    };
+    let check_copied = !copied.is_empty();
+    let note_copied = |out: &mut Comparison, cluster: u64, stored: u64, referenced: u64| {
+        let wrong = copied.wrong(cluster, stored);
+        if wrong > 0 {
+            out.copied_wrong += wrong;
+            if out.copied_examples.len() < MAX_REPORTED {
+                out.copied_examples.push((cluster, stored, wrong));
+            }
+        }
+        // Freeing leaks lowers a refcount to the references; nothing else changes.
+        out.copied_wrong_after_leaks += copied.wrong(cluster, stored.min(referenced));
     };
     let per_block = refcounts.per_block();
     let blocks: Vec<usize> = refcounts.blocks().map(|(index, _)| index).collect();
+    // As qemu-img check: the clusters of the file and those referenced past its end. A refcount
+    // past both says nothing about the image (no structure is there), so it is neither a leak
+    // nor a reason to move the image's end.
+    let limit = refs.limit();
     for index in blocks {
         let first = index as u64 * per_block;
-        for cluster in first..first + per_block {
+        for cluster in first..(first + per_block).min(limit) {
             let stored = refcounts.get(io, cluster)?;
             let referenced = refs.get(cluster);
             if stored != 0 || referenced != 0 {
                 out.end_cluster = out.end_cluster.max(cluster + 1);
+            }
+            if check_copied && referenced != 0 {
+                note_copied(&mut out, cluster, stored, referenced);
             }
             let mismatch = Mismatch {
                 cluster,
@@ -451,10 +695,14 @@ pub(crate) fn compare(
     for cluster in refs.referenced() {
         if !refcounts.has_block(cluster) {
             out.end_cluster = out.end_cluster.max(cluster + 1);
+            let referenced = refs.get(cluster);
+            if check_copied {
+                note_copied(&mut out, cluster, 0, referenced);
+            }
             out.under.push(Mismatch {
                 cluster,
                 stored: 0,
-                referenced: refs.get(cluster),
+                referenced,
             });
         }
     }
@@ -586,11 +834,7 @@ impl Image {
     pub fn repair_file(path: impl AsRef<Path>, mode: RepairMode) -> Result<RepairReport, Error> {
         let path = path.as_ref();
         let lock = ImageLock::acquire(path, true)?;
-        let file = FsOpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let file = super::io::open_file(path, super::io::Access::Write)?;
         Image::repair_with(
             path.to_path_buf(),
             Box::new(FileIo::new(file)),
@@ -747,7 +991,12 @@ impl Image {
             add_bitmaps(&mut refs, &self.layout, count_directory, |i| {
                 removal[i].is_none()
             });
-            let comparison = compare(&*self.io, &mut self.layout.refcounts, &refs)?;
+            let comparison = compare(
+                &*self.io,
+                &mut self.layout.refcounts,
+                &refs,
+                &CopiedFlags::default(),
+            )?;
             let Some(first) = comparison.under.first() else {
                 break;
             };
@@ -870,8 +1119,110 @@ impl Image {
         report.leaks_fixed = fixed?;
         self.refresh_infos();
         report.after = Self::check_io(&*self.io);
+        // As qemu-img: COPIED flags are fixed against the repaired refcounts, by '-r leaks' only
+        // where nothing else is wrong (the refcounts are then known to be right).
+        let after = &report.after;
+        if after.copied_flag_errors > 0
+            && after.check_errors == 0
+            && (mode == RepairMode::All
+                || (after.leaks == 0 && after.corruptions == after.copied_flag_errors))
+        {
+            let fixed = self.fix_copied_flags(&mut report.changes);
+            if let Err(error) = &fixed {
+                self.reload(error.to_string());
+            }
+            report.corruptions_fixed += fixed?;
+            report.after = Self::check_io(&*self.io);
+        }
         self.warnings = report.after.warnings.clone();
         Ok(report)
+    }
+
+    /// Sets the OFLAG_COPIED flag of every active L1 and L2 entry whose cluster has refcount 1
+    /// and clears it elsewhere, as `qemu-img check -r` does; returns how many entries it
+    /// changed. Each entry is one 8-byte write, valid whether or not it lands.
+    fn fix_copied_flags(&mut self, changes: &mut Vec<String>) -> Result<u64, Error> {
+        let header = self.layout.header.clone();
+        let cluster_bits = header.cluster_bits;
+        let cluster_size = self.cluster_size();
+        let file_len = self.layout.file_len;
+        let data_file = header.incompatible & INCOMPAT_DATA_FILE != 0;
+        let entry_bytes = if header.incompatible & INCOMPAT_EXTENDED_L2 != 0 {
+            16
+        } else {
+            8
+        };
+        let with_flag = |entry: u64, copied: bool| {
+            if copied {
+                entry | OFLAG_COPIED
+            } else {
+                entry & !OFLAG_COPIED
+            }
+        };
+        let l1 = read_exact(
+            &*self.io,
+            header.l1_table_offset,
+            u64::from(header.l1_size) * 8,
+            "the L1 table",
+        )?;
+        let (mut l1_fixed, mut l2_fixed) = (0u64, 0u64);
+        for (index, chunk) in l1.chunks_exact(8).enumerate() {
+            let entry = be64(chunk, 0);
+            let l2_offset = entry & L1_OFFSET_MASK;
+            if l2_offset == 0
+                || l2_offset % cluster_size != 0
+                || l2_offset + cluster_size > file_len
+            {
+                continue;
+            }
+            let refcount = self
+                .layout
+                .refcounts
+                .get(&*self.io, l2_offset >> cluster_bits)?;
+            if (refcount == 1) != (entry & OFLAG_COPIED != 0) {
+                let at = header.l1_table_offset + 8 * index as u64;
+                let fixed = with_flag(entry, refcount == 1);
+                self.write(at, &fixed.to_be_bytes(), "an L1 table entry")?;
+                l1_fixed += 1;
+            }
+            let table = read_exact(&*self.io, l2_offset, cluster_size, "an L2 table")?;
+            for (i, raw) in table.chunks_exact(entry_bytes).enumerate() {
+                let entry = be64(raw, 0);
+                if entry & L2_COMPRESSED != 0 {
+                    continue;
+                }
+                let offset = entry & L2_OFFSET_MASK;
+                let copied = entry & OFLAG_COPIED != 0;
+                let zero_plain = entry & L2_ZERO != 0 && entry_bytes == 8;
+                if offset == 0 && !(data_file && copied && !zero_plain) {
+                    continue;
+                }
+                let refcount = if data_file {
+                    1
+                } else if offset % cluster_size == 0 && offset + cluster_size <= file_len {
+                    self.layout
+                        .refcounts
+                        .get(&*self.io, offset >> cluster_bits)?
+                } else {
+                    continue;
+                };
+                if (refcount == 1) != copied {
+                    let at = l2_offset + (i * entry_bytes) as u64;
+                    let fixed = with_flag(entry, refcount == 1);
+                    self.write(at, &fixed.to_be_bytes(), "an L2 table entry")?;
+                    l2_fixed += 1;
+                }
+            }
+        }
+        if l1_fixed + l2_fixed == 0 {
+            return Ok(0);
+        }
+        self.flush("flushing the repaired COPIED flags")?;
+        changes.push(format!(
+            "set or cleared the COPIED flag of {l1_fixed} L1 and {l2_fixed} L2 entries of the \
+             active disk to match their clusters' refcounts"
+        ));
+        Ok(l1_fixed + l2_fixed)
     }
 
     /// Walks the image again and lowers every refcount above its references; returns how many
@@ -896,7 +1247,12 @@ impl Image {
         let directory = layout.ext == ExtState::Valid;
         add_bitmaps(&mut base.refs, &layout, directory, |_| true);
         self.layout = layout;
-        let comparison = compare(&*self.io, &mut self.layout.refcounts, &base.refs)?;
+        let comparison = compare(
+            &*self.io,
+            &mut self.layout.refcounts,
+            &base.refs,
+            &CopiedFlags::default(),
+        )?;
         if !comparison.under.is_empty() {
             return Err(Error::Corrupt(format!(
                 "{}: not freeing leaked clusters: {}",

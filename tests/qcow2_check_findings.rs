@@ -1,0 +1,428 @@
+//! `check` and `check -r` on images whose damage lies in the guest data map or the refcounts'
+//! edges, compared figure by figure with `qemu-img check` on the same file: OFLAG_COPIED
+//! flags that disagree with the refcounts, reserved bits in L1 and L2 entries, refcounts past
+//! the end of the file, guest data at offset 0 of an external data file; and what is not an
+//! image at all (a FIFO must be refused, not hang).
+mod qcow2_util;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hbitmap::qcow2::{CheckReport, Error, Image, RepairMode};
+use hbitmap_testkit::qcow2::{be32, be64, put64, CLUSTER_BITS, L1_TABLE_OFFSET, RO};
+use qcow2_util::*;
+
+const COPIED: u64 = 1 << 63;
+
+/// `qemu-img check --output=json`: its exit code and the JSON text.
+fn qemu_check_json(path: &Path) -> (i32, String) {
+    let output = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2", "--output=json"])
+        .arg(path)
+        .output()
+        .expect("running qemu-img check");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+/// The number after `"key":` in qemu-img's JSON (0 when absent, as qemu-img omits zeroes).
+fn json_u64(json: &str, key: &str) -> u64 {
+    let Some(at) = json.find(&format!("\"{key}\":")) else {
+        return 0;
+    };
+    json[at + key.len() + 3..]
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap_or_else(|_| panic!("no number for {key} in {json}"))
+}
+
+fn check(path: &Path) -> CheckReport {
+    Image::check_file(path, RO).unwrap()
+}
+
+/// Our figures equal qemu-img check's on the same file, exit status included.
+fn assert_same_figures(path: &Path) -> CheckReport {
+    let (code, json) = qemu_check_json(path);
+    let ours = check(path);
+    let ours_code = if ours.check_errors > 0 {
+        1
+    } else if ours.corruptions > 0 {
+        2
+    } else if ours.leaks > 0 {
+        3
+    } else {
+        0
+    };
+    assert_eq!(
+        ours_code, code,
+        "exit status: ours {ours:#?}\nqemu-img {json}"
+    );
+    if code == 1 {
+        // qemu-img could not open the image: it has no figures.
+        return ours;
+    }
+    assert_eq!(
+        ours.corruptions,
+        json_u64(&json, "corruptions"),
+        "{ours:#?}\n{json}"
+    );
+    assert_eq!(ours.leaks, json_u64(&json, "leaks"), "{ours:#?}\n{json}");
+    if let Some(end) = ours.image_end_offset {
+        assert_eq!(
+            end,
+            json_u64(&json, "image-end-offset"),
+            "{ours:#?}\n{json}"
+        );
+    }
+    if let Some(allocated) = ours.allocated_clusters {
+        assert_eq!(allocated, json_u64(&json, "allocated-clusters"), "{json}");
+    }
+    ours
+}
+
+/// A 64 KiB-cluster image with `clusters` guest clusters written.
+fn image_with_data(scratch: &Scratch, name: &str, clusters: u64) -> std::path::PathBuf {
+    let path = scratch.path(name);
+    qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "64M"]);
+    let write = format!("write -P 0x5a 0 {}", clusters * 65536);
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", &write, path.to_str().unwrap()],
+    );
+    path
+}
+
+/// File offsets of the first L1 entry and of the first L2 entry of the active disk.
+fn first_entries(data: &[u8]) -> (usize, usize) {
+    let l1 = be64(data, L1_TABLE_OFFSET) as usize;
+    let l2 = (be64(data, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    (l1, l2)
+}
+
+fn patch(path: &Path, change: impl FnOnce(&mut Vec<u8>)) {
+    let mut data = std::fs::read(path).unwrap();
+    change(&mut data);
+    std::fs::write(path, data).unwrap();
+}
+
+/// The refcount entry (16-bit refcounts) of `cluster`, as a file offset.
+fn refcount_entry(data: &[u8], cluster: u64) -> usize {
+    let cluster_bits = be32(data, CLUSTER_BITS);
+    let per_block = (1u64 << cluster_bits) / 2;
+    let table = be64(data, 48) as usize;
+    let block = be64(data, table + 8 * (cluster / per_block) as usize) as usize;
+    assert_ne!(block, 0, "no refcount block for cluster {cluster}");
+    block + 2 * (cluster % per_block) as usize
+}
+
+fn put16(data: &mut [u8], at: usize, value: u16) {
+    data[at..at + 2].copy_from_slice(&value.to_be_bytes());
+}
+
+#[test]
+fn copied_flags_that_disagree_are_counted_and_fixed() {
+    if !have_all("copied_flags", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let scratch = Scratch::new("copied");
+    for (name, target) in [("l2", "L2"), ("l1", "L1")] {
+        let path = image_with_data(&scratch, &format!("{name}.qcow2"), 4);
+        patch(&path, |data| {
+            let (l1, l2) = first_entries(data);
+            let at = if target == "L1" { l1 } else { l2 + 8 };
+            let entry = be64(data, at);
+            assert_ne!(
+                entry & COPIED,
+                0,
+                "QEMU sets COPIED on a cluster of refcount 1"
+            );
+            put64(data, at, entry & !COPIED);
+        });
+        let report = assert_same_figures(&path);
+        assert_eq!(report.copied_flag_errors, 1, "{target}: {report:#?}");
+        assert_eq!(report.corruptions, 1);
+        let repaired = Image::repair_file(&path, RepairMode::Leaks).unwrap();
+        assert_eq!(repaired.corruptions_fixed, 1, "{repaired:#?}");
+        assert!(repaired.after.is_consistent(), "{:#?}", repaired.after);
+        qemu_check(&path, false);
+    }
+}
+
+/// `-r leaks` lowers a refcount from 2 to 1 where the COPIED flag is clear: the flag must follow,
+/// as `qemu-img check -r leaks` makes it, or the image is left corrupt.
+#[test]
+fn a_leak_fixed_to_refcount_one_gets_its_copied_flag() {
+    if !have_all("leak_fix_copied", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let scratch = Scratch::new("leak-copied");
+    let path = image_with_data(&scratch, "a.qcow2", 4);
+    patch(&path, |data| {
+        let (_, l2) = first_entries(data);
+        let entry = be64(data, l2);
+        put64(data, l2, entry & !COPIED);
+        let cluster = (entry & 0x00ff_ffff_ffff_fe00) >> 16;
+        let at = refcount_entry(data, cluster);
+        put16(data, at, 2);
+    });
+    let before = assert_same_figures(&path);
+    assert_eq!((before.leaks, before.corruptions), (1, 0), "{before:#?}");
+    let twin = scratch.path("twin.qcow2");
+    std::fs::copy(&path, &twin).unwrap();
+    let repaired = Image::repair_file(&path, RepairMode::Leaks).unwrap();
+    assert_eq!(repaired.leaks_fixed, 1);
+    assert_eq!(repaired.corruptions_fixed, 1, "{repaired:#?}");
+    assert!(repaired.after.is_consistent(), "{:#?}", repaired.after);
+    qemu_check(&path, false);
+    // qemu-img's own repair reaches the same bytes.
+    let output = Command::new("qemu-img")
+        .args(["check", "-q", "-r", "leaks", "-f", "qcow2"])
+        .arg(&twin)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    assert!(std::fs::read(&path).unwrap() == std::fs::read(&twin).unwrap());
+}
+
+#[test]
+fn reserved_bits_in_l1_and_l2_entries_are_corruptions() {
+    if !have_all("reserved_bits", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let scratch = Scratch::new("reserved");
+    for (name, bit) in [("l2", 1u64 << 1), ("l2-high", 1 << 57), ("l1", 1 << 3)] {
+        let path = image_with_data(&scratch, &format!("{name}.qcow2"), 2);
+        patch(&path, |data| {
+            let (l1, l2) = first_entries(data);
+            let at = if name == "l1" { l1 } else { l2 };
+            let entry = be64(data, at);
+            put64(data, at, entry | bit);
+        });
+        let report = assert_same_figures(&path);
+        assert_eq!(report.corruptions, 1, "{name}: {report:#?}");
+        assert!(
+            report.errors.iter().any(|e| e.contains("reserved bits")),
+            "{report:#?}"
+        );
+    }
+}
+
+/// An L1 entry holding only the COPIED flag points to no L2 table: a corruption (qemu-img
+/// exit 2), and the walk cannot vouch for the clusters the old table used, so `-r leaks` must
+/// not free them: it refuses without writing.
+#[test]
+fn an_l1_entry_with_flags_and_no_offset_is_refused() {
+    if !have_all("l1_flags_only", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let scratch = Scratch::new("l1-flags");
+    let path = image_with_data(&scratch, "a.qcow2", 16);
+    patch(&path, |data| {
+        let (l1, _) = first_entries(data);
+        put64(data, l1, COPIED);
+    });
+    let (code, _) = qemu_check_json(&path);
+    assert_eq!(code, 2);
+    let report = check(&path);
+    assert!(report.corruptions > 0, "{report:#?}");
+    assert!(report.unrepairable.is_some());
+    let before = std::fs::read(&path).unwrap();
+    let refused = Image::repair_file(&path, RepairMode::Leaks).unwrap_err();
+    assert!(matches!(refused, Error::Unsupported(_)), "{refused}");
+    assert!(
+        refused.to_string().contains("no L2 table offset"),
+        "{refused}"
+    );
+    assert!(std::fs::read(&path).unwrap() == before);
+}
+
+/// A refcount for a cluster past the end of the file (nothing there, nothing points there) is
+/// neither a leak nor part of the image, as qemu-img counts: no write for `-r leaks`.
+#[test]
+fn a_refcount_past_the_end_of_the_file_is_not_a_leak() {
+    if !have_all("refcount_past_end", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let scratch = Scratch::new("past-end");
+    let path = image_with_data(&scratch, "a.qcow2", 2);
+    patch(&path, |data| {
+        let file_clusters = (data.len() as u64).div_ceil(65536);
+        let at = refcount_entry(data, file_clusters + 3);
+        put16(data, at, 1);
+    });
+    let report = assert_same_figures(&path);
+    assert_eq!(report.leaks, 0, "{report:#?}");
+    let before = std::fs::read(&path).unwrap();
+    let repaired = Image::repair_file(&path, RepairMode::Leaks).unwrap();
+    assert_eq!(repaired.leaks_fixed, 0);
+    assert!(std::fs::read(&path).unwrap() == before);
+}
+
+/// Guest cluster 0 stored at offset 0 of an external data file is an L2 entry holding only
+/// COPIED: allocated all the same.
+#[test]
+fn external_data_file_counts_the_cluster_at_offset_zero() {
+    if !have_all("data_file_zero", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let scratch = Scratch::new("data-file");
+    for raw in ["off", "on"] {
+        let path = scratch.path(&format!("{raw}.qcow2"));
+        let data = scratch.path(&format!("{raw}.data"));
+        let options = format!("data_file={},data_file_raw={raw}", data.display());
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &options,
+            path.to_str().unwrap(),
+            "4M",
+        ]);
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 1 0 1M",
+                path.to_str().unwrap(),
+            ],
+        );
+        let report = assert_same_figures(&path);
+        // data_file_raw maps every cluster of the raw data file: guest cluster 0 at offset 0.
+        let allocated = if raw == "on" { 64 } else { 16 };
+        assert_eq!(
+            report.allocated_clusters,
+            Some(allocated),
+            "data_file_raw={raw}"
+        );
+    }
+}
+
+/// A FIFO (or any file whose reads block) given as an image is refused at once, by every entry
+/// point, instead of hanging.
+#[test]
+fn a_fifo_is_refused_without_hanging() {
+    let scratch = Scratch::new("fifo");
+    let fifo = scratch.path("fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let fifo_for_thread = fifo.clone();
+    let (done, results) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let path = &fifo_for_thread;
+        let errors = [
+            Image::open(path, RO).err(),
+            Image::check_file(path, RO).err(),
+            Image::repair_file(path, RepairMode::Leaks).err(),
+            Image::create(path, 1 << 20, 65536).err(),
+        ];
+        let _ = done.send(errors);
+    });
+    let started = Instant::now();
+    let errors = results
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("still blocked after {:?}", started.elapsed()));
+    for error in errors {
+        let error = error.expect("a FIFO must be refused");
+        assert!(matches!(error, Error::InvalidArgument(_)), "{error}");
+        assert!(error.to_string().contains("is a FIFO"), "{error}");
+    }
+    let dir = Image::open(&scratch.dir, RO)
+        .err()
+        .expect("a directory is refused");
+    assert!(dir.to_string().contains("is a directory"), "{dir}");
+}
+
+/// What qemu-img check cannot even open is a check error (exit 1), not a clean image: a missing
+/// backing file, a missing external data file, LUKS encryption without its header extension.
+#[test]
+fn images_qemu_cannot_open_are_check_errors() {
+    if !have_all("cannot_open", &["qemu-img"]) {
+        return;
+    }
+    let scratch = Scratch::new("cannot-open");
+    let base = scratch.path("base.qcow2");
+    let top = scratch.path("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "4M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        top.to_str().unwrap(),
+    ]);
+    assert_eq!(assert_same_figures(&top).check_errors, 0);
+    std::fs::remove_file(&base).unwrap();
+    let report = assert_same_figures(&top);
+    assert_eq!(report.check_errors, 1, "{report:#?}");
+    assert!(
+        report.errors[0].contains("backing file 'base.qcow2'"),
+        "{report:#?}"
+    );
+
+    let image = scratch.path("ext.qcow2");
+    let data = scratch.path("ext.data");
+    let options = format!("data_file={}", data.display());
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &options,
+        image.to_str().unwrap(),
+        "4M",
+    ]);
+    assert_eq!(assert_same_figures(&image).check_errors, 0);
+    std::fs::remove_file(&data).unwrap();
+    let report = assert_same_figures(&image);
+    assert!(
+        report.errors[0].contains("external data file"),
+        "{report:#?}"
+    );
+    // The open image says the same.
+    let open = Image::open(&image, RO).unwrap();
+    assert_eq!(open.check().check_errors, 1);
+
+    let luks = scratch.path("luks.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=sec0,data=123456",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0",
+        luks.to_str().unwrap(),
+        "1M",
+    ]);
+    assert!(
+        check(&luks).is_consistent(),
+        "the metadata is checked without the secret"
+    );
+    patch(&luks, |data| {
+        let at = hbitmap_testkit::qcow2::extensions(data)
+            .into_iter()
+            .find(|e| e.magic == 0x0537_be77)
+            .expect("a LUKS header extension")
+            .offset;
+        hbitmap_testkit::qcow2::put32(data, at, 0x1234_5678);
+    });
+    let report = assert_same_figures(&luks);
+    assert!(report.errors[0].contains("crypt_method 2"), "{report:#?}");
+    assert!(matches!(Image::open(&luks, RO), Err(Error::Corrupt(_))));
+}
