@@ -336,9 +336,9 @@ fn a_fifo_is_refused_without_hanging() {
         assert!(matches!(error, Error::InvalidArgument(_)), "{error}");
         assert!(error.to_string().contains("is a FIFO"), "{error}");
     }
-    let dir = Image::open(&scratch.dir, RO)
-        .err()
-        .expect("a directory is refused");
+    let Err(dir) = Image::open(&scratch.dir, RO) else {
+        panic!("a directory is refused");
+    };
     assert!(dir.to_string().contains("is a directory"), "{dir}");
 }
 
