@@ -426,3 +426,176 @@ fn images_qemu_cannot_open_are_check_errors() {
     assert!(report.errors[0].contains("crypt_method 2"), "{report:#?}");
     assert!(matches!(Image::open(&luks, RO), Err(Error::Corrupt(_))));
 }
+
+/// One damaged bitmap does not hide the others: the image opens read-only, every bitmap is
+/// listed, the intact one reads as QEMU serves it, the damaged one is refused naming its damage,
+/// and writing waits for a repair.
+#[test]
+fn an_intact_bitmap_reads_beside_a_damaged_one() {
+    if !have_all(
+        "intact_beside_damaged",
+        &["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"],
+    ) {
+        return;
+    }
+    let scratch = Scratch::new("beside-damaged");
+    let path = image_with_data(&scratch, "a.qcow2", 4);
+    let mut image = Image::open(&path, hbitmap_testkit::qcow2::RW).unwrap();
+    for name in ["intact", "damaged"] {
+        image.add_bitmap(name, 65536, true).unwrap();
+        image
+            .edit_bitmap(name, |b| {
+                b.set(1 << 20, 3 << 20);
+                b.set(40 << 20, 65536);
+            })
+            .unwrap();
+    }
+    image.close().unwrap();
+    let expected = qemu_extents(&scratch.dir, &path, "intact");
+    // The damaged bitmap's first data cluster becomes a guest data cluster: a cross-link.
+    patch(&path, |data| {
+        let (_, l2) = first_entries(data);
+        let guest = be64(data, l2) & 0x00ff_ffff_ffff_fe00;
+        let entry = hbitmap_testkit::qcow2::directory_entry(data, "damaged");
+        let table = be64(data, entry) as usize;
+        let first = (0..be32(data, entry + 8) as usize)
+            .map(|i| table + 8 * i)
+            .find(|&at| be64(data, at) != 0)
+            .expect("a data cluster");
+        put64(data, first, guest);
+    });
+    let report = check(&path);
+    assert_eq!(report.damaged_bitmaps, ["damaged"], "{report:#?}");
+    let image = Image::open(&path, RO).expect("damage confined to one bitmap");
+    assert_eq!(image.bitmaps().len(), 2);
+    let intact = image.inspect_bitmap("intact").unwrap();
+    assert_eq!(extents(&intact), expected);
+    assert_eq!(qemu_extents(&scratch.dir, &path, "intact"), expected);
+    let Err(refused) = image.inspect_bitmap("damaged") else {
+        panic!("a damaged bitmap must not read as data");
+    };
+    assert!(matches!(refused, Error::Corrupt(_)), "{refused}");
+    assert!(
+        refused.to_string().contains("'damaged' is damaged"),
+        "{refused}"
+    );
+    assert!(image.warnings().iter().any(|w| w.contains("'damaged'")));
+    drop(image);
+    assert!(Image::open(&path, hbitmap_testkit::qcow2::RW).is_err());
+}
+
+/// Two bitmaps with dirty data: (image, the first data cluster's table entry offset and
+/// cluster offset of each).
+fn two_bitmaps(scratch: &Scratch, file: &str) -> std::path::PathBuf {
+    let path = image_with_data(scratch, file, 2);
+    let mut image = Image::open(&path, hbitmap_testkit::qcow2::RW).unwrap();
+    for name in ["keep", "other"] {
+        image.add_bitmap(name, 65536, true).unwrap();
+        image
+            .edit_bitmap(name, |b| b.set(8 << 20, 1 << 20))
+            .unwrap();
+    }
+    image.close().unwrap();
+    path
+}
+
+/// The table entry offset and data cluster offset of a bitmap's first data cluster.
+fn first_data(data: &[u8], name: &str) -> (usize, u64) {
+    let entry = hbitmap_testkit::qcow2::directory_entry(data, name);
+    let table = be64(data, entry) as usize;
+    (0..be32(data, entry + 8) as usize)
+        .map(|i| table + 8 * i)
+        .find_map(|at| {
+            let cluster = be64(data, at) & 0x00ff_ffff_ffff_fe00;
+            (cluster > 1).then_some((at, cluster))
+        })
+        .expect("a data cluster")
+}
+
+/// An intact bitmap whose data cluster has refcount 0 is kept by `-r all`: the refcount is
+/// raised, as qemu-img check -r all raises it, and the bitmap reads as before.
+#[test]
+fn an_intact_bitmap_with_an_uncounted_cluster_is_kept() {
+    if !have_all("uncounted_kept", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let scratch = Scratch::new("uncounted");
+    let path = two_bitmaps(&scratch, "a.qcow2");
+    let before = Image::open(&path, RO)
+        .unwrap()
+        .inspect_bitmap("keep")
+        .unwrap();
+    patch(&path, |data| {
+        let (_, cluster) = first_data(data, "keep");
+        let at = refcount_entry(data, cluster >> 16);
+        put16(data, at, 0);
+    });
+    let report = assert_same_figures(&path);
+    assert_eq!(report.corruptions, 1, "{report:#?}");
+    let twin = scratch.path("twin.qcow2");
+    std::fs::copy(&path, &twin).unwrap();
+    let repaired = Image::repair_file(&path, RepairMode::All).unwrap();
+    assert_eq!(repaired.corruptions_fixed, 1, "{repaired:#?}");
+    assert!(repaired.after.is_clean(), "{:#?}", repaired.after);
+    qemu_check(&path, false);
+    let image = Image::open(&path, RO).unwrap();
+    assert_eq!(image.bitmaps().len(), 2);
+    assert_eq!(
+        extents(&image.inspect_bitmap("keep").unwrap()),
+        extents(&before)
+    );
+    // qemu-img check -r all keeps it too (it lays the refcounts out anew, so the bytes differ).
+    let output = Command::new("qemu-img")
+        .args(["check", "-q", "-r", "all", "-f", "qcow2"])
+        .arg(&twin)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let theirs = Image::open(&twin, RO)
+        .unwrap()
+        .inspect_bitmap("keep")
+        .unwrap();
+    assert_eq!(extents(&theirs), extents(&before));
+}
+
+/// A bitmap in use whose table points into a consistent bitmap's data cluster: the in-use one
+/// is to blame (it was not saved properly); `-r all` removes it and keeps the other to the byte.
+#[test]
+fn a_bitmap_in_use_pointing_into_an_intact_one_does_not_take_it_along() {
+    if !have_all("in_use_cross_link", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let scratch = Scratch::new("in-use-link");
+    let path = two_bitmaps(&scratch, "a.qcow2");
+    let before = Image::open(&path, RO)
+        .unwrap()
+        .inspect_bitmap("keep")
+        .unwrap();
+    patch(&path, |data| {
+        let (_, keep) = first_data(data, "keep");
+        let (at, _) = first_data(data, "other");
+        let entry = be64(data, at);
+        put64(data, at, (entry & !0x00ff_ffff_ffff_fe00) | keep);
+        let dir = hbitmap_testkit::qcow2::directory_entry(data, "other");
+        let flags = be32(data, dir + 12);
+        hbitmap_testkit::qcow2::put32(data, dir + 12, flags | 1);
+    });
+    let report = check(&path);
+    assert_eq!(report.damaged_bitmaps, ["other"], "{report:#?}");
+    let image = Image::open(&path, RO).unwrap();
+    assert_eq!(
+        extents(&image.inspect_bitmap("keep").unwrap()),
+        extents(&before)
+    );
+    drop(image);
+    let repaired = Image::repair_file(&path, RepairMode::All).unwrap();
+    assert!(repaired.after.is_clean(), "{:#?}", repaired.after);
+    qemu_check(&path, false);
+    let image = Image::open(&path, RO).unwrap();
+    let names: Vec<String> = image.bitmaps().iter().map(|b| b.name.to_string()).collect();
+    assert_eq!(names, ["keep"]);
+    assert_eq!(
+        extents(&image.inspect_bitmap("keep").unwrap()),
+        extents(&before)
+    );
+}

@@ -85,6 +85,8 @@ pub(crate) struct Bitmap {
     /// Nothing wrong was found with its entry, name, table or clusters (an in-use bitmap may
     /// still be trusted in this sense: its clusters are known).
     pub trusted: bool,
+    /// What is wrong with it, when it is not trusted: the first problem found.
+    pub damage: Option<String>,
 }
 
 impl Bitmap {

@@ -400,9 +400,19 @@ impl Image {
         lock: Option<ImageLock>,
         writable: bool,
     ) -> Result<Image, Error> {
-        let (layout, problems) = layout::read(&*io)?;
+        let (layout, mut problems) = layout::read(&*io)?;
         if !problems.errors.is_empty() {
-            return Err(Error::Corrupt(summarize(&problems.errors)));
+            // Damage confined to some bitmaps leaves the others readable, as QEMU lists and
+            // serves them; reading a damaged one is refused. Writing waits for a repair.
+            let confined = problems.structural_errors().next().is_none()
+                && layout.ext == ExtState::Valid
+                && !layout.directory_damaged
+                && layout.bitmaps.iter().any(|b| !b.trusted);
+            if !confined || writable {
+                return Err(Error::Corrupt(summarize(&problems.errors)));
+            }
+            let errors = std::mem::take(&mut problems.errors);
+            problems.warnings.extend(errors);
         }
         if writable && !problems.write_blockers.is_empty() {
             return Err(Error::ReadOnly(format!(
@@ -653,6 +663,17 @@ impl Image {
     fn read_bitmap(&self, index: usize) -> Result<HBitmap, Error> {
         let bitmap = &self.layout.bitmaps[index];
         let name = bitmap.name();
+        if let (false, Some(damage)) = (bitmap.trusted, &bitmap.damage) {
+            let why = format!(
+                "bitmap '{name}' is damaged and cannot be read: {damage} ('qbitmap check -r all' \
+                 removes it and keeps the intact bitmaps)"
+            );
+            return Err(if bitmap.entry.in_use() {
+                Error::InUse(why)
+            } else {
+                Error::Corrupt(why)
+            });
+        }
         let len = self.virtual_size();
         let gran = u32::from(bitmap.entry.granularity_bits);
         let cluster_size = self.cluster_size();
@@ -699,7 +720,8 @@ impl Image {
         let index = self.index_of(name)?;
         if !self.tracked.iter().any(|t| t == name) {
             return Err(Error::InvalidArgument(format!(
-                "bitmap '{}' was not loaded through this handle: only the in-use mark set                  by loading it here can be released",
+                "bitmap '{}' was not loaded through this handle: only the in-use mark set by \
+                 loading it here can be released",
                 escape(name)
             )));
         }
@@ -936,6 +958,7 @@ impl Image {
             },
             table,
             trusted: true,
+            damage: None,
         };
         let mut bitmaps = self.layout.bitmaps.clone();
         let mut to_free = Vec::new();

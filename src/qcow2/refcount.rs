@@ -273,6 +273,20 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Raises the refcount of a cluster whose block exists from 0 to 1 (in the cache; written
+    /// by [`write_dirty`](Self::write_dirty)): a repair's, for a cluster that one intact
+    /// structure uses and nothing counted.
+    pub(crate) fn raise_to_one(&mut self, io: &dyn ImageIo, cluster: u64) -> Result<(), Error> {
+        let current = self.get(io, cluster)?;
+        if current != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "raising the refcount of cluster {:#x} from {current} to 1",
+                cluster << self.cluster_bits
+            )));
+        }
+        self.set(io, cluster, 1)
+    }
+
     /// Sets the refcount of a cluster whose block exists.
     fn set(&mut self, io: &dyn ImageIo, cluster: u64, value: u64) -> Result<(), Error> {
         let per_block = self.per_block();

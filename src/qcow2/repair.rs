@@ -907,15 +907,6 @@ impl Image {
         let cluster_bits = self.layout.header.cluster_bits;
         let cluster_size = self.cluster_size();
         let ext = self.layout.ext;
-        let bitmap_problem = |name: &str| {
-            let quoted = format!("'{name}'");
-            problems
-                .errors
-                .iter()
-                .chain(&problems.warnings)
-                .find(|m| m.contains(&quoted) && !m.contains("is in use (flag in_use)"))
-                .cloned()
-        };
         // Why each bitmap goes (None: it stays).
         let mut removal: Vec<Option<String>> = self
             .layout
@@ -925,8 +916,9 @@ impl Image {
                 if !b.trusted {
                     Some(format!(
                         "damaged: {}",
-                        bitmap_problem(&b.entry.display_name())
-                            .unwrap_or_else(|| "its entry or table is invalid".into())
+                        b.damage
+                            .as_deref()
+                            .unwrap_or("its entry or table is invalid")
                     ))
                 } else if mode == RepairMode::All
                     && b.entry.in_use()
@@ -982,6 +974,9 @@ impl Image {
         // The base count is used once as it is; only a retry (rare) counts it again, which
         // keeps one copy of the per-cluster counts in memory.
         let mut base_refs = Some(base.refs);
+        // Clusters of one intact bitmap that nothing counted (refcount 0): `All` counts them,
+        // as qemu-img check -r all does, rather than dropping the bitmap.
+        let mut uncounted: Vec<u64> = Vec::new();
         loop {
             let mut refs = match base_refs.take() {
                 Some(refs) => refs,
@@ -991,12 +986,15 @@ impl Image {
             add_bitmaps(&mut refs, &self.layout, count_directory, |i| {
                 removal[i].is_none()
             });
-            let comparison = compare(
+            let mut comparison = compare(
                 &*self.io,
                 &mut self.layout.refcounts,
                 &refs,
                 &CopiedFlags::default(),
             )?;
+            comparison
+                .under
+                .retain(|m| uncounted.binary_search(&m.cluster).is_err());
             let Some(first) = comparison.under.first() else {
                 break;
             };
@@ -1031,13 +1029,28 @@ impl Image {
                         blamed = true;
                     }
                 }
-                for &index in users.get(&mismatch.cluster).into_iter().flatten() {
+                let users = users.get(&mismatch.cluster).map_or(&[][..], Vec::as_slice);
+                // Kept bitmaps never share a cluster with anything (that is a cross-link, and
+                // they would not be kept): one user, counted nowhere, is that bitmap's alone.
+                if let [_] = users {
+                    if mode == RepairMode::All
+                        && mismatch.stored == 0
+                        && mismatch.referenced == 1
+                        && self.layout.refcounts.has_block(mismatch.cluster)
+                    {
+                        uncounted.push(mismatch.cluster);
+                        blamed = true;
+                        continue;
+                    }
+                }
+                for &index in users {
                     if removal[index].is_none() {
                         removal[index] = Some(format!("counted wrong: {why}"));
                     }
                     blamed = true;
                 }
             }
+            uncounted.sort_unstable();
             if !blamed || mode == RepairMode::Leaks {
                 return Err(refuse(
                     self,
@@ -1058,6 +1071,31 @@ impl Image {
             before,
             ..RepairReport::default()
         };
+        if !uncounted.is_empty() {
+            let raised = self.write_op(|image| {
+                for &cluster in &uncounted {
+                    image.layout.refcounts.raise_to_one(&*image.io, cluster)?;
+                }
+                image.layout.refcounts.write_dirty(&mut *image.io)?;
+                image.flush("flushing the raised refcounts")
+            });
+            if let Err(error) = raised {
+                self.reload(error.to_string());
+                return Err(error);
+            }
+            report.corruptions_fixed += uncounted.len() as u64;
+            let count = uncounted.len();
+            report.changes.push(format!(
+                "counted {count} cluster{} of intact bitmaps that had refcount 0 (raised to 1):",
+                if count == 1 { "" } else { "s" }
+            ));
+            report.changes.extend(
+                uncounted
+                    .iter()
+                    .take(MAX_REPORTED)
+                    .map(|&cluster| format!("  the cluster at {:#x}", cluster << cluster_bits)),
+            );
+        }
         let removing = removal.iter().any(Option::is_some);
         if removing || directory_problem.is_some() {
             let mut kept = Vec::new();

@@ -192,21 +192,26 @@ pub(super) fn read_bitmaps(
     // free its clusters on removal (QEMU never reads it otherwise): whatever is wrong with it is
     // a warning, and the table is then left alone.
     let mut entry_ok = Vec::with_capacity(entries.len());
+    // The first problem found with each bitmap.
+    let mut damage: Vec<Option<String>> = Vec::with_capacity(entries.len());
     for entry in entries {
         let name = entry.display_name();
         let pos = fields.directory_offset + entry.dir_pos;
         let found = entry_problems(&entry, len, cluster_size);
+        let mut first_problem = None;
         for message in &found {
-            problems.errors.push(format!(
-                "bitmap '{name}' (directory entry at {pos:#x}): {message}"
-            ));
+            let message = format!("bitmap '{name}' (directory entry at {pos:#x}): {message}");
+            first_problem.get_or_insert_with(|| message.clone());
+            problems.errors.push(message);
         }
         if !names.insert(entry.name.clone()) {
             duplicates.insert(entry.name.clone());
-            problems.errors.push(format!(
+            let message = format!(
                 "bitmap '{name}' (directory entry at {pos:#x}): the name is used by another \
                  bitmap too (names must be unique)"
-            ));
+            );
+            first_problem.get_or_insert_with(|| message.clone());
+            problems.errors.push(message);
         }
         // QEMU reads such names (and qemu-img writes the first kind): they are not problems.
         if std::str::from_utf8(&entry.name).is_err() {
@@ -263,28 +268,48 @@ pub(super) fn read_bitmaps(
                  entries) extends past the end of the file ({file_len} bytes)",
                 entry.table_offset, entry.table_size
             );
+            first_problem.get_or_insert_with(|| message.clone());
             complain(problems, entry.in_use(), message);
             ok = false;
         }
         entry_ok.push(ok);
+        damage.push(first_problem);
         bitmaps.push(Bitmap {
             entry,
             table: Vec::new(),
             trusted: false,
+            damage: None,
         });
     }
     let in_use: Vec<bool> = bitmaps.iter().map(|b| b.entry.in_use()).collect();
     // Reports overlaps; the bitmaps involved are no longer trusted.
     let mut directory_damaged = false;
-    let mut settle = |found: Vec<Overlap>, problems: &mut Problems, entry_ok: &mut Vec<bool>| {
-        for overlap in found {
+    let mut settle = |found: Vec<Overlap>,
+                      problems: &mut Problems,
+                      entry_ok: &mut Vec<bool>,
+                      damage: &mut Vec<Option<String>>| {
+        for mut overlap in found {
             directory_damaged |= overlap.directory;
+            // Two bitmaps sharing a cluster, one in use and one consistent: the in-use one was
+            // not saved properly (QEMU never reads its table), so it is the one to blame.
+            if let [a, b] = overlap.bitmaps[..] {
+                if in_use[a] != in_use[b] {
+                    overlap.bitmaps = vec![if in_use[a] { a } else { b }];
+                }
+            }
             let soft = !overlap.bitmaps.is_empty() && overlap.bitmaps.iter().all(|&b| in_use[b]);
+            for &b in &overlap.bitmaps {
+                entry_ok[b] = false;
+                damage[b].get_or_insert_with(|| {
+                    if overlap.message.is_empty() {
+                        "its clusters overlap other data".to_string()
+                    } else {
+                        overlap.message.clone()
+                    }
+                });
+            }
             if !overlap.message.is_empty() {
                 complain(problems, soft, overlap.message);
-            }
-            for b in overlap.bitmaps {
-                entry_ok[b] = false;
             }
         }
     };
@@ -308,7 +333,7 @@ pub(super) fn read_bitmaps(
     let found = overlaps(&mut regions, &bitmaps, |a, b| {
         is_bitmap_owner(a.owner) || is_bitmap_owner(b.owner)
     });
-    settle(found, problems, &mut entry_ok);
+    settle(found, problems, &mut entry_ok, &mut damage);
 
     // The tables, then the data clusters they point to.
     let mut data_regions = Vec::new();
@@ -330,14 +355,11 @@ pub(super) fn read_bitmaps(
         for (i, &entry) in table.iter().enumerate() {
             let entry_at = offset + 8 * i as u64;
             if let Some(why) = bitmap_table::entry_problem(entry, cluster_size) {
-                complain(
-                    problems,
-                    in_use[index],
-                    format!(
-                        "bitmap '{name}': bitmap table entry {i} at {entry_at:#x} is {entry:#x}: \
-                         {why}"
-                    ),
+                let message = format!(
+                    "bitmap '{name}': bitmap table entry {i} at {entry_at:#x} is {entry:#x}: {why}"
                 );
+                damage[index].get_or_insert_with(|| message.clone());
+                complain(problems, in_use[index], message);
                 ok = false;
                 continue;
             }
@@ -346,14 +368,12 @@ pub(super) fn read_bitmaps(
                 continue;
             }
             if data.saturating_add(cluster_size) > file_len {
-                complain(
-                    problems,
-                    in_use[index],
-                    format!(
-                        "bitmap '{name}': bitmap table entry {i} at {entry_at:#x} points to a \
-                         data cluster at {data:#x}, past the end of the file ({file_len} bytes)"
-                    ),
+                let message = format!(
+                    "bitmap '{name}': bitmap table entry {i} at {entry_at:#x} points to a data \
+                     cluster at {data:#x}, past the end of the file ({file_len} bytes)"
                 );
+                damage[index].get_or_insert_with(|| message.clone());
+                complain(problems, in_use[index], message);
                 ok = false;
                 continue;
             }
@@ -379,19 +399,24 @@ pub(super) fn read_bitmaps(
         &data_regions,
         l2_tables,
     )?;
-    settle(guest, problems, &mut entry_ok);
+    settle(guest, problems, &mut entry_ok, &mut damage);
     let mut all = regions;
     all.extend(data_regions);
     let found = overlaps(&mut all, &bitmaps, |a, b| {
         matches!(a.owner, Owner::BitmapData(..)) || matches!(b.owner, Owner::BitmapData(..))
     });
-    settle(found, problems, &mut entry_ok);
+    settle(found, problems, &mut entry_ok, &mut damage);
     // An untrusted table is never used: removing its bitmap leaks what it points to.
     for (index, bitmap) in bitmaps.iter_mut().enumerate() {
         if !entry_ok[index] {
             bitmap.table = Vec::new();
         }
         bitmap.trusted = entry_ok[index] && !duplicates.contains(&bitmap.entry.name);
+        if !bitmap.trusted {
+            bitmap.damage = damage[index]
+                .take()
+                .or_else(|| Some("its entry or table is invalid".into()));
+        }
     }
     layout.directory_damaged = directory_damaged;
 
