@@ -233,19 +233,44 @@ func (image *Image) info(i int) (Bitmap, error) {
 	}, nil
 }
 
-// find returns the description of bitmap name (without its dirty bytes); the image is locked.
-func (image *Image) find(op, name string) (Bitmap, error) {
+// find returns the description of bitmap name (without its dirty bytes) and its index; the
+// image is locked.
+func (image *Image) find(op, name string) (Bitmap, int, error) {
 	count := int(C.hbitmap_qcow2_bitmap_count(image.h))
 	for i := 0; i < count; i++ {
 		info, err := image.info(i)
 		if err != nil {
-			return Bitmap{}, err
+			return Bitmap{}, 0, err
 		}
 		if info.Name == name {
-			return info, nil
+			return info, i, nil
 		}
 	}
-	return Bitmap{}, refuse(op, image.path, name, syscall.ENOENT, "no bitmap named '%s' in the image", quoteName(name))
+	return Bitmap{}, 0, refuse(op, image.path, name, syscall.ENOENT, "no bitmap named '%s' in the image", quoteName(name))
+}
+
+// Lookup describes bitmap name as [Image.Bitmaps] does; ENOENT (fs.ErrNotExist) if there is
+// none.
+func (image *Image) Lookup(name string) (Bitmap, error) {
+	if err := image.lock("lookup", name); err != nil {
+		return Bitmap{}, err
+	}
+	defer image.mu.Unlock()
+	if strings.IndexByte(name, 0) >= 0 {
+		_, err := cString("lookup", image.path, name, "bitmap name", name)
+		return Bitmap{}, err
+	}
+	info, index, err := image.find("lookup", name)
+	if err != nil || info.InUse {
+		return info, err
+	}
+	var dirty C.uint64_t
+	var msg *C.char
+	if ret := C.hbitmap_qcow2_bitmap_dirty_bytes(image.h, C.size_t(index), &dirty, &msg); ret != 0 {
+		return Bitmap{}, fail("lookup", image.path, name, ret, msg)
+	}
+	info.DirtyBytes = int64(dirty)
+	return info, nil
 }
 
 type addConfig struct {

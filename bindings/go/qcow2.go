@@ -33,8 +33,12 @@ func (image *Image) extents(op, name string, inUseOK bool, fn func(Extent) error
 		return err
 	}
 	defer image.mu.Unlock()
+	if strings.IndexByte(name, 0) >= 0 {
+		_, err := cString(op, image.path, name, "bitmap name", name)
+		return err
+	}
 	if !inUseOK {
-		info, err := image.find(op, name)
+		info, _, err := image.find(op, name)
 		if err != nil {
 			return err
 		}
