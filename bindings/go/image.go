@@ -438,7 +438,9 @@ func (image *Image) mergeLocked(other *Image, source, target string) error {
 
 // Extent is a range of bytes of the disk (or of items of an [HBitmap]).
 type Extent struct {
+	// Offset is the first byte (item).
 	Offset uint64
+	// Length is the number of bytes (items).
 	Length uint64
 }
 
