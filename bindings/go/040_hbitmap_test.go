@@ -254,6 +254,25 @@ func TestConcurrentUse(t *testing.T) {
 			}
 		}(g)
 	}
+	// An image's callback copying into a bitmap while that bitmap is stored into the image:
+	// one lock order (images before bitmaps), no deadlock.
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			for i := 0; i < 10; i++ {
+				var err error
+				if g%2 == 0 {
+					err = image.Extents("a", func(e hbitmap.Extent) error { return hb.Set(e.Offset, e.Length) })
+				} else {
+					err = image.Store("copy", hb, true)
+				}
+				if err != nil {
+					t.Error(err)
+				}
+			}
+		}(g)
+	}
 	wg.Wait()
 	if c, _ := hb.Count(); c != 400*65536 {
 		t.Fatalf("count %d", c)

@@ -40,7 +40,11 @@
 // An [*Image] and an [*HBitmap] may be used from several goroutines: each method holds the
 // object's mutex for its whole call, so calls on one object run one after the other. A
 // callback given to an iteration runs with that mutex held and must not call methods of the
-// same object. [Image.MergeFrom] and [Image.Store] hold both objects' mutexes.
+// same object. [Image.MergeFrom] and [Image.Store] hold both objects' mutexes, in one order:
+// images (by address) before bitmaps. A callback of an image's iteration may call the methods
+// of an [*HBitmap] (to copy extents into it, say), which keeps to that order; a callback of a
+// bitmap's iteration must not call an image's methods while another goroutine may be storing
+// that bitmap.
 //
 // # License
 //

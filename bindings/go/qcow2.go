@@ -116,18 +116,30 @@ func (image *Image) Release(name string) error {
 // auto flag) or not. hb must be byte-addressed over the virtual size ([NewHBitmap] of
 // [Image.VirtualSize] bytes) with a granularity of 9 to 31: EINVAL otherwise.
 func (image *Image) Store(name string, hb *HBitmap, enabled bool) error {
+	// Images before bitmaps: the package's one lock order.
+	if err := image.lock("store", name); err != nil {
+		return err
+	}
+	defer image.mu.Unlock()
 	if err := hb.lock("store"); err != nil {
 		err.(*Error).Path, err.(*Error).Bitmap = image.path, name
 		return err
 	}
 	defer hb.mu.Unlock()
-	return image.withName("store", name, func(cname *C.char, msg **C.char) C.int {
-		var flags C.uint32_t
-		if enabled {
-			flags = C.HBITMAP_QCOW2_BITMAP_AUTO
-		}
-		return C.hbitmap_qcow2_store(image.h, cname, hb.h, flags, msg)
-	})
+	cname, err := cString("store", image.path, name, "bitmap name", name)
+	if err != nil {
+		return err
+	}
+	defer C.free(unsafe.Pointer(cname))
+	var flags C.uint32_t
+	if enabled {
+		flags = C.HBITMAP_QCOW2_BITMAP_AUTO
+	}
+	var msg *C.char
+	if ret := C.hbitmap_qcow2_store(image.h, cname, hb.h, flags, &msg); ret != 0 {
+		return fail("store", image.path, name, ret, msg)
+	}
+	return nil
 }
 
 // RepairMode says what [Image.Repair] repairs, as qemu-img check -r does.
