@@ -3,6 +3,7 @@ package hbitmap_test
 import (
 	"errors"
 	"io/fs"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -70,11 +71,14 @@ func TestBadInput(t *testing.T) {
 		need(t, "qemu-storage-daemon")
 		path := qemuImage(t, dir, "held.qcow2", "64M", 65536)
 		run(t, "qemu-img", "bitmap", "--add", path, "b")
+		socket := filepath.Join(dir, "qsd.sock")
 		daemon := exec.Command("qemu-storage-daemon",
 			"--blockdev", "driver=file,filename="+path+",node-name=file",
 			"--blockdev", "driver=qcow2,file=file,node-name=disk",
-			"--nbd-server", "addr.type=unix,addr.path="+filepath.Join(dir, "qsd.sock"),
+			"--nbd-server", "addr.type=unix,addr.path="+socket,
 			"--export", "type=nbd,id=e,node-name=disk,writable=on")
+		var stderr strings.Builder
+		daemon.Stderr = &stderr
 		if err := daemon.Start(); err != nil {
 			t.Fatal(err)
 		}
@@ -82,14 +86,18 @@ func TestBadInput(t *testing.T) {
 			_ = daemon.Process.Kill()
 			_ = daemon.Wait()
 		}()
-		var err error
-		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-			var image *hbitmap.Image
-			if image, err = hbitmap.Open(path, hbitmap.ReadWrite()); err != nil {
+		// The daemon opens the image before it listens: once the socket answers, it holds it.
+		// (Opening the image meanwhile would race with the daemon for the lock.)
+		for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			if conn, err := net.Dial("unix", socket); err == nil {
+				conn.Close()
 				break
 			}
-			image.Close()
+			if time.Now().After(deadline) {
+				t.Fatalf("qemu-storage-daemon did not start: %s", stderr.String())
+			}
 		}
+		_, err := hbitmap.Open(path, hbitmap.ReadWrite())
 		if !errors.Is(err, syscall.EAGAIN) {
 			t.Fatalf("open for writing of an image QEMU holds: %v", err)
 		}
