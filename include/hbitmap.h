@@ -89,6 +89,21 @@ typedef struct HBitmap HBitmap;
 
 #if !defined(HBITMAP_OMIT_QCOW2)
 /*
+ `hbitmap_qcow2_add_ex` flag: add the bitmap disabled (without the auto flag).
+ */
+#define HBITMAP_QCOW2_ADD_DISABLED 1
+#endif
+
+#if !defined(HBITMAP_OMIT_QCOW2)
+/*
+ `hbitmap_qcow2_add_ex` flag: success, changing nothing, when a bitmap of that name exists
+ with the same granularity and enabled state and is not in use (a retry after a crash).
+ */
+#define HBITMAP_QCOW2_ADD_EXIST_OK 2
+#endif
+
+#if !defined(HBITMAP_OMIT_QCOW2)
+/*
  `hbitmap_qcow2_repair` mode: free leaked clusters (`qemu-img check -r leaks`).
  */
 #define HBITMAP_QCOW2_REPAIR_LEAKS 1
@@ -192,6 +207,23 @@ typedef struct HBitmapQcow2BitmapInfo {
    */
   uint8_t bitmap_type;
 } HBitmapQcow2BitmapInfo;
+#endif
+
+#if !defined(HBITMAP_OMIT_QCOW2)
+/*
+ One dirty byte range of a bitmap: `hbitmap_qcow2_dirty_extents` fills them,
+ `hbitmap_qcow2_import` reads them.
+ */
+typedef struct HBitmapQcow2Extent {
+  /*
+   First byte.
+   */
+  uint64_t offset;
+  /*
+   Bytes.
+   */
+  uint64_t length;
+} HBitmapQcow2Extent;
 #endif
 
 #if !defined(HBITMAP_OMIT_QCOW2)
@@ -727,6 +759,120 @@ int hbitmap_qcow2_merge(struct HBitmapQcow2 *image,
                         const char *source,
                         const char *target,
                         char **errmsg);
+#endif
+
+#if !defined(HBITMAP_OMIT_QCOW2)
+/*
+ Cluster size of the image in bytes.
+
+ # Safety
+ `image` is a live handle.
+ */
+uint64_t hbitmap_qcow2_cluster_size(const struct HBitmapQcow2 *image);
+#endif
+
+#if !defined(HBITMAP_OMIT_QCOW2)
+/*
+ Adds an empty bitmap `name` of `granularity` bytes (0: QEMU's default for the image, the
+ cluster size clamped to 4 KiB..64 KiB; else a power of two, 512 B to 2 GiB). `flags`:
+ `HBITMAP_QCOW2_ADD_DISABLED`, `HBITMAP_QCOW2_ADD_EXIST_OK`. -EEXIST if the name exists
+ (with `EXIST_OK`: only if the existing bitmap differs in granularity or state, or is in use).
+
+ # Safety
+ `image` is a live handle; `name` a NUL-terminated string.
+ */
+int hbitmap_qcow2_add_ex(struct HBitmapQcow2 *image,
+                         const char *name,
+                         uint64_t granularity,
+                         uint32_t flags,
+                         char **errmsg);
+#endif
+
+#if !defined(HBITMAP_OMIT_QCOW2)
+/*
+ Merges bitmap `source` of the image behind `source_image` (of the same virtual size, open
+ read-only or not; it may be `image` itself) into bitmap `target` of `image`.
+
+ # Safety
+ `image` and `source_image` are live handles; `source` and `target` NUL-terminated strings.
+ */
+int hbitmap_qcow2_merge_from(struct HBitmapQcow2 *image,
+                             const struct HBitmapQcow2 *source_image,
+                             const char *source,
+                             const char *target,
+                             char **errmsg);
+#endif
+
+#if !defined(HBITMAP_OMIT_QCOW2)
+/*
+ Marks the bytes `offset..offset + length` of bitmap `name` dirty (`dirty` true) or clean,
+ in one crash-safe store, without marking the bitmap in use on the way. -EINVAL (nothing
+ written) for a range ending past the virtual size, and for a clean range that does not start
+ and end on granule boundaries (or the virtual size); -EBUSY for a bitmap in use.
+
+ # Safety
+ `image` is a live handle; `name` a NUL-terminated string.
+ */
+int hbitmap_qcow2_set_range(struct HBitmapQcow2 *image,
+                            const char *name,
+                            uint64_t offset,
+                            uint64_t length,
+                            bool dirty,
+                            char **errmsg);
+#endif
+
+#if !defined(HBITMAP_OMIT_QCOW2)
+/*
+ Creates or replaces bitmap `name` with exactly the `count` byte ranges at `extents` dirty
+ (any order, overlaps allowed), at `granularity` bytes per bit (0: the existing bitmap's,
+ else QEMU's default for the image), with `flags` (`HBITMAP_QCOW2_BITMAP_AUTO`). -EINVAL,
+ nothing written, for a range ending past the virtual size. `extents` may be NULL when
+ `count` is 0.
+
+ # Safety
+ `image` is a live handle; `name` a NUL-terminated string; `extents` points to `count`
+ extents.
+ */
+int hbitmap_qcow2_import(struct HBitmapQcow2 *image,
+                         const char *name,
+                         uint64_t granularity,
+                         const struct HBitmapQcow2Extent *extents,
+                         size_t count,
+                         uint32_t flags,
+                         char **errmsg);
+#endif
+
+#if !defined(HBITMAP_OMIT_QCOW2)
+/*
+ Dirty bytes of bitmap number `index` (directory order) into `*bytes`: its extents' total
+ length, clipped to the virtual size. -EBUSY for a bitmap in use (its content is not to be
+ trusted), -ENOENT past the last.
+
+ # Safety
+ `image` is a live handle; `bytes` is valid for writing.
+ */
+int hbitmap_qcow2_bitmap_dirty_bytes(const struct HBitmapQcow2 *image,
+                                     size_t index,
+                                     uint64_t *bytes,
+                                     char **errmsg);
+#endif
+
+#if !defined(HBITMAP_OMIT_QCOW2)
+/*
+ Fills `extents` with up to `max` maximal dirty ranges of `bitmap` (items, clipped to its
+ size) at or after item `start`, in order (a range running across `start` begins at
+ `start`), and returns how many it wrote; fewer than `max` means there are no more. To
+ continue, call again from the end of the last range returned. A `start` at or past the size
+ returns 0. For a byte-addressed bitmap (`hbitmap_qcow2_load`/`_inspect`) the ranges are byte
+ ranges of the disk. `extents` may be NULL when `max` is 0.
+
+ # Safety
+ `bitmap` is a live `HBitmap`; `extents` is valid for writing `max` extents.
+ */
+size_t hbitmap_qcow2_dirty_extents(const HBitmap *bitmap,
+                                   uint64_t start,
+                                   struct HBitmapQcow2Extent *extents,
+                                   size_t max);
 #endif
 
 #if !defined(HBITMAP_OMIT_QCOW2)

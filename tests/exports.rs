@@ -60,7 +60,7 @@ const QEMU10_FUNCTIONS: [&str; 9] = [
 const QCOW2_PREFIX: &str = "hbitmap_qcow2_";
 
 /// Every qcow2 function, exactly: a new export must be listed here (and documented).
-const QCOW2_FUNCTIONS: [&str; 17] = [
+const QCOW2_FUNCTIONS: [&str; 24] = [
     "hbitmap_qcow2_open",
     "hbitmap_qcow2_create",
     "hbitmap_qcow2_close",
@@ -78,6 +78,13 @@ const QCOW2_FUNCTIONS: [&str; 17] = [
     "hbitmap_qcow2_merge",
     "hbitmap_qcow2_check",
     "hbitmap_qcow2_repair",
+    "hbitmap_qcow2_cluster_size",
+    "hbitmap_qcow2_add_ex",
+    "hbitmap_qcow2_merge_from",
+    "hbitmap_qcow2_set_range",
+    "hbitmap_qcow2_import",
+    "hbitmap_qcow2_bitmap_dirty_bytes",
+    "hbitmap_qcow2_dirty_extents",
 ];
 
 fn cdylib() -> PathBuf {

@@ -260,3 +260,105 @@ fn failed_writes_leave_the_image_usable() {
     let mut image = Image::open_io(Box::new(io), &p, true).unwrap();
     assert!(image.store_bitmap("b", &b, AUTO).is_err());
 }
+
+/// The edits bindings call without an `HBitmap` of their own: `ensure_bitmap` (add, exist-ok),
+/// `set_range`, `import_bitmap`, `dirty_bytes_at`; each checked against the same change made
+/// on an `HBitmap`, and refused arguments leave the file as it was.
+#[test]
+fn edits_without_a_bitmap_of_the_caller() {
+    let s = Scratch::new("api-edits");
+    let p = s.path("a.qcow2");
+    let size = (64 << 20) + 512; // a partial last granule
+    let mut image = Image::create(&p, size, 65536).unwrap();
+
+    assert!(image.ensure_bitmap("a", 65536, true).unwrap());
+    assert!(!image.ensure_bitmap("a", 65536, true).unwrap());
+    assert!(matches!(
+        image.ensure_bitmap("a", 4096, true),
+        Err(Error::Exists(_))
+    ));
+    assert!(matches!(
+        image.ensure_bitmap("a", 65536, false),
+        Err(Error::Exists(_))
+    ));
+
+    let mut rng = Rng::new(7);
+    let mut model = HBitmap::new(size, 16).unwrap();
+    for _ in 0..40 {
+        let offset = rng.below(size);
+        let length = rng.below((size - offset).min(3 << 20) + 1);
+        image.set_range("a", offset, length, true).unwrap();
+        model.set(offset, length);
+        // Resets of whole granules only.
+        let start = rng.below(size >> 16) << 16;
+        let granules = rng.below(((size - start) >> 16).min(8) + 1);
+        image.set_range("a", start, granules << 16, false).unwrap();
+        model.reset(start, granules << 16);
+    }
+    assert_eq!(image.inspect_bitmap("a").unwrap(), model);
+    let index = image.bitmaps().iter().position(|b| b.name == "a").unwrap();
+    let dirty: u64 = model.extents().map(|e| e.end - e.start).sum();
+    assert_eq!(image.dirty_bytes_at(index).unwrap(), dirty);
+    assert_eq!(hbitmap::qcow2::dirty_bytes(&model), dirty);
+
+    let before = std::fs::read(&p).unwrap();
+    for (offset, length, dirty) in [
+        (size - 1, 2, true),
+        (u64::MAX, 2, true),
+        (4096, 65536, false),
+        (0, 65536 + 1, false),
+    ] {
+        let result = image.set_range("a", offset, length, dirty);
+        assert!(
+            matches!(result, Err(Error::InvalidArgument(_))),
+            "{offset}+{length}: {result:?}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(&p).unwrap(),
+        before,
+        "a refused set_range wrote"
+    );
+    // The last, partial granule: reset up to the end is whole granules.
+    image.set_range("a", size - 512, 512, true).unwrap();
+    model.set(size - 512, 512);
+    assert_eq!(image.inspect_bitmap("a").unwrap(), model);
+    image.set_range("a", 64 << 20, 512, false).unwrap();
+    model.reset(64 << 20, 512);
+    assert_eq!(image.inspect_bitmap("a").unwrap(), model);
+
+    // import: any order, overlaps, granularity kept from the existing bitmap.
+    let ranges = [(5 << 20, 100), (0, 4096), (4096, 4096), (size - 1, 1)];
+    image
+        .import_bitmap("i", Some(4096), ranges, BitmapFlags::default())
+        .unwrap();
+    let mut expected = HBitmap::new(size, 12).unwrap();
+    for (offset, length) in ranges {
+        expected.set(offset, length);
+    }
+    assert_eq!(image.inspect_bitmap("i").unwrap(), expected);
+    assert!(!image.bitmap("i").unwrap().auto);
+    image.import_bitmap("i", None, [(0, 1)], AUTO).unwrap();
+    assert_eq!(image.bitmap("i").unwrap().granularity, 4096);
+    assert!(image.bitmap("i").unwrap().auto);
+    let before = std::fs::read(&p).unwrap();
+    assert!(matches!(
+        image.import_bitmap("i", None, [(0, 1), (size, 1)], AUTO),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        image.import_bitmap("j", Some(1000), [(0, 1)], AUTO),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert_eq!(std::fs::read(&p).unwrap(), before, "a refused import wrote");
+
+    // In use: no dirty count, no set.
+    let _loaded = image.load_bitmap("a").unwrap();
+    assert!(matches!(image.dirty_bytes_at(index), Err(Error::InUse(_))));
+    assert!(matches!(
+        image.set_range("a", 0, 1, true),
+        Err(Error::InUse(_))
+    ));
+    image.release_bitmap("a").unwrap();
+    image.close().unwrap();
+}

@@ -686,6 +686,272 @@ pub unsafe extern "C" fn hbitmap_qcow2_merge(
     }
 }
 
+/// `hbitmap_qcow2_add_ex` flag: add the bitmap disabled (without the auto flag).
+pub const HBITMAP_QCOW2_ADD_DISABLED: u32 = 1;
+/// `hbitmap_qcow2_add_ex` flag: success, changing nothing, when a bitmap of that name exists
+/// with the same granularity and enabled state and is not in use (a retry after a crash).
+pub const HBITMAP_QCOW2_ADD_EXIST_OK: u32 = 2;
+
+/// One dirty byte range of a bitmap: `hbitmap_qcow2_dirty_extents` fills them,
+/// `hbitmap_qcow2_import` reads them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HBitmapQcow2Extent {
+    /// First byte.
+    pub offset: u64,
+    /// Bytes.
+    pub length: u64,
+}
+
+/// Cluster size of the image in bytes.
+///
+/// # Safety
+/// `image` is a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_qcow2_cluster_size(image: *const HBitmapQcow2) -> u64 {
+    // SAFETY: the caller's contract.
+    unsafe { borrow("hbitmap_qcow2_cluster_size", "image", image) }
+        .image
+        .cluster_size()
+}
+
+/// Adds an empty bitmap `name` of `granularity` bytes (0: QEMU's default for the image, the
+/// cluster size clamped to 4 KiB..64 KiB; else a power of two, 512 B to 2 GiB). `flags`:
+/// `HBITMAP_QCOW2_ADD_DISABLED`, `HBITMAP_QCOW2_ADD_EXIST_OK`. -EEXIST if the name exists
+/// (with `EXIST_OK`: only if the existing bitmap differs in granularity or state, or is in use).
+///
+/// # Safety
+/// `image` is a live handle; `name` a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_qcow2_add_ex(
+    image: *mut HBitmapQcow2,
+    name: *const c_char,
+    granularity: u64,
+    flags: u32,
+    errmsg: *mut *mut c_char,
+) -> c_int {
+    const F: &str = "hbitmap_qcow2_add_ex";
+    // SAFETY: the caller's contract.
+    let handle = unsafe { borrow_mut(F, "image", image) };
+    // SAFETY: the caller's contract.
+    unsafe {
+        guarded_mut(F, errmsg, handle, |image| {
+            let name = name_bytes(F, "name", name);
+            if flags & !(HBITMAP_QCOW2_ADD_DISABLED | HBITMAP_QCOW2_ADD_EXIST_OK) != 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown add flags {flags:#x}"
+                )));
+            }
+            let granularity = match granularity {
+                0 => image.default_granularity(),
+                g => g,
+            };
+            let enabled = flags & HBITMAP_QCOW2_ADD_DISABLED == 0;
+            if flags & HBITMAP_QCOW2_ADD_EXIST_OK != 0 {
+                image.ensure_bitmap(name, granularity, enabled).map(|_| ())
+            } else {
+                image.add_bitmap(name, granularity, enabled)
+            }
+        })
+    }
+}
+
+/// Merges bitmap `source` of the image behind `source_image` (of the same virtual size, open
+/// read-only or not; it may be `image` itself) into bitmap `target` of `image`.
+///
+/// # Safety
+/// `image` and `source_image` are live handles; `source` and `target` NUL-terminated strings.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_qcow2_merge_from(
+    image: *mut HBitmapQcow2,
+    source_image: *const HBitmapQcow2,
+    source: *const c_char,
+    target: *const c_char,
+    errmsg: *mut *mut c_char,
+) -> c_int {
+    const F: &str = "hbitmap_qcow2_merge_from";
+    if source_image.is_null() {
+        null_pointer(F, "source_image");
+    }
+    if std::ptr::eq(image.cast_const(), source_image) {
+        // SAFETY: the caller's contract; one handle, so the plain merge.
+        return unsafe { hbitmap_qcow2_merge(image, source, target, errmsg) };
+    }
+    // SAFETY: the caller's contract; two distinct live handles.
+    let (handle, other) = unsafe {
+        (
+            borrow_mut(F, "image", image),
+            borrow(F, "source_image", source_image),
+        )
+    };
+    if let Some(refused) = other.refusal(F) {
+        // SAFETY: the caller's contract.
+        return unsafe { report(errmsg, &Failure::Error(refused)) };
+    }
+    // SAFETY: the caller's contract.
+    unsafe {
+        guarded_mut(F, errmsg, handle, |image| {
+            let source = name_bytes(F, "source", source);
+            let target = name_bytes(F, "target", target);
+            image.merge_bitmap_from(&other.image, source, target)
+        })
+    }
+}
+
+/// Marks the bytes `offset..offset + length` of bitmap `name` dirty (`dirty` true) or clean,
+/// in one crash-safe store, without marking the bitmap in use on the way. -EINVAL (nothing
+/// written) for a range ending past the virtual size, and for a clean range that does not start
+/// and end on granule boundaries (or the virtual size); -EBUSY for a bitmap in use.
+///
+/// # Safety
+/// `image` is a live handle; `name` a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_qcow2_set_range(
+    image: *mut HBitmapQcow2,
+    name: *const c_char,
+    offset: u64,
+    length: u64,
+    dirty: bool,
+    errmsg: *mut *mut c_char,
+) -> c_int {
+    const F: &str = "hbitmap_qcow2_set_range";
+    // SAFETY: the caller's contract.
+    let handle = unsafe { borrow_mut(F, "image", image) };
+    // SAFETY: the caller's contract.
+    unsafe {
+        guarded_mut(F, errmsg, handle, |image| {
+            let name = name_bytes(F, "name", name);
+            image.set_range(name, offset, length, dirty)
+        })
+    }
+}
+
+/// Creates or replaces bitmap `name` with exactly the `count` byte ranges at `extents` dirty
+/// (any order, overlaps allowed), at `granularity` bytes per bit (0: the existing bitmap's,
+/// else QEMU's default for the image), with `flags` (`HBITMAP_QCOW2_BITMAP_AUTO`). -EINVAL,
+/// nothing written, for a range ending past the virtual size. `extents` may be NULL when
+/// `count` is 0.
+///
+/// # Safety
+/// `image` is a live handle; `name` a NUL-terminated string; `extents` points to `count`
+/// extents.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_qcow2_import(
+    image: *mut HBitmapQcow2,
+    name: *const c_char,
+    granularity: u64,
+    extents: *const HBitmapQcow2Extent,
+    count: usize,
+    flags: u32,
+    errmsg: *mut *mut c_char,
+) -> c_int {
+    const F: &str = "hbitmap_qcow2_import";
+    if extents.is_null() && count > 0 {
+        null_pointer(F, "extents");
+    }
+    let extents: &[HBitmapQcow2Extent] = if count == 0 {
+        &[]
+    } else {
+        // SAFETY: non-NULL, `count` extents (the caller's contract).
+        unsafe { std::slice::from_raw_parts(extents, count) }
+    };
+    // SAFETY: the caller's contract.
+    let handle = unsafe { borrow_mut(F, "image", image) };
+    // SAFETY: the caller's contract.
+    unsafe {
+        guarded_mut(F, errmsg, handle, |image| {
+            let name = name_bytes(F, "name", name);
+            if flags & !HBITMAP_QCOW2_BITMAP_AUTO != 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown import flags {flags:#x}"
+                )));
+            }
+            image.import_bitmap(
+                name,
+                (granularity != 0).then_some(granularity),
+                extents.iter().map(|e| (e.offset, e.length)),
+                BitmapFlags {
+                    in_use: false,
+                    auto: flags & HBITMAP_QCOW2_BITMAP_AUTO != 0,
+                },
+            )
+        })
+    }
+}
+
+/// Dirty bytes of bitmap number `index` (directory order) into `*bytes`: its extents' total
+/// length, clipped to the virtual size. -EBUSY for a bitmap in use (its content is not to be
+/// trusted), -ENOENT past the last.
+///
+/// # Safety
+/// `image` is a live handle; `bytes` is valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_qcow2_bitmap_dirty_bytes(
+    image: *const HBitmapQcow2,
+    index: usize,
+    bytes: *mut u64,
+    errmsg: *mut *mut c_char,
+) -> c_int {
+    const F: &str = "hbitmap_qcow2_bitmap_dirty_bytes";
+    if bytes.is_null() {
+        null_pointer(F, "bytes");
+    }
+    // SAFETY: the caller's contract.
+    let handle = unsafe { borrow(F, "image", image) };
+    // SAFETY: the caller's contract.
+    unsafe {
+        guarded_ref(F, errmsg, handle, |image| {
+            let dirty = image.dirty_bytes_at(index)?;
+            put(F, "bytes", bytes, dirty);
+            Ok(())
+        })
+    }
+}
+
+/// Fills `extents` with up to `max` maximal dirty ranges of `bitmap` (items, clipped to its
+/// size) at or after item `start`, in order (a range running across `start` begins at
+/// `start`), and returns how many it wrote; fewer than `max` means there are no more. To
+/// continue, call again from the end of the last range returned. A `start` at or past the size
+/// returns 0. For a byte-addressed bitmap (`hbitmap_qcow2_load`/`_inspect`) the ranges are byte
+/// ranges of the disk. `extents` may be NULL when `max` is 0.
+///
+/// # Safety
+/// `bitmap` is a live `HBitmap`; `extents` is valid for writing `max` extents.
+#[no_mangle]
+pub unsafe extern "C" fn hbitmap_qcow2_dirty_extents(
+    bitmap: *const HBitmap,
+    start: u64,
+    extents: *mut HBitmapQcow2Extent,
+    max: usize,
+) -> usize {
+    const F: &str = "hbitmap_qcow2_dirty_extents";
+    // SAFETY: the caller's contract.
+    let bitmap = unsafe { borrow(F, "bitmap", bitmap) };
+    if max == 0 {
+        return 0;
+    }
+    if extents.is_null() {
+        null_pointer(F, "extents");
+    }
+    let size = bitmap.size();
+    let mut next = start;
+    let mut written = 0;
+    while written < max && next < size {
+        let Some((offset, length)) = bitmap.next_dirty_area(next, size - next) else {
+            break;
+        };
+        // SAFETY: `written < max` and `extents` holds `max` extents (the caller's contract).
+        unsafe {
+            extents
+                .add(written)
+                .write(HBitmapQcow2Extent { offset, length })
+        };
+        written += 1;
+        next = offset + length;
+    }
+    written
+}
+
 #[cfg(test)]
 mod tests {
     use std::ffi::{CStr, CString};

@@ -270,6 +270,19 @@ pub struct RepairReport {
     pub after: CheckReport,
 }
 
+/// Dirty bytes of a byte-addressed bitmap, clipped to its size: the sum of its extents'
+/// lengths ([`HBitmap::count`] counts the last granule whole even where it passes the end).
+pub fn dirty_bytes(bitmap: &HBitmap) -> u64 {
+    let size = bitmap.size();
+    let covered = u128::from(bitmap.groups()) << bitmap.granularity();
+    let overshoot = covered.saturating_sub(u128::from(size)) as u64;
+    if overshoot > 0 && bitmap.get(size - 1) {
+        bitmap.count() - overshoot
+    } else {
+        bitmap.count()
+    }
+}
+
 /// An open qcow2 image.
 pub struct Image {
     path: PathBuf,
@@ -1094,6 +1107,137 @@ impl Image {
         let source_index = source_image.consistent(source, "merge from")?;
         let source_bitmap = source_image.read_bitmap(source_index)?;
         self.merge_into(&source_bitmap, target)
+    }
+
+    /// Adds bitmap `name` as [`add_bitmap`](Self::add_bitmap) does, or, when a bitmap of that
+    /// name exists already with the same granularity and enabled state and not in use, leaves
+    /// it as it is: a retry after a crash reaches the same state. Returns whether it added the
+    /// bitmap. [`Error::Exists`] when the existing bitmap differs from the one asked for.
+    pub fn ensure_bitmap(
+        &mut self,
+        name: impl AsRef<[u8]>,
+        granularity: u64,
+        enabled: bool,
+    ) -> Result<bool, Error> {
+        let name = name.as_ref();
+        self.ensure_writable()?;
+        let Some(index) = self.find(name) else {
+            self.add_bitmap(name, granularity, enabled)?;
+            return Ok(true);
+        };
+        let existing = &self.infos[index];
+        if existing.granularity != granularity || existing.auto != enabled || existing.in_use {
+            return Err(Error::Exists(escape(name)));
+        }
+        Ok(false)
+    }
+
+    /// Marks the bytes `offset..offset + length` of bitmap `name` dirty (`dirty`) or clean, in
+    /// one crash-safe store ([`edit_bitmap`](Self::edit_bitmap)). The range must end within
+    /// the virtual size; a clean range must start and end on granule boundaries (or end at the
+    /// virtual size), as clearing part of a granule would clear bytes outside it. Refused for a
+    /// bitmap in use. An empty range changes nothing.
+    pub fn set_range(
+        &mut self,
+        name: impl AsRef<[u8]>,
+        offset: u64,
+        length: u64,
+        dirty: bool,
+    ) -> Result<(), Error> {
+        let name = name.as_ref();
+        self.ensure_writable()?;
+        let index = self.consistent(name, if dirty { "set" } else { "reset" })?;
+        let virtual_size = self.virtual_size();
+        let end = offset
+            .checked_add(length)
+            .filter(|&end| end <= virtual_size)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "bitmap '{}': range {offset}+{length} ends past the virtual size of \
+                     {virtual_size} bytes",
+                    escape(name)
+                ))
+            })?;
+        let granule = self.infos[index].granularity;
+        let aligned = |x: u64| x % granule == 0 || x == virtual_size;
+        let whole_granules = aligned(offset) && aligned(end);
+        if !dirty && !whole_granules {
+            return Err(Error::InvalidArgument(format!(
+                "bitmap '{}': range {offset}+{length} is not aligned to the granularity of \
+                 {granule} bytes: resetting it would also mark clean bytes outside it",
+                escape(name)
+            )));
+        }
+        if length == 0 {
+            return Ok(());
+        }
+        self.edit_bitmap(name, |bitmap| {
+            if dirty {
+                bitmap.set(offset, length);
+            } else {
+                bitmap.reset(offset, length);
+            }
+        })
+    }
+
+    /// Creates or replaces bitmap `name` with exactly the byte ranges `extents` (`(offset,
+    /// length)` pairs, in any order, overlapping or not) dirty, at `granularity` bytes per bit
+    /// (`None`: the existing bitmap's, else [`default_granularity`](Self::default_granularity)),
+    /// with `flags`. Every range must end within the virtual size; nothing is written
+    /// otherwise. A range that does not cover whole granules dirties the granules it touches.
+    pub fn import_bitmap(
+        &mut self,
+        name: impl AsRef<[u8]>,
+        granularity: Option<u64>,
+        extents: impl IntoIterator<Item = (u64, u64)>,
+        flags: BitmapFlags,
+    ) -> Result<(), Error> {
+        let name = name.as_ref();
+        self.ensure_writable()?;
+        let granularity = granularity
+            .or_else(|| self.bitmap(name).map(|info| info.granularity))
+            .unwrap_or_else(|| self.default_granularity());
+        if !granularity.is_power_of_two() {
+            return Err(Error::InvalidArgument(format!(
+                "bitmap '{}': granularity {granularity} is not a power of two",
+                escape(name)
+            )));
+        }
+        let bits = granularity.trailing_zeros();
+        self.check_constraints(name, bits)?;
+        let virtual_size = self.virtual_size();
+        let mut bitmap = HBitmap::new(virtual_size, bits)
+            .map_err(|e| Error::Limit(format!("bitmap '{}': {e}", escape(name))))?;
+        for (offset, length) in extents {
+            if offset
+                .checked_add(length)
+                .is_none_or(|end| end > virtual_size)
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "bitmap '{}': extent at offset {offset} of length {length} ends past the \
+                     virtual size of {virtual_size} bytes",
+                    escape(name)
+                )));
+            }
+            bitmap.set(offset, length);
+        }
+        self.store_bitmap(name, &bitmap, flags)
+    }
+
+    /// Dirty bytes of bitmap number `index` (directory order), clipped to the virtual size
+    /// ([`dirty_bytes`]). [`Error::InUse`] for a bitmap marked in use: its content is not to be
+    /// trusted.
+    pub fn dirty_bytes_at(&self, index: usize) -> Result<u64, Error> {
+        let Some(entry) = self.layout.bitmaps.get(index) else {
+            return Err(Error::NotFound(format!("#{index}")));
+        };
+        if entry.entry.in_use() {
+            return Err(Error::InUse(format!(
+                "bitmap '{}' is in use (inconsistent): its dirty bytes are not known",
+                escape(&entry.entry.name)
+            )));
+        }
+        Ok(dirty_bytes(&self.read_bitmap(index)?))
     }
 
     fn merge_into(&mut self, source: &HBitmap, target: &[u8]) -> Result<(), Error> {

@@ -1,0 +1,3 @@
+module libhbitmap.org/go/hbitmap
+
+go 1.19
