@@ -1,7 +1,9 @@
 //! The qcow2 API on its own: create, store, load, flags, merge, errors, fault recovery.
 mod qcow2_util;
 
-use hbitmap::qcow2::io::{FailingIo, Faults, FileIo};
+use std::sync::atomic::Ordering;
+
+use hbitmap::qcow2::io::{CrashIo, FailingIo, Faults, FileIo};
 use hbitmap::qcow2::{BitmapFlags, Error, Image};
 use hbitmap::HBitmap;
 use hbitmap_testkit::{Rng, RO, RO_FORCE_SHARE, RW};
@@ -223,7 +225,21 @@ fn failed_writes_leave_the_image_usable() {
     image.store_bitmap("a", &a, AUTO).unwrap();
     image.close().unwrap();
     let b = random_bitmap(&mut rng, size, 12, 30);
-    for index in 0..12 {
+    // How many writes storing `b` makes, counted on a copy: each must be a fault point.
+    let copy = s.path("copy.qcow2");
+    std::fs::copy(&p, &copy).unwrap();
+    let counting = CrashIo::new(FileIo::new(rw_file(&copy)), u64::MAX);
+    let writes = counting.writes();
+    let mut image = Image::open_io(Box::new(counting), &copy, true).unwrap();
+    image.store_bitmap("b", &b, AUTO).unwrap();
+    let writes = writes.load(Ordering::Relaxed);
+    assert!(
+        writes >= 3,
+        "a store writes data, a table, a directory and a header"
+    );
+    drop(image);
+    let (mut failed, mut late) = (0, 0);
+    for index in 0..writes + 2 {
         let file = rw_file(&p);
         let io = FailingIo::new(
             FileIo::new(file),
@@ -234,7 +250,23 @@ fn failed_writes_leave_the_image_usable() {
         );
         let mut image = Image::open_io(Box::new(io), &p, true).unwrap();
         let result = image.store_bitmap("b", &b, AUTO);
+        // A fault at any of its writes up to the header switch fails the store; one after it
+        // (freeing the replaced clusters) leaves the change made and the clusters leaked, with
+        // a warning; past its writes, none fires.
+        if index >= writes {
+            assert!(result.is_ok(), "no fault past write {writes}: {result:?}");
+        } else if result.is_ok() {
+            assert!(
+                image
+                    .warnings()
+                    .iter()
+                    .any(|w| w.contains("could not be freed")),
+                "fault at write {index} of {writes} went unnoticed"
+            );
+            late += 1;
+        }
         if result.is_err() {
+            failed += 1;
             // The handle recovered the old state, and a retry works (the fault was one-shot).
             assert!(image.bitmap("b").is_none());
             image.store_bitmap("b", &b, AUTO).unwrap();
@@ -248,6 +280,8 @@ fn failed_writes_leave_the_image_usable() {
         assert_eq!(image.inspect_bitmap("b").unwrap(), b);
         image.remove_bitmap("b").unwrap();
     }
+    assert_eq!(failed + late, writes);
+    assert!(failed >= 3, "{failed} of {writes} faults failed the store");
     // A failing flush.
     let file = rw_file(&p);
     let io = FailingIo::new(

@@ -93,7 +93,8 @@ fn bitmaps(path: &Path) -> Vec<BitmapState> {
 }
 
 /// Leaks as an interrupted store leaves them: new clusters counted, the header never switched.
-fn leak_some_clusters(path: &Path, seed: u64) {
+/// Returns how many clusters the interrupted store leaked.
+fn leak_some_clusters(path: &Path, seed: u64) -> u64 {
     let bitmap = random_bitmap(&mut Rng::new(seed), SIZE, 12, 30);
     let io = CrashIo::new(FileIo::new(rw_file(path)), u64::MAX);
     let counter = io.writes();
@@ -107,10 +108,9 @@ fn leak_some_clusters(path: &Path, seed: u64) {
     let mut image = Image::open_io(Box::new(io), path, true).unwrap();
     assert!(image.store_bitmap("lost", &bitmap, AUTO).is_err());
     drop(image);
-    assert!(
-        check(path).leaks > 0,
-        "the interrupted store leaked nothing"
-    );
+    let leaks = check(path).leaks;
+    assert!(leaks > 0, "the interrupted store leaked nothing");
+    leaks
 }
 
 /// An image with an intact bitmap 'a', 'b' left in use (loaded and never stored, as by a
@@ -121,6 +121,12 @@ fn damaged_image(path: &Path) -> HBitmap {
 }
 
 fn damaged_image_with(path: &Path, cluster_size: u64) -> HBitmap {
+    damaged_image_counted(path, cluster_size).0
+}
+
+/// [`damaged_image_with`], also returning how many clusters are leaked: those of the
+/// interrupted store and every cluster of 'c', whose table can no longer be followed.
+fn damaged_image_counted(path: &Path, cluster_size: u64) -> (HBitmap, u64) {
     let mut rng = Rng::new(21);
     let a = random_bitmap(&mut rng, SIZE, 12, 40);
     let b = random_bitmap(&mut rng, SIZE, 14, 20);
@@ -130,35 +136,50 @@ fn damaged_image_with(path: &Path, cluster_size: u64) -> HBitmap {
     image.store_bitmap("b", &b, AUTO).unwrap();
     image.store_bitmap("c", &c, BitmapFlags::default()).unwrap();
     image.close().unwrap();
-    leak_some_clusters(path, 22);
+    let mut leaked = leak_some_clusters(path, 22);
     let mut image = writable(path);
     let _ = image.load_bitmap("b").unwrap();
     drop(image);
     patch(path, |data| {
         let entry = directory_entry(data, "c");
         let table = be64(data, entry);
+        let entries = be32(data, entry + 8) as usize;
+        let table_bytes = 8 * entries as u64;
+        leaked += table_bytes.div_ceil(cluster_size);
+        leaked += (0..entries)
+            .filter(|&i| be64(data, table as usize + 8 * i) & 0x00ff_ffff_ffff_fe00 != 0)
+            .count() as u64;
         data[entry..entry + 8].copy_from_slice(&(table + 8).to_be_bytes());
     });
-    a
+    (a, leaked)
 }
 
 #[test]
 fn check_reports_and_changes_nothing() {
     let s = Scratch::new("repair-check");
     let path = s.path("damaged.qcow2");
-    damaged_image(&path);
+    let (_, leaked) = damaged_image_counted(&path, 65536);
     let before = file_hash(&path);
     let report = check(&path);
-    assert!(report.corruptions > 0, "{report:?}");
-    assert!(report.leaks > 0, "{report:?}");
-    assert_eq!(report.in_use_bitmaps, ["b"]);
-    assert_eq!(report.damaged_bitmaps, ["c"]);
-    assert!(report.unrepairable.is_none(), "{report:?}");
+    // One corruption, c's misaligned table; b in use is a state (a warning).
+    assert_eq!(report.corruptions, 1, "{report:?}");
+    assert_eq!(report.errors.len(), 1, "{report:?}");
     assert!(
-        report.errors.iter().any(|e| e.contains("'c'")),
+        report.errors[0].contains("bitmap 'c'") && report.errors[0].contains("bitmap_table_offset"),
         "{report:?}"
     );
-    assert!(!report.leaked.is_empty());
+    assert_eq!(report.leaks, leaked, "{report:?}");
+    assert_eq!(report.check_errors, 0);
+    assert_eq!(report.in_use_bitmaps, ["b"]);
+    assert_eq!(report.damaged_bitmaps, ["c"]);
+    assert!(report.warnings.iter().any(|w| w.contains("'b' is in use")));
+    assert!(report.unrepairable.is_none(), "{report:?}");
+    let runs: u64 = report
+        .leaked
+        .iter()
+        .map(|run| run.split(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(runs, leaked, "the leaked runs add up: {:?}", report.leaked);
     assert_eq!(file_hash(&path), before, "check wrote to the image");
 }
 
@@ -409,10 +430,9 @@ fn crash_during_each_repair() {
     println!("{total} interrupted writes checked");
 }
 
-/// A bitmap one of whose clusters has refcount 0 (QEMU would still load it) is removed by
-/// -r all ("counted wrong"); until the header switch that removes it, no new cluster may be
-/// placed on it: after a crash at any write, while the old directory lists it, it reads back
-/// as before.
+/// A bitmap left in use whose clusters have refcount 0 is removed by -r all; until the header
+/// switch that removes it, no new cluster may be placed on its clusters (free as the refcounts
+/// say): after a crash at any write, while the old directory lists it, it reads back as before.
 #[test]
 fn uncounted_bitmap_clusters_stay_untouched_until_removed() {
     let s = Scratch::new("repair-uncounted");
@@ -441,6 +461,9 @@ fn uncounted_bitmap_clusters_stay_untouched_until_removed() {
         for cluster in clusters {
             data[block + 2 * cluster..block + 2 * cluster + 2].copy_from_slice(&[0, 0]);
         }
+        // Flag in_use, as a QEMU killed while tracking it leaves it.
+        let flags = directory_entry(data, "c") + 12;
+        data[flags + 3] |= 1;
     });
     let report = check(&base);
     assert!(report.corruptions > 0, "{report:?}");
@@ -453,7 +476,7 @@ fn uncounted_bitmap_clusters_stay_untouched_until_removed() {
         repaired
             .changes
             .iter()
-            .any(|c| c.contains("removed bitmap 'c': counted wrong")),
+            .any(|c| c.contains("removed bitmap 'c': marked in use")),
         "{:?}",
         repaired.changes
     );

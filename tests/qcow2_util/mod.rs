@@ -42,7 +42,6 @@ impl Drop for Scratch {
     }
 }
 
-/// Whether a tool can be run.
 /// Opens an image file for reading and writing (to wrap it in a fault-injecting `ImageIo`).
 pub fn rw_file(path: &Path) -> std::fs::File {
     std::fs::OpenOptions::new()
@@ -52,6 +51,7 @@ pub fn rw_file(path: &Path) -> std::fs::File {
         .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
 }
 
+/// Whether a tool can be run.
 pub fn have(tool: &str) -> bool {
     Command::new(tool)
         .arg("--version")
