@@ -54,9 +54,10 @@ fn skip() -> bool {
     if hbitmap_oracle::AVAILABLE {
         return false;
     }
-    say(format_args!(
-        "skipping: ../shared/reference not found; differential tests need the original C"
-    ));
+    hbitmap_testkit::tools::oracle_missing(
+        "the differential tests against the original",
+        "../shared/reference not found; they need the original C",
+    );
     true
 }
 

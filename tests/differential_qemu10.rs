@@ -41,11 +41,14 @@ fn skip() -> bool {
     if oracle::AVAILABLE_QEMU10 {
         return false;
     }
-    say(format_args!(
-        "skipping: QEMU 10's hbitmap.c was not built ({}); set HBITMAP_QEMU10_REFERENCE to a \
-         folder built by ../shared/reference/build-qemu10.sh",
-        oracle::MISSING_QEMU10
-    ));
+    hbitmap_testkit::tools::oracle_missing(
+        "the differential tests against QEMU 10",
+        &format!(
+            "QEMU 10's hbitmap.c was not built ({}); set HBITMAP_QEMU10_REFERENCE to a folder \
+             built by ../shared/reference/build-qemu10.sh",
+            oracle::MISSING_QEMU10
+        ),
+    );
     true
 }
 

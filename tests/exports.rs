@@ -107,7 +107,8 @@ fn run(tool: &str, args: &[&str]) -> Option<String> {
     let output = match Command::new(tool).args(args).arg(&lib).output() {
         Ok(output) => output,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!("skipped: `{tool}` is not installed (binutils)");
+            // Skipped, or a failure where the test command requires the tools.
+            hbitmap_testkit::tools::have(&format!("the export checks with {tool}"), &[tool]);
             return None;
         }
         Err(e) => panic!("running {tool}: {e}"),

@@ -2,8 +2,8 @@
 //! exit status, and agreement with QEMU's own tools (qemu-img, qemu-io, qemu-nbd + nbdinfo) on
 //! images each side made. Tests needing a QEMU tool print why and pass when it is absent.
 
+use hbitmap_testkit::tools::have;
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as StdCommand, Stdio};
 use std::time::{Duration, Instant};
@@ -80,24 +80,6 @@ fn extents_of(dump: &Value) -> Vec<(u64, u64)> {
         .iter()
         .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
         .collect()
-}
-
-/// Whether a program is installed; prints why a test is skipped when it is not.
-fn have(tools: &[&str], test: &str) -> bool {
-    for tool in tools {
-        let found = std::env::var_os("PATH")
-            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()));
-        if !found {
-            // Straight to stderr: the test harness captures only print!/eprint!, and a skip
-            // should be seen.
-            let _ = writeln!(
-                std::io::stderr(),
-                "skipping {test}: {tool} is not installed"
-            );
-            return false;
-        }
-    }
-    true
 }
 
 fn run(program: &str, args: &[&str]) -> String {
@@ -1114,8 +1096,8 @@ fn qemu_io_writes(path: &Path, writes: &[(&str, &str)]) {
 #[test]
 fn agrees_with_qemu_on_an_image_qemu_made() {
     if !have(
-        &["qemu-img", "qemu-io"],
         "agrees_with_qemu_on_an_image_qemu_made",
+        &["qemu-img", "qemu-io"],
     ) {
         return;
     }
@@ -1168,8 +1150,8 @@ fn agrees_with_qemu_on_an_image_qemu_made() {
     ok(&["check", s(&path)]);
 
     if !have(
-        &["qemu-nbd", "nbdinfo"],
         "agrees_with_qemu_on_an_image_qemu_made (NBD)",
+        &["qemu-nbd", "nbdinfo"],
     ) {
         return;
     }
@@ -1181,7 +1163,7 @@ fn agrees_with_qemu_on_an_image_qemu_made() {
 
 #[test]
 fn qemu_agrees_with_what_qbitmap_writes() {
-    if !have(&["qemu-img"], "qemu_agrees_with_what_qbitmap_writes") {
+    if !have("qemu_agrees_with_what_qbitmap_writes", &["qemu-img"]) {
         return;
     }
     let dir = TempDir::new().unwrap();
@@ -1229,8 +1211,8 @@ fn qemu_agrees_with_what_qbitmap_writes() {
     ok(&["check", s(&path)]);
 
     if !have(
-        &["qemu-nbd", "nbdinfo"],
         "qemu_agrees_with_what_qbitmap_writes (NBD)",
+        &["qemu-nbd", "nbdinfo"],
     ) {
         return;
     }
@@ -1242,7 +1224,7 @@ fn qemu_agrees_with_what_qbitmap_writes() {
 
 #[test]
 fn force_share_reads_an_image_qemu_has_open() {
-    if !have(&["qemu-nbd"], "force_share_reads_an_image_qemu_has_open") {
+    if !have("force_share_reads_an_image_qemu_has_open", &["qemu-nbd"]) {
         return;
     }
     let (dir, path) = image("1G");
@@ -1295,8 +1277,8 @@ fn force_share_reads_an_image_qemu_has_open() {
 #[test]
 fn dump_nbdinfo_prints_what_nbdinfo_prints() {
     if !have(
-        &["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"],
         "dump_nbdinfo_prints_what_nbdinfo_prints",
+        &["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"],
     ) {
         return;
     }

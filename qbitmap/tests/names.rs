@@ -4,9 +4,9 @@
 //! addressed by its raw bytes or by the escaped form `list` prints; JSON output keeps every name
 //! exactly. The test against QEMU's tools prints why and passes when they are absent.
 
+use hbitmap_testkit::tools::have;
 use std::ffi::{OsStr, OsString};
 use std::fs;
-use std::io::Write as _;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -461,21 +461,6 @@ fn malformed_escaped_names_are_bad_usage() {
     assert_eq!(fs::read(&image).unwrap(), before, "nothing was written");
 }
 
-fn have(tools: &[&str], test: &str) -> bool {
-    for tool in tools {
-        let found = std::env::var_os("PATH")
-            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()));
-        if !found {
-            let _ = writeln!(
-                std::io::stderr(),
-                "skipping {test}: {tool} is not installed"
-            );
-            return false;
-        }
-    }
-    true
-}
-
 fn qemu_img(args: &[&OsStr]) -> Output {
     Command::new("qemu-img").args(args).output().unwrap()
 }
@@ -523,7 +508,7 @@ fn lossy(names: &[Vec<u8>]) -> Vec<String> {
 /// NUL and empty names read as QEMU reads them; both checks agree the image is clean.
 #[test]
 fn qemu_and_qbitmap_agree_on_names() {
-    if !have(&["qemu-img"], "qemu_and_qbitmap_agree_on_names") {
+    if !have("qemu_and_qbitmap_agree_on_names", &["qemu-img"]) {
         return;
     }
     let dir = TempDir::new().unwrap();

@@ -5,8 +5,8 @@
 //! Each case compares `qbitmap check` with `qemu-img check` on the same image. Tests print why
 //! and pass when a QEMU tool is absent.
 
+use hbitmap_testkit::tools::have;
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -55,21 +55,6 @@ fn fails(args: &[&str]) -> String {
         text(&output)
     );
     text(&output)
-}
-
-fn have(tools: &[&str], test: &str) -> bool {
-    for tool in tools {
-        let found = std::env::var_os("PATH")
-            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()));
-        if !found {
-            let _ = writeln!(
-                std::io::stderr(),
-                "skipping {test}: {tool} is not installed"
-            );
-            return false;
-        }
-    }
-    true
 }
 
 fn run(program: &str, args: &[&str]) -> String {
@@ -189,8 +174,8 @@ fn table_offset(path: &Path, name: &str) -> usize {
 #[test]
 fn snapshot_table_at_the_end_of_the_file() {
     if !have(
-        &["qemu-img", "qemu-io"],
         "snapshot_table_at_the_end_of_the_file",
+        &["qemu-img", "qemu-io"],
     ) {
         return;
     }
@@ -218,7 +203,7 @@ fn snapshot_table_at_the_end_of_the_file() {
 /// too, naming the bits.
 #[test]
 fn unknown_incompatible_features_refuse_reads() {
-    if !have(&["qemu-img"], "unknown_incompatible_features_refuse_reads") {
+    if !have("unknown_incompatible_features_refuse_reads", &["qemu-img"]) {
         return;
     }
     let (_dir, path) = qemu_image("64M", "");
@@ -269,7 +254,7 @@ fn unknown_incompatible_features_refuse_reads() {
 /// in-use bitmap's table, lists it and lets it be removed. So do we.
 #[test]
 fn in_use_bitmap_whose_table_lies_past_the_end() {
-    if !have(&["qemu-img"], "in_use_bitmap_whose_table_lies_past_the_end") {
+    if !have("in_use_bitmap_whose_table_lies_past_the_end", &["qemu-img"]) {
         return;
     }
     let (_dir, path) = qemu_image("64M", "");
@@ -315,7 +300,7 @@ fn in_use_bitmap_whose_table_lies_past_the_end() {
 /// `qbitmap add` without -g picks QEMU's default: the cluster size clamped to 4 KiB..64 KiB.
 #[test]
 fn default_granularity_is_qemus() {
-    if !have(&["qemu-img"], "default_granularity_is_qemus") {
+    if !have("default_granularity_is_qemus", &["qemu-img"]) {
         return;
     }
     for (cluster, expected) in [
@@ -347,7 +332,7 @@ fn default_granularity_is_qemus() {
 /// image is read (padding ignored, a note in check) and our writes clear them.
 #[test]
 fn padding_bits_qemu_writes() {
-    if !have(&["qemu-img", "qemu-io"], "padding_bits_qemu_writes") {
+    if !have("padding_bits_qemu_writes", &["qemu-img", "qemu-io"]) {
         return;
     }
     // 100 granules of 64 KiB: not a multiple of 64.
@@ -400,8 +385,8 @@ fn guest_cluster(path: &Path) -> u64 {
 #[test]
 fn bitmap_cluster_cross_linked_with_guest_data() {
     if !have(
-        &["qemu-img", "qemu-io"],
         "bitmap_cluster_cross_linked_with_guest_data",
+        &["qemu-img", "qemu-io"],
     ) {
         return;
     }
@@ -449,8 +434,8 @@ fn bitmap_cluster_cross_linked_with_guest_data() {
 #[test]
 fn bitmap_cluster_cross_linked_with_a_snapshot() {
     if !have(
-        &["qemu-img", "qemu-io"],
         "bitmap_cluster_cross_linked_with_a_snapshot",
+        &["qemu-img", "qemu-io"],
     ) {
         return;
     }
@@ -604,7 +589,7 @@ fn add_like_qemu(size: &str, options: &str, granularity: &str, time_limit: Durat
 
 #[test]
 fn allocation_with_512_byte_clusters() {
-    if !have(&["qemu-img"], "allocation_with_512_byte_clusters") {
+    if !have("allocation_with_512_byte_clusters", &["qemu-img"]) {
         return;
     }
     // A 256-cluster table, more than a refcount block (256 entries) describes.
@@ -613,7 +598,7 @@ fn allocation_with_512_byte_clusters() {
 
 #[test]
 fn allocation_with_64_bit_refcounts() {
-    if !have(&["qemu-img"], "allocation_with_64_bit_refcounts") {
+    if !have("allocation_with_64_bit_refcounts", &["qemu-img"]) {
         return;
     }
     // 64 entries per refcount block: runs of many blocks and several refcount table growths.
@@ -634,7 +619,7 @@ fn allocation_with_64_bit_refcounts() {
 
 #[test]
 fn allocation_with_1_bit_refcounts_and_2_mib_clusters() {
-    if !have(&["qemu-img"], "allocation_with_1_bit_refcounts") {
+    if !have("allocation_with_1_bit_refcounts", &["qemu-img"]) {
         return;
     }
     add_like_qemu(
@@ -648,8 +633,8 @@ fn allocation_with_1_bit_refcounts_and_2_mib_clusters() {
 #[test]
 fn allocation_for_every_cluster_size_and_refcount_width() {
     if !have(
-        &["qemu-img"],
         "allocation_for_every_cluster_size_and_refcount_width",
+        &["qemu-img"],
     ) {
         return;
     }
@@ -685,8 +670,8 @@ mod qcow2_util;
 #[test]
 fn qsd_killed_while_holding_a_bitmap() {
     if !have(
-        &["qemu-img", "qemu-io", "qemu-storage-daemon"],
         "qsd_killed_while_holding_a_bitmap",
+        &["qemu-img", "qemu-io", "qemu-storage-daemon"],
     ) {
         return;
     }
@@ -759,7 +744,7 @@ fn qsd_killed_while_holding_a_bitmap() {
 /// leaves an image qemu-img check finds clean, with the same guest data.
 #[test]
 fn enospc_in_qemus_bitmap_store() {
-    if !have(&["qemu-img", "qemu-io"], "enospc_in_qemus_bitmap_store") {
+    if !have("enospc_in_qemus_bitmap_store", &["qemu-img", "qemu-io"]) {
         return;
     }
     let (_dir, path) = qemu_image("64M", "");
@@ -807,7 +792,7 @@ fn enospc_in_qemus_bitmap_store() {
 /// removes them, keeps the intact bitmap, and QEMU opens the image again.
 #[test]
 fn damaged_bitmaps_qemu_refuses() {
-    if !have(&["qemu-img", "qemu-io"], "damaged_bitmaps_qemu_refuses") {
+    if !have("damaged_bitmaps_qemu_refuses", &["qemu-img", "qemu-io"]) {
         return;
     }
     type Damage = fn(&mut Vec<u8>);
@@ -874,7 +859,7 @@ fn damaged_bitmaps_qemu_refuses() {
 /// (the header cluster's refcount raised), which both count, and `-r leaks` frees.
 #[test]
 fn check_figures_match_qemu_img() {
-    if !have(&["qemu-img", "qemu-io"], "check_figures_match_qemu_img") {
+    if !have("check_figures_match_qemu_img", &["qemu-img", "qemu-io"]) {
         return;
     }
     let (_dir, path) = qemu_image("64M", "");
@@ -933,8 +918,8 @@ fn check_figures_match_qemu_img() {
 #[test]
 fn check_figures_match_qemu_img_across_l2_tables() {
     if !have(
-        &["qemu-img"],
         "check_figures_match_qemu_img_across_l2_tables",
+        &["qemu-img"],
     ) {
         return;
     }
@@ -969,8 +954,8 @@ fn check_figures_match_qemu_img_across_l2_tables() {
 #[test]
 fn check_figures_and_leaks_on_other_geometries() {
     if !have(
-        &["qemu-img", "qemu-io"],
         "check_figures_and_leaks_on_other_geometries",
+        &["qemu-img", "qemu-io"],
     ) {
         return;
     }
@@ -1043,8 +1028,8 @@ fn check_figures_and_leaks_on_other_geometries() {
 #[test]
 fn dirty_image_is_not_repaired() {
     if !have(
-        &["qemu-img", "qemu-io", "qemu-storage-daemon"],
         "dirty_image_is_not_repaired",
+        &["qemu-img", "qemu-io", "qemu-storage-daemon"],
     ) {
         return;
     }
@@ -1071,8 +1056,8 @@ fn dirty_image_is_not_repaired() {
 #[test]
 fn unreadable_directory_over_the_l1_table() {
     if !have(
-        &["qemu-img", "qemu-io"],
         "unreadable_directory_over_the_l1_table",
+        &["qemu-img", "qemu-io"],
     ) {
         return;
     }
@@ -1113,8 +1098,8 @@ fn unreadable_directory_over_the_l1_table() {
 #[test]
 fn guest_data_past_the_end_is_not_repaired() {
     if !have(
-        &["qemu-img", "qemu-io"],
         "guest_data_past_the_end_is_not_repaired",
+        &["qemu-img", "qemu-io"],
     ) {
         return;
     }

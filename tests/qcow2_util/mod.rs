@@ -51,25 +51,16 @@ pub fn rw_file(path: &Path) -> std::fs::File {
         .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
 }
 
-/// Whether a tool can be run.
+/// Whether a tool is installed, for a test's extra checks with it (skipped without it, or
+/// failing where the test command requires the tools).
 pub fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
+    hbitmap_testkit::tools::have(&format!("the checks with {tool}"), &[tool])
 }
 
-/// True when every tool is installed; otherwise prints why the test is skipped.
+/// True when every tool is installed; otherwise the test is skipped, or fails where the test
+/// command requires the tools.
 pub fn have_all(test: &str, tools: &[&str]) -> bool {
-    for tool in tools {
-        if !have(tool) {
-            println!("SKIPPED {test}: {tool} is not installed");
-            return false;
-        }
-    }
-    true
+    hbitmap_testkit::tools::have(test, tools)
 }
 
 /// Runs a command, panicking with its output unless it succeeds.
