@@ -599,3 +599,169 @@ fn a_bitmap_in_use_pointing_into_an_intact_one_does_not_take_it_along() {
         extents(&before)
     );
 }
+
+/// File offset (of the 8-byte header) of the bitmaps extension.
+fn bitmaps_ext_at(data: &[u8]) -> usize {
+    hbitmap_testkit::qcow2::extensions(data)
+        .into_iter()
+        .find(|e| e.magic == hbitmap_testkit::qcow2::BITMAPS_EXTENSION)
+        .expect("a bitmaps extension")
+        .offset
+}
+
+/// The bitmaps (name, extents) an image holds, read by this library.
+fn contents(path: &Path) -> Vec<(String, Vec<(u64, u64)>)> {
+    let image = Image::open(path, RO).unwrap();
+    image
+        .bitmaps()
+        .iter()
+        .map(|b| {
+            let bitmap = image.inspect_bitmap(&b.name).unwrap();
+            (b.name.to_string(), extents(&bitmap))
+        })
+        .collect()
+}
+
+/// `-r leaks` refuses without writing; `-r all` keeps every bitmap as it was; QEMU then opens
+/// the image, lists the bitmaps and finds it clean.
+fn repaired_keeping_every_bitmap(path: &Path, expected: &[(String, Vec<(u64, u64)>)]) {
+    let before = std::fs::read(path).unwrap();
+    let refused = Image::repair_file(path, RepairMode::Leaks).unwrap_err();
+    assert!(matches!(refused, Error::Unsupported(_)), "{refused}");
+    assert!(std::fs::read(path).unwrap() == before, "-r leaks wrote");
+    let repaired = Image::repair_file(path, RepairMode::All).unwrap();
+    assert!(repaired.after.is_clean(), "{repaired:#?}");
+    assert!(
+        repaired
+            .changes
+            .iter()
+            .any(|c| c.contains("wrote the extension and the directory anew")),
+        "{:?}",
+        repaired.changes
+    );
+    assert_eq!(contents(path), expected);
+    qemu_check(path, false);
+    let names: Vec<String> = qemu_bitmaps(path).into_iter().map(|b| b.0).collect();
+    let ours: Vec<String> = expected.iter().map(|b| b.0.clone()).collect();
+    assert_eq!(names, ours);
+}
+
+/// A bitmaps extension whose length says 16 instead of its fixed 24 (QEMU cannot open the
+/// image): its fields are still there, and `-r all` writes the header anew keeping the bitmaps.
+#[test]
+fn a_bitmaps_extension_of_the_wrong_length_is_repaired() {
+    if !have_all("ext_length", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let scratch = Scratch::new("ext-length");
+    let path = two_bitmaps(&scratch, "a.qcow2");
+    let expected = contents(&path);
+    patch(&path, |data| {
+        let at = bitmaps_ext_at(data);
+        hbitmap_testkit::qcow2::put32(data, at + 4, 16);
+    });
+    let (code, _) = qemu_check_json(&path);
+    assert_eq!(code, 1, "QEMU cannot open it");
+    let report = check(&path);
+    assert!(report.corruptions > 0, "{report:#?}");
+    assert!(
+        report.errors[0].contains("its length is 16, not 24"),
+        "{report:#?}"
+    );
+    repaired_keeping_every_bitmap(&path, &expected);
+}
+
+/// nb_bitmaps off by one, bitmap_directory_size off by 8 or 32, while every directory entry is
+/// intact: the entries are read from the directory's clusters and `-r all` keeps their bitmaps.
+#[test]
+fn a_directory_count_or_size_off_keeps_the_intact_entries() {
+    if !have_all("directory_off", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let scratch = Scratch::new("dir-off");
+    let cases: [(&str, i64, i64); 5] = [
+        ("one more bitmap", 1, 0),
+        ("one bitmap fewer", -1, 0),
+        ("8 bytes more", 0, 8),
+        ("32 bytes more", 0, 32),
+        ("8 bytes fewer", 0, -8),
+    ];
+    for (what, count, size) in cases {
+        let path = two_bitmaps(&scratch, "a.qcow2");
+        let expected = contents(&path);
+        patch(&path, |data| {
+            let ext = bitmaps_ext_at(data) + 8;
+            let nb = be32(data, ext);
+            hbitmap_testkit::qcow2::put32(data, ext, (i64::from(nb) + count) as u32);
+            let dir_size = be64(data, ext + 8);
+            put64(data, ext + 8, (dir_size as i64 + size) as u64);
+        });
+        let report = check(&path);
+        assert!(
+            report.corruptions > 0 && report.broken_extension,
+            "{what}: {report:#?}"
+        );
+        repaired_keeping_every_bitmap(&path, &expected);
+        std::fs::remove_file(&path).unwrap();
+    }
+}
+
+/// Two bitmaps extensions: QEMU reads both and uses the last, and so do we (the image opens,
+/// its figures are qemu-img's); `-r leaks` drops the ignored one and frees what only it used.
+#[test]
+fn a_second_bitmaps_extension_is_read_as_qemu_reads_it() {
+    if !have_all("two_extensions", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let scratch = Scratch::new("two-ext");
+    let path = two_bitmaps(&scratch, "a.qcow2");
+    // The extension as it is now, then a new directory (the old one's clusters freed).
+    let old_ext = {
+        let data = std::fs::read(&path).unwrap();
+        let at = bitmaps_ext_at(&data);
+        data[at..at + 32].to_vec()
+    };
+    qemu_img(&["bitmap", "--add", path.to_str().unwrap(), "third"]);
+    let expected = contents(&path);
+    assert_eq!(expected.len(), 3);
+    patch(&path, |data| {
+        let at = bitmaps_ext_at(data);
+        let cluster = 65536;
+        let tail: Vec<u8> = data[at..cluster - 32].to_vec();
+        data[at..at + 32].copy_from_slice(&old_ext);
+        data[at + 32..cluster].copy_from_slice(&tail);
+    });
+    let names: Vec<String> = qemu_bitmaps(&path).into_iter().map(|b| b.0).collect();
+    assert_eq!(
+        names,
+        ["keep", "other", "third"],
+        "QEMU uses the last extension"
+    );
+    let report = assert_same_figures(&path);
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("another bitmaps extension")),
+        "{report:#?}"
+    );
+    assert_eq!(contents(&path), expected);
+    let repaired = Image::repair_file(&path, RepairMode::Leaks).unwrap();
+    assert!(repaired.after.is_clean(), "{repaired:#?}");
+    assert!(
+        repaired
+            .changes
+            .iter()
+            .any(|c| c.contains("that QEMU ignores")),
+        "{:?}",
+        repaired.changes
+    );
+    let data = std::fs::read(&path).unwrap();
+    let count = hbitmap_testkit::qcow2::extensions(&data)
+        .iter()
+        .filter(|e| e.magic == hbitmap_testkit::qcow2::BITMAPS_EXTENSION)
+        .count();
+    assert_eq!(count, 1);
+    assert_eq!(contents(&path), expected);
+    qemu_check(&path, false);
+}

@@ -265,8 +265,9 @@ fn stale_and_unreadable_extensions_are_dropped() {
             (|data: &mut Vec<u8>| data[95] &= !1) as fn(&mut Vec<u8>),
         ),
         ("unreadable", RepairMode::All, |data: &mut Vec<u8>| {
+            // The reserved field set: QEMU refuses the extension, nothing in it is trusted.
             let ext = bitmaps_ext(data);
-            data[ext..ext + 4].copy_from_slice(&7u32.to_be_bytes());
+            data[ext + 4..ext + 8].copy_from_slice(&7u32.to_be_bytes());
         }),
     ] {
         let path = s.path(&format!("{name}.qcow2"));
@@ -405,7 +406,7 @@ fn crash_during_each_repair() {
         ),
         ("unreadable", RepairMode::All, |data: &mut Vec<u8>| {
             let ext = bitmaps_ext(data);
-            data[ext..ext + 4].copy_from_slice(&9u32.to_be_bytes());
+            data[ext + 4..ext + 8].copy_from_slice(&9u32.to_be_bytes());
         }),
     ] {
         let path = s.path(&format!("{name}.qcow2"));
@@ -505,21 +506,43 @@ fn uncounted_bitmap_clusters_stay_untouched_until_removed() {
 /// repair reaches the same image as an uninterrupted one.
 #[test]
 fn enospc_and_eio_at_each_write_and_flush_of_a_repair() {
-    use hbitmap::qcow2::io::{FailingIo, Faults};
-
     let s = Scratch::new("repair-faults");
     let base = s.path("damaged.qcow2");
-    let a = damaged_image(&base);
-    let before = check(&base);
-    let work = s.path("work.qcow2");
-    std::fs::copy(&base, &work).unwrap();
-    Image::repair_file(&work, RepairMode::All).unwrap();
+    damaged_image(&base);
+    let faults_checked = faults_at_each_write("damaged", &base, &s.dir, RepairMode::All, "a");
+    assert!(faults_checked >= 8, "only {faults_checked} faults injected");
+    println!("{faults_checked} injected faults checked");
+}
+
+/// ENOSPC and EIO at each write and each flush of a repair of `base` in turn: the error is
+/// reported with its errno, the image has no more corruption than before, bitmap `intact`
+/// reads back unchanged whenever the image opens, and a second repair reaches the same
+/// bitmaps as an uninterrupted one. Returns how many faults were injected.
+fn faults_at_each_write(
+    name: &str,
+    base: &Path,
+    dir: &Path,
+    mode: RepairMode,
+    intact: &str,
+) -> u64 {
+    use hbitmap::qcow2::io::{FailingIo, Faults};
+
+    let before = check(base);
+    let work = dir.join(format!("{name}-faults.qcow2"));
+    std::fs::copy(base, &work).unwrap();
+    Image::repair_file(&work, mode).unwrap();
     let done = bitmaps(&work);
+    let kept = done
+        .iter()
+        .find(|b| b.0 == intact)
+        .unwrap_or_else(|| panic!("{name}: the repair dropped '{intact}'"))
+        .3
+        .clone();
     let mut faults_checked = 0;
     for errno in [libc::ENOSPC, libc::EIO] {
         for on_flush in [false, true] {
             for index in 0.. {
-                std::fs::copy(&base, &work).unwrap();
+                std::fs::copy(base, &work).unwrap();
                 let faults = Faults {
                     write: (!on_flush).then_some(index),
                     flush: on_flush.then_some(index),
@@ -528,10 +551,10 @@ fn enospc_and_eio_at_each_write_and_flush_of_a_repair() {
                 };
                 let io = FailingIo::new(FileIo::new(rw_file(&work)), faults);
                 let what = format!(
-                    "errno {errno} at {} {index}",
+                    "{name}: errno {errno} at {} {index}",
                     if on_flush { "flush" } else { "write" }
                 );
-                match Image::repair_io(Box::new(io), &work, RepairMode::All) {
+                match Image::repair_io(Box::new(io), &work, mode) {
                     // The fault was never reached: every write and flush was tried.
                     Ok(_) => break,
                     Err(error) => assert_eq!(error.errno(), errno, "{what}: {error}"),
@@ -543,15 +566,62 @@ fn enospc_and_eio_at_each_write_and_flush_of_a_repair() {
                     "{what}: {now:?}"
                 );
                 if let Ok(image) = Image::open(&work, OpenOptions::default()) {
-                    assert_eq!(image.inspect_bitmap("a").unwrap(), a, "{what}");
+                    let content = extents(&image.inspect_bitmap(intact).unwrap());
+                    assert_eq!(content, kept, "{what}");
                 }
-                let again = Image::repair_file(&work, RepairMode::All)
+                let again = Image::repair_file(&work, mode)
                     .unwrap_or_else(|e| panic!("{what}: second repair: {e}"));
                 assert!(again.after.is_consistent(), "{what}: {:?}", again.after);
                 assert_eq!(bitmaps(&work), done, "{what}");
             }
         }
     }
-    assert!(faults_checked >= 8, "only {faults_checked} faults injected");
-    println!("{faults_checked} injected faults checked");
+    faults_checked
+}
+
+/// The repairs of a damaged bitmaps extension whose bitmaps are intact (a wrong length, a count
+/// or size off, a second extension) keep them at every crash point and every injected fault.
+#[test]
+fn extension_repairs_keep_the_bitmaps_at_each_crash_and_fault() {
+    let s = Scratch::new("repair-ext-kept");
+    type Damage = fn(&mut Vec<u8>);
+    let cases: [(&str, RepairMode, Damage); 3] = [
+        ("length", RepairMode::All, |data| {
+            let ext = bitmaps_ext(data);
+            data[ext - 4..ext].copy_from_slice(&16u32.to_be_bytes());
+        }),
+        ("count", RepairMode::All, |data| {
+            let ext = bitmaps_ext(data);
+            let nb = be32(data, ext) + 1;
+            data[ext..ext + 4].copy_from_slice(&nb.to_be_bytes());
+        }),
+        ("second", RepairMode::Leaks, |data| {
+            // The extension again in front of itself: QEMU reads both and uses the last.
+            let ext = bitmaps_ext(data) - 8;
+            let copy = data[ext..ext + 32].to_vec();
+            let end = 65536 - 32;
+            data.copy_within(ext..end, ext + 32);
+            data[ext..ext + 32].copy_from_slice(&copy);
+        }),
+    ];
+    let (mut crashes, mut faults) = (0, 0);
+    for (name, mode, change) in cases {
+        let path = s.path(&format!("{name}.qcow2"));
+        let mut rng = Rng::new(81);
+        let mut image = Image::create(&path, SIZE, 65536).unwrap();
+        for bitmap in ["a", "b"] {
+            let content = random_bitmap(&mut rng, SIZE, 12, 40);
+            image.store_bitmap(bitmap, &content, AUTO).unwrap();
+        }
+        image.close().unwrap();
+        let intact = bitmaps(&path);
+        patch(&path, change);
+        crashes += crash_each_write_keeping(name, &path, &s.dir, mode, Some("a"));
+        faults += faults_at_each_write(name, &path, &s.dir, mode, "a");
+        let work = s.path("done.qcow2");
+        std::fs::copy(&path, &work).unwrap();
+        Image::repair_file(&work, mode).unwrap();
+        assert_eq!(bitmaps(&work), intact, "{name}: both bitmaps kept");
+    }
+    println!("{crashes} interrupted writes, {faults} injected faults checked");
 }

@@ -135,6 +135,41 @@ pub(crate) fn parse(dir: &[u8], nb_bitmaps: u32, dir_offset: u64) -> Result<Vec<
     Ok(entries)
 }
 
+/// The entries a damaged directory still holds, for a repair: read from the start of the
+/// directory's clusters while they parse (a well-formed header, no extra data, zero padding)
+/// and up to one more than `nb_bitmaps` says, stopping at zero bytes (the clusters' unused
+/// end). `None` when no entry parses.
+pub(crate) fn salvage(clusters: &[u8], nb_bitmaps: u32) -> Option<Vec<DirEntry>> {
+    let mut entries = Vec::new();
+    let mut pos = 0usize;
+    let most = (u64::from(nb_bitmaps) + 1).min(MAX_BITMAPS) as usize;
+    while entries.len() < most && clusters.len() - pos >= ENTRY_HEADER {
+        let e = &clusters[pos..];
+        if e[..ENTRY_HEADER].iter().all(|&b| b == 0) {
+            break;
+        }
+        let name_size = usize::from(be16(e, 18));
+        let size = entry_size(name_size) as usize;
+        if be32(e, 20) != 0 || name_size == 0 || size > e.len() {
+            break;
+        }
+        if e[ENTRY_HEADER + name_size..size].iter().any(|&b| b != 0) {
+            break;
+        }
+        entries.push(DirEntry {
+            table_offset: be64(e, 0),
+            table_size: be32(e, 8),
+            flags: be32(e, 12),
+            bitmap_type: e[16],
+            granularity_bits: e[17],
+            name: e[ENTRY_HEADER..ENTRY_HEADER + name_size].to_vec(),
+            dir_pos: pos as u64,
+        });
+        pos += size;
+    }
+    (!entries.is_empty()).then_some(entries)
+}
+
 /// Encodes a directory (no extra data; zero padding).
 pub(crate) fn serialize(entries: &[DirEntry]) -> Vec<u8> {
     let size: u64 = entries.iter().map(|e| entry_size(e.name.len())).sum();

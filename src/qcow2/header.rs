@@ -20,6 +20,8 @@ pub(crate) const V3_HEADER_LEN: u32 = 104;
 pub(crate) const EXT_END: u32 = 0;
 pub(crate) const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 pub(crate) const EXT_BITMAPS: u32 = 0x2385_2875;
+/// The bitmaps extension's fixed length.
+pub(crate) const BITMAPS_EXT_LEN: u64 = 24;
 pub(crate) const EXT_CRYPTO: u32 = 0x0537_be77;
 pub(crate) const EXT_DATA_FILE: u32 = 0x4441_5441;
 
@@ -99,9 +101,16 @@ pub(crate) struct Header {
     pub autoclear: u64,
     pub refcount_order: u32,
     pub header_length: u32,
-    /// Every extension but the end marker, in file order.
+    /// Every extension but the end marker, in file order; of several bitmaps extensions only
+    /// the last, the one QEMU uses.
     pub extensions: Vec<Extension>,
     pub backing_file: Option<Vec<u8>>,
+    /// Header offsets of the bitmaps extensions before the last one: QEMU reads each and keeps
+    /// the last, and the next header write drops them (the specification allows one).
+    pub ignored_bitmaps_exts: Vec<u64>,
+    /// The length the bitmaps extension states when it is not its fixed 24 bytes (QEMU refuses
+    /// such an image): its fields are read as the 24 bytes there, the walk going on past them.
+    pub bitmaps_ext_stated_len: Option<u64>,
 }
 
 pub(crate) fn be16(buf: &[u8], at: usize) -> u16 {
@@ -231,6 +240,8 @@ impl Header {
             refcount_order,
             header_length,
             extensions: Vec::new(),
+            ignored_bitmaps_exts: Vec::new(),
+            bitmaps_ext_stated_len: None,
             backing_file: None,
             raw,
         };
@@ -276,7 +287,33 @@ impl Header {
         } else {
             cluster_size
         };
-        header.read_extensions(io, ext_end.min(file_len))?;
+        let end = ext_end.min(file_len);
+        let walked = header.read_extensions(io, end, false);
+        let short_bitmaps = header
+            .bitmaps_ext()
+            .is_some_and(|e| (e.data.len() as u64) < BITMAPS_EXT_LEN);
+        if walked.is_err() || short_bitmaps {
+            // A bitmaps extension shorter than its fixed 24 bytes throws the walk off: read it
+            // as 24 bytes, and take that reading if the walk then reaches the end.
+            let mut fixed = header.clone();
+            fixed.extensions.clear();
+            fixed.ignored_bitmaps_exts.clear();
+            if fixed.read_extensions(io, end, true).is_ok()
+                && fixed.bitmaps_ext_stated_len.is_some()
+            {
+                header = fixed;
+            } else {
+                walked?;
+            }
+        } else if let Some(ext) = header
+            .extensions
+            .iter_mut()
+            .find(|e| e.magic == EXT_BITMAPS && e.data.len() as u64 > BITMAPS_EXT_LEN)
+        {
+            // Longer: the fields are its first 24 bytes.
+            header.bitmaps_ext_stated_len = Some(ext.data.len() as u64);
+            ext.data.truncate(BITMAPS_EXT_LEN as usize);
+        }
         if header.crypt_method == 2 && header.crypto_area().is_none() {
             // QEMU refuses to open it ("Missing CRYPTO header for crypt method 2").
             return Err(corrupt(format!(
@@ -309,7 +346,14 @@ impl Header {
         Ok(header)
     }
 
-    fn read_extensions(&mut self, io: &dyn ImageIo, end: u64) -> Result<(), Error> {
+    /// Reads the header extensions up to `end`; with `fixed_bitmaps_len`, a bitmaps extension
+    /// is read as its fixed 24 bytes whatever its length says.
+    fn read_extensions(
+        &mut self,
+        io: &dyn ImageIo,
+        end: u64,
+        fixed_bitmaps_len: bool,
+    ) -> Result<(), Error> {
         let mut offset = u64::from(self.header_length);
         while offset < end {
             if end - offset < 8 {
@@ -320,8 +364,12 @@ impl Header {
             }
             let head = read_exact(io, offset, 8, "a header extension")?;
             let magic = be32(&head, 0);
-            let len = u64::from(be32(&head, 4));
+            let mut len = u64::from(be32(&head, 4));
             let data_offset = offset + 8;
+            if fixed_bitmaps_len && magic == EXT_BITMAPS && len != BITMAPS_EXT_LEN {
+                self.bitmaps_ext_stated_len = Some(len);
+                len = BITMAPS_EXT_LEN;
+            }
             if len > end - data_offset {
                 return Err(corrupt(format!(
                     "header extension {magic:#010x} at offset {offset:#x}: length {len} extends \
@@ -331,10 +379,12 @@ impl Header {
             if magic == EXT_END {
                 return Ok(());
             }
-            if magic == EXT_BITMAPS && self.extensions.iter().any(|e| e.magic == EXT_BITMAPS) {
-                return Err(corrupt(format!(
-                    "bitmaps extension: a second one at offset {offset:#x} (it may appear once)"
-                )));
+            if magic == EXT_BITMAPS {
+                // QEMU reads every one and keeps the last.
+                if let Some(earlier) = self.extensions.iter().position(|e| e.magic == EXT_BITMAPS) {
+                    let ignored = self.extensions.remove(earlier);
+                    self.ignored_bitmaps_exts.push(ignored.offset - 8);
+                }
             }
             let data = read_exact(io, data_offset, len, "a header extension")?;
             self.extensions.push(Extension {
@@ -463,6 +513,9 @@ impl Header {
         if self.version >= 3 {
             self.autoclear = be64(&self.raw, field::AUTOCLEAR);
         }
+        // The rendered header has one bitmaps extension, of the right length.
+        self.ignored_bitmaps_exts.clear();
+        self.bitmaps_ext_stated_len = None;
         let had = self.extensions.iter().position(|e| e.magic == EXT_BITMAPS);
         match (had, bitmaps) {
             (Some(index), Some(new)) => self.extensions[index].data = new.to_bytes(),

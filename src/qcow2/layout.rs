@@ -130,6 +130,10 @@ pub(crate) struct Layout {
     pub snapshot_l1s: Vec<(u64, u64, u64)>,
     /// The bitmap directory shares a cluster with other metadata or guest data.
     pub directory_damaged: bool,
+    /// What is wrong with the bitmaps extension's own fields when the bitmaps could still be
+    /// read (a wrong length, a count or size that disagrees with the intact entries of the
+    /// directory): QEMU refuses such an image; `check -r all` writes the extension anew.
+    pub ext_damage: Option<String>,
 }
 
 impl Layout {
@@ -570,6 +574,7 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
         metadata,
         snapshot_l1s,
         directory_damaged: false,
+        ext_damage: None,
     };
     let first_bitmap_error = problems.errors.len();
     read_bitmaps(io, &mut layout, &mut problems, &l2_tables)?;

@@ -420,6 +420,7 @@ impl Image {
             let confined = problems.structural_errors().next().is_none()
                 && layout.ext == ExtState::Valid
                 && !layout.directory_damaged
+                && layout.ext_damage.is_none()
                 && layout.bitmaps.iter().any(|b| !b.trusted);
             if !confined || writable {
                 return Err(Error::Corrupt(summarize(&problems.errors)));
@@ -529,7 +530,9 @@ impl Image {
                 .map(|b| b.name())
                 .collect(),
             stale_extension: layout.ext == ExtState::Stale,
-            broken_extension: layout.ext == ExtState::Broken || layout.directory_damaged,
+            broken_extension: layout.ext == ExtState::Broken
+                || layout.directory_damaged
+                || layout.ext_damage.is_some(),
             ..CheckReport::default()
         };
         let cluster_bits = layout.header.cluster_bits;

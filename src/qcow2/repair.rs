@@ -951,7 +951,11 @@ impl Image {
                 "the bitmap directory at {:#x} shares clusters with other data; wrote a new one",
                 self.layout.directory.map_or(0, |d| d.0)
             )),
-            _ => None,
+            _ => self
+                .layout
+                .ext_damage
+                .as_ref()
+                .map(|why| format!("{why}; wrote the extension and the directory anew")),
         };
         if mode == RepairMode::Leaks {
             if let Some(why) = removal.iter().flatten().next() {
@@ -960,7 +964,10 @@ impl Image {
                     format!("a bitmap is {why}; its clusters are not known ('-r all' removes it)"),
                 ));
             }
-            if ext == ExtState::Broken || self.layout.directory_damaged {
+            if ext == ExtState::Broken
+                || self.layout.directory_damaged
+                || self.layout.ext_damage.is_some()
+            {
                 return Err(refuse(
                     self,
                     "the bitmaps extension is damaged; its clusters are not known ('-r all' \
@@ -1149,6 +1156,18 @@ impl Image {
                 ),
                 None => "the image has no bitmaps extension any more".into(),
             });
+        }
+        let ignored = self.layout.header.ignored_bitmaps_exts.len();
+        if ignored > 0 {
+            // No new directory was written (that would have dropped them): the header alone.
+            self.write_op(|image| {
+                let ext = image.current_ext();
+                image.write_header(ext, image.layout.header.autoclear)
+            })?;
+            report.changes.push(format!(
+                "dropped {ignored} bitmaps extension{} that QEMU ignores (only the last counts)",
+                if ignored == 1 { "" } else { "s" }
+            ));
         }
         let fixed = self.fix_leaks(&mut report.changes);
         if let Err(error) = &fixed {

@@ -88,6 +88,23 @@ pub(super) fn read_bitmaps(
         return Ok(());
     };
     let at = ext.offset;
+    for &ignored in &layout.header.ignored_bitmaps_exts {
+        problems.warnings.push(format!(
+            "the header has another bitmaps extension at {ignored:#x}, before the one at {:#x}: \
+             QEMU reads only the last (the specification allows one), and so does this \
+             library; 'check -r' drops the other",
+            at - 8
+        ));
+    }
+    if let Some(stated) = layout.header.bitmaps_ext_stated_len {
+        let message = format!(
+            "bitmaps extension at {:#x}: its length is {stated}, not 24 (QEMU refuses to open \
+             the image); its fields are read from its first 24 bytes",
+            at - 8
+        );
+        problems.errors.push(message.clone());
+        layout.ext_damage = Some(message);
+    }
     if ext.data.len() != 24 {
         problems.errors.push(format!(
             "bitmaps extension at {:#x}: length {} is not 24",
@@ -174,12 +191,43 @@ pub(super) fn read_bitmaps(
         fields.directory_size,
         "the bitmap directory",
     )?;
+    let mut directory_size = fields.directory_size;
     let entries = match bitmap_dir::parse(&raw, fields.nb_bitmaps, fields.directory_offset) {
         Ok(entries) => entries,
         Err(message) => {
-            problems.errors.push(message);
-            layout.ext = ExtState::Broken;
-            return Ok(());
+            problems.errors.push(message.clone());
+            // A count or size off by a few while the entries themselves are intact: read the
+            // entries the directory's clusters hold, so that a repair can keep their bitmaps.
+            let clusters = round_up(fields.directory_size, cluster_size)
+                .min(bitmap_dir::MAX_DIRECTORY_SIZE)
+                .min(file_len - fields.directory_offset);
+            let whole = read_exact(
+                io,
+                fields.directory_offset,
+                clusters,
+                "the bitmap directory's clusters",
+            )?;
+            match bitmap_dir::salvage(&whole, fields.nb_bitmaps) {
+                Some(entries) => {
+                    directory_size = entries
+                        .iter()
+                        .map(|e| bitmap_dir::entry_size(e.name.len()))
+                        .sum();
+                    layout.ext_damage = Some(format!(
+                        "{message}; the directory's clusters hold {} intact entr{} \
+                         ({directory_size} bytes) where the extension says {} ({} bytes)",
+                        entries.len(),
+                        if entries.len() == 1 { "y" } else { "ies" },
+                        fields.nb_bitmaps,
+                        fields.directory_size
+                    ));
+                    entries
+                }
+                None => {
+                    layout.ext = ExtState::Broken;
+                    return Ok(());
+                }
+            }
         }
     };
     let len = layout.virtual_len();
@@ -317,10 +365,7 @@ pub(super) fn read_bitmaps(
     // Before reading any table: tables must not overlap each other or other metadata.
     let dir_region = Region {
         start: fields.directory_offset,
-        end: round_up(
-            fields.directory_offset + fields.directory_size,
-            cluster_size,
-        ),
+        end: round_up(fields.directory_offset + directory_size, cluster_size),
         owner: Owner::Directory,
     };
     let mut regions = layout.metadata.clone();
@@ -448,7 +493,7 @@ pub(super) fn read_bitmaps(
         }
     }
     layout.ext = ExtState::Valid;
-    layout.directory = Some((fields.directory_offset, fields.directory_size));
+    layout.directory = Some((fields.directory_offset, directory_size));
     layout.bitmaps = bitmaps;
     Ok(())
 }
