@@ -38,6 +38,7 @@ pub(crate) mod field {
     pub(crate) const BACKING_FILE_OFFSET: usize = 8;
     pub(crate) const BACKING_FILE_SIZE: usize = 16;
     pub(crate) const REFCOUNT_TABLE_OFFSET: usize = 48;
+    pub(crate) const INCOMPATIBLE: usize = 72;
     pub(crate) const REFCOUNT_TABLE_CLUSTERS: usize = 56;
     pub(crate) const AUTOCLEAR: usize = 88;
 }
@@ -529,6 +530,12 @@ impl Header {
             }),
             (None, None) => {}
         }
+    }
+
+    /// Clears incompatible feature bits in the header to be rendered next.
+    pub(crate) fn clear_incompatible(&mut self, bits: u64) {
+        self.incompatible &= !bits;
+        put64(&mut self.raw, field::INCOMPATIBLE, self.incompatible);
     }
 
     /// Records a new refcount table location (already written to the file).

@@ -86,6 +86,7 @@ pub mod io;
 mod layout;
 mod lock;
 mod name;
+mod rebuild;
 mod refcount;
 mod repair;
 mod writer;

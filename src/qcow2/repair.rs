@@ -75,6 +75,38 @@ impl References {
         self.add_weighted(offset, len, 1);
     }
 
+    /// Takes back one reference to every cluster of `offset..offset + len` (counted before).
+    pub(crate) fn remove(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = offset >> self.cluster_bits;
+        let last = offset.saturating_add(len - 1) >> self.cluster_bits;
+        for cluster in first..=last {
+            let count = self.get(cluster).saturating_sub(1);
+            match self.within.get_mut(cluster as usize) {
+                Some(slot) if count < u64::from(u16::MAX) => {
+                    *slot = count as u16;
+                    self.large.remove(&cluster);
+                }
+                Some(_) => {
+                    self.large.insert(cluster, count);
+                }
+                None if count == 0 => {
+                    self.beyond.remove(&cluster);
+                }
+                None => {
+                    self.beyond.insert(cluster, count);
+                }
+            }
+        }
+    }
+
+    /// One past the last cluster referenced (or of the file).
+    pub(crate) fn end(&self) -> u64 {
+        self.limit()
+    }
+
     /// Counts `weight` references to every cluster of `offset..offset + len`.
     fn add_weighted(&mut self, offset: u64, len: u64, weight: u32) {
         if len == 0 {
@@ -775,15 +807,10 @@ pub(crate) fn describe_under(under: &[Mismatch], layout: &Layout) -> Vec<String>
 }
 
 /// Why the image as a whole cannot be repaired by this library, if it cannot.
+/// (An image with the dirty bit, whose refcounts are not maintained, is not refused here:
+/// `All` rebuilds its refcounts, `Leaks` refuses it.)
 pub(crate) fn refusal(layout: &Layout, structural: &[String], base: &Base) -> Option<String> {
     let header = &layout.header;
-    if header.incompatible & INCOMPAT_DIRTY != 0 {
-        return Some(
-            "the image has the dirty bit set: its refcounts are not maintained (lazy refcounts) \
-             and must be rebuilt; use 'qemu-img check -r all'"
-                .into(),
-        );
-    }
     if header.incompatible & INCOMPAT_CORRUPT != 0 {
         return Some(
             "the image is marked corrupt: QEMU found damage beyond the bitmaps; use 'qemu-img \
@@ -896,6 +923,19 @@ impl Image {
                 image.path.display()
             ))
         };
+        let mut rebuilt = Vec::new();
+        if self.layout.header.incompatible & INCOMPAT_DIRTY != 0 {
+            if mode == RepairMode::Leaks {
+                return Err(refuse(
+                    self,
+                    "the image has the dirty bit set: its refcounts are not maintained (lazy \
+                     refcounts), so leaks cannot be told from clusters not counted yet; '-r all' \
+                     rebuilds them"
+                        .into(),
+                ));
+            }
+            self.write_op(|image| image.rebuild_refcounts(&mut rebuilt))?;
+        }
         let (layout, problems) = layout::read(&*self.io)?;
         let base = count_base(&*self.io, &layout)?;
         let structural: Vec<String> = problems.structural_errors().cloned().collect();
@@ -1076,6 +1116,7 @@ impl Image {
 
         let mut report = RepairReport {
             before,
+            changes: rebuilt,
             ..RepairReport::default()
         };
         if !uncounted.is_empty() {
