@@ -229,16 +229,16 @@ impl PyHBitmap {
         read(&self.inner).is_empty()
     }
 
-    /// The size in items (`OverflowError` above `sys.maxsize`; see `size`).
-    fn __len__(&self) -> usize {
-        // usize is 64 bits on every platform the library supports; PyO3 raises OverflowError
-        // above sys.maxsize.
-        read(&self.inner).size() as usize
+    /// The number of dirty extents: what iterating yields (`len(list(bitmap)) ==
+    /// len(bitmap)`), counted with the GIL released. The size in items is `size`: as `len` it
+    /// would make `list(bitmap)` reserve room for every item.
+    fn __len__(&self, py: Python<'_>) -> usize {
+        self.with_read(py, true, |bitmap| bitmap.extents().count())
     }
 
-    /// True when the bitmap has at least one item (whatever its size, without `len`'s limit).
+    /// True when a bit is set (as `len(bitmap) != 0`, without counting).
     fn __bool__(&self) -> bool {
-        read(&self.inner).size() != 0
+        !read(&self.inner).is_empty()
     }
 
     /// The dirty extents, as `(start, length)` in items, in order (see `extents`).

@@ -65,9 +65,9 @@ class HBitmap:
     def is_empty(self) -> bool:
         """Whether no bit is set."""
     def __len__(self) -> int:
-        """The size in items (OverflowError above sys.maxsize)."""
+        """The number of dirty extents: what iterating yields (the size in items is size)."""
     def __bool__(self) -> bool:
-        """Whether the size is not 0."""
+        """Whether a bit is set."""
     def __iter__(self) -> ExtentIterator:
         """The dirty extents, (start, length) in items."""
     def extents(self) -> ExtentIterator:
