@@ -109,17 +109,57 @@ mod tests {
 
     #[test]
     fn ranges_are_refused_where_the_core_would_panic() {
-        let bitmap = HBitmap::new(1000, 3).unwrap();
-        assert!(range(&bitmap, 0, 1000).is_ok());
-        assert!(range(&bitmap, 999, 1).is_ok());
-        assert!(
-            range(&bitmap, 1000, 1).is_ok(),
-            "1000 is in the last group 124"
-        );
-        assert!(range(&bitmap, 1000, 0).is_ok());
-        assert!(range(&bitmap, 1004, 1).is_err());
+        let bitmap = HBitmap::new(1001, 3).unwrap(); // 126 groups: the last one 1000..1008
+        assert!(range(&bitmap, 0, 1001).is_ok());
+        assert!(range(&bitmap, 1007, 1).is_ok());
+        assert!(range(&bitmap, 1008, 0).is_ok());
+        assert!(range(&bitmap, 1008, 1).is_err());
         assert!(range(&bitmap, u64::MAX, 2).is_err());
-        assert!(item(&bitmap, 1003).is_ok());
-        assert!(item(&bitmap, 1004).is_err());
+        assert!(item(&bitmap, 1007).is_ok());
+        assert!(item(&bitmap, 1008).is_err());
+        // Exactly where the core panics (tests only: the binding never lets it).
+        let quiet = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let edges = [
+            0,
+            1,
+            7,
+            8,
+            999,
+            1000,
+            1007,
+            1008,
+            1009,
+            u64::MAX - 1,
+            u64::MAX,
+        ];
+        for &start in &edges {
+            for &count in &edges {
+                let mut copy = bitmap.clone();
+                let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    copy.set(start, count)
+                }))
+                .is_err();
+                assert_eq!(
+                    range(&bitmap, start, count).is_err(),
+                    panicked,
+                    "{start} {count}"
+                );
+                let panicked =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| copy.get(start)))
+                        .is_err();
+                assert_eq!(item(&bitmap, start).is_err(), panicked, "{start}");
+                let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    copy.serialization_size(start, count)
+                }))
+                .is_err();
+                assert_eq!(
+                    chunk(&bitmap, start, count).is_err(),
+                    panicked,
+                    "{start} {count}"
+                );
+            }
+        }
+        std::panic::set_hook(quiet);
     }
 }

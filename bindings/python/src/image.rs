@@ -254,10 +254,7 @@ impl PyImage {
                 ))));
             }
             let granule = info.granularity;
-            if !dirty
-                && (!offset.is_multiple_of(granule)
-                    || !(end.is_multiple_of(granule) || end == virtual_size))
-            {
+            if !dirty && (offset % granule != 0 || !(end % granule == 0 || end == virtual_size)) {
                 return Err(Failure::Argument(format!(
                     "bitmap '{shown}': range offset {offset} length {length} is not aligned to \
                      the granularity ({granule} bytes): resetting it would also mark clean \
