@@ -75,37 +75,31 @@ def test_images_qemu_makes(workdir: Path, cluster_size: int) -> None:
         assert list(bitmap) == list(image.extents("coarse"))
 
 
-def test_images_the_package_writes(workdir: Path) -> None:
+@pytest.mark.parametrize("cluster_size", [512, 65536, 2 * MiB])
+def test_images_the_package_writes(workdir: Path, cluster_size: int) -> None:
     size = 1 << 30
     disk = workdir / "made.qcow2"
-    with hbitmap.create(disk, size, cluster_size=65536) as image:
-        assert (image.virtual_size, image.cluster_size, image.writable) == (size, 65536, True)
+    with hbitmap.create(disk, size, cluster_size=cluster_size) as image:
+        assert (image.virtual_size, image.cluster_size, image.writable) == (size, cluster_size, True)
     assert_qemu_clean(disk)
     rng = random.Random(1)
     expected = hbitmap.HBitmap(size, 16)
-    steps = []
     with hbitmap.Image(disk, writable=True) as image:
-        image.add("a")
-        steps.append("add a")
+        image.add("a", granularity=65536)
         image.add(b"b", granularity=4096, disabled=True)
-        steps.append("add b")
-        image.add("a", exist_ok=True)
+        image.add("a", granularity=65536, exist_ok=True)
         for _ in range(30):
             offset, length = rng.randrange(size), rng.randrange(1, 4 * MiB)
             length = min(length, size - offset)
             image.set("a", offset, length)
             expected.set(offset, length)
-        steps.append("set a")
         image.reset("a", 64 * MiB, 128 * MiB)
         expected.reset(64 * MiB, 128 * MiB)
-        steps.append("reset a")
         image.import_extents("b", [(0, 4096), (10 * MiB, 12345), (size - 1, 1)])
-        steps.append("import b")
         image.merge("b", "a")
         expected.set(0, 4096)
         expected.set(10 * MiB, 12345)
         expected.set(size - 1, 1)
-        steps.append("merge b a")
         image.add("c", granularity=1 << 20)
         image.merge("a", "c")
         image.enable("b")

@@ -1,6 +1,7 @@
 """Type stubs of the hbitmap package (the extension module hbitmap._hbitmap and the exceptions)."""
 
 import os
+import pathlib
 from types import TracebackType
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Type, Union
 
@@ -138,7 +139,7 @@ class Image:
     @property
     def closed(self) -> bool: ...
     @property
-    def path(self) -> str: ...
+    def path(self) -> pathlib.Path: ...
     @property
     def writable(self) -> bool: ...
     @property
