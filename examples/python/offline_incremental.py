@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import hbitmap
 
@@ -113,7 +113,8 @@ class QemuNbd:
         deadline = time.monotonic() + 30
         while not os.path.exists(self.path):
             if self.process.poll() is not None:
-                raise OSError(f"qemu-nbd failed: {self.process.stderr.read().decode().strip()}")
+                _, err = self.process.communicate()
+                raise OSError(f"qemu-nbd failed: {err.decode().strip()}")
             if time.monotonic() > deadline:
                 self.close()
                 raise OSError("qemu-nbd did not start")
@@ -177,7 +178,7 @@ def copy_extents(disk: Path, extents: Iterable[Tuple[int, int]], data_path: Path
     return copied, total
 
 
-def backup(disk: Path, backup_dir: Path, prefix: str) -> dict:
+def backup(disk: Path, backup_dir: Path, prefix: str) -> Dict[str, Any]:
     backup_dir.mkdir(parents=True, exist_ok=True)
     repaired: List[str] = []
 
@@ -212,7 +213,7 @@ def backup(disk: Path, backup_dir: Path, prefix: str) -> dict:
             for name in since[1:]:
                 changed.merge(image.read_bitmap(name))
         copied, total = copy_extents(disk, changed.extents(), data_path, virtual_size)
-    description = {
+    description: Dict[str, Any] = {
         "disk": str(disk),
         "virtual-size": virtual_size,
         "type": kind,

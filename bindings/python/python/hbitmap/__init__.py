@@ -44,6 +44,7 @@ __all__ = [
     "MAX_GROUPS",
     "MAX_SERIALIZABLE_GRANULARITY",
     "BitmapInfo",
+    "CheckReport",
     "Error",
     "ExistsError",
     "ExtentIterator",
@@ -52,10 +53,22 @@ __all__ = [
     "InvalidArgumentError",
     "IsADirectoryImageError",
     "LockedError",
+    "Name",
     "NotFoundError",
     "PermissionDeniedError",
+    "StrPath",
     "check",
     "create",
 ]
+
+import os as _os
+from typing import Any as _Any, Dict as _Dict, Union as _Union
+
+#: A bitmap name: its exact bytes, or a str standing for its UTF-8 encoding.
+Name = _Union[str, bytes, bytearray]
+#: A file system path.
+StrPath = _Union[str, bytes, "_os.PathLike[str]", "_os.PathLike[bytes]"]
+#: What a check or repair returns (qemu-img check --output=json's names, then the findings).
+CheckReport = _Dict[str, _Any]
 
 __version__ = "1.0.0"

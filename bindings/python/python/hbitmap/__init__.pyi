@@ -5,7 +5,7 @@ import pathlib
 from types import TracebackType
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Type, Union
 
-from typing_extensions import Literal, Self
+from typing_extensions import Literal, Self, final
 
 from ._errors import (
     Error as Error,
@@ -18,6 +18,26 @@ from ._errors import (
 )
 
 __version__: str
+__all__ = [
+    "MAX_GROUPS",
+    "MAX_SERIALIZABLE_GRANULARITY",
+    "BitmapInfo",
+    "CheckReport",
+    "Error",
+    "ExistsError",
+    "ExtentIterator",
+    "HBitmap",
+    "Image",
+    "InvalidArgumentError",
+    "IsADirectoryImageError",
+    "LockedError",
+    "Name",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "StrPath",
+    "check",
+    "create",
+]
 
 #: Largest number of groups (bits) of an HBitmap: 2**41.
 MAX_GROUPS: int
@@ -31,16 +51,19 @@ StrPath = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 #: What a check or repair returns (qemu-img check --output=json's names, then the findings).
 CheckReport = Dict[str, Any]
 
+@final
+@final
 class ExtentIterator(Iterator[Tuple[int, int]]):
     """Dirty extents as (start, length) tuples, produced in batches with the GIL released."""
 
     def __iter__(self) -> ExtentIterator: ...
     def __next__(self) -> Tuple[int, int]: ...
 
+@final
 class HBitmap:
     """QEMU's hierarchical dirty bitmap: size items, one bit per 2**granularity items."""
 
-    def __init__(self, size: int, granularity: int = 0) -> None: ...
+    def __new__(cls, size: int, granularity: int = 0) -> HBitmap: ...
     @property
     def size(self) -> int:
         """The size in items."""
@@ -96,12 +119,13 @@ class HBitmap:
     def copy(self) -> HBitmap:
         """An independent copy."""
     def __copy__(self) -> HBitmap: ...
-    def __deepcopy__(self, memo: Any) -> HBitmap: ...
+    def __deepcopy__(self, memo: Any, /) -> HBitmap: ...
     def sha256(self) -> str:
         """SHA-256 of the last level, lowercase hexadecimal (QEMU's hbitmap_sha256)."""
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
     __hash__: None  # type: ignore[assignment]
 
+@final
 class BitmapInfo:
     """One persistent bitmap of an image, as listed by Image.bitmaps()."""
 
@@ -121,19 +145,20 @@ class BitmapInfo:
     def dirty_bytes(self) -> Optional[int]:
         """Dirty bytes of the virtual disk; None for a bitmap in use."""
 
+@final
 class Image:
     """An open qcow2 image and its persistent dirty bitmaps (a context manager)."""
 
-    def __init__(
-        self, path: StrPath, writable: bool = False, force_share: bool = False
-    ) -> None: ...
+    def __new__(
+        cls, path: StrPath, writable: bool = False, force_share: bool = False
+    ) -> Image: ...
     def __enter__(self) -> Self: ...
     def __exit__(
         self,
         exc_type: Optional[Type[BaseException]] = None,
         exc: Optional[BaseException] = None,
         tb: Optional[TracebackType] = None,
-    ) -> bool: ...
+    ) -> Literal[False]: ...
     def close(self) -> None:
         """Flushes and closes the image, releasing its locks (idempotent)."""
     @property
@@ -152,7 +177,7 @@ class Image:
     def warnings(self) -> List[str]: ...
     def bitmaps(self) -> List[BitmapInfo]:
         """The bitmaps in directory order."""
-    def __contains__(self, name: Name) -> bool: ...
+    def __contains__(self, name: Name, /) -> bool: ...
     def extents(self, name: Name, force: bool = False) -> ExtentIterator:
         """Dirty extents of a bitmap as (offset, length) in bytes, streamed."""
     def read_bitmap(self, name: Name, force: bool = False) -> HBitmap:
