@@ -8,7 +8,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PySlice};
 
-use crate::check;
+use crate::check::{self, Geometry};
 
 /// Ranges spanning more groups than this, and whole-bitmap work, run with the GIL released.
 const BULK_GROUPS: u64 = 1 << 15;
@@ -45,12 +45,14 @@ fn value_error(function: &str, why: String) -> PyErr {
 #[pyclass(frozen, module = "hbitmap", name = "HBitmap")]
 pub struct PyHBitmap {
     pub(crate) inner: Shared,
+    geometry: Geometry,
 }
 
 impl PyHBitmap {
     /// Wraps a bitmap the library made (a loaded qcow2 bitmap).
     pub fn wrap(bitmap: HBitmap) -> PyHBitmap {
         PyHBitmap {
+            geometry: Geometry::of(&bitmap),
             inner: Arc::new(RwLock::new(bitmap)),
         }
     }
@@ -88,7 +90,7 @@ impl PyHBitmap {
 
     /// Whether a range is bulk work (spans many groups).
     fn is_bulk(&self, start: u64, count: u64) -> bool {
-        let granularity = read(&self.inner).granularity();
+        let granularity = self.geometry.granularity;
         count > 0
             && ((start.saturating_add(count - 1) >> granularity) - (start >> granularity))
                 > BULK_GROUPS
@@ -97,18 +99,18 @@ impl PyHBitmap {
     /// The chunk `start..start + count` (count defaults to the rest of the bitmap), checked;
     /// returns its length in items and in serialized bytes.
     fn chunk(&self, function: &str, start: u64, count: Option<u64>) -> PyResult<(u64, u64)> {
-        let bitmap = read(&self.inner);
+        let geometry = self.geometry;
         let count = match count {
             Some(count) => count,
-            None => bitmap.size().checked_sub(start).ok_or_else(|| {
+            None => geometry.size.checked_sub(start).ok_or_else(|| {
                 value_error(
                     function,
-                    format!("start {start} is past the bitmap's size {}", bitmap.size()),
+                    format!("start {start} is past the bitmap's size {}", geometry.size),
                 )
             })?,
         };
         let bytes =
-            check::chunk(&bitmap, start, count).map_err(|why| value_error(function, why))?;
+            check::chunk(geometry, start, count).map_err(|why| value_error(function, why))?;
         Ok((count, bytes))
     }
 }
@@ -172,25 +174,25 @@ impl PyHBitmap {
     /// The size in items.
     #[getter]
     fn size(&self) -> u64 {
-        read(&self.inner).size()
+        self.geometry.size
     }
 
     /// log2 of the number of items per bit.
     #[getter]
     fn granularity(&self) -> u32 {
-        read(&self.inner).granularity()
+        self.geometry.granularity
     }
 
     /// Bits (groups of `2**granularity` items) in the bitmap.
     #[getter]
     fn groups(&self) -> u64 {
-        read(&self.inner).groups()
+        self.geometry.groups
     }
 
     /// Marks every group touched by `start .. start + count` dirty. A zero count does nothing;
     /// a range ending past the last group raises `ValueError`.
     fn set(&self, py: Python<'_>, start: u64, count: u64) -> PyResult<()> {
-        check::range(&read(&self.inner), start, count).map_err(|why| value_error("set", why))?;
+        check::range(self.geometry, start, count).map_err(|why| value_error("set", why))?;
         let bulk = self.is_bulk(start, count);
         self.with_write(py, bulk, |bitmap| bitmap.set(start, count));
         Ok(())
@@ -200,7 +202,7 @@ impl PyHBitmap {
     /// part is cleaned whole (the original's rule). A zero count does nothing; a range ending
     /// past the last group raises `ValueError`.
     fn reset(&self, py: Python<'_>, start: u64, count: u64) -> PyResult<()> {
-        check::range(&read(&self.inner), start, count).map_err(|why| value_error("reset", why))?;
+        check::range(self.geometry, start, count).map_err(|why| value_error("reset", why))?;
         let bulk = self.is_bulk(start, count);
         self.with_write(py, bulk, |bitmap| bitmap.reset(start, count));
         Ok(())
@@ -212,21 +214,20 @@ impl PyHBitmap {
     }
 
     /// Whether the group holding `item` is dirty; `ValueError` past the last group.
-    fn get(&self, item: u64) -> PyResult<bool> {
-        let bitmap = read(&self.inner);
-        check::item(&bitmap, item).map_err(|why| value_error("get", why))?;
-        Ok(bitmap.get(item))
+    fn get(&self, py: Python<'_>, item: u64) -> PyResult<bool> {
+        check::item(self.geometry, item).map_err(|why| value_error("get", why))?;
+        Ok(self.with_read(py, false, |bitmap| bitmap.get(item)))
     }
 
     /// Dirty items: dirty groups times the group size (QEMU's `hbitmap_count`; the last group
     /// counts whole even where it passes the size).
-    fn count(&self) -> u64 {
-        read(&self.inner).count()
+    fn count(&self, py: Python<'_>) -> u64 {
+        self.with_read(py, false, HBitmap::count)
     }
 
     /// Whether no bit is set.
-    fn is_empty(&self) -> bool {
-        read(&self.inner).is_empty()
+    fn is_empty(&self, py: Python<'_>) -> bool {
+        self.with_read(py, false, HBitmap::is_empty)
     }
 
     /// The number of dirty extents: what iterating yields (`len(list(bitmap)) ==
@@ -237,8 +238,8 @@ impl PyHBitmap {
     }
 
     /// True when a bit is set (as `len(bitmap) != 0`, without counting).
-    fn __bool__(&self) -> bool {
-        !read(&self.inner).is_empty()
+    fn __bool__(&self, py: Python<'_>) -> bool {
+        !self.with_read(py, false, HBitmap::is_empty)
     }
 
     /// The dirty extents, as `(start, length)` in items, in order (see `extents`).
@@ -257,16 +258,13 @@ impl PyHBitmap {
     /// (`64 << granularity`). `ValueError` when the granularity is 58 or more.
     #[getter]
     fn serialization_align(&self) -> PyResult<u64> {
-        let bitmap = read(&self.inner);
-        if bitmap.is_serializable() {
-            Ok(bitmap.serialization_align())
+        let granularity = self.geometry.granularity;
+        if granularity < hbitmap::serialize::MAX_SERIALIZABLE_GRANULARITY {
+            Ok(64 << granularity)
         } else {
             Err(value_error(
                 "serialization_align",
-                format!(
-                    "granularity {} is not below 58: not serializable",
-                    bitmap.granularity()
-                ),
+                format!("granularity {granularity} is not below 58: not serializable"),
             ))
         }
     }
@@ -376,14 +374,13 @@ impl PyHBitmap {
         if Arc::ptr_eq(&self.inner, &other.inner) {
             return Ok(());
         }
+        check::union(self.geometry, other.geometry).map_err(|why| value_error("merge", why))?;
         let (target, source) = (&*self.inner, &*other.inner);
         py.detach(|| {
             let (mut target, source) = lock_pair(target, source);
-            check::union(&target, &source)?;
             target.union_with(&source);
-            Ok(())
-        })
-        .map_err(|why| value_error("merge", why))
+        });
+        Ok(())
     }
 
     /// An independent copy.
@@ -437,8 +434,14 @@ impl PyHBitmap {
             .unbind()
     }
 
-    fn __repr__(&self) -> String {
-        let bitmap = read(&self.inner);
+    fn __repr__(&self, py: Python<'_>) -> String {
+        self.with_read(py, false, Self::describe)
+    }
+}
+
+impl PyHBitmap {
+    /// The `repr`: geometry, count and the first extents.
+    fn describe(bitmap: &HBitmap) -> String {
         const SHOWN: usize = 4;
         let mut extents = bitmap.extents();
         let shown: Vec<String> = extents

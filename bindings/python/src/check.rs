@@ -6,34 +6,56 @@
 use hbitmap::serialize::MAX_SERIALIZABLE_GRANULARITY;
 use hbitmap::HBitmap;
 
+/// What the checks need of a bitmap: its geometry, fixed for its life (the binding exposes no
+/// resize), so that checking needs no lock.
+#[derive(Clone, Copy, Debug)]
+pub struct Geometry {
+    /// Size in items.
+    pub size: u64,
+    /// log2 of the items per group.
+    pub granularity: u32,
+    /// Groups (bits).
+    pub groups: u64,
+}
+
+impl Geometry {
+    pub fn of(bitmap: &HBitmap) -> Geometry {
+        Geometry {
+            size: bitmap.size(),
+            granularity: bitmap.granularity(),
+            groups: bitmap.groups(),
+        }
+    }
+}
+
 /// An item within the bitmap (`HBitmap::get`).
-pub fn item(bitmap: &HBitmap, item: u64) -> Result<(), String> {
-    let group = item >> bitmap.granularity();
-    if group < bitmap.groups() {
+pub fn item(bitmap: Geometry, item: u64) -> Result<(), String> {
+    let group = item >> bitmap.granularity;
+    if group < bitmap.groups {
         Ok(())
     } else {
         Err(format!(
             "item {item} is in group {group}, beyond the bitmap's {} groups",
-            bitmap.groups()
+            bitmap.groups
         ))
     }
 }
 
 /// A range `start..start + count` within the bitmap (`HBitmap::set`, `HBitmap::reset`); an
 /// empty range is always valid.
-pub fn range(bitmap: &HBitmap, start: u64, count: u64) -> Result<(), String> {
+pub fn range(bitmap: Geometry, start: u64, count: u64) -> Result<(), String> {
     if count == 0 {
         return Ok(());
     }
     let Some(last) = start.checked_add(count - 1) else {
         return Err(format!("range start {start} count {count} wraps past 2^64"));
     };
-    let last = last >> bitmap.granularity();
-    if last >= bitmap.groups() {
+    let last = last >> bitmap.granularity;
+    if last >= bitmap.groups {
         return Err(format!(
             "range start {start} count {count} ends in group {last}, beyond the bitmap's {} \
              groups",
-            bitmap.groups()
+            bitmap.groups
         ));
     }
     Ok(())
@@ -42,11 +64,11 @@ pub fn range(bitmap: &HBitmap, start: u64, count: u64) -> Result<(), String> {
 /// A serialization chunk (`HBitmap::serialization_size`, `serialize_part`, `deserialize_part`):
 /// a serializable granularity, a start aligned to `64 << granularity` items, a length aligned
 /// too unless the chunk ends with the bitmap's last group. Returns the chunk's size in bytes.
-pub fn chunk(bitmap: &HBitmap, start: u64, count: u64) -> Result<u64, String> {
+pub fn chunk(bitmap: Geometry, start: u64, count: u64) -> Result<u64, String> {
     if count == 0 {
         return Ok(0);
     }
-    let granularity = bitmap.granularity();
+    let granularity = bitmap.granularity;
     if granularity >= MAX_SERIALIZABLE_GRANULARITY {
         return Err(format!(
             "granularity {granularity} is not below 58: not serializable"
@@ -58,7 +80,7 @@ pub fn chunk(bitmap: &HBitmap, start: u64, count: u64) -> Result<u64, String> {
         return Err(format!("chunk start {start} is not a multiple of {align}"));
     }
     let last_group = (start + (count - 1)) >> granularity;
-    if last_group != bitmap.groups() - 1 && count & (align - 1) != 0 {
+    if last_group != bitmap.groups - 1 && count & (align - 1) != 0 {
         return Err(format!(
             "chunk count {count} is not a multiple of {align} and the chunk is not the last one"
         ));
@@ -69,14 +91,13 @@ pub fn chunk(bitmap: &HBitmap, start: u64, count: u64) -> Result<u64, String> {
 }
 
 /// Equal sizes in items (`HBitmap::union_with`).
-pub fn union(target: &HBitmap, source: &HBitmap) -> Result<(), String> {
-    if target.size() == source.size() {
+pub fn union(target: Geometry, source: Geometry) -> Result<(), String> {
+    if target.size == source.size {
         Ok(())
     } else {
         Err(format!(
             "sizes differ: this bitmap has {} items, the other {}",
-            target.size(),
-            source.size()
+            target.size, source.size
         ))
     }
 }
@@ -94,7 +115,7 @@ mod tests {
             while start < size {
                 for count in [align, 2 * align, size - start] {
                     let count = count.min(size - start);
-                    let ours = chunk(&bitmap, start, count);
+                    let ours = chunk(Geometry::of(&bitmap), start, count);
                     let aligned_or_last = count % align == 0
                         || (start + count - 1) >> granularity == bitmap.groups() - 1;
                     assert_eq!(ours.is_ok(), aligned_or_last, "{start} {count}");
@@ -110,13 +131,13 @@ mod tests {
     #[test]
     fn ranges_are_refused_where_the_core_would_panic() {
         let bitmap = HBitmap::new(1001, 3).unwrap(); // 126 groups: the last one 1000..1008
-        assert!(range(&bitmap, 0, 1001).is_ok());
-        assert!(range(&bitmap, 1007, 1).is_ok());
-        assert!(range(&bitmap, 1008, 0).is_ok());
-        assert!(range(&bitmap, 1008, 1).is_err());
-        assert!(range(&bitmap, u64::MAX, 2).is_err());
-        assert!(item(&bitmap, 1007).is_ok());
-        assert!(item(&bitmap, 1008).is_err());
+        assert!(range(Geometry::of(&bitmap), 0, 1001).is_ok());
+        assert!(range(Geometry::of(&bitmap), 1007, 1).is_ok());
+        assert!(range(Geometry::of(&bitmap), 1008, 0).is_ok());
+        assert!(range(Geometry::of(&bitmap), 1008, 1).is_err());
+        assert!(range(Geometry::of(&bitmap), u64::MAX, 2).is_err());
+        assert!(item(Geometry::of(&bitmap), 1007).is_ok());
+        assert!(item(Geometry::of(&bitmap), 1008).is_err());
         // Exactly where the core panics (tests only: the binding never lets it).
         let quiet = std::panic::take_hook();
         std::panic::set_hook(Box::new(|_| {}));
@@ -141,20 +162,24 @@ mod tests {
                 }))
                 .is_err();
                 assert_eq!(
-                    range(&bitmap, start, count).is_err(),
+                    range(Geometry::of(&bitmap), start, count).is_err(),
                     panicked,
                     "{start} {count}"
                 );
                 let panicked =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| copy.get(start)))
                         .is_err();
-                assert_eq!(item(&bitmap, start).is_err(), panicked, "{start}");
+                assert_eq!(
+                    item(Geometry::of(&bitmap), start).is_err(),
+                    panicked,
+                    "{start}"
+                );
                 let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     copy.serialization_size(start, count)
                 }))
                 .is_err();
                 assert_eq!(
-                    chunk(&bitmap, start, count).is_err(),
+                    chunk(Geometry::of(&bitmap), start, count).is_err(),
                     panicked,
                     "{start} {count}"
                 );
