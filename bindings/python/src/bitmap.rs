@@ -388,10 +388,12 @@ impl PyHBitmap {
         PyHBitmap::wrap(self.with_read(py, true, HBitmap::clone))
     }
 
+    /// An independent copy (`copy.copy`).
     fn __copy__(&self, py: Python<'_>) -> PyHBitmap {
         self.copy(py)
     }
 
+    /// An independent copy (`copy.deepcopy`).
     fn __deepcopy__(&self, py: Python<'_>, _memo: &Bound<'_, PyAny>) -> PyHBitmap {
         self.copy(py)
     }
@@ -434,6 +436,7 @@ impl PyHBitmap {
             .unbind()
     }
 
+    /// Size, granularity, count and the first extents.
     fn __repr__(&self, py: Python<'_>) -> String {
         self.with_read(py, false, Self::describe)
     }
@@ -495,10 +498,12 @@ impl ExtentIterator {
 
 #[pymethods]
 impl ExtentIterator {
+    /// The iterator itself.
     fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
         slf
     }
 
+    /// The next extent, `(start, length)`.
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<(u64, u64)>> {
         let Ok(mut state) = self.state.try_lock() else {
             return Err(PyValueError::new_err(

@@ -138,6 +138,7 @@ impl PyBitmapInfo {
         self.dirty_bytes
     }
 
+    /// The fields, the name escaped.
     fn __repr__(&self) -> String {
         let dirty = match self.dirty_bytes {
             Some(bytes) => bytes.to_string(),
@@ -315,6 +316,7 @@ impl PyImage {
             .map_err(|e| errors::to_py(py, Failure::Image(e), Some(&path)))
     }
 
+    /// The image itself; leaving the `with` block closes it.
     fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
         slf
     }
@@ -742,6 +744,7 @@ impl PyImage {
         report_dict(py, &self.path, &report, repaired.as_ref(), Some(bitmaps))
     }
 
+    /// Path, mode and geometry.
     fn __repr__(&self) -> PyResult<String> {
         let state = match self.closed()? {
             true => "closed",

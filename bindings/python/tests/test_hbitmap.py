@@ -217,3 +217,25 @@ def test_iterator_streams_and_sees_changes() -> None:
     rest = list(it)
     assert len(rest) == 19999 + 1 and rest[-1] == ((1 << 30) - 5, 5)
     assert list(it) == []
+
+
+def test_everything_public_has_a_docstring() -> None:
+    import inspect
+
+    missing = []
+    for name in hbitmap.__all__:
+        obj = getattr(hbitmap, name)
+        if name in ("Name", "StrPath", "CheckReport"):  # type aliases
+            continue
+        if not inspect.getdoc(obj):
+            missing.append(name)
+        if inspect.isclass(obj) and obj.__module__ == "hbitmap" and not issubclass(obj, OSError):
+            for attr, value in vars(obj).items():
+                if attr.startswith("_") and attr not in (
+                    "__iter__", "__next__", "__enter__", "__exit__", "__len__", "__bool__",
+                    "__eq__", "__repr__", "__contains__", "__copy__", "__deepcopy__",
+                ):
+                    continue
+                if not inspect.getdoc(value):
+                    missing.append(f"{name}.{attr}")
+    assert missing == []
