@@ -57,15 +57,33 @@ class NbdReader:
     CMD_READ = 0
     CMD_DISC = 2
 
-    def __init__(self, path: str):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
+    def __init__(self, path: str, timeout: float = 30):
+        # The socket file appears when qemu-nbd binds it, a moment before it listens: retry.
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.connect(path)
+                break
+            except (ConnectionRefusedError, FileNotFoundError):
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        try:
+            self._handshake()
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _handshake(self) -> None:
         magic, opt, flags = struct.unpack(">QQH", self._recv(18))
         if magic != self.NBDMAGIC or opt != self.IHAVEOPT or not flags & self.FLAG_FIXED_NEWSTYLE:
             raise OSError("not a fixed newstyle NBD server")
         client = self.FLAG_FIXED_NEWSTYLE | (flags & self.FLAG_NO_ZEROES)
         self.sock.sendall(struct.pack(">I", client))
         self.sock.sendall(struct.pack(">QII", self.IHAVEOPT, self.OPT_EXPORT_NAME, 0))
+        self.size: int
         self.size, _transmission = struct.unpack(">QH", self._recv(10))
         if not client & self.FLAG_NO_ZEROES:
             self._recv(124)
@@ -123,6 +141,11 @@ class QemuNbd:
     def close(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                # A SIGTERM that arrives while qemu-nbd starts can be lost: make sure.
+                self.process.kill()
         self.process.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -73,16 +73,29 @@ def with_nbdinfo(path: Path, workdir: Path) -> List[Tuple[int, int]]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        while not sock.exists():
+        # The socket file appears a moment before qemu-nbd listens: retry a refused connection
+        # (the server, not persistent, exits after the first client that got through).
+        for attempt in range(1000):
             if server.poll() is not None:
                 raise RuntimeError("qemu-nbd failed")
+            if not sock.exists():
+                time.sleep(0.001)
+                continue
+            done = subprocess.run(
+                ["nbdinfo", "--json", "--map=qemu:dirty-bitmap:frag", f"nbd+unix:///?socket={sock}"],
+                capture_output=True, text=True,
+            )
+            if done.returncode == 0:
+                out = done.stdout
+                break
             time.sleep(0.001)
-        out = subprocess.run(
-            ["nbdinfo", "--json", "--map=qemu:dirty-bitmap:frag", f"nbd+unix:///?socket={sock}"],
-            check=True, capture_output=True, text=True,
-        ).stdout
+        else:
+            raise RuntimeError(f"nbdinfo failed: {done.stderr}")
+        server.wait(timeout=30)
     finally:
-        server.wait()
+        if server.poll() is None:
+            server.kill()
+            server.wait()
     extents: List[Tuple[int, int]] = []
     for entry in json.loads(out):
         if entry["type"] & 1:

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket as sock
 import subprocess
 import time
 from pathlib import Path
@@ -104,14 +105,26 @@ class NbdServer:
         self.process = subprocess.Popen(
             [*args, str(image)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
+        # The socket file appears when qemu-nbd binds it, a moment before it listens: ready
+        # when a connection is accepted (the server is persistent, -t, so the probe is harmless).
         deadline = time.monotonic() + 30
-        while not socket.exists():
+        while not self._accepts():
             if self.process.poll() is not None:
                 pytest.fail(f"qemu-nbd exited: {self.process.stderr.read().decode()}")
             if time.monotonic() > deadline:
                 self.close()
                 pytest.fail("qemu-nbd did not start")
             time.sleep(0.02)
+
+    def _accepts(self) -> bool:
+        probe = sock.socket(sock.AF_UNIX, sock.SOCK_STREAM)
+        try:
+            probe.connect(str(self.socket))
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.close()
 
     @property
     def uri(self) -> str:
@@ -120,6 +133,10 @@ class NbdServer:
     def close(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()  # a SIGTERM arriving while qemu-nbd starts can be lost
         self.process.wait(timeout=30)
 
     def __enter__(self) -> "NbdServer":
