@@ -18,6 +18,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
+#: Seconds any command may take before the test fails (instead of hanging the suite).
+TIMEOUT = 300
+
 TOOLS = ("qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon", "nbdinfo")
 
 
@@ -30,7 +33,9 @@ def tool(name: str) -> str:
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Runs a command, failing the test with its output when it fails (if `check`)."""
-    done = subprocess.run([tool(args[0]), *args[1:]], capture_output=True, text=True)
+    done = subprocess.run(
+        [tool(args[0]), *args[1:]], capture_output=True, text=True, timeout=TIMEOUT
+    )
     if check and done.returncode != 0:
         pytest.fail(f"{' '.join(args)} exited {done.returncode}:\n{done.stdout}{done.stderr}")
     return done

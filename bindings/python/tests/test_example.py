@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import hbitmap
-from conftest import Qsd, assert_qemu_clean, nbd_extents, qemu_bitmaps, qemu_img_create, qemu_io, read_raw
+from conftest import TIMEOUT, Qsd, assert_qemu_clean, nbd_extents, qemu_bitmaps, qemu_img_create, qemu_io, read_raw
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "python" / "offline_incremental.py"
 MiB = 1 << 20
@@ -20,7 +20,8 @@ MiB = 1 << 20
 
 def run_example(disk: Path, backups: Path) -> Dict:
     done = subprocess.run(
-        [sys.executable, str(EXAMPLE), str(disk), str(backups)], capture_output=True, text=True
+        [sys.executable, str(EXAMPLE), str(disk), str(backups)],
+        capture_output=True, text=True, timeout=TIMEOUT,
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -111,7 +112,7 @@ def test_refused_while_the_vm_runs(workdir: Path) -> None:
     with Qsd(disk):
         done = subprocess.run(
             [sys.executable, str(EXAMPLE), str(disk), str(workdir / "b")],
-            capture_output=True, text=True,
+            capture_output=True, text=True, timeout=TIMEOUT,
         )
     assert done.returncode == 1 and "is the VM running?" in done.stderr
     assert not (workdir / "b").exists() or not any((workdir / "b").iterdir())
