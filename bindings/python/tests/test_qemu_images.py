@@ -248,3 +248,26 @@ def test_repair_by_path(workdir: Path) -> None:
     after = hbitmap.check(disk, repair="all")
     assert after["bitmaps"] == 0 and after["clean"]
     assert_qemu_clean(disk)
+
+
+def test_merge_from_another_image(workdir: Path) -> None:
+    """A bitmap of another image (by path, or an open Image) merged into this one's, at another
+    granularity; QEMU reads the result."""
+    size = 256 * MiB
+    source = qemu_img_create(workdir / "source.qcow2", size)
+    target = qemu_img_create(workdir / "target.qcow2", size, 4096)
+    qemu_bitmap(source, "--add", "-g", "512", "s")
+    qemu_io(source, "write 1000k 3k", f"write {size - 512} 512")
+    qemu_bitmap(target, "--add", "-g", "64K", "t")
+    qemu_io(target, "write 100M 4k")
+    with hbitmap.Image(target, writable=True) as image:
+        image.merge("s", "t", source_image=source)
+        first = list(image.extents("t"))
+        with hbitmap.Image(source) as other:
+            image.add("u", granularity=4096)
+            image.merge("s", "u", source_image=other)
+        assert list(image.extents("u")) == [(1000 * 1024, 4096), (size - 4096, 4096)]
+    assert first == [(960 * 1024, 64 * 1024), (100 * MiB, 65536), (size - 65536, 65536)]
+    assert_qemu_clean(target)
+    assert_qemu_clean(source)
+    assert nbd_extents(target, "t", workdir) == first
