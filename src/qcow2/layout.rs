@@ -391,8 +391,8 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
     }
     if header.incompatible & INCOMPAT_DIRTY != 0 {
         let message = "the image has the dirty bit set (its refcounts may be stale after an \
-                       unclean shutdown with lazy refcounts); repair it with 'qemu-img check -r \
-                       all' before writing"
+                       unclean shutdown with lazy refcounts); 'check -r all' rebuilds them, \
+                       which writing needs first"
             .to_string();
         problems.warnings.push(message.clone());
         problems.write_blockers.push(message);

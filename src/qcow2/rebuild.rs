@@ -105,7 +105,10 @@ impl Image {
         self.write(table_offset, &table, "the rebuilt refcount table")?;
         self.flush("flushing the rebuilt refcounts")?;
 
-        let file_len = self.io.len().map_err(|e| Error::io("reading the file's length", e))?;
+        let file_len = self
+            .io
+            .len()
+            .map_err(|e| Error::io("reading the file's length", e))?;
         self.layout = layout;
         self.layout.file_len = file_len;
         self.layout.refcounts = Refcounts::load(

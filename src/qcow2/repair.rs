@@ -936,6 +936,8 @@ impl Image {
             }
             self.write_op(|image| image.rebuild_refcounts(&mut rebuilt))?;
         }
+        // What the rebuild fixed: every refcount it made right.
+        let after_rebuild = (!rebuilt.is_empty()).then(|| Self::check_io(&*self.io));
         let (layout, problems) = layout::read(&*self.io)?;
         let base = count_base(&*self.io, &layout)?;
         let structural: Vec<String> = problems.structural_errors().cloned().collect();
@@ -1115,10 +1117,14 @@ impl Image {
         }
 
         let mut report = RepairReport {
-            before,
             changes: rebuilt,
             ..RepairReport::default()
         };
+        if let Some(after) = after_rebuild {
+            report.corruptions_fixed = before.corruptions.saturating_sub(after.corruptions);
+            report.leaks_fixed = before.leaks.saturating_sub(after.leaks);
+        }
+        report.before = before;
         if !uncounted.is_empty() {
             let raised = self.write_op(|image| {
                 for &cluster in &uncounted {
@@ -1214,7 +1220,7 @@ impl Image {
         if let Err(error) = &fixed {
             self.reload(error.to_string());
         }
-        report.leaks_fixed = fixed?;
+        report.leaks_fixed += fixed?;
         self.refresh_infos();
         report.after = Self::check_io(&*self.io);
         // As qemu-img: COPIED flags are fixed against the repaired refcounts, by '-r leaks' only
