@@ -207,8 +207,16 @@ impl AtomicHBitmap {
         if let Some((first, last)) = self.pages(start_addr, len) {
             let (first_word, last_word) = (first / WORD_BITS, last / WORD_BITS);
             for word in first_word..=last_word {
-                let lo = if word == first_word { first % WORD_BITS } else { 0 };
-                let hi = if word == last_word { last % WORD_BITS } else { 63 };
+                let lo = if word == first_word {
+                    first % WORD_BITS
+                } else {
+                    0
+                };
+                let hi = if word == last_word {
+                    last % WORD_BITS
+                } else {
+                    63
+                };
                 self.levels[0][word].fetch_and(!mask(lo, hi), RMW);
             }
         }
@@ -311,8 +319,16 @@ impl AtomicHBitmap {
             let (first_word, last_word) = (lo / WORD_BITS, hi / WORD_BITS);
             for word in first_word..=last_word {
                 let bits = mask(
-                    if word == first_word { lo % WORD_BITS } else { 0 },
-                    if word == last_word { hi % WORD_BITS } else { 63 },
+                    if word == first_word {
+                        lo % WORD_BITS
+                    } else {
+                        0
+                    },
+                    if word == last_word {
+                        hi % WORD_BITS
+                    } else {
+                        63
+                    },
                 );
                 if depth == 0 || level[word].load(CHECK) & bits != bits {
                     level[word].fetch_or(bits, RMW);
@@ -462,7 +478,11 @@ impl Clone for AtomicHBitmap {
     /// the clone is either in the copy with its summary bits or not in it at all.
     fn clone(&self) -> Self {
         let copy = AtomicHBitmap {
-            levels: self.levels.iter().map(|level| zeroed(level.len())).collect(),
+            levels: self
+                .levels
+                .iter()
+                .map(|level| zeroed(level.len()))
+                .collect(),
             size: self.size,
             byte_size: self.byte_size,
             page_size: self.page_size,
