@@ -15,13 +15,16 @@
 
 #![deny(unsafe_code)]
 
+mod atomic;
 mod bitmap;
 #[doc(hidden)]
 pub mod ffi;
 pub mod qcow2;
 pub mod serialize;
 
+pub use crate::atomic::FromAtomicError;
 pub use crate::bitmap::{
     BitmapError, Extents, HBitmap, Iter, BITS_PER_LEVEL, BITS_PER_WORD, LEVELS, LOG_MAX_SIZE,
     MAX_GROUPS,
 };
+pub use atomic_hbitmap::AtomicHBitmap;

@@ -290,6 +290,36 @@ impl AtomicHBitmap {
         count
     }
 
+    /// Calls `f` with each run of marked pages, maximal and in increasing order, without
+    /// clearing them (a copy of the marks, where [`harvest`](Self::harvest) takes them). Only
+    /// dirty words are read.
+    pub fn for_each_dirty_run(&self, mut f: impl FnMut(Range<usize>)) {
+        let mut run: Option<Range<usize>> = None;
+        self.for_each_dirty_word(|index, mut bits| {
+            while bits != 0 {
+                let offset = bits.trailing_zeros() as usize;
+                let ones = (!(bits >> offset)).trailing_zeros() as usize;
+                bits = if offset + ones == WORD_BITS {
+                    0
+                } else {
+                    bits & (u64::MAX << (offset + ones))
+                };
+                let start = index * WORD_BITS + offset;
+                match &mut run {
+                    Some(r) if r.end == start => r.end = start + ones,
+                    _ => {
+                        if let Some(done) = run.replace(start..start + ones) {
+                            f(done);
+                        }
+                    }
+                }
+            }
+        });
+        if let Some(done) = run {
+            f(done);
+        }
+    }
+
     /// Calls `f(index, bits)` for every non-zero page word, in increasing order, reading (not
     /// clearing) the words the summary shows dirty.
     fn for_each_dirty_word(&self, mut f: impl FnMut(usize, u64)) {
@@ -505,18 +535,11 @@ impl fmt::Debug for AtomicHBitmap {
         struct Runs<'a>(&'a AtomicHBitmap);
         impl fmt::Debug for Runs<'_> {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                let mut runs: Vec<Range<usize>> = Vec::new();
-                self.0.for_each_dirty_word(|index, mut bits| {
-                    while bits != 0 {
-                        let page = index * WORD_BITS + bits.trailing_zeros() as usize;
-                        bits &= bits - 1;
-                        match runs.last_mut() {
-                            Some(run) if run.end == page => run.end += 1,
-                            _ => runs.push(page..page + 1),
-                        }
-                    }
+                let mut list = f.debug_list();
+                self.0.for_each_dirty_run(|run| {
+                    list.entry(&run);
                 });
-                f.debug_list().entries(runs).finish()
+                list.finish()
             }
         }
         f.debug_struct("AtomicHBitmap")

@@ -35,6 +35,9 @@ impl Pair {
         assert_eq!(ours, theirs);
         let count: u32 = theirs.iter().map(|w| w.count_ones()).sum();
         assert_eq!(self.ours.dirty_pages(), count as usize);
+        let mut runs = Vec::new();
+        self.ours.for_each_dirty_run(|run| runs.push(run));
+        assert_eq!(runs, runs_of_words(&theirs));
     }
 }
 
