@@ -246,6 +246,14 @@ impl AtomicHBitmap {
         self.byte_size
     }
 
+    /// The heap memory the bitmap holds, in bytes: the page bits (as much as `AtomicBitmap`'s)
+    /// plus the summary levels (1/63 of that, and a few words). Allocated zeroed, it is touched
+    /// only where pages are marked.
+    pub fn heap_bytes(&self) -> usize {
+        let words: usize = self.levels.iter().map(|level| level.len()).sum();
+        words * size_of::<u64>() + self.levels.capacity() * size_of::<Box<[AtomicU64]>>()
+    }
+
     /// The page size given to [`new`](Self::new).
     pub fn page_size(&self) -> NonZeroUsize {
         self.page_size
@@ -568,6 +576,9 @@ mod tests {
         // 1 TiB of 4 KiB pages: the summary is 1/63 of the page bits.
         let sizes = level_sizes(1 << 28);
         assert_eq!(sizes, [1 << 22, 1 << 16, 1 << 10, 16, 1]);
+        let b = AtomicHBitmap::new(1 << 40, NonZeroUsize::new(4096).unwrap());
+        let page_bits = (1 << 22) * 8;
+        assert!(b.heap_bytes() > page_bits && b.heap_bytes() < page_bits + page_bits / 62);
     }
 
     #[test]
