@@ -196,7 +196,11 @@ impl AtomicHBitmap {
     /// saturates at `usize::MAX`.
     pub fn set_addr_range(&self, start_addr: usize, len: usize) {
         if let Some((first, last)) = self.pages(start_addr, len) {
-            self.mark_pages(first, last);
+            if first / WORD_BITS == last / WORD_BITS {
+                self.raise(0, first / WORD_BITS, mask(first % WORD_BITS, last % WORD_BITS));
+            } else {
+                self.mark_pages(first, last);
+            }
         }
     }
 
@@ -399,18 +403,34 @@ struct Walk<'a> {
     /// `held[k]` for each summary level `k >= 1` (`held[0]` unused): the index of the word of
     /// that level being descended, and the bits taken from it whose subtrees are still to visit.
     held: Vec<(usize, u64)>,
+    /// Page words whose summary bits are taken, to be taken in order from `next`: read together
+    /// first, so that their cache misses overlap (on x86 each swap is a full barrier that would
+    /// otherwise wait for its own miss).
+    batch: [usize; BATCH],
+    next: usize,
+    len: usize,
 }
+
+/// Page words read ahead by a walk.
+const BATCH: usize = 16;
 
 impl<'a> Walk<'a> {
     fn new(bitmap: &'a AtomicHBitmap) -> Self {
         let top = bitmap.levels.len() - 1;
         let mut held = vec![(0, 0); top + 1];
         held[top] = (0, bitmap.levels[top][0].swap(0, RMW));
-        Walk { bitmap, held }
+        Walk {
+            bitmap,
+            held,
+            batch: [0; BATCH],
+            next: 0,
+            len: 0,
+        }
     }
 
-    /// The next non-zero page word, taken (swapped to zero): `(index, bits)`.
-    fn next_word(&mut self) -> Option<(usize, u64)> {
+    /// The index of the next page word whose summary bit is set, the bit taken (the word is
+    /// left to the caller), descending only into the subtrees whose summary bits are set.
+    fn next_index(&mut self) -> Option<usize> {
         let levels = &self.bitmap.levels;
         loop {
             // The lowest level with subtrees left to visit; the levels below it hold nothing.
@@ -419,19 +439,44 @@ impl<'a> Walk<'a> {
                 let (index, bits) = self.held[level];
                 let child = index * WORD_BITS + bits.trailing_zeros() as usize;
                 self.held[level].1 = bits & (bits - 1);
-                let taken = levels[level - 1][child].swap(0, RMW);
                 if level == 1 {
-                    if taken != 0 {
-                        return Some((child, taken));
-                    }
-                    // A summary bit over a clean word: cleared, nothing to return.
-                    break;
+                    return Some(child);
                 }
+                let taken = levels[level - 1][child].swap(0, RMW);
                 self.held[level - 1] = (child, taken);
                 level -= 1;
                 if taken == 0 {
+                    // A summary bit over a clean word: cleared, nothing under it.
                     break;
                 }
+            }
+        }
+    }
+
+    /// The next non-zero page word, taken (swapped to zero): `(index, bits)`.
+    fn next_word(&mut self) -> Option<(usize, u64)> {
+        let pages = &self.bitmap.levels[0];
+        loop {
+            if self.next == self.len {
+                (self.next, self.len) = (0, 0);
+                while self.len < BATCH {
+                    let Some(index) = self.next_index() else { break };
+                    self.batch[self.len] = index;
+                    self.len += 1;
+                }
+                if self.len == 0 {
+                    return None;
+                }
+                let ahead = self.batch[..self.len]
+                    .iter()
+                    .fold(0, |acc, &index| acc | pages[index].load(Ordering::Relaxed));
+                std::hint::black_box(ahead);
+            }
+            let index = self.batch[self.next];
+            self.next += 1;
+            let taken = pages[index].swap(0, RMW);
+            if taken != 0 {
+                return Some((index, taken));
             }
         }
     }
@@ -439,6 +484,9 @@ impl<'a> Walk<'a> {
 
 impl Drop for Walk<'_> {
     fn drop(&mut self) {
+        for &index in &self.batch[self.next..self.len] {
+            self.bitmap.raise(1, index / WORD_BITS, 1 << (index % WORD_BITS));
+        }
         for (level, &(index, bits)) in self.held.iter().enumerate().skip(1) {
             if bits != 0 {
                 self.bitmap.raise(level, index, bits);
