@@ -197,7 +197,11 @@ impl AtomicHBitmap {
     pub fn set_addr_range(&self, start_addr: usize, len: usize) {
         if let Some((first, last)) = self.pages(start_addr, len) {
             if first / WORD_BITS == last / WORD_BITS {
-                self.raise(0, first / WORD_BITS, mask(first % WORD_BITS, last % WORD_BITS));
+                self.raise(
+                    0,
+                    first / WORD_BITS,
+                    mask(first % WORD_BITS, last % WORD_BITS),
+                );
             } else {
                 self.mark_pages(first, last);
             }
@@ -268,17 +272,35 @@ impl AtomicHBitmap {
     /// visited; the clean ones are zeros of a freshly allocated vector.
     pub fn get_and_reset(&self) -> Vec<u64> {
         let mut words = vec![0u64; self.levels[0].len()];
-        let mut walk = Walk::new(self);
-        while let Some((index, bits)) = walk.next_word() {
-            words[index] = bits;
-        }
+        self.take_words(|index, bits| words[index] = bits);
         words
     }
 
     /// Clears every page, visiting only the dirty ones.
     pub fn reset(&self) {
+        self.take_words(|_, _| {});
+    }
+
+    /// Takes every page word the summary shows dirty, to the end, calling `f(index, bits)` for
+    /// each (also for those found clean). 64 dirty words in a row are taken in one tight loop.
+    fn take_words(&self, mut f: impl FnMut(usize, u64)) {
+        let pages = &self.levels[0];
         let mut walk = Walk::new(self);
-        while walk.next_word().is_some() {}
+        while let Some((parent, bits)) = walk.next_summary() {
+            let base = parent * WORD_BITS;
+            if bits == u64::MAX {
+                for (index, word) in pages[base..base + WORD_BITS].iter().enumerate() {
+                    f(base + index, word.swap(0, RMW));
+                }
+            } else {
+                let mut bits = bits;
+                while bits != 0 {
+                    let index = base + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    f(index, pages[index].swap(0, RMW));
+                }
+            }
+        }
     }
 
     /// Returns the dirty pages as runs of page indexes, in increasing order, clearing each page
@@ -431,15 +453,21 @@ impl<'a> Walk<'a> {
     /// The index of the next page word whose summary bit is set, the bit taken (the word is
     /// left to the caller), descending only into the subtrees whose summary bits are set.
     fn next_index(&mut self) -> Option<usize> {
+        self.next_child(1)
+    }
+
+    /// The next word of level `stop - 1` whose bit in level `stop` is set: its index, the bit
+    /// taken (the word is left to the caller). Levels below `stop` must hold nothing.
+    fn next_child(&mut self, stop: usize) -> Option<usize> {
         let levels = &self.bitmap.levels;
         loop {
             // The lowest level with subtrees left to visit; the levels below it hold nothing.
-            let mut level = (1..self.held.len()).find(|&k| self.held[k].1 != 0)?;
+            let mut level = (stop..self.held.len()).find(|&k| self.held[k].1 != 0)?;
             loop {
                 let (index, bits) = self.held[level];
                 let child = index * WORD_BITS + bits.trailing_zeros() as usize;
                 self.held[level].1 = bits & (bits - 1);
-                if level == 1 {
+                if level == stop {
                     return Some(child);
                 }
                 let taken = levels[level - 1][child].swap(0, RMW);
@@ -453,6 +481,24 @@ impl<'a> Walk<'a> {
         }
     }
 
+    /// Takes the next non-zero word of level 1 (the summary of the page words): `(index, bits)`.
+    /// The caller takes the page words of its bits: they are no longer held by the walk, so it
+    /// must not stop before it has (`get_and_reset` and `reset` run to the end, and cannot fail).
+    fn next_summary(&mut self) -> Option<(usize, u64)> {
+        if self.held.len() == 2 {
+            // Level 1 is the top: its one word was taken when the walk began.
+            let (index, bits) = std::mem::take(&mut self.held[1]);
+            return (bits != 0).then_some((index, bits));
+        }
+        loop {
+            let child = self.next_child(2)?;
+            let bits = self.bitmap.levels[1][child].swap(0, RMW);
+            if bits != 0 {
+                return Some((child, bits));
+            }
+        }
+    }
+
     /// The next non-zero page word, taken (swapped to zero): `(index, bits)`.
     fn next_word(&mut self) -> Option<(usize, u64)> {
         let pages = &self.bitmap.levels[0];
@@ -460,7 +506,18 @@ impl<'a> Walk<'a> {
             if self.next == self.len {
                 (self.next, self.len) = (0, 0);
                 while self.len < BATCH {
-                    let Some(index) = self.next_index() else { break };
+                    // The current level-1 word's bits first, without the climb of `next_index`.
+                    let (parent, bits) = &mut self.held[1];
+                    let index = if *bits != 0 {
+                        let index = *parent * WORD_BITS + bits.trailing_zeros() as usize;
+                        *bits &= *bits - 1;
+                        index
+                    } else {
+                        match self.next_index() {
+                            Some(index) => index,
+                            None => break,
+                        }
+                    };
                     self.batch[self.len] = index;
                     self.len += 1;
                 }
@@ -485,7 +542,8 @@ impl<'a> Walk<'a> {
 impl Drop for Walk<'_> {
     fn drop(&mut self) {
         for &index in &self.batch[self.next..self.len] {
-            self.bitmap.raise(1, index / WORD_BITS, 1 << (index % WORD_BITS));
+            self.bitmap
+                .raise(1, index / WORD_BITS, 1 << (index % WORD_BITS));
         }
         for (level, &(index, bits)) in self.held.iter().enumerate().skip(1) {
             if bits != 0 {
