@@ -6,7 +6,8 @@
 //! 262144 pages), past the end and up to `usize::MAX`; bitmaps are enlarged, cloned and (with
 //! the `vm-memory` feature) sliced.
 //!
-//! `ATOMIC_HBITMAP_DIFF_OPS` (operations per seed, default 4000) and `ATOMIC_HBITMAP_DIFF_SEEDS`
+//! `ATOMIC_HBITMAP_DIFF_OPS` (operations per seed, default 4000, 1000 in
+//! a debug build) and `ATOMIC_HBITMAP_DIFF_SEEDS`
 //! (default 12) make the run longer.
 
 mod common;
@@ -241,7 +242,11 @@ fn slices(_rng: &mut Rng, _pair: &Pair, _page_size: usize, _context: &str) {}
 
 #[test]
 fn same_results_as_atomic_bitmap() {
-    let ops = env_or("ATOMIC_HBITMAP_DIFF_OPS", 4000);
+    // A debug build (`cargo test --workspace`) runs a quarter of the release run's operations.
+    let ops = env_or(
+        "ATOMIC_HBITMAP_DIFF_OPS",
+        if cfg!(debug_assertions) { 1000 } else { 4000 },
+    );
     let seeds = env_or("ATOMIC_HBITMAP_DIFF_SEEDS", 12);
     for seed in 0..seeds {
         run_seed(seed, ops);
