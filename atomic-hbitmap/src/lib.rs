@@ -104,6 +104,11 @@ fn mask(lo: usize, hi: usize) -> u64 {
 /// word, which therefore returns the page. The `Acquire` loads of `is_bit_set` and of the
 /// non-destructive walks (`dirty_pages`, `Clone`) read the words as `AtomicBitmap`'s loads do.
 /// `tests/loom.rs` checks these claims over every interleaving of small models.
+///
+/// The page data too: a mark's OR releases, and the swap that takes the page acquires, so a
+/// harvester that takes a page sees every write to guest memory made before the page was marked
+/// (vm-memory marks after writing). This is why a mark is an OR even when its bit is already set:
+/// skipping it would let a harvest take the bit without seeing the new data.
 pub struct AtomicHBitmap {
     /// `levels[0]`: one bit per page; `levels[k + 1]`: one bit per word of `levels[k]`. There are
     /// at least two levels and the last has exactly one word.
