@@ -219,9 +219,19 @@ pub(crate) struct Problems {
     /// Pairs of bitmaps whose names QEMU reads as one (up to a NUL byte): reading works here,
     /// but QEMU refuses to open the image, so `check` counts each as a corruption.
     pub name_clashes: u64,
+    /// The first problem for which QEMU refuses to open the image while loading its bitmaps
+    /// (the extension's fields, a directory entry, a name, the table or data of a bitmap not in
+    /// use): `qemu-img check` then cannot check it (exit 1), and neither says `check`, though
+    /// it reads and can repair what is readable.
+    pub qemu_refuses: Option<String>,
 }
 
 impl Problems {
+    /// Records `message` as a reason QEMU refuses the image, if it is the first.
+    pub(crate) fn qemu_refuses(&mut self, message: &str) {
+        self.qemu_refuses.get_or_insert_with(|| message.to_string());
+    }
+
     /// Errors that do not concern the bitmaps extension.
     pub(crate) fn structural_errors(&self) -> impl Iterator<Item = &String> {
         let range = self.bitmap_errors.clone();

@@ -596,6 +596,13 @@ impl Image {
                 report.unrepairable = Some(format!("the references could not be counted: {error}"));
             }
         }
+        if let Some(why) = &problems.qemu_refuses {
+            // As qemu-img, which cannot open the image: the check is not complete for QEMU.
+            report.check_errors += 1;
+            report.errors.push(format!(
+                "QEMU refuses to open the image, so qemu-img check cannot check it: {why}"
+            ));
+        }
         report
     }
 

@@ -103,14 +103,17 @@ pub(super) fn read_bitmaps(
             at - 8
         );
         problems.errors.push(message.clone());
+        problems.qemu_refuses(&message);
         layout.ext_damage = Some(message);
     }
     if ext.data.len() != 24 {
-        problems.errors.push(format!(
+        let message = format!(
             "bitmaps extension at {:#x}: length {} is not 24",
             at - 8,
             ext.data.len()
-        ));
+        );
+        problems.qemu_refuses(&message);
+        problems.errors.push(message);
         layout.ext = ExtState::Broken;
         return Ok(());
     }
@@ -181,6 +184,7 @@ pub(super) fn read_bitmaps(
         ));
     }
     if !errors.is_empty() {
+        problems.qemu_refuses(&errors[0]);
         problems.errors.extend(errors);
         layout.ext = ExtState::Broken;
         return Ok(());
@@ -196,6 +200,7 @@ pub(super) fn read_bitmaps(
         Ok(entries) => entries,
         Err(message) => {
             problems.errors.push(message.clone());
+            problems.qemu_refuses(&message);
             // A count or size off by a few while the entries themselves are intact: read the
             // entries the directory's clusters hold, so that a repair can keep their bitmaps.
             let clusters = round_up(fields.directory_size, cluster_size)
@@ -250,6 +255,7 @@ pub(super) fn read_bitmaps(
         for message in &found {
             let message = format!("bitmap '{name}' (directory entry at {pos:#x}): {message}");
             first_problem.get_or_insert_with(|| message.clone());
+            problems.qemu_refuses(&message);
             problems.errors.push(message);
         }
         if !names.insert(entry.name.clone()) {
@@ -259,6 +265,7 @@ pub(super) fn read_bitmaps(
                  bitmap too (names must be unique)"
             );
             first_problem.get_or_insert_with(|| message.clone());
+            problems.qemu_refuses(&message);
             problems.errors.push(message);
         }
         // QEMU reads such names (and qemu-img writes the first kind): they are not problems.
@@ -278,12 +285,14 @@ pub(super) fn read_bitmaps(
         match qemu_names.get(qemu_name) {
             Some(other) if *other != name => {
                 problems.name_clashes += 1;
-                problems.warnings.push(format!(
+                let message = format!(
                     "bitmap '{name}' (directory entry at {pos:#x}): QEMU reads the name up to its \
                  NUL byte, as '{}', the name of bitmap '{other}' too, and so refuses to open \
                  the image (\"Bitmap already exists\"); remove or replace one of them",
                     crate::qcow2::name::escape(qemu_name)
-                ));
+                );
+                problems.qemu_refuses(&message);
+                problems.warnings.push(message);
             }
             Some(_) => {}
             None => {
@@ -317,6 +326,10 @@ pub(super) fn read_bitmaps(
                 entry.table_offset, entry.table_size
             );
             first_problem.get_or_insert_with(|| message.clone());
+            if !entry.in_use() {
+                // QEMU reads the table of every bitmap not in use when it opens the image.
+                problems.qemu_refuses(&message);
+            }
             complain(problems, entry.in_use(), message);
             ok = false;
         }
@@ -404,6 +417,9 @@ pub(super) fn read_bitmaps(
                     "bitmap '{name}': bitmap table entry {i} at {entry_at:#x} is {entry:#x}: {why}"
                 );
                 damage[index].get_or_insert_with(|| message.clone());
+                if !in_use[index] {
+                    problems.qemu_refuses(&message);
+                }
                 complain(problems, in_use[index], message);
                 ok = false;
                 continue;
@@ -418,6 +434,9 @@ pub(super) fn read_bitmaps(
                      cluster at {data:#x}, past the end of the file ({file_len} bytes)"
                 );
                 damage[index].get_or_insert_with(|| message.clone());
+                if !in_use[index] {
+                    problems.qemu_refuses(&message);
+                }
                 complain(problems, in_use[index], message);
                 ok = false;
                 continue;
