@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Builds the C oracles of the differential tests when `../shared/reference` is there (the
 //! project's development and CI machines):
 //! - the original `util/hbitmap.c` (QEMU 4.0), linked with `qemu_`-prefixed names, cfg `oracle`;

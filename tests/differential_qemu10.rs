@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Differential tests against QEMU 10.0.2's `util/hbitmap.c` (current QEMU's API, unchanged since
 //! QEMU 7.2), built by the `hbitmap-oracle` crate with `qemu10_`-prefixed names: random sequences
 //! of that API's operations run on this library's C ABI (`hbitmap::ffi::*`, the `_qemu10`

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! QEMU 10.0.2's `util/hbitmap.c` (current QEMU's API, unchanged since QEMU 7.2), built by
 //! `../shared/reference/build-qemu10.sh` with every name prefixed `qemu10_`.
 //!

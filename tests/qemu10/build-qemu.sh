@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0-or-later
 # Builds QEMU 10.0.2 from its source tarball with util/hbitmap.c taken out and libhbitmap linked
 # in its place, as a packager would (contrib/qemu/), plus what QEMU's dirty-bitmap iotests need.
 #

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Checks that include/hbitmap.h, with HBITMAP_QEMU_API defined to 10, declares exactly the
 functions of QEMU 10's include/qemu/hbitmap.h, with the same types.
 

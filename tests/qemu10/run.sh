@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0-or-later
 # Current QEMU's hbitmap API, proven on QEMU 10.0.2 itself (all from Debian's qemu source
 # tarball, fetched at test time; nothing of QEMU's is kept in this repository):
 #   1. include/hbitmap.h in mode 10 declares exactly QEMU 10's functions, with its types;
