@@ -47,7 +47,7 @@ fn skip() -> bool {
         "the differential tests against QEMU 10",
         &format!(
             "QEMU 10's hbitmap.c was not built ({}); set HBITMAP_QEMU10_REFERENCE to a folder \
-             built by ../shared/reference/build-qemu10.sh",
+             built by tests/qemu10/build-oracle.sh (or ../shared/reference/build-qemu10.sh)",
             oracle::MISSING_QEMU10
         ),
     );
