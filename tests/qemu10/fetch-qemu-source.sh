@@ -3,31 +3,23 @@
 # Fetches QEMU's upstream source tarball from Debian's `qemu` source package, checks it against
 # the sha256 recorded below, keeps it for the next run and prints its path.
 #
-#   fetch-qemu-source.sh [VERSION]      VERSION: 10.0.2 (default), 7.2 or 10.2.2
+#   fetch-qemu-source.sh [VERSION]      VERSION: 10.0.2 (default), 7.2 or 10.2.2 (versions.sh)
 #
 # The download goes through a private apt configuration (its own sources, lists and cache under
 # the cache folder): the system's apt sources are neither read nor changed, and no root is needed
 # beyond what apt-get itself wants. apt checks the file against Debian's signed index; the sha256
-# below pins the very tarball the project's results were measured with.
+# in versions.sh pins the very tarball the project's results were measured with.
 #
 # Environment: HBITMAP_QEMU_SOURCES, the cache folder (default: target/qemu-sources of this
 # checkout); QEMU_TARBALL, a copy of the tarball to use instead of fetching (still checked).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-version=${1:-10.0.2}
-
-# VERSION -> Debian suite that carries it, the upstream tarball of its source package, sha256.
-case $version in
-  7.2)    suite=bookworm;           tarball=qemu_7.2+dfsg.orig.tar.xz
-          sha256=91aca71520040edc40b8d437aa3004dae614f58e286cf653ee8996c07af2962f ;;
-  10.0.2) suite=bookworm-backports; tarball=qemu_10.0.2+ds.orig.tar.xz
-          sha256=0901da33844a331bf8b3602b9c1fbd178e60b737c8e3ade678255bd090c9b9f1 ;;
-  10.2.2) suite=sid;                tarball=qemu_10.2.2+ds.orig.tar.xz
-          sha256=be05230fe47a6937cd29f28f562932c8125f9c93c2a82c625198f7a4aa601dfb ;;
-  *) echo "fetch-qemu-source.sh: unknown QEMU version '$version' (known: 7.2 10.0.2 10.2.2)" >&2
-     exit 2 ;;
-esac
+. "$here/versions.sh"
+version=${1:-$qemu_default_version}
+# The version's Debian suite, upstream tarball and its sha256.
+qemu_version "$version" || exit 2
+suite=$qemu_suite tarball=$qemu_tarball sha256=$qemu_sha256
 
 cache=${HBITMAP_QEMU_SOURCES:-$repo/target/qemu-sources}
 mkdir -p "$cache"
