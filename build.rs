@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Generates the C header from the FFI layer with cbindgen (into `OUT_DIR`, and into
 //! `include/hbitmap.h` when `HBITMAP_UPDATE_HEADER` is set) and gives the shared library its
 //! SONAME.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
  * Memory footprint of an hbitmap implementation, loaded with dlopen so that two can be compared:
  *

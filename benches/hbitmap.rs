@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Criterion benchmarks of the safe Rust API, on the workloads of `../shared/bench` (scaled
 //! down to keep a run short): `cargo bench --bench hbitmap`.
 

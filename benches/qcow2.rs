@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Criterion benchmarks of persistent bitmaps in qcow2 images: storing and loading the bitmap of
 //! a 16 TiB disk at 64 KiB granularity (2^28 bits, 32 MiB of bitmap data) in an image with
 //! 64 KiB clusters: `cargo bench --bench qcow2`.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
  * Compiled (never run) by the meson 'header' suite, as C11 and as C++, with -Wall -Wextra
  * -Werror and more: include/hbitmap.h must compile warning-free wherever QEMU includes it, and

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
  * A program built against an installed libhbitmap with nothing but
  * `pkg-config --cflags --libs hbitmap` (meson/staged_install.py). It prints the file that

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
  * GLib tests of the hbitmap C API (QEMU's include/qemu/hbitmap.h), in the spirit of QEMU's
  * tests/unit/test-hbitmap.c: every operation is mirrored on a plain "shadow" array with one byte

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
  * The qcow2 edits a binding needs, through the C ABI: hbitmap_qcow2_add_ex (default
  * granularity, disabled, exist-ok), hbitmap_qcow2_set_range, hbitmap_qcow2_import,

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
  * Check and repair of a qcow2 image through the C ABI, as a hypervisor would call them: a
  * bitmap left in use (loaded and never stored, as after a crash) is found by

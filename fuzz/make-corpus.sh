@@ -1,4 +1,5 @@
 #!/bin/sh
+# SPDX-License-Identifier: GPL-2.0-or-later
 # Generates the seed corpora (git-ignored) under fuzz/corpus/.
 set -eu
 cd "$(dirname "$0")"

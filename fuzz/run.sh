@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: GPL-2.0-or-later
 # Usage: fuzz/run.sh TARGET|all SECONDS [extra libFuzzer flags...]
 # Builds each target with cargo-fuzz (stable toolchain via RUSTC_BOOTSTRAP=1) and runs it for
 # SECONDS on fuzz/corpus/TARGET (seeded from fuzz/regressions/TARGET and, for the qcow2

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
  * libhbitmap: QEMU's hierarchical dirty bitmap (util/hbitmap.c), same API and ABI.
  *

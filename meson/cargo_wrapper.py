@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Builds libhbitmap with cargo for meson, and lists the files that build depends on.
 
   cargo_wrapper.py build --cargo CARGO --manifest-path Cargo.toml --target-dir DIR
@@ -69,6 +70,13 @@ def write_depfile(cargo_depfile: Path, output: str, depfile: Path) -> None:
     depfile.write_text(f"{escape_dep(output)}: {deps.strip()}\n")
 
 
+def cargo_cwd(args: argparse.Namespace) -> Path:
+    """Where cargo runs: the source tree, whose .cargo/config.toml (the code generation flags;
+    in a release tarball, the vendored crates) cargo reads from its working directory upward,
+    wherever meson's build directory is."""
+    return Path(args.manifest_path).resolve().parent
+
+
 def build(args: argparse.Namespace) -> None:
     cmd = [
         *args.cargo,
@@ -85,7 +93,7 @@ def build(args: argparse.Namespace) -> None:
     # A meson build never rewrites the committed header in the source tree.
     env.pop("HBITMAP_UPDATE_HEADER", None)
     print("cargo_wrapper:", " ".join(cmd), flush=True)
-    result = subprocess.run(cmd, env=env)
+    result = subprocess.run(cmd, env=env, cwd=cargo_cwd(args))
     if result.returncode != 0:
         sys.exit(result.returncode)
 
@@ -122,7 +130,7 @@ def build_bin(args: argparse.Namespace) -> None:
     env = dict(os.environ)
     env.pop("HBITMAP_UPDATE_HEADER", None)
     print("cargo_wrapper:", " ".join(cmd), flush=True)
-    result = subprocess.run(cmd, env=env)
+    result = subprocess.run(cmd, env=env, cwd=cargo_cwd(args))
     if result.returncode != 0:
         sys.exit(result.returncode)
     built = Path(args.target_dir) / ("debug" if args.profile == "dev" else "release")
@@ -154,6 +162,10 @@ def main() -> None:
     t.add_argument("--depfile")
     t.add_argument("outputs", nargs=1)
     args = parser.parse_args()
+    if args.command != "list-sources":
+        # cargo runs in the source tree (cargo_cwd): paths given relative to here stay right.
+        args.target_dir = os.path.abspath(args.target_dir)
+        args.manifest_path = os.path.abspath(args.manifest_path)
     if args.command == "list-sources":
         list_sources(args.srcdir)
     elif args.command == "build-bin":

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
 """One version number: meson.build's project version must be Cargo.toml's package version, and
 the built library's SONAME must carry meson.build's soversion."""
 

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
 """meson install script: generates qbitmap's manual pages and shell completions with the built
 binary's hidden `generate` command (from its clap definition) and installs them.
 

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Staged-install test: `meson install --destdir` into a temporary directory, then check the
 installed files and build a program from them with nothing but pkg-config, as a packager's user
 would. Run by `meson test` (suite 'install'); HBITMAP_KEEP_STAGE=1 keeps the directory."""
@@ -108,6 +109,8 @@ def check_pkg_config(args, stage: Path, libdir: Path, env: dict) -> None:
     text = pc.read_text()
     check(re.search(r"^Name: hbitmap$", text, re.M), "hbitmap.pc has no 'Name: hbitmap'")
     check(re.search(r"^Libs: .*-lhbitmap\b", text, re.M), "hbitmap.pc Libs lack -lhbitmap")
+    check(re.search(r"^license=GPL-2\.0-or-later$", text, re.M),
+          "hbitmap.pc does not give the license (license=GPL-2.0-or-later)")
     version = run([args.pkg_config, "--modversion", "hbitmap"], env=env).strip()
     check(version == args.version, f"pkg-config says version {version}, not {args.version}")
 

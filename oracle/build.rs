@@ -1,11 +1,16 @@
-//! Builds the C oracles of the differential tests when `../shared/reference` is there (the
-//! project's development and CI machines):
-//! - the original `util/hbitmap.c` (QEMU 4.0), linked with `qemu_`-prefixed names, cfg `oracle`;
+// SPDX-License-Identifier: GPL-2.0-or-later
+
+//! Builds the C oracles of the differential tests:
+//! - the original `util/hbitmap.c` (QEMU 4.0), linked with `qemu_`-prefixed names, cfg `oracle`,
+//!   when `../shared/reference` is there (the project's development and CI machines);
 //! - QEMU 10.0.2's `util/hbitmap.c` (current QEMU's API), linked with `qemu10_`-prefixed names,
-//!   cfg `oracle_qemu10`.
+//!   cfg `oracle_qemu10`: by `../shared/reference/build-qemu10.sh` when it is there, else by
+//!   this repository's `tests/qemu10/build-oracle.sh`, which fetches Debian's qemu source
+//!   tarball itself (apt-get; nothing is fetched when `CARGO_NET_OFFLINE` is `true` and the
+//!   tarball is not kept under `target/qemu-sources`).
 //!
-//! Elsewhere (a user's clone) nothing is built, `hbitmap_oracle::AVAILABLE` and
-//! `hbitmap_oracle::qemu10::AVAILABLE_QEMU10` are false, and the tests skip.
+//! When an oracle cannot be built, `hbitmap_oracle::AVAILABLE` or
+//! `hbitmap_oracle::qemu10::AVAILABLE_QEMU10` is false, and the tests skip.
 //!
 //! Environment:
 //! - `HBITMAP_REFERENCE`: the reference folder instead of `../shared/reference`;
@@ -13,7 +18,7 @@
 //!   `libqemu10_hbitmap.a`): linked from there, so that each target folder need not fetch QEMU's
 //!   tarball again. If the folder holds only the tarball, it is built from that tarball into
 //!   `OUT_DIR`;
-//! - `QEMU10_TARBALL`: QEMU's tarball, passed on to `build-qemu10.sh`.
+//! - `QEMU10_TARBALL`: QEMU's tarball, passed on to the build script.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -27,6 +32,7 @@ fn main() {
     println!("cargo::rerun-if-env-changed=HBITMAP_REFERENCE");
     println!("cargo::rerun-if-env-changed=HBITMAP_QEMU10_REFERENCE");
     println!("cargo::rerun-if-env-changed=QEMU10_TARBALL");
+    println!("cargo::rerun-if-env-changed=CARGO_NET_OFFLINE");
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let reference = match env::var_os("HBITMAP_REFERENCE") {
         Some(dir) => PathBuf::from(dir),
@@ -35,7 +41,7 @@ fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
 
     let original = build_original(&reference, &out);
-    let qemu10 = build_qemu10(&reference, &out);
+    let qemu10 = build_qemu10(&reference, &manifest, &out);
     if let Err(why) = &qemu10 {
         println!(
             "cargo::warning=QEMU 10 oracle not built ({why}): its differential tests will skip"
@@ -73,9 +79,9 @@ fn build_original(reference: &Path, out: &Path) -> bool {
     true
 }
 
-/// QEMU 10's, from a folder already built by `build-qemu10.sh`, else by running it into
-/// `OUT_DIR`. The error says why it is missing.
-fn build_qemu10(reference: &Path, out: &Path) -> Result<(), String> {
+/// QEMU 10's, from a folder already built by `build-qemu10.sh` or `build-oracle.sh`, else by
+/// running one of them into `OUT_DIR`. The error says why it is missing.
+fn build_qemu10(reference: &Path, manifest: &Path, out: &Path) -> Result<(), String> {
     let prebuilt = env::var_os("HBITMAP_QEMU10_REFERENCE").map(PathBuf::from);
     let dir = match prebuilt {
         Some(dir) if dir.join("libqemu10_hbitmap.a").is_file() => {
@@ -86,20 +92,35 @@ fn build_qemu10(reference: &Path, out: &Path) -> Result<(), String> {
             dir
         }
         prebuilt => {
-            let script = reference.join("build-qemu10.sh");
+            let shared = reference.join("build-qemu10.sh");
+            println!("cargo::rerun-if-changed={}", shared.display());
+            let own = manifest.join("../tests/qemu10/build-oracle.sh");
+            let script = if shared.exists() { shared } else { own };
             println!("cargo::rerun-if-changed={}", script.display());
-            if !script.exists() {
-                return Err(format!("no {}", script.display()));
-            }
             let dir = out.join("reference-qemu10");
             let mut command = Command::new("bash");
             command.arg(&script).arg(&dir);
+            // The same tarball, whichever script: the shared one reads QEMU10_TARBALL,
+            // fetch-qemu-source.sh QEMU_TARBALL.
+            let mut tarball = env::var_os("QEMU10_TARBALL").map(PathBuf::from);
             // A tarball kept beside an unbuilt HBITMAP_QEMU10_REFERENCE saves the download.
             let kept = prebuilt.map(|prebuilt| prebuilt.join(QEMU10_TARBALL));
-            if let Some(tarball) = kept.filter(|tarball| tarball.is_file()) {
-                if env::var_os("QEMU10_TARBALL").is_none() {
-                    command.env("QEMU10_TARBALL", tarball);
+            if tarball.is_none() {
+                tarball = kept.filter(|tarball| tarball.is_file());
+            }
+            if tarball.is_none() && env::var("CARGO_NET_OFFLINE").as_deref() == Ok("true") {
+                let cached = manifest.join("../target/qemu-sources").join(QEMU10_TARBALL);
+                if !cached.is_file() {
+                    return Err(format!(
+                        "CARGO_NET_OFFLINE is true and {} is not kept",
+                        cached.display()
+                    ));
                 }
+                tarball = Some(cached);
+            }
+            if let Some(tarball) = tarball {
+                command.env("QEMU10_TARBALL", &tarball);
+                command.env("QEMU_TARBALL", &tarball);
             }
             match command.status() {
                 Ok(status) if status.success() => dir,

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! QEMU's hierarchical dirty bitmap (`util/hbitmap.c`) in Rust, with a drop-in C ABI.
 //!
 //! Layers, each in its own module:

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Serialization of the last level in QEMU's format: little-endian 64-bit words, independent of
 //! the host's word size, in chunks aligned to `64 << granularity` items. Only the last level is
 //! stored; [`HBitmap::deserialize_finish`] rebuilds the summary levels.

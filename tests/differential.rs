@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Differential tests: random operation sequences run on this library's C ABI
 //! (`hbitmap::ffi::hbitmap_*`) and on the original C `util/hbitmap.c` (built by the
 //! `hbitmap-oracle` crate from `../shared/reference` with `qemu_`-prefixed names), comparing every

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Differential tests against QEMU 10.0.2's `util/hbitmap.c` (current QEMU's API, unchanged since
 //! QEMU 7.2), built by the `hbitmap-oracle` crate with `qemu10_`-prefixed names: random sequences
 //! of that API's operations run on this library's C ABI (`hbitmap::ffi::*`, the `_qemu10`
@@ -45,7 +47,7 @@ fn skip() -> bool {
         "the differential tests against QEMU 10",
         &format!(
             "QEMU 10's hbitmap.c was not built ({}); set HBITMAP_QEMU10_REFERENCE to a folder \
-             built by ../shared/reference/build-qemu10.sh",
+             built by tests/qemu10/build-oracle.sh (or ../shared/reference/build-qemu10.sh)",
             oracle::MISSING_QEMU10
         ),
     );

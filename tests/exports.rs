@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The shared library is a drop-in for QEMU's util/hbitmap.c: it exports every function of the
 //! original, nothing but the library's own C API, under the SONAME libhbitmap.so.1.
 //!

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The `try_` methods: each returns the broken precondition its panicking counterpart panics on,
 //! and changes nothing, so bindings can refuse bad arguments without aborting their host.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Memory footprint of huge, sparse bitmaps, read from the process's anonymous RSS: creating one
 //! costs nothing until bits are set, and moving one through (de)serialization or `reset_all`
 //! costs memory for its dirty part only. One test, so nothing else allocates meanwhile.

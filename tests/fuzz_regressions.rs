@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Replays the committed fuzz regression inputs (`fuzz/regressions/<target>/`) through the same
 //! harness code the libFuzzer targets run (`fuzz/src/harness.rs`, included here), without
 //! libFuzzer. Inputs of known, unfixed library bugs are listed in `KNOWN_FAILURES` and replayed

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The committed C header, `include/hbitmap.h`, is exactly what cbindgen generates from
 //! `src/ffi/` today. build.rs writes the generated header to `OUT_DIR` on every build (an
 //! integration test cannot see that directory), so this test regenerates it with the same

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Items at or past 2^63 through the Rust API. The original's C returns items as `int64_t`, so
 //! there they read as negative ("none"); the Rust API returns them as they are. The C ABI keeps
 //! the original's results (the differential test compares them).

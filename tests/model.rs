@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Model-based tests of the safe Rust API (`hbitmap::HBitmap`) against a plain per-group
 //! `Vec<bool>` model; no oracle needed.
 //!

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The qcow2 API on its own: create, store, load, flags, merge, errors, fault recovery.
 mod qcow2_util;
 

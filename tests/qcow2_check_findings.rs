@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! `check` and `check -r` on images whose damage lies in the guest data map or the refcounts'
 //! edges, compared figure by figure with `qemu-img check` on the same file: OFLAG_COPIED
 //! flags that disagree with the refcounts, reserved bits in L1 and L2 entries, refcounts past

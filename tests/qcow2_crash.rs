@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Crash consistency: a change is interrupted after each of its writes in turn (CrashIo), and
 //! every intermediate image must open with the old or the new bitmaps, with no corruption for
 //! `qemu-img check` (leaks allowed).

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Fault injection: every write and every flush of each change to an image fails in turn, with
 //! `ENOSPC` and with `EIO` (FailingIo, one-shot faults). After each fault the error carries the
 //! OS error, the file holds exactly the old or exactly the new bitmaps (which one is fixed by

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The C ABI of the qcow2 layer, called as C would call it.
 mod qcow2_util;
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Interoperation with QEMU 10's tools, both ways:
 //! - bitmaps QEMU made (qemu-img bitmap, and qemu-storage-daemon tracking guest writes through
 //!   NBD) read by us give exactly the extents QEMU exports (qemu-nbd -B + nbdinfo --map);

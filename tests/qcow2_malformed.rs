@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Hand-made malformed images: each is refused (for reading, or for writing where QEMU would
 //! only refuse to write) with a message naming what is wrong, the file is left unchanged, and
 //! memory stays bounded whatever the sizes in the file claim.

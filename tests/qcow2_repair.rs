@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! `check -r` in the library: what the check finds, what each repair mode changes and refuses,
 //! and crash consistency: each repair is interrupted after each of its writes in turn
 //! (CrashIo); every intermediate image must be at least as usable as before (no more

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Package hbitmap reads and edits the persistent dirty bitmaps of qcow2 images offline (the
 // disks of a stopped VM), and builds bitmaps in memory in QEMU's format, through libhbitmap's
 // C library (cgo, found with pkg-config as "hbitmap").

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: GPL-2.0-or-later */
 /*
  * Replaces QEMU's include/qemu/hbitmap.h: the hierarchical bitmap is libhbitmap's, in
  * current QEMU's API (HBITMAP_QEMU_API 10). See contrib/qemu/README.md.

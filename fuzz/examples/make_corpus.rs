@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Writes seed images for `qcow2_open` and `qcow2_mutate`: every cluster size from 512 B to
 //! 2 MiB, with a few bitmaps, small virtual sizes so the files stay small.
 //!

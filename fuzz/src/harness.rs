@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Fuzz harness logic shared by the libFuzzer targets (`fuzz/fuzz_targets/`) and the plain
 //! regression test `tests/fuzz_regressions.rs` (which includes this file with `#[path]`).
 //! Depends only on `hbitmap`, `hbitmap-testkit` and `std`: inputs are decoded with the small

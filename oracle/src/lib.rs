@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The original C `util/hbitmap.c`, prefixed `qemu_`, as an oracle for differential tests;
 //! QEMU 10.0.2's, prefixed `qemu10_`, in [`qemu10`].
 //!

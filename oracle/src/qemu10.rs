@@ -1,5 +1,8 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! QEMU 10.0.2's `util/hbitmap.c` (current QEMU's API, unchanged since QEMU 7.2), built by
-//! `../shared/reference/build-qemu10.sh` with every name prefixed `qemu10_`.
+//! `../shared/reference/build-qemu10.sh` or, without it, by `tests/qemu10/build-oracle.sh`
+//! (from Debian's qemu source tarball), with every name prefixed `qemu10_`.
 //!
 //! [`AVAILABLE_QEMU10`] says whether it was built; when it was not, [`MISSING_QEMU10`] says
 //! why, the functions below are stubs that panic, and tests must skip.

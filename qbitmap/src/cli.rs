@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The command line: clap's derive structures and the value parsers they use.
 
 use std::ffi::OsString;

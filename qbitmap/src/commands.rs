@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! One function per subcommand: open the image, call the library, print.
 
 use std::io::{self, Read, Write};

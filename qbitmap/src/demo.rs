@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! `qbitmap demo`: a self-checking tour of persistent dirty bitmaps, with no QEMU needed.
 //!
 //! Creates a sparse 1 TiB qcow2 image, tracks a simulated guest's writes in an HBitmap, stores

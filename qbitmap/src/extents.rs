@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Dirty extents: from an [`HBitmap`], and from imported JSON back into one.
 
 use std::ops::Range;

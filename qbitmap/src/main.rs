@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! `qbitmap`: inspect and edit the persistent dirty bitmaps of qcow2 images.
 //!
 //! The work is done by the `hbitmap` library (`hbitmap::qcow2`); this binary parses arguments,

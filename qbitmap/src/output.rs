@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! What the commands print: the JSON documents (qemu-img's kebab-case style) and aligned text
 //! tables for people.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Sizes as qemu-img reads and prints them.
 //!
 //! Parsing accepts what `qemu-img` accepts — plain bytes (`512`, `0x200`) or a number with a

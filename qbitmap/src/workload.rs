@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The simulated guest of `qbitmap demo`: the writes a VM with a filesystem makes to its disk.
 //!
 //! Small writes (4 KiB to 64 KiB, 4 KiB-aligned, mostly 4 KiB) go to the places a filesystem

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! End-to-end tests of the `qbitmap` command line: every command, both output formats, every
 //! exit status, and agreement with QEMU's own tools (qemu-img, qemu-io, qemu-nbd + nbdinfo) on
 //! images each side made. Tests needing a QEMU tool print why and pass when it is absent.

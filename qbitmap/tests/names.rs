@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Bitmap names are bytes: every command works on every name QEMU writes (TAB, newline, a
 //! backslash, bytes that are not UTF-8, as `qemu-img bitmap --add` takes them) or reads (a NUL
 //! byte, no byte at all: written into the directory by hand here, as no QEMU tool makes them),

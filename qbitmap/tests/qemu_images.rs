@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Images made or accepted by QEMU 10's own tools (qemu-img, qemu-io), handled by `qbitmap` as
 //! QEMU handles them or more strictly: internal snapshots, unknown incompatible features, in-use
 //! bitmaps whose table is gone, QEMU's default granularity, padding bits QEMU writes, bitmap

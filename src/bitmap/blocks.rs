@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Sets of blocks of last-level words, a bit per block.
 
 use std::ops::Range;

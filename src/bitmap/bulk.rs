@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The one door into the last level's words for bulk work: serialization reads and writes runs
 //! of words through it, and an image loader fills a fresh bitmap through [`Filling`]. Both keep
 //! the bitmap's invariants here: the summaries (dirty and full-block) follow every write or are

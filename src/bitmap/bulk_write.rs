@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Bulk writes into bitmap memory and into callers' buffers: copies and clears of whole
 //! serialized chunks that prefault what they will write, stream past the cache when large, and
 //! leave clean pages of a bitmap unwritten so they stay unbacked.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The full-block summary: which 64-word blocks of the last level are all ones.
 //!
 //! Level 0 has one bit per block of 64 words of the bitmap's last level, set iff every word of

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Iteration over dirty groups, word by word through the summary levels.
 //!
 //! The cursor state (`pos`, `cur`) is the same as in QEMU's `HBitmapIter`, so the C ABI layer

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Merging bitmaps: `result = a | b`, in place or into a third bitmap. The original's merge
 //! takes bitmaps of one geometry; current QEMU's also takes bitmaps of equal size in items
 //! and different granularities.

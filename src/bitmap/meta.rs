@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Ownership of a meta bitmap. Its parent owns it, and the C ABI hands out a pointer to it that
 //! QEMU's migration code uses between writes to the parent (`hbitmap_reset(meta, ...)` after
 //! sending a chunk). So the meta bitmap lives at a fixed heap address for its whole life and is

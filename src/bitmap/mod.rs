@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The hierarchical bitmap itself: storage, set/reset with upward propagation, queries, resize,
 //! merge and meta bitmaps.
 //!

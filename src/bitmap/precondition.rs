@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Broken preconditions: what the original guards with `assert()`.
 //!
 //! Checks return a `Violation` holding the offending values; it is formatted only when reported,

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Searching: the next clean group and the next dirty extent.
 
 use super::{iter, HBitmap, Violation, BITS_PER_LEVEL, LAST};

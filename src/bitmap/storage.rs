@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The memory behind each level: a zero-initialized, resizable array of words.
 //!
 //! Small levels live on the heap. Large ones (the last level of any sizable bitmap) are private

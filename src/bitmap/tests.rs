@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Unit tests of the core against hand-worked examples and a plain bit vector.
 
 use super::*;

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Setting and resetting ranges of groups, level by level.
 //!
 //! Each level is updated over a bit range; a change is propagated to the level above over the

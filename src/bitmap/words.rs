@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Whole-array word loops: popcounts and summaries over the last level.
 //!
 //! These run over every word of a bitmap (deserialize_finish, merge, recount), so they are

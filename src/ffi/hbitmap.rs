@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! `hbitmap_*`: the functions of QEMU's `util/hbitmap.c`, with the same names and signatures.
 
 use std::ptr;

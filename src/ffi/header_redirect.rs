@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Shared by build.rs, which writes the header, and tests/header.rs, which checks it (through
 // include!): it is not a module of the crate.
 

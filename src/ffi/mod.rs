@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The C ABI: QEMU's `include/qemu/hbitmap.h`, drop-in, in both of its generations.
 //!
 //! `hbitmap.rs` holds what both share; `original.rs` what only the original API (QEMU 4.0) has

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The functions of the original API (QEMU 4.0's `util/hbitmap.c`) whose signature or meaning
 //! current QEMU changed or dropped. The header declares them unless `HBITMAP_QEMU_API` is
 //! defined; their current counterparts are in `qemu10.rs`.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! `hbitmap_qcow2_*`: persistent dirty bitmaps in qcow2 images (`hbitmap::qcow2`) for C.
 //!
 //! The conventions (negative errno values and what each means, error messages, NULL

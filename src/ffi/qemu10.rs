@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The functions of current QEMU's API (`include/qemu/hbitmap.h` of QEMU 7.2 to 10) that the
 //! original API lacks or has with another signature or meaning. Those that replace an original
 //! function are exported as `<name>_qemu10`; the header declares them under `<name>` when

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Bitmap tables and bitmap data clusters.
 //!
 //! A bitmap table entry is 0 (the cluster reads as all zeros), 1 (all ones) or the offset of a

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Creating a new, empty qcow2 image, laid out as `qemu-img create -f qcow2` lays it out.
 #![forbid(unsafe_code)]
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The error type of the qcow2 layer.
 #![forbid(unsafe_code)]
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The qcow2 header (versions 2 and 3, big-endian), its extensions and feature bits.
 //!
 //! The header is kept as the raw bytes read from the file so that unknown additional fields are

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! I/O on the image file, behind a trait so that tests can inject faults.
 //!
 //! [`FileIo`] is the real thing. [`FailingIo`] fails chosen operations (an OS error such as

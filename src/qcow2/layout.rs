@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Reading and validating an image's structures: header, refcounts, the metadata map (L1/L2
 //! tables of the active disk and of every snapshot, refcount table and blocks, snapshot table
 //! and snapshot L1 tables, LUKS header) here, and the bitmaps extension with its directory,

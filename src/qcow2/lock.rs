@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! QEMU's image locking: open-file-description (OFD) byte-range locks on the image file.
 //!
 //! QEMU's `file-posix` driver (`raw_apply_lock_bytes` / `raw_check_lock_bytes`) takes a shared

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Persistent dirty bitmaps in qcow2 images: the qcow2 "bitmaps" header extension, read and
 //! written offline, interoperating with QEMU 10.
 //!

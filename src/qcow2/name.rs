@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Bitmap names: bytes, as qcow2 stores them.
 //!
 //! QEMU writes any bytes it is given (TAB, newline, bytes that are not UTF-8) and reads any it

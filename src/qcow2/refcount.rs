@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Cluster reference counts: the refcount table and refcount blocks, for every refcount width
 //! (`refcount_order` 0 to 6, 1 to 64 bits), allocation and freeing.
 //!

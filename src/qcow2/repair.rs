@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Reference counting over the whole image, as `qemu-img check` does it, and the repairs of
 //! `check -r leaks|all`.
 //!

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! How an [`Image`] writes: allocation of new clusters (refcounts first), the header switch
 //! that commits a change, and recovery when a write fails before it (the new clusters freed
 //! again, or the handle poisoned when that is not possible). The public operations in `mod.rs`

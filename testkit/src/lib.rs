@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The helpers that `hbitmap`'s tests, benchmarks and fuzz targets share, so that each exists
 //! once: a deterministic random generator ([`Rng`]), a naive model of the searches on the last
 //! level's words ([`model`]), readers and patchers of qcow2 fields in an image's bytes

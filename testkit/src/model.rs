@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The expected results of the searches, computed naively from the last level's words, with
 //! the semantics of later QEMU (the size used is the current one, and the group size is 64 bits
 //! wide). Models that keep one flag per group read their words through [`word_of`].

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! qcow2 images as bytes: the open options every test uses, big-endian field readers and
 //! patchers, the header extensions, and the fields a structure-aware fuzzer may mutate.
 //!

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The one pseudo-random generator of the tests, benchmarks and fuzz helpers.
 
 /// SplitMix64: small, fast and good enough to drive random operation sequences.

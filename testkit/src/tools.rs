@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The external programs tests run (QEMU's tools, nbdinfo) and what a test does without them.
 //!
 //! A user's clone may lack them: a test then says it is skipped and passes. The README's test

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Helpers shared by the qcow2 tests: scratch directories, QEMU's tools, a tiny QMP client and
 //! random bitmaps.
 #![allow(dead_code)]

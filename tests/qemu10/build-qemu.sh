@@ -1,24 +1,30 @@
 #!/usr/bin/env bash
-# Builds QEMU 10.0.2 from its source tarball with util/hbitmap.c taken out and libhbitmap linked
-# in its place, as a packager would (contrib/qemu/), plus what QEMU's dirty-bitmap iotests need.
+# SPDX-License-Identifier: GPL-2.0-or-later
+# Builds QEMU (10.0.2, or another version of versions.sh) from its source tarball with
+# util/hbitmap.c taken out and libhbitmap linked in its place, as a packager would
+# (contrib/qemu/), plus what QEMU's dirty-bitmap iotests need.
 #
-#   build-qemu.sh TARBALL LIBHBITMAP_PREFIX WORKDIR
+#   build-qemu.sh [--qemu VERSION] TARBALL LIBHBITMAP_PREFIX WORKDIR
 #
 # LIBHBITMAP_PREFIX is where `meson install` put libhbitmap (its hbitmap.pc is found there).
 # WORKDIR keeps the patched source and the build: a second run only relinks what changed.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-[[ $# == 3 ]] || { echo "usage: build-qemu.sh TARBALL LIBHBITMAP_PREFIX WORKDIR" >&2; exit 2; }
+. "$here/versions.sh"
+version=$qemu_default_version
+if [[ ${1:-} == --qemu ]]; then version=${2:?--qemu needs a version}; shift 2; fi
+[[ $# == 3 ]] || { echo "usage: build-qemu.sh [--qemu VERSION] TARBALL LIBHBITMAP_PREFIX WORKDIR" >&2; exit 2; }
+qemu_version "$version"
 tarball=$(realpath "$1"); prefix=$(realpath "$2"); mkdir -p "$3"; work=$(realpath "$3")
-src=$work/qemu-10.0.2
+src=$work/$qemu_top
 build=$src/build
 
 if [[ ! -f $src/.libhbitmap-patched ]]; then
   rm -rf "$src"
   tar -xJf "$tarball" -C "$work"
   # The packager's change: util/hbitmap.c out, dependency('hbitmap') in, QEMU's header replaced.
-  patch -s -p1 -d "$src" < "$repo/contrib/qemu/qemu-10-use-libhbitmap.patch"
+  patch -s -p1 -d "$src" < "$repo/contrib/qemu/$qemu_patch"
   cp "$repo/contrib/qemu/hbitmap.h" "$src/include/qemu/hbitmap.h"
   rm "$src/util/hbitmap.c"
   # What this build environment needs, not the packager's change: the Debian (+ds) tarball has
@@ -38,7 +44,8 @@ if [[ ! -f $build/build.ninja ]]; then
   mkdir -p "$build"
   (cd "$build" && ../configure --target-list=x86_64-softmmu --disable-tcg --enable-tools \
       --enable-zstd --enable-fdt=system --disable-docs --disable-werror --disable-guest-agent \
-      --disable-rust --disable-install-blobs --firmwarepath=/usr/share/seabios \
+      "${qemu_configure[@]}" ${qemu_meson:+--meson="$qemu_meson"} \
+      --disable-install-blobs --firmwarepath=/usr/share/seabios \
       --without-default-devices --with-devices-x86_64=libhbitmap-iotests \
       --extra-ldflags="-Wl,-rpath,$libdir" >"$work/configure.log" 2>&1) \
     || { tail -n 40 "$work/configure.log" >&2; exit 1; }
@@ -55,4 +62,4 @@ bundle=$build/qemu-bundle
 mkdir -p "$bundle/usr/share" "$bundle/usr/local/share/qemu"
 ln -sfn /usr/share/seabios "$bundle/usr/share/seabios"
 ln -sf "$build"/pc-bios/optionrom/*.bin "$bundle/usr/local/share/qemu/"
-echo "QEMU 10.0.2 built against libhbitmap ($libdir) in $build"
+echo "QEMU $version built against libhbitmap ($libdir) in $build"

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Checks that include/hbitmap.h, with HBITMAP_QEMU_API defined to 10, declares exactly the
-functions of QEMU 10's include/qemu/hbitmap.h, with the same types.
+functions of current QEMU's include/qemu/hbitmap.h (7.2 to 10), with the same types.
 
     check_header.py QEMU_HBITMAP_H STAND_IN_DIR OUR_INCLUDE_DIR
 
@@ -70,15 +71,15 @@ _Static_assert(offsetof(HBitmapIter, cur) == 24, "cur");
 _Static_assert(sizeof(((HBitmapIter *)0)->cur) / sizeof(unsigned long) == HBITMAP_LEVELS, "levels");
 _Static_assert(BITS_PER_LEVEL == 6 && HBITMAP_LOG_MAX_SIZE == 41 && HBITMAP_LEVELS == 7, "macros");
 """
-        probe.write_text(prologue + "\n/* QEMU 10's prototypes, verbatim */\n" + checks + layout)
+        probe.write_text(prologue + "\n/* QEMU's prototypes, verbatim */\n" + checks + layout)
         out = run(["cc", "-std=gnu11", "-Wall", "-Werror", "-c", "-o", "/dev/null",
                    "-I", str(stand_in), "-I", str(ours), str(probe)])
         if out.returncode:
-            print(f"QEMU 10's prototypes conflict with ours:\n{out.stderr}")
+            print(f"QEMU's prototypes conflict with ours:\n{out.stderr}")
             failed = True
     if failed:
         sys.exit(1)
-    print(f"mode 10 header: the {len(qemu_names)} functions of QEMU 10's header, same types, "
+    print(f"mode 10 header: the {len(qemu_names)} functions of QEMU's header, same types, "
           f"same HBitmapIter layout and macros")
 
 

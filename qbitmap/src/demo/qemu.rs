@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The demo's cross-check with QEMU: `qemu-img check` must find no errors, and `qemu-img info`
 //! must list the same virtual size, cluster size and bitmaps as qbitmap does.
 

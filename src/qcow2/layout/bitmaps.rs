@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The bitmaps extension over the metadata map: its directory and each entry against QEMU's
 //! rules, then every bitmap's table and data clusters against each other, the rest of the
 //! metadata and guest data. What is wrong with a bitmap marked in use is only a warning.

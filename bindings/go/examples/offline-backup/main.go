@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Command offline-backup is the checkpoint flow of an incremental backup (KubeVirt's, for a
 // stopped VM) over the qcow2 disks of a VM, through the hbitmap package:
 //

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 // Package cbench is the baseline of the binding's benchmarks: the same work done by C code
 // calling the library directly, in one cgo call.
 package cbench
