@@ -122,7 +122,8 @@ pub fn qcow2_open(bytes: &[u8]) {
             || e.contains("L1 table")
             || e.contains("L2 table")
             || e.contains("COPIED")
-            || e.contains("cannot be opened")),
+            || e.contains("cannot be opened")
+            || e.contains("QEMU refuses to open the image")),
         "open succeeded but check found errors: {:?}",
         report.errors
     );

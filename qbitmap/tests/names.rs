@@ -6,13 +6,13 @@
 //! addressed by its raw bytes or by the escaped form `list` prints; JSON output keeps every name
 //! exactly. The test against QEMU's tools prints why and passes when they are absent.
 
-use hbitmap_testkit::tools::have;
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use hbitmap_testkit::tools::have;
 use serde_json::Value;
 use tempfile::TempDir;
 

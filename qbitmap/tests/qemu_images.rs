@@ -7,13 +7,13 @@
 //! Each case compares `qbitmap check` with `qemu-img check` on the same image. Tests print why
 //! and pass when a QEMU tool is absent.
 
-use hbitmap_testkit::tools::have;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use hbitmap_testkit::qcow2::{be64, bitmaps_extension, directory_entry, extensions, put64};
+use hbitmap_testkit::tools::have;
 use serde_json::Value;
 use tempfile::TempDir;
 
