@@ -34,12 +34,18 @@ impl HBitmap {
     /// # Panics
     /// When the bitmap is not serializable.
     pub fn serialization_align(&self) -> u64 {
-        assert!(
-            self.is_serializable(),
-            "HBitmap::serialization_align: granularity {} is not below 58",
-            self.granularity()
-        );
-        64 << self.granularity()
+        self.try_serialization_align()
+            .unwrap_or_else(|why| panic!("HBitmap::serialization_align: {why}"))
+    }
+
+    /// [`serialization_align`](Self::serialization_align), returning the broken precondition
+    /// instead of panicking.
+    pub fn try_serialization_align(&self) -> Result<u64, Violation> {
+        if self.is_serializable() {
+            Ok(64 << self.granularity())
+        } else {
+            Err(Violation::NotSerializable(self.granularity()))
+        }
     }
 
     /// Checks a chunk (item range) and returns the range of last-level words it covers.

@@ -88,6 +88,11 @@ fn violations_are_returned_and_nothing_changes() {
         }
     );
     assert_eq!(bitmap.try_serialization_size(0, 1000), Ok(16));
+    assert_eq!(bitmap.try_serialization_align(), Ok(512));
+    assert_eq!(
+        HBitmap::new(1 << 20, 58).unwrap().try_serialization_align(),
+        Err(Violation::NotSerializable(58))
+    );
     let mut other = HBitmap::new(2000, 3).unwrap();
     assert_eq!(
         bitmap.try_union_with(&other),
@@ -140,6 +145,13 @@ fn panics_carry_the_same_violation() {
     assert_eq!(
         message,
         format!("HBitmap::set: {}", sample().try_set(990, 20).unwrap_err())
+    );
+    let message = panic_message(|| {
+        HBitmap::new(1 << 20, 60).unwrap().serialization_align();
+    });
+    assert_eq!(
+        message,
+        "HBitmap::serialization_align: granularity 60 is not below 58: not serializable"
     );
     let message = panic_message(|| sample().serialize_part(&mut [0u8; 4], 0, 512));
     assert_eq!(

@@ -5,8 +5,10 @@
 //! images each side made. Tests needing a QEMU tool print why and pass when it is absent.
 
 use std::fs;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command as StdCommand, Stdio};
+use std::process::{Child, Command as StdCommand, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use assert_cmd::cargo::cargo_bin_cmd;
@@ -1042,15 +1044,51 @@ impl NbdServer {
             .spawn()
             .unwrap();
         let mut server = NbdServer { child, socket };
+        server.wait_until_serving();
+        server
+    }
+
+    /// Waits until the server greets a client. qemu-nbd creates its socket file a moment before
+    /// it listens on it (a client that only waits for the file can be refused), and listens
+    /// before it opens the image (a connection is then queued, not served): the NBD greeting
+    /// comes from its main loop, with the image open (an auto bitmap marked in use) and SIGTERM
+    /// handled. The servers are persistent (`-t`), so the probe connection costs nothing.
+    fn wait_until_serving(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !server.socket.exists() {
-            if let Some(status) = server.child.try_wait().unwrap() {
+        loop {
+            if let Ok(mut probe) = UnixStream::connect(&self.socket) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                probe
+                    .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                    .unwrap();
+                let mut magic = [0u8; 8];
+                if probe.read_exact(&mut magic).is_ok() {
+                    assert_eq!(&magic, b"NBDMAGIC", "not an NBD server");
+                    return;
+                }
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("qemu-nbd exited early: {status}");
             }
             assert!(Instant::now() < deadline, "qemu-nbd did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        server
+    }
+
+    /// Stops the server with SIGTERM (a clean shutdown: QEMU stores its bitmaps), or with
+    /// SIGKILL when SIGTERM has not ended it within 10 s. Returns the exit status and whether
+    /// SIGTERM ended it.
+    fn terminate(&mut self) -> (ExitStatus, bool) {
+        run("kill", &["-TERM", &self.child.id().to_string()]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, true);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        (self.child.wait().unwrap(), false)
     }
 
     /// What `nbdinfo --json --map=qemu:dirty-bitmap:NAME` prints.
@@ -1250,15 +1288,7 @@ fn force_share_reads_an_image_qemu_has_open() {
         .spawn()
         .unwrap();
     let mut server = NbdServer { child, socket };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !server.socket.exists() {
-        assert!(
-            server.child.try_wait().unwrap().is_none(),
-            "qemu-nbd exited"
-        );
-        assert!(Instant::now() < deadline, "qemu-nbd did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    server.wait_until_serving();
     qbitmap()
         .args(["list", s(&path)])
         .assert()
@@ -1273,9 +1303,8 @@ fn force_share_reads_an_image_qemu_has_open() {
     assert_eq!(bitmap(&list, "b")["flags"], json!(["in-use", "auto"]));
     assert_eq!(bitmap(&list, "b")["dirty-bytes"], Value::Null);
     // A clean shutdown (SIGTERM) lets QEMU store the bitmap as it closes the image.
-    let pid = server.child.id().to_string();
-    run("kill", &["-TERM", &pid]);
-    let status = server.child.wait().unwrap();
+    let (status, clean) = server.terminate();
+    assert!(clean, "qemu-nbd ignored SIGTERM and was killed");
     assert!(status.success() || status.code().is_none(), "{status}");
     assert_eq!(bitmap(&list_json(&path), "b")["flags"], json!(["auto"]));
     assert_eq!(extents(&path, "b"), vec![(0, 64 * KIB)]);

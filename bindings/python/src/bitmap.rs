@@ -3,12 +3,10 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use hbitmap::HBitmap;
+use hbitmap::{HBitmap, Violation};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PySlice};
-
-use crate::check::{self, Geometry};
 
 /// Ranges spanning more groups than this, and whole-bitmap work, run with the GIL released.
 const BULK_GROUPS: u64 = 1 << 15;
@@ -16,8 +14,9 @@ const BULK_GROUPS: u64 = 1 << 15;
 /// Extents an iterator computes at a time, with the GIL released.
 const BATCH: usize = 4096;
 
-/// The bitmap behind a Python object. A panic cannot happen under the lock (every precondition
-/// is checked before the core is called), so a poisoned lock still guards a consistent bitmap.
+/// The bitmap behind a Python object. A panic cannot happen under the lock (where a
+/// precondition can fail, the core's `try_` method is called, which checks it before changing
+/// anything), so a poisoned lock still guards a consistent bitmap.
 pub type Shared = Arc<RwLock<HBitmap>>;
 
 fn read(bitmap: &RwLock<HBitmap>) -> RwLockReadGuard<'_, HBitmap> {
@@ -28,8 +27,26 @@ fn write(bitmap: &RwLock<HBitmap>) -> RwLockWriteGuard<'_, HBitmap> {
     bitmap.write().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn value_error(function: &str, why: String) -> PyErr {
+fn value_error(function: &str, why: impl std::fmt::Display) -> PyErr {
     PyValueError::new_err(format!("HBitmap.{function}: {why}"))
+}
+
+/// A broken precondition of the core as the `ValueError` of `HBitmap.{function}`, carrying the
+/// core's message.
+fn violation(function: &'static str) -> impl FnOnce(Violation) -> PyErr {
+    move |why| value_error(function, why)
+}
+
+/// The bitmap's geometry, fixed for its life (the binding exposes no resize), kept beside the
+/// lock so that the getters and the choice of releasing the GIL take no lock.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    /// Size in items.
+    size: u64,
+    /// log2 of the items per group.
+    granularity: u32,
+    /// Groups (bits).
+    groups: u64,
 }
 
 /// QEMU's hierarchical dirty bitmap: `size` items, one bit per group of `2**granularity`
@@ -52,7 +69,11 @@ impl PyHBitmap {
     /// Wraps a bitmap the library made (a loaded qcow2 bitmap).
     pub fn wrap(bitmap: HBitmap) -> PyHBitmap {
         PyHBitmap {
-            geometry: Geometry::of(&bitmap),
+            geometry: Geometry {
+                size: bitmap.size(),
+                granularity: bitmap.granularity(),
+                groups: bitmap.groups(),
+            },
             inner: Arc::new(RwLock::new(bitmap)),
         }
     }
@@ -96,21 +117,30 @@ impl PyHBitmap {
                 > BULK_GROUPS
     }
 
-    /// The chunk `start..start + count` (count defaults to the rest of the bitmap), checked;
-    /// returns its length in items and in serialized bytes.
-    fn chunk(&self, function: &str, start: u64, count: Option<u64>) -> PyResult<(u64, u64)> {
-        let geometry = self.geometry;
+    /// The chunk `start..start + count` (count defaults to the rest of the bitmap), checked by
+    /// the core; returns its length in items and in serialized bytes.
+    fn chunk(
+        &self,
+        py: Python<'_>,
+        function: &'static str,
+        start: u64,
+        count: Option<u64>,
+    ) -> PyResult<(u64, u64)> {
+        let size = self.geometry.size;
         let count = match count {
             Some(count) => count,
-            None => geometry.size.checked_sub(start).ok_or_else(|| {
+            None => size.checked_sub(start).ok_or_else(|| {
                 value_error(
                     function,
-                    format!("start {start} is past the bitmap's size {}", geometry.size),
+                    format!("start {start} is past the bitmap's size {size}"),
                 )
             })?,
         };
-        let bytes =
-            check::chunk(geometry, start, count).map_err(|why| value_error(function, why))?;
+        let bytes = self
+            .with_read(py, false, |bitmap| {
+                bitmap.try_serialization_size(start, count)
+            })
+            .map_err(violation(function))?;
         Ok((count, bytes))
     }
 }
@@ -192,20 +222,18 @@ impl PyHBitmap {
     /// Marks every group touched by `start .. start + count` dirty. A zero count does nothing;
     /// a range ending past the last group raises `ValueError`.
     fn set(&self, py: Python<'_>, start: u64, count: u64) -> PyResult<()> {
-        check::range(self.geometry, start, count).map_err(|why| value_error("set", why))?;
         let bulk = self.is_bulk(start, count);
-        self.with_write(py, bulk, |bitmap| bitmap.set(start, count));
-        Ok(())
+        self.with_write(py, bulk, |bitmap| bitmap.try_set(start, count))
+            .map_err(violation("set"))
     }
 
     /// Marks every group touched by `start .. start + count` clean: a group covered only in
     /// part is cleaned whole (the original's rule). A zero count does nothing; a range ending
     /// past the last group raises `ValueError`.
     fn reset(&self, py: Python<'_>, start: u64, count: u64) -> PyResult<()> {
-        check::range(self.geometry, start, count).map_err(|why| value_error("reset", why))?;
         let bulk = self.is_bulk(start, count);
-        self.with_write(py, bulk, |bitmap| bitmap.reset(start, count));
-        Ok(())
+        self.with_write(py, bulk, |bitmap| bitmap.try_reset(start, count))
+            .map_err(violation("reset"))
     }
 
     /// Marks the whole bitmap clean.
@@ -215,8 +243,8 @@ impl PyHBitmap {
 
     /// Whether the group holding `item` is dirty; `ValueError` past the last group.
     fn get(&self, py: Python<'_>, item: u64) -> PyResult<bool> {
-        check::item(self.geometry, item).map_err(|why| value_error("get", why))?;
-        Ok(self.with_read(py, false, |bitmap| bitmap.get(item)))
+        self.with_read(py, false, |bitmap| bitmap.try_get(item))
+            .map_err(violation("get"))
     }
 
     /// Dirty items: dirty groups times the group size (QEMU's `hbitmap_count`; the last group
@@ -257,22 +285,15 @@ impl PyHBitmap {
     /// Items covered by one serialized 64-bit word: chunk starts and lengths are multiples of it
     /// (`64 << granularity`). `ValueError` when the granularity is 58 or more.
     #[getter]
-    fn serialization_align(&self) -> PyResult<u64> {
-        let granularity = self.geometry.granularity;
-        if granularity < hbitmap::serialize::MAX_SERIALIZABLE_GRANULARITY {
-            Ok(64 << granularity)
-        } else {
-            Err(value_error(
-                "serialization_align",
-                format!("granularity {granularity} is not below 58: not serializable"),
-            ))
-        }
+    fn serialization_align(&self, py: Python<'_>) -> PyResult<u64> {
+        self.with_read(py, false, HBitmap::try_serialization_align)
+            .map_err(violation("serialization_align"))
     }
 
     /// Bytes that serializing the chunk `start .. start + count` takes (`count`: to the end).
     #[pyo3(signature = (start = 0, count = None))]
-    fn serialization_size(&self, start: u64, count: Option<u64>) -> PyResult<u64> {
-        Ok(self.chunk("serialization_size", start, count)?.1)
+    fn serialization_size(&self, py: Python<'_>, start: u64, count: Option<u64>) -> PyResult<u64> {
+        Ok(self.chunk(py, "serialization_size", start, count)?.1)
     }
 
     /// The chunk `start .. start + count` (`count`: to the end) in QEMU's serialization format:
@@ -286,14 +307,14 @@ impl PyHBitmap {
         start: u64,
         count: Option<u64>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let (count, bytes) = self.chunk("serialize", start, count)?;
+        let (count, bytes) = self.chunk(py, "serialize", start, count)?;
         let len = usize::try_from(bytes)
             .map_err(|_| value_error("serialize", format!("{bytes} bytes do not fit memory")))?;
         let inner = &self.inner;
         PyBytes::new_with(py, len, |buf| {
             // The new bytes object is not visible to any other thread yet.
-            py.detach(|| read(inner).serialize_part(buf, start, count));
-            Ok(())
+            py.detach(|| read(inner).try_serialize_part(buf, start, count))
+                .map_err(violation("serialize"))
         })
     }
 
@@ -308,7 +329,7 @@ impl PyHBitmap {
         start: u64,
         count: Option<u64>,
     ) -> PyResult<u64> {
-        let (_, bytes) = self.chunk("serialize_into", start, count)?;
+        let (_, bytes) = self.chunk(py, "serialize_into", start, count)?;
         let view = py
             .import("builtins")?
             .getattr("memoryview")?
@@ -345,7 +366,7 @@ impl PyHBitmap {
         count: Option<u64>,
         finish: bool,
     ) -> PyResult<()> {
-        let (count, bytes) = self.chunk("deserialize", start, count)?;
+        let (count, bytes) = self.chunk(py, "deserialize", start, count)?;
         let data = bytes_of(data)?;
         if data.len() as u64 != bytes {
             return Err(value_error(
@@ -357,9 +378,9 @@ impl PyHBitmap {
             ));
         }
         self.with_write(py, true, |bitmap| {
-            bitmap.deserialize_part(&data, start, count, finish)
-        });
-        Ok(())
+            bitmap.try_deserialize_part(&data, start, count, finish)
+        })
+        .map_err(violation("deserialize"))
     }
 
     /// Rebuilds the summary after `deserialize(..., finish=False)` calls.
@@ -374,13 +395,12 @@ impl PyHBitmap {
         if Arc::ptr_eq(&self.inner, &other.inner) {
             return Ok(());
         }
-        check::union(self.geometry, other.geometry).map_err(|why| value_error("merge", why))?;
         let (target, source) = (&*self.inner, &*other.inner);
         py.detach(|| {
             let (mut target, source) = lock_pair(target, source);
-            target.union_with(&source);
-        });
-        Ok(())
+            target.try_union_with(&source)
+        })
+        .map_err(violation("merge"))
     }
 
     /// An independent copy.

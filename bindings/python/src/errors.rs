@@ -15,12 +15,7 @@ use pyo3::prelude::*;
 pub enum Failure {
     /// The library refused or failed.
     Image(Error),
-    /// An argument the binding checks itself, against an image: raised as an
-    /// `hbitmap.InvalidArgumentError` (a `ValueError` with `errno` `EINVAL`).
-    Argument(String),
-    /// A refusal of the binding's own, with the errno and kind the library would give it.
-    Errno(i32, &'static str, String),
-    /// A precondition of the core, without an image: a plain `ValueError`.
+    /// A misuse of the binding's objects (another image closed): a plain `ValueError`.
     Value(String),
     /// The image was closed.
     Closed,
@@ -63,8 +58,6 @@ fn make(py: Python<'_>, errno: i32, kind: &str, message: &str, path: Option<&Pat
 pub fn to_py(py: Python<'_>, failure: Failure, path: Option<&Path>) -> PyErr {
     match failure {
         Failure::Image(error) => make(py, error.errno(), kind(&error), &error.to_string(), path),
-        Failure::Argument(message) => make(py, libc::EINVAL, "invalid-argument", &message, path),
-        Failure::Errno(errno, kind, message) => make(py, errno, kind, &message, path),
         Failure::Value(message) => PyValueError::new_err(message),
         Failure::Closed => PyValueError::new_err(match path {
             Some(path) => format!("I/O operation on closed image {}", path.display()),

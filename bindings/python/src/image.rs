@@ -19,19 +19,6 @@ fn escaped(name: &[u8]) -> String {
     BitmapName::from(name).escaped()
 }
 
-/// Dirty bytes of a byte-addressed bitmap, clipped to its size (`count` counts the last group
-/// whole even where it passes the end), as `qbitmap list` reports them.
-fn dirty_bytes(bitmap: &HBitmap) -> u64 {
-    let size = bitmap.size();
-    let covered = u128::from(bitmap.groups()) << bitmap.granularity();
-    let overshoot = covered.saturating_sub(u128::from(size)) as u64;
-    if overshoot > 0 && bitmap.get(size - 1) {
-        bitmap.count() - overshoot
-    } else {
-        bitmap.count()
-    }
-}
-
 fn repair_mode(repair: Option<&str>) -> PyResult<Option<RepairMode>> {
     match repair {
         None => Ok(None),
@@ -223,59 +210,6 @@ impl PyImage {
         Failure::Image(Error::NotFound(escaped(name)))
     }
 
-    /// `set` and `reset` of a byte range.
-    fn edit_range(
-        &self,
-        py: Python<'_>,
-        name: Vec<u8>,
-        offset: u64,
-        length: u64,
-        dirty: bool,
-    ) -> PyResult<()> {
-        self.run(py, move |image| {
-            let info = image
-                .bitmap(&name)
-                .ok_or_else(|| Self::not_found(&name))?
-                .clone();
-            let shown = escaped(&name);
-            let virtual_size = image.virtual_size();
-            let end = offset
-                .checked_add(length)
-                .filter(|&end| end <= virtual_size)
-                .ok_or_else(|| {
-                    Failure::Argument(format!(
-                        "bitmap '{shown}': range offset {offset} length {length} ends past the \
-                         virtual size of {virtual_size} bytes"
-                    ))
-                })?;
-            if info.in_use {
-                return Err(Failure::Image(Error::InUse(format!(
-                    "cannot change bitmap '{shown}': it is marked in use (it was not saved \
-                     properly, so its content may be inconsistent); clear or remove it"
-                ))));
-            }
-            let granule = info.granularity;
-            if !dirty && (offset % granule != 0 || !(end % granule == 0 || end == virtual_size)) {
-                return Err(Failure::Argument(format!(
-                    "bitmap '{shown}': range offset {offset} length {length} is not aligned to \
-                     the granularity ({granule} bytes): resetting it would also mark clean \
-                     bytes outside it"
-                )));
-            }
-            if length == 0 {
-                return Ok(());
-            }
-            image.edit_bitmap(&name, |bitmap| {
-                if dirty {
-                    bitmap.set(offset, length);
-                } else {
-                    bitmap.reset(offset, length);
-                }
-            })?;
-            Ok(())
-        })
-    }
-
     /// Reads a bitmap, refusing one in use unless `force`.
     fn read(image: &Image, name: &[u8], force: bool) -> Result<HBitmap, Failure> {
         let info = image.bitmap(name).ok_or_else(|| Self::not_found(name))?;
@@ -400,11 +334,11 @@ impl PyImage {
     fn bitmaps(&self, py: Python<'_>) -> PyResult<Vec<PyBitmapInfo>> {
         self.run(py, |image| {
             let mut out = Vec::with_capacity(image.bitmaps().len());
-            for info in image.bitmaps() {
+            for (index, info) in image.bitmaps().iter().enumerate() {
                 let dirty_bytes = if info.in_use {
                     None
                 } else {
-                    Some(dirty_bytes(&image.inspect_bitmap(&info.name)?))
+                    Some(image.dirty_bytes_at(index)?)
                 };
                 out.push(PyBitmapInfo {
                     name: info.name.as_bytes().to_vec(),
@@ -487,47 +421,12 @@ impl PyImage {
         exist_ok: bool,
     ) -> PyResult<()> {
         self.run(py, move |image| {
-            let name = name.0;
             let granularity = granularity.unwrap_or_else(|| image.default_granularity());
-            if let Some(existing) = image.bitmap(&name) {
-                if !exist_ok {
-                    return Err(Error::Exists(escaped(&name)).into());
-                }
-                let mut differences = Vec::new();
-                if existing.granularity != granularity {
-                    differences.push(format!(
-                        "its granularity is {}, not {granularity}",
-                        existing.granularity
-                    ));
-                }
-                if existing.auto == disabled {
-                    differences.push(
-                        if existing.auto {
-                            "it is enabled"
-                        } else {
-                            "it is disabled"
-                        }
-                        .to_string(),
-                    );
-                }
-                if existing.in_use {
-                    differences.push("it is in use (inconsistent)".to_string());
-                }
-                if !differences.is_empty() {
-                    return Err(Failure::Errno(
-                        libc::EEXIST,
-                        "exists",
-                        format!(
-                            "a bitmap named '{}' already exists and differs from the one \
-                             requested: {}",
-                            escaped(&name),
-                            differences.join(", ")
-                        ),
-                    ));
-                }
-                return Ok(());
+            if exist_ok {
+                image.ensure_bitmap(&name.0, granularity, !disabled)?;
+            } else {
+                image.add_bitmap(&name.0, granularity, !disabled)?;
             }
-            image.add_bitmap(&name, granularity, !disabled)?;
             Ok(())
         })
     }
@@ -648,14 +547,18 @@ impl PyImage {
     /// (whole granules). A range past the virtual size raises `hbitmap.InvalidArgumentError`
     /// (a `ValueError`); nothing is written then.
     fn set(&self, py: Python<'_>, name: Name, offset: u64, length: u64) -> PyResult<()> {
-        self.edit_range(py, name.0, offset, length, true)
+        self.run(py, move |image| {
+            Ok(image.set_range(&name.0, offset, length, true)?)
+        })
     }
 
     /// Marks the bytes `offset .. offset + length` clean in bitmap `name`. The range must cover
     /// whole granules (or end at the virtual size): `hbitmap.InvalidArgumentError` otherwise,
     /// as resetting it would also clean bytes outside it.
     fn reset(&self, py: Python<'_>, name: Name, offset: u64, length: u64) -> PyResult<()> {
-        self.edit_range(py, name.0, offset, length, false)
+        self.run(py, move |image| {
+            Ok(image.set_range(&name.0, offset, length, false)?)
+        })
     }
 
     /// Creates or replaces bitmap `name` from `extents`, an iterable of `(offset, length)` in
@@ -676,38 +579,12 @@ impl PyImage {
             ranges.push((offset, length));
         }
         self.run(py, move |image| {
-            let name = name.0;
-            let shown = escaped(&name);
-            let virtual_size = image.virtual_size();
-            let existing = image.bitmap(&name).cloned();
-            let granularity = granularity
-                .or(existing.as_ref().map(|e| e.granularity))
-                .unwrap_or_else(|| image.default_granularity());
-            if !granularity.is_power_of_two() {
-                return Err(Failure::Argument(format!(
-                    "bitmap '{shown}': granularity {granularity} is not a power of two"
-                )));
-            }
-            for &(offset, length) in &ranges {
-                if offset
-                    .checked_add(length)
-                    .is_none_or(|end| end > virtual_size)
-                {
-                    return Err(Failure::Argument(format!(
-                        "bitmap '{shown}': extent offset {offset} length {length} ends past the \
-                         virtual size of {virtual_size} bytes"
-                    )));
-                }
-            }
-            let mut bitmap = HBitmap::new(virtual_size, granularity.trailing_zeros())
-                .map_err(|e| Failure::Argument(format!("bitmap '{shown}': {e}")))?;
-            for (offset, length) in ranges {
-                bitmap.set(offset, length);
-            }
-            let auto = existing.is_none_or(|e| e.auto);
-            image.store_bitmap(
-                &name,
-                &bitmap,
+            // A replaced bitmap keeps its `auto` flag; a new one is enabled.
+            let auto = image.bitmap(&name.0).is_none_or(|existing| existing.auto);
+            image.import_bitmap(
+                &name.0,
+                granularity,
+                ranges,
                 BitmapFlags {
                     in_use: false,
                     auto,

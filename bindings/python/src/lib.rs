@@ -3,10 +3,11 @@
 //! `hbitmap` (`python/hbitmap/__init__.py`) re-exports it with the exception classes.
 //!
 //! Rules kept throughout:
-//! - nothing reaches a panic of the core: every precondition the core asserts (an item past
-//!   the end, a range that wraps, a misaligned serialization chunk...) is checked here first
-//!   and raised as `ValueError` (`check.rs`); wrong types and negative or huge integers are
-//!   refused by PyO3's conversions (`TypeError`, `OverflowError`);
+//! - nothing reaches a panic of the core: where a precondition can fail (an item past the end,
+//!   a range that wraps, a misaligned serialization chunk...), the core's `try_` method is
+//!   called and its `hbitmap::Violation` raised as `ValueError` with the core's message; wrong
+//!   types and negative or huge integers are refused by PyO3's conversions (`TypeError`,
+//!   `OverflowError`);
 //! - errors of the qcow2 layer become `hbitmap.Error` (an `OSError` with the library's errno
 //!   and message, naming the image), of the `OSError` subclass its errno selects
 //!   (`errors.rs`);
@@ -15,7 +16,6 @@
 //!   for each other instead of corrupting it.
 
 mod bitmap;
-mod check;
 mod errors;
 mod image;
 mod names;
