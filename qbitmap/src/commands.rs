@@ -447,15 +447,7 @@ pub fn check(
     let bitmaps = Image::open(path, options)
         .ok()
         .map(|image| image.bitmaps().len());
-    let status = if report.check_errors > 0 {
-        1
-    } else if report.corruptions > 0 {
-        2
-    } else if report.leaks > 0 {
-        3
-    } else {
-        0
-    };
+    let status = report.qemu_img_status();
     let result = CheckOutput {
         image: path.display().to_string(),
         filename: path.display().to_string(),
@@ -482,6 +474,7 @@ pub fn check(
         broken_extension: report.broken_extension,
         changes: repaired.as_ref().map(|r| r.changes.clone()),
         unrepairable: report.unrepairable,
+        qemu_cannot_open: report.qemu_cannot_open,
     };
     if format.json() {
         output::write_json(out, &result)?;
@@ -519,6 +512,12 @@ pub fn check(
     }
     for note in &result.notes {
         writeln!(out, "NOTE: {note}")?;
+    }
+    if let Some(why) = &result.qemu_cannot_open {
+        writeln!(
+            out,
+            "QEMU cannot open this image (so qemu-img check cannot check it): {why}"
+        )?;
     }
     let checked = match result.bitmaps {
         Some(1) => " (1 bitmap checked)".to_string(),

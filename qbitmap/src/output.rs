@@ -141,6 +141,9 @@ pub struct CheckOutput {
     /// Why -r would be refused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unrepairable: Option<String>,
+    /// Why QEMU cannot open the image (then the exit status is 1, as qemu-img check's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qemu_cannot_open: Option<String>,
 }
 
 /// Writes a value as pretty JSON followed by a newline.

@@ -593,12 +593,14 @@ fn qemu_and_qbitmap_agree_on_names() {
     // Such a pair written by hand: check says so, and qemu-img indeed refuses the image.
     ok(&[os("add"), img, os("q-y")]);
     put_nul(&image, b"q-y");
-    // A corruption to QEMU, which refuses the image: exit 2, as qemu-img check's.
-    let warned = fails(2, &[os("check"), img]);
+    // QEMU refuses the image, so qemu-img check cannot check it: exit 1, as qemu-img check's.
+    let warned = fails(1, &[os("check"), img]);
     assert!(
         warned.contains("and so refuses to open the image"),
         "{warned}"
     );
+    let qemu = qemu_img(&[os("check"), os("-f"), os("qcow2"), img]);
+    assert_eq!(qemu.status.code(), Some(1), "{}", text(&qemu));
     let info = qemu_img(&[os("info"), img]);
     assert!(
         text(&info).contains("Bitmap already exists: q"),

@@ -191,13 +191,18 @@ pub struct CheckReport {
     pub broken_extension: bool,
     /// Why [`Image::repair_file`] would refuse this image, if it would.
     pub unrepairable: Option<String>,
+    /// Why QEMU refuses to open the image, if it does (a bitmap it rejects while loading the
+    /// bitmaps, a missing backing or data file...): `qemu-img check` then cannot check it and
+    /// exits 1, and so does `qbitmap check` (see [`qemu_img_status`](Self::qemu_img_status)),
+    /// though the check here is complete and `check -r` repairs what it can.
+    pub qemu_cannot_open: Option<String>,
 }
 
 impl CheckReport {
-    /// Counts a check error for each file the image needs that cannot be opened: its backing
-    /// file and its external data file, named in the header relative to the image's folder.
-    /// `qemu-img check` cannot open such an image (exit 1); the bitmaps do not need them, so
-    /// they can still be read and repaired here. Names QEMU would hand to a protocol
+    /// Reports each file the image needs that cannot be opened: its backing file and its
+    /// external data file, named in the header relative to the image's folder. QEMU cannot open
+    /// such an image (`qemu-img check` exits 1); the bitmaps do not need them, so they can still
+    /// be read and repaired here. Names QEMU would hand to a protocol
     /// (`json:{...}`, `nbd://...`) are not looked at.
     fn add_missing_files(&mut self, image: &Path, header: &header::Header) {
         let named = [
@@ -219,14 +224,30 @@ impl CheckReport {
                 _ => relative.to_path_buf(),
             };
             if let Err(error) = std::fs::File::open(&resolved) {
-                self.check_errors += 1;
-                self.errors.push(format!(
+                let message = format!(
                     "the {what} '{}' ({}) cannot be opened: {error}; QEMU cannot open the image \
                      without it",
                     escape(&name),
                     resolved.display()
-                ));
+                );
+                self.qemu_cannot_open.get_or_insert_with(|| message.clone());
+                self.errors.push(message);
             }
+        }
+    }
+
+    /// The exit status `qemu-img check` gives such an image: 1 when the check could not be
+    /// completed (an I/O error) or QEMU cannot open the image, else 2 with corruptions, else 3
+    /// with leaks, else 0.
+    pub fn qemu_img_status(&self) -> u8 {
+        if self.check_errors > 0 || self.qemu_cannot_open.is_some() {
+            1
+        } else if self.corruptions > 0 {
+            2
+        } else if self.leaks > 0 {
+            3
+        } else {
+            0
         }
     }
 
@@ -598,13 +619,7 @@ impl Image {
                 report.unrepairable = Some(format!("the references could not be counted: {error}"));
             }
         }
-        if let Some(why) = &problems.qemu_refuses {
-            // As qemu-img, which cannot open the image: the check is not complete for QEMU.
-            report.check_errors += 1;
-            report.errors.push(format!(
-                "QEMU refuses to open the image, so qemu-img check cannot check it: {why}"
-            ));
-        }
+        report.qemu_cannot_open = problems.qemu_refuses.clone();
         report
     }
 

@@ -456,6 +456,35 @@ pub(super) fn read_bitmaps(
             entry_ok[index] = false;
         }
     }
+    // QEMU reads the table of every bitmap not in use while opening the image, overlaps or
+    // not: one whose entries it rejects (a table laid over an L1 table reads COPIED flags as
+    // reserved bits) makes it refuse the image.
+    for (index, bitmap) in bitmaps.iter().enumerate() {
+        let entry = &bitmap.entry;
+        let bytes = u64::from(entry.table_size) * 8;
+        if entry_ok[index]
+            || in_use[index]
+            || problems.qemu_refuses.is_some()
+            || entry.table_offset % cluster_size != 0
+            || past_end(entry.table_offset, bytes, file_len)
+        {
+            continue;
+        }
+        let raw = read_exact(io, entry.table_offset, bytes, "a bitmap table")?;
+        let table = bitmap_table::decode(&raw);
+        if let Some((i, why)) = table
+            .iter()
+            .enumerate()
+            .find_map(|(i, &e)| bitmap_table::entry_problem(e, cluster_size).map(|why| (i, why)))
+        {
+            problems.qemu_refuses(&format!(
+                "bitmap '{}': bitmap table entry {i} at {:#x} is {:#x}: {why}",
+                bitmap.name(),
+                entry.table_offset + 8 * i as u64,
+                table[i]
+            ));
+        }
+    }
     let guest = guest_cross_links(
         io,
         layout,
