@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! A VMM's block device tracking guest writes in an `AtomicHBitmap`, kept as a persistent dirty
 //! bitmap in a qcow2 image (for the next incremental backup):
 //!

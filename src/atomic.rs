@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! From a VMM's [`AtomicHBitmap`] (guest pages marked by any thread) to an [`HBitmap`], the
 //! bitmap that [`qcow2::Image::store_bitmap`](crate::qcow2::Image::store_bitmap) stores: bytes
 //! as items, the page as the granularity.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! `examples/vmm_dirty_log.rs` end to end: writer threads marking an `AtomicHBitmap`, harvests
 //! while they write, the result stored in a qcow2 image; then QEMU's own export of the bitmap
 //! (`qemu-nbd -B` read by `nbdinfo --json --map=qemu:dirty-bitmap:NAME`) must give exactly the

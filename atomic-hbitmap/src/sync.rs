@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
 //! The atomics the bitmap is built on: the standard library's, or loom's when the crate is built
 //! with `--cfg loom` for the model tests (`tests/loom.rs`).
 

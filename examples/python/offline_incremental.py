@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Incremental backup of a stopped VM's qcow2 disk, as virtnbdbackup does it, with the hbitmap
 package instead of `qemu-img bitmap` and `nbdinfo --map`.
 

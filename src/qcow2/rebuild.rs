@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Rebuilding the refcount structure of an image whose refcounts are not maintained: QEMU with
 //! lazy refcounts sets the dirty bit and leaves refcounts behind the allocations until a clean
 //! close; a QEMU killed in between leaves them too low or too high. `check -r all` counts every

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
 """How long reading the dirty extents of a fragmented bitmap of a 1 TiB disk takes:
 
 - the package: `Image(path).extents(name)`, consumed in Python;

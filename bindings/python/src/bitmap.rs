@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! `hbitmap.HBitmap` and the iterator over dirty extents.
 
 use std::collections::VecDeque;

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Errors across the boundary. A qcow2 error becomes an `hbitmap.Error`: an `OSError` whose
 //! `errno` is [`hbitmap::qcow2::Error::errno`], `strerror` the library's message, `filename`
 //! the image, and `kind` the library's variant; its class is chosen by the errno the way

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! `hbitmap.Image`, `hbitmap.create`, `hbitmap.check` and the bitmap descriptions.
 
 use std::path::{Path, PathBuf};

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The Python extension module `hbitmap._hbitmap`: thin glue over the safe Rust API
 //! ([`hbitmap::HBitmap`], [`hbitmap::qcow2::Image`], [`hbitmap::serialize`]); the package
 //! `hbitmap` (`python/hbitmap/__init__.py`) re-exports it with the exception classes.

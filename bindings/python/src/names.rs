@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! Bitmap names across the boundary: taken as `str` (its UTF-8 bytes) or any bytes-like
 //! object, given back as `str` when they are UTF-8 and as `bytes` otherwise.
 

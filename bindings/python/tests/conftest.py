@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Shared helpers of the tests: QEMU's tools (qemu-img, qemu-io, qemu-nbd + nbdinfo,
 qemu-storage-daemon) driven as a user would, and ways to tell that a file was not written.
 

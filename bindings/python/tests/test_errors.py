@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Bad input: each case raises its documented exception, and nothing is written (the file's
 bytes and mtime are compared before and after)."""
 

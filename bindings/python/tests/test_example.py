@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """examples/python/offline_incremental.py, run as a user would: a full backup, incremental ones
 whose copied ranges are the checkpoint's extents as nbdinfo reads them through qemu-nbd, a
 run after a QEMU killed with the disk open (repair, then a full backup), and a resumed run.

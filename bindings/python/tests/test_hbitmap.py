@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """hbitmap.HBitmap: against a plain model, and its serialization against the C ABI's
 (`target/release/libhbitmap.so` through ctypes: hbitmap_alloc, hbitmap_set, hbitmap_reset,
 hbitmap_serialize_part...), byte for byte."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The package against QEMU's own tools, both ways: images qemu-img and qemu-io make, read by the
 package; images the package writes, read by QEMU. Bitmap lists are compared with `qemu-img
 info`, extents with `nbdinfo --map` through `qemu-nbd -B`, and `qemu-img check` must find every

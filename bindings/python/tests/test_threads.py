@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Threads: an Image or an HBitmap shared by several threads is never corrupted (each call holds
 the object's lock), merges in opposite directions do not deadlock, and bulk work and image I/O
 run with the GIL released (another Python thread runs meanwhile)."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """qcow2 persistent dirty bitmaps and QEMU's HBitmap, from libhbitmap.
 
 Read, edit and repair the persistent bitmaps of a qcow2 image in one process, without QEMU::

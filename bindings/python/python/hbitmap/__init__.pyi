@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Type stubs of the hbitmap package (the extension module hbitmap._hbitmap and the exceptions)."""
 
 import os

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The exceptions of the hbitmap package.
 
 Every failure of the library is an :class:`Error`, an :class:`OSError` whose ``errno`` is the
