@@ -348,7 +348,7 @@ mod tests {
         let src: Vec<u8> = (0..400u32).map(|i| (i * 13 + 1) as u8).collect();
         for to in [0, 1, 15, 16, 17, 63] {
             for len in [0, 1, 16, 65, 127, 321] {
-                let mut dst = vec![0xa5u8; 400 + 64];
+                let mut dst = vec![0xa5u8; to + len + 16];
                 streaming.copy(as_uninit(&mut dst[to..to + len]), &src[..len]);
                 assert_eq!(&dst[to..to + len], &src[..len], "copy {to} {len}");
                 assert!(dst[..to].iter().chain(&dst[to + len..]).all(|&b| b == 0xa5));

@@ -20,7 +20,7 @@ use std::ptr::NonNull;
 ///
 /// Under Miri, which interprets every access thousands of times slower, a few pages: the unit
 /// tests' small bitmaps then reach the mapped storage and the streaming stores too.
-pub(super) const LARGE_BYTES: usize = if cfg!(miri) { 16 << 10 } else { 256 << 10 };
+pub(super) const LARGE_BYTES: usize = if cfg!(miri) { 8 << 10 } else { 256 << 10 };
 
 /// A zero-initialized array of `u64` whose length can change; new words are zero.
 ///
@@ -332,7 +332,7 @@ mod linux {
 mod tests {
     use super::*;
 
-    /// The fewest words that get a mapping of their own: 1 << 15 natively, 2048 under Miri.
+    /// The fewest words that get a mapping of their own: 1 << 15 natively, 1024 under Miri.
     const LARGE: usize = LARGE_BYTES / 8;
 
     #[test]

@@ -147,7 +147,7 @@ fn deserialize_zeros_leave_it_clean(mut bitmap: HBitmap, what: &str) {
 #[test]
 fn unfinished_deserializations_are_followed_through_merge_and_truncate() {
     // Large enough to hold whole pages of words, wherever the heap puts them.
-    let size = sized(1 << 20, 1 << 18);
+    let size = sized(1 << 20, 1 << 17);
     let stale = || {
         let mut bitmap = HBitmap::new(size, 0).unwrap();
         // A dirty bit first: merging a bitmap that counts none is a no-op.
@@ -280,12 +280,12 @@ fn level_lengths_follow_the_size_through_truncates() {
 fn regrown_bitmaps_are_clean_past_the_old_end() {
     // Large enough for the last level to be a mapping of its own; the shrink keeps part of a
     // page whose old bits must not come back.
-    let size = sized(1 << 24, 1 << 19);
+    let size = sized(1 << 24, 1 << 18);
     let mut bitmap = HBitmap::new(size, 0).unwrap();
     bitmap.set(0, size);
     for (shrink, grow) in [
         (size - 100, size),
-        (sized(1 << 20, 1 << 17) + 7, size),
+        (sized(1 << 20, 1 << 16) + 7, size),
         (5000, 2 * size),
     ] {
         bitmap.truncate(shrink);
@@ -311,14 +311,14 @@ fn full_block_summary_stays_exact() {
         state % bound
     };
     let cases = if cfg!(miri) {
-        [(64 * 64 * 3 + 17, 0u32), (1 << 18, 2), (4095, 0)]
+        [(64 * 64 + 17, 0u32), (1 << 13, 2), (4095, 0)]
     } else {
         [(64 * 64 * 64 * 3 + 17, 0u32), (1 << 20, 2), (4095, 0)]
     };
     for &(size, granularity) in &cases {
         let mut bitmap = HBitmap::new(size, granularity).unwrap();
         let mut other = HBitmap::new(size, granularity).unwrap();
-        for step in 0..sized(1000, 120) {
+        for step in 0..sized(1000, 60) {
             let size = bitmap.size();
             let start = next(size);
             let long = next(4) == 0;
