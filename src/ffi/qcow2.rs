@@ -960,13 +960,13 @@ mod tests {
     use super::*;
     use crate::qcow2::io::{FileIo, ImageIo};
 
-    /// File I/O whose writes panic once armed: a stand-in for a bug in the middle of a change.
-    struct PanickingIo {
-        inner: FileIo,
+    /// I/O whose writes panic once armed: a stand-in for a bug in the middle of a change.
+    struct PanickingIo<I> {
+        inner: I,
         armed: bool,
     }
 
-    impl ImageIo for PanickingIo {
+    impl<I: ImageIo> ImageIo for PanickingIo<I> {
         fn pread(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
             self.inner.pread(offset, buf)
         }
@@ -1246,6 +1246,41 @@ mod tests {
             assert_eq!(hbitmap_qcow2_close(image, &mut message), 0);
             assert!(message.is_null());
             assert_eq!(hbitmap_qcow2_close(ptr::null_mut(), ptr::null_mut()), 0);
+        }
+    }
+
+    /// A panic poisons a handle on an image in memory too (Miri runs this one): the handle
+    /// refuses every call, and so does a merge from it into a healthy handle.
+    #[test]
+    fn a_panic_poisons_a_handle_in_memory() {
+        let bytes = crate::qcow2::create::build(1 << 20, 512).unwrap();
+        let io = PanickingIo {
+            inner: crate::qcow2::io::MemIo::new(bytes),
+            armed: true,
+        };
+        let poisoned = HBitmapQcow2::new(Image::open_io(Box::new(io), "memory", true).unwrap());
+        let healthy = memory_handle(1 << 20);
+        let a = CString::new("a").unwrap();
+        let mut message: *mut c_char = ptr::null_mut();
+        // SAFETY: live handles and valid pointers, as a C caller would pass them.
+        unsafe {
+            assert_eq!(
+                hbitmap_qcow2_add(poisoned, a.as_ptr(), 65536, true, &mut message),
+                -libc::EIO
+            );
+            assert!(take_message(message).contains("internal error"));
+            message = ptr::null_mut();
+            assert_eq!(
+                hbitmap_qcow2_add(healthy, a.as_ptr(), 65536, true, &mut message),
+                0
+            );
+            assert_eq!(
+                hbitmap_qcow2_merge_from(healthy, poisoned, a.as_ptr(), a.as_ptr(), &mut message),
+                -libc::EIO
+            );
+            assert!(take_message(message).contains("earlier call"));
+            assert_eq!(hbitmap_qcow2_close(poisoned, ptr::null_mut()), 0);
+            assert_eq!(hbitmap_qcow2_close(healthy, ptr::null_mut()), 0);
         }
     }
 
