@@ -19,7 +19,10 @@ use std::ptr::NonNull;
 
 /// Levels at least this large get a mapping of their own, and bulk writes at least this large
 /// use streaming stores.
-pub(super) const LARGE_BYTES: usize = 256 << 10;
+///
+/// Under Miri, which interprets every access thousands of times slower, a few pages: the unit
+/// tests' small bitmaps then reach the mapped storage and the streaming stores too.
+pub(super) const LARGE_BYTES: usize = if cfg!(miri) { 8 << 10 } else { 256 << 10 };
 
 /// A zero-initialized array of `u64` whose length can change; new words are zero.
 ///
@@ -204,6 +207,11 @@ mod linux {
         len.checked_mul(8)?.checked_next_multiple_of(page_size())
     }
 
+    /// Keeps the kernel from reserving swap for the whole mapping up front. Miri emulates
+    /// `mmap` (and `mremap`, `munmap`) but rejects this flag, which changes only the kernel's
+    /// accounting: under Miri the mapping is made without it.
+    const NORESERVE: libc::c_int = if cfg!(miri) { 0 } else { libc::MAP_NORESERVE };
+
     /// `len` (nonzero) zero words in a mapping of their own, or None if the kernel refuses.
     pub(super) fn map_zeroed(len: usize) -> Option<Words> {
         let bytes = mapped_bytes(len)?;
@@ -214,7 +222,7 @@ mod linux {
                 std::ptr::null_mut(),
                 bytes,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | NORESERVE,
                 -1,
                 0,
             )
@@ -278,7 +286,9 @@ mod linux {
         ) else {
             return;
         };
-        if end <= first {
+        // Miri cannot run `mincore` or `madvise`; populating is only a hint, so there the
+        // writes fault the pages in (Miri has no faults to save).
+        if end <= first || cfg!(miri) {
             return;
         }
         let mut resident = 0u8;
@@ -300,7 +310,8 @@ mod linux {
         ) else {
             return;
         };
-        if end > first {
+        // Miri cannot run `madvise`; the advice is only a hint.
+        if end > first && !cfg!(miri) {
             // SAFETY: the range lies within `buf`, memory we own and are about to overwrite
             // whole; the advice changes how it is backed, not its contents.
             unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE) };
@@ -323,11 +334,17 @@ mod linux {
 mod tests {
     use super::*;
 
+    /// The fewest words that get a mapping of their own: 1 << 15 natively, 1024 under Miri.
+    const LARGE: usize = LARGE_BYTES / 8;
+
     #[test]
     fn small_levels_stay_on_the_heap_and_large_ones_are_mapped() {
         assert!(!Words::zeroed(1).is_mapped());
-        let words = Words::zeroed(1 << 20);
-        assert_eq!(words.len(), 1 << 20);
+        assert!(!Words::zeroed(LARGE / 2).is_mapped());
+        // 1 << 20 words natively.
+        let len = LARGE * if cfg!(miri) { 4 } else { 32 };
+        let words = Words::zeroed(len);
+        assert_eq!(words.len(), len);
         assert!(words.iter().all(|&w| w == 0));
         #[cfg(target_os = "linux")]
         assert!(words.is_mapped());
@@ -338,9 +355,11 @@ mod tests {
         // Across the heap/mapping boundary and within one page of a mapping.
         for (first, small, large) in [
             (100, 10, 200),
-            (1 << 16, 1 << 15, 1 << 17),
-            (1 << 16, (1 << 16) - 3, 1 << 16),
-            (40_000, 5, 1 << 15),
+            (2 * LARGE, LARGE, 4 * LARGE),
+            (2 * LARGE, 2 * LARGE - 3, 2 * LARGE),
+            (LARGE * 5 / 4, 5, LARGE),
+            // Heap to mapping: the copy into a fresh mapping.
+            (LARGE / 2, LARGE / 4, LARGE * 3),
         ] {
             let mut words = Words::zeroed(first);
             words.fill(u64::MAX);

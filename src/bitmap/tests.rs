@@ -4,6 +4,17 @@
 
 use super::*;
 
+/// `native`, or `miri` under Miri, which interprets every access thousands of times slower:
+/// a smaller size that still spans every level (and, past `storage::LARGE_BYTES / 8` words,
+/// a mapped last level).
+const fn sized(native: u64, miri: u64) -> u64 {
+    if cfg!(miri) {
+        miri
+    } else {
+        native
+    }
+}
+
 fn items(bitmap: &HBitmap) -> Vec<u64> {
     bitmap.iter().collect()
 }
@@ -72,7 +83,7 @@ fn counts_are_scaled_by_granularity() {
 
 #[test]
 fn set_and_reset_propagate_through_every_level() {
-    let size = 1u64 << 30;
+    let size = sized(1 << 30, 1 << 20);
     let mut bitmap = HBitmap::new(size, 0).unwrap();
     bitmap.set(size - 1, 1);
     for level in 1..LEVELS {
@@ -93,11 +104,12 @@ fn set_and_reset_propagate_through_every_level() {
 
 #[test]
 fn reset_all_clears_sparse_and_dense_bitmaps() {
-    let mut bitmap = HBitmap::new(1 << 24, 0).unwrap();
-    for start in (0..1u64 << 24).step_by(999_983) {
+    let size = sized(1 << 24, 1 << 19);
+    let mut bitmap = HBitmap::new(size, 0).unwrap();
+    for start in (0..size).step_by(sized(999_983, 31_249) as usize) {
         bitmap.set(start, 300);
     }
-    bitmap.set(5_000_000, 100_000);
+    bitmap.set(sized(5_000_000, 156_250), sized(100_000, 3_125));
     bitmap.reset_all();
     assert!(bitmap.is_empty());
     for level in 1..LEVELS {
@@ -137,7 +149,7 @@ fn deserialize_zeros_leave_it_clean(mut bitmap: HBitmap, what: &str) {
 #[test]
 fn unfinished_deserializations_are_followed_through_merge_and_truncate() {
     // Large enough to hold whole pages of words, wherever the heap puts them.
-    let size = 1 << 20;
+    let size = sized(1 << 20, 1 << 17);
     let stale = || {
         let mut bitmap = HBitmap::new(size, 0).unwrap();
         // A dirty bit first: merging a bitmap that counts none is a no-op.
@@ -270,10 +282,14 @@ fn level_lengths_follow_the_size_through_truncates() {
 fn regrown_bitmaps_are_clean_past_the_old_end() {
     // Large enough for the last level to be a mapping of its own; the shrink keeps part of a
     // page whose old bits must not come back.
-    let size = 1 << 24;
+    let size = sized(1 << 24, 1 << 18);
     let mut bitmap = HBitmap::new(size, 0).unwrap();
     bitmap.set(0, size);
-    for (shrink, grow) in [(size - 100, size), ((1 << 20) + 7, size), (5000, 1 << 25)] {
+    for (shrink, grow) in [
+        (size - 100, size),
+        (sized(1 << 20, 1 << 16) + 7, size),
+        (5000, 2 * size),
+    ] {
         bitmap.truncate(shrink);
         assert_eq!(bitmap.count(), shrink);
         bitmap.truncate(grow);
@@ -296,10 +312,15 @@ fn full_block_summary_stays_exact() {
         state ^= state << 17;
         state % bound
     };
-    for &(size, granularity) in &[(64 * 64 * 64 * 3 + 17, 0u32), (1 << 20, 2), (4095, 0)] {
+    let cases = if cfg!(miri) {
+        [(64 * 64 + 17, 0u32), (1 << 13, 2), (4095, 0)]
+    } else {
+        [(64 * 64 * 64 * 3 + 17, 0u32), (1 << 20, 2), (4095, 0)]
+    };
+    for &(size, granularity) in &cases {
         let mut bitmap = HBitmap::new(size, granularity).unwrap();
         let mut other = HBitmap::new(size, granularity).unwrap();
-        for step in 0..1000 {
+        for step in 0..sized(1000, 60) {
             let size = bitmap.size();
             let start = next(size);
             let long = next(4) == 0;

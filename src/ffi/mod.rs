@@ -24,6 +24,8 @@ mod original;
 mod qcow2;
 #[cfg(not(hbitmap_omit = "qemu10"))]
 mod qemu10;
+#[cfg(test)]
+mod tests;
 
 pub use self::hbitmap::*;
 #[cfg(not(hbitmap_omit = "original"))]

@@ -81,7 +81,7 @@
 
 mod bitmap_dir;
 mod bitmap_table;
-mod create;
+pub(crate) mod create;
 mod error;
 mod header;
 pub mod io;
