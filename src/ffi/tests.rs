@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+
 //! The `hbitmap_*` functions called as C calls them: through raw pointers, with the aliasing C
 //! allows (a merge's result being one of its operands, the meta bitmap's pointer used between
 //! calls on its parent, an iterator on the caller's stack). Small enough for Miri, which checks
