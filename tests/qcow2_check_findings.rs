@@ -450,12 +450,7 @@ fn an_intact_bitmap_reads_beside_a_damaged_one() {
     patch(&path, |data| {
         let (_, l2) = first_entries(data);
         let guest = be64(data, l2) & 0x00ff_ffff_ffff_fe00;
-        let entry = hbitmap_testkit::qcow2::directory_entry(data, "damaged");
-        let table = be64(data, entry) as usize;
-        let first = (0..be32(data, entry + 8) as usize)
-            .map(|i| table + 8 * i)
-            .find(|&at| be64(data, at) != 0)
-            .expect("a data cluster");
+        let (first, _) = first_data(data, "damaged");
         put64(data, first, guest);
     });
     let report = check(&path);

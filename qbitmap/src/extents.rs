@@ -1,10 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 
-//! Dirty extents: from an [`HBitmap`], and from imported JSON back into one.
+//! Dirty extents: from an [`HBitmap`](hbitmap::HBitmap), and from imported JSON back into one.
 
 use std::ops::Range;
 
-use hbitmap::HBitmap;
 use serde::{Deserialize, Serialize};
 
 /// One dirty byte range, as `dump --output=json` prints it and `import` reads it.
@@ -30,18 +29,8 @@ impl From<Range<u64>> for Extent {
     }
 }
 
-/// Dirty bytes of a byte-addressed bitmap, clipped to its size: the sum of its extents'
-/// lengths. (`HBitmap::count` counts the last granule whole even where it passes the end.)
-pub fn dirty_bytes(bitmap: &HBitmap) -> u64 {
-    let size = bitmap.size();
-    let covered = u128::from(bitmap.groups()) << bitmap.granularity();
-    let overshoot = covered.saturating_sub(u128::from(size)) as u64;
-    if overshoot > 0 && bitmap.get(size - 1) {
-        bitmap.count() - overshoot
-    } else {
-        bitmap.count()
-    }
-}
+/// Dirty bytes of a byte-addressed bitmap, clipped to its size (the library's).
+pub use hbitmap::qcow2::dirty_bytes;
 
 /// Why imported extents were refused.
 #[derive(Debug, PartialEq, Eq)]
@@ -116,6 +105,7 @@ pub fn unaligned(ranges: &[Range<u64>], granularity: u64, virtual_size: u64) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hbitmap::HBitmap;
 
     fn e(offset: u64, length: u64) -> Extent {
         Extent { offset, length }

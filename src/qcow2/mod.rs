@@ -846,6 +846,20 @@ impl Image {
         self.check_constraints(name, bitmap.granularity())
     }
 
+    /// The granularity of bitmap `name` in bytes as the log2 its entry stores, within QEMU's
+    /// constraints for this image.
+    fn granularity_bits(&self, name: &[u8], granularity: u64) -> Result<u32, Error> {
+        if !granularity.is_power_of_two() {
+            return Err(Error::InvalidArgument(format!(
+                "bitmap '{}': granularity {granularity} is not a power of two",
+                escape(name)
+            )));
+        }
+        let bits = granularity.trailing_zeros();
+        self.check_constraints(name, bits)?;
+        Ok(bits)
+    }
+
     /// A new bitmap's name: one QEMU would create, and not one QEMU already sees in the image
     /// (QEMU reads a stored name up to a NUL byte, and would refuse to open the image).
     fn check_new_name(&self, name: &[u8]) -> Result<(), Error> {
@@ -1027,14 +1041,7 @@ impl Image {
             return Err(Error::Exists(escape(name)));
         }
         self.check_new_name(name)?;
-        if !granularity.is_power_of_two() {
-            return Err(Error::InvalidArgument(format!(
-                "bitmap '{}': granularity {granularity} is not a power of two",
-                escape(name)
-            )));
-        }
-        let bits = granularity.trailing_zeros();
-        self.check_constraints(name, bits)?;
+        let bits = self.granularity_bits(name, granularity)?;
         self.store_empty(name, bits, enabled)
     }
 
@@ -1225,14 +1232,7 @@ impl Image {
         let granularity = granularity
             .or_else(|| self.bitmap(name).map(|info| info.granularity))
             .unwrap_or_else(|| self.default_granularity());
-        if !granularity.is_power_of_two() {
-            return Err(Error::InvalidArgument(format!(
-                "bitmap '{}': granularity {granularity} is not a power of two",
-                escape(name)
-            )));
-        }
-        let bits = granularity.trailing_zeros();
-        self.check_constraints(name, bits)?;
+        let bits = self.granularity_bits(name, granularity)?;
         let virtual_size = self.virtual_size();
         let mut bitmap = HBitmap::new(virtual_size, bits)
             .map_err(|e| Error::Limit(format!("bitmap '{}': {e}", escape(name))))?;
