@@ -473,8 +473,7 @@ fn an_intact_bitmap_reads_beside_a_damaged_one() {
     assert!(Image::open(&path, hbitmap_testkit::qcow2::RW).is_err());
 }
 
-/// Two bitmaps with dirty data: (image, the first data cluster's table entry offset and
-/// cluster offset of each).
+/// An image QEMU wrote data to, with two bitmaps holding dirty data: 'keep' and 'other'.
 fn two_bitmaps(scratch: &Scratch, file: &str) -> std::path::PathBuf {
     let path = image_with_data(scratch, file, 2);
     let mut image = Image::open(&path, hbitmap_testkit::qcow2::RW).unwrap();

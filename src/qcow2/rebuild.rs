@@ -57,7 +57,7 @@ impl Image {
             (1u64 << (1u32 << order)) - 1
         };
         // The new structure starts past the file and every reference; it covers itself.
-        let first = refs.end().max(layout.file_len.div_ceil(cluster_size));
+        let first = refs.limit().max(layout.file_len.div_ceil(cluster_size));
         let (mut blocks, mut table_clusters) = (0u64, 0u64);
         loop {
             let end = first + table_clusters + blocks;

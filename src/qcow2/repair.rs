@@ -104,11 +104,6 @@ impl References {
         }
     }
 
-    /// One past the last cluster referenced (or of the file).
-    pub(crate) fn end(&self) -> u64 {
-        self.limit()
-    }
-
     /// Counts `weight` references to every cluster of `offset..offset + len`.
     fn add_weighted(&mut self, offset: u64, len: u64, weight: u32) {
         if len == 0 {
@@ -130,7 +125,7 @@ impl References {
     }
 
     /// One past the last cluster of the file or referenced past its end.
-    fn limit(&self) -> u64 {
+    pub(crate) fn limit(&self) -> u64 {
         let within = self.within.len() as u64;
         self.beyond
             .last_key_value()
