@@ -35,13 +35,13 @@
 
 use std::ffi::CStr;
 use std::fmt::{Debug, Display};
-use std::time::Instant;
 
 use hbitmap::ffi::{self as ours, HBitmapIter};
 use hbitmap::{HBitmap, LEVELS};
 use hbitmap_oracle::{self as oracle, QemuHBitmap, QemuHBitmapIter};
 use libc::{c_char, c_int};
 
+use hbitmap_testkit::differential::{self, Batch, Subject};
 use hbitmap_testkit::model::{
     check_summary, expect_next_dirty_area, expect_next_zero, groups_for, popcount_below,
 };
@@ -61,13 +61,6 @@ fn skip() -> bool {
         "../shared/reference not found; they need the original C",
     );
     true
-}
-
-/// Prints a line on stderr even while the test harness captures output (it captures the
-/// `print!` macros only), so summaries show in a plain `cargo test` run.
-fn say(line: std::fmt::Arguments) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 const LAST: usize = LEVELS - 1;
@@ -1917,192 +1910,58 @@ fn gen_candidate(rng: &mut Rng, ctx: &Ctx) -> Option<Op> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Scenarios, minimization, reporting.
+// The differential engine's view of a scenario (testkit::differential), and the tests.
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Default)]
-struct Stats {
-    ops: u64,
-    calls: u64,
-    scenarios: u64,
-}
+impl Subject for Ctx {
+    type Geometry = Geometry;
+    type Op = Op;
 
-struct Failure {
-    index: usize,
-    message: String,
-}
+    fn new(geometry: &Geometry) -> Ctx {
+        Ctx::new(geometry)
+    }
 
-/// Runs `ops` on a fresh context; the first mismatch, with the index of the failing operation.
-fn replay(geometry: &Geometry, ops: &[Op]) -> Result<(), Failure> {
-    let mut ctx = Ctx::new(geometry);
-    for (index, op) in ops.iter().enumerate() {
-        if ctx.valid(op) {
-            ctx.apply(op)
-                .map_err(|message| Failure { index, message })?;
-        }
+    fn valid(&self, op: &Op) -> bool {
+        Ctx::valid(self, op)
     }
-    Ok(())
-}
 
-/// Delta debugging over the operations: a shorter sequence that still mismatches.
-fn minimize(geometry: &Geometry, ops: Vec<Op>) -> Vec<Op> {
-    let mut ops = ops;
-    let mut parts = 2usize;
-    let mut budget = 3000;
-    while ops.len() >= 2 && budget > 0 {
-        let chunk = ops.len().div_ceil(parts);
-        // The first chunk whose removal still fails, as the failing prefix without it.
-        let shorter = (0..parts).find_map(|index| {
-            let (from, to) = (index * chunk, ((index + 1) * chunk).min(ops.len()));
-            if from >= to || budget == 0 {
-                return None;
-            }
-            budget -= 1;
-            let candidate: Vec<Op> = ops[..from].iter().chain(&ops[to..]).cloned().collect();
-            let failure = replay(geometry, &candidate).err()?;
-            Some(candidate[..=failure.index].to_vec())
-        });
-        match shorter {
-            Some(shorter) => {
-                ops = shorter;
-                parts = (parts - 1).max(2);
-            }
-            None if parts >= ops.len() => break,
-            None => parts = (parts * 2).min(ops.len()),
-        }
+    fn apply(&mut self, op: &Op) -> Outcome {
+        Ctx::apply(self, op)
     }
-    ops
-}
 
-/// Runs `budget` random operations on fresh bitmaps of `geometry`, then compares every bitmap in
-/// full; on a mismatch, a report with a minimized reproduction.
-fn run_ops(
-    label: &str,
-    geometry: &Geometry,
-    rng: &mut Rng,
-    budget: u64,
-    stats: &mut Stats,
-) -> Result<(), String> {
-    let mut ctx = Ctx::new(geometry);
-    let mut ops = Vec::new();
-    let mut failed = None;
-    for index in 0..budget {
-        let op = gen_op(rng, &ctx);
-        ops.push(op.clone());
-        if let Err(message) = ctx.apply(&op) {
-            failed = Some((index, op, message));
-            break;
-        }
-        stats.ops += 1;
+    fn generate(&self, rng: &mut Rng) -> Op {
+        gen_op(rng, self)
     }
-    if failed.is_none() {
-        // A last full comparison of every bitmap, meta bitmaps included.
-        for t in 0..SLOTS {
-            if ctx.slots[t].is_some() {
-                let op = Op::Check {
-                    t,
-                    seed: rng.next_u64(),
-                };
-                ops.push(op.clone());
-                if let Err(message) = ctx.apply(&op) {
-                    failed = Some((ops.len() as u64 - 1, op, message));
-                    break;
-                }
-            }
-        }
+
+    /// A full comparison of every bitmap, meta bitmaps included.
+    fn final_checks(&self, rng: &mut Rng) -> Vec<Op> {
+        (0..SLOTS)
+            .filter(|&t| self.slots[t].is_some())
+            .map(|t| Op::Check {
+                t,
+                seed: rng.next_u64(),
+            })
+            .collect()
     }
-    stats.calls += ctx.calls;
-    stats.scenarios += 1;
-    drop(ctx);
-    let Some((index, op, message)) = failed else {
-        return Ok(());
-    };
-    let minimized = minimize(geometry, ops);
-    let again = match replay(geometry, &minimized) {
-        Err(failure) => failure.message,
-        Ok(()) => "(the minimized sequence no longer fails)".into(),
-    };
-    Err(format!(
-        "MISMATCH: {label}, op {index}: {op:?}\n  {message}\n\
-         geometry (size, granularity) of slots 0..4: {geometry:?}\n\
-         minimized to {} operations:\n{}\n  -> {again}",
-        minimized.len(),
-        minimized
-            .iter()
-            .map(|op| format!("    {op:?}"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    ))
+
+    fn calls(&self) -> u64 {
+        self.calls
+    }
 }
 
 /// Scenario `scenario` of `seed`: a random geometry and a random number of operations (fewer on
 /// large bitmaps).
-fn run_scenario(seed: u64, scenario: u64, budget: u64, stats: &mut Stats) -> Result<(), String> {
-    let mut rng = Rng::derive(seed, scenario);
-    let geometry = gen_geometry(&mut rng);
-    let label = format!(
-        "seed {seed:#x} scenario {scenario} (reproduce with HBITMAP_DIFF_SEED={seed:#x} \
-         HBITMAP_DIFF_SCENARIO={scenario})"
-    );
-    run_ops(&label, &geometry, &mut rng, budget, stats)
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    let text = std::env::var(name).ok()?;
-    let text = text.trim();
-    let value = match text.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => text.parse(),
-    };
-    Some(value.unwrap_or_else(|_| panic!("{name}={text} is not a number")))
-}
-
-fn seeds() -> Vec<u64> {
-    match std::env::var("HBITMAP_DIFF_SEED") {
-        Ok(list) => list
-            .split(',')
-            .map(|seed| {
-                let seed = seed.trim();
-                match seed.strip_prefix("0x") {
-                    Some(hex) => u64::from_str_radix(hex, 16),
-                    None => seed.parse(),
-                }
-                .unwrap_or_else(|_| panic!("HBITMAP_DIFF_SEED: {seed} is not a number"))
-            })
-            .collect(),
-        Err(_) => vec![0x5eed_0001, 0x5eed_0002, 0xdead_beef, 0x0123_4567_89ab_cdef],
-    }
-}
-
-/// Runs scenarios of `seed` until `budget` operations ran.
-fn run_seed(seed: u64, budget: u64) -> Result<Stats, String> {
-    let mut stats = Stats::default();
-    if let Some(scenario) = env_u64("HBITMAP_DIFF_SCENARIO") {
-        let mut rng = Rng::derive(seed, scenario);
-        let _ = gen_geometry(&mut rng);
-        run_scenario(seed, scenario, scenario_length(seed, scenario), &mut stats)?;
-        return Ok(stats);
-    }
-    let mut scenario = 0;
-    while stats.ops < budget {
-        let length = scenario_length(seed, scenario).min(budget - stats.ops);
-        run_scenario(seed, scenario, length, &mut stats)?;
-        scenario += 1;
-    }
-    Ok(stats)
-}
-
-/// Operations in a scenario: fewer on large bitmaps.
-fn scenario_length(seed: u64, scenario: u64) -> u64 {
+fn scenario(seed: u64, scenario: u64) -> (Geometry, u64, Rng) {
     let mut rng = Rng::derive(seed, scenario);
     let geometry = gen_geometry(&mut rng);
     let groups = groups_for(geometry[0].0, geometry[0].1).unwrap_or(0);
-    let mut rng = Rng::derive(seed ^ 0x1e47, scenario);
-    if groups > 100_000 {
-        rng.range(50, 400)
+    let mut lengths = Rng::derive(seed ^ 0x1e47, scenario);
+    let length = if groups > 100_000 {
+        lengths.range(50, 400)
     } else {
-        rng.range(100, 3000)
-    }
+        lengths.range(100, 3000)
+    };
+    (geometry, length, rng)
 }
 
 #[test]
@@ -2116,45 +1975,12 @@ fn random_operations() {
     } else {
         1_000_000
     };
-    let total = env_u64("HBITMAP_DIFF_OPS").unwrap_or(default);
-    let seeds = seeds();
-    let per_seed = total.div_ceil(seeds.len() as u64);
-    let begun = Instant::now();
-    let results: Vec<Result<Stats, String>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = seeds
-            .iter()
-            .map(|&seed| scope.spawn(move || run_seed(seed, per_seed)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|handle| {
-                handle
-                    .join()
-                    .unwrap_or_else(|_| Err("a seed's thread panicked".into()))
-            })
-            .collect()
-    });
-    let mut stats = Stats::default();
-    let mut failures = Vec::new();
-    for result in results {
-        match result {
-            Ok(seed_stats) => {
-                stats.ops += seed_stats.ops;
-                stats.calls += seed_stats.calls;
-                stats.scenarios += seed_stats.scenarios;
-            }
-            Err(report) => failures.push(report),
-        }
-    }
-    say(format_args!(
-        "differential: {} operations in {} scenarios over seeds {:x?}, {} results compared, {:.1?}",
-        stats.ops,
-        stats.scenarios,
-        seeds,
-        stats.calls,
-        begun.elapsed()
-    ));
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    differential::random_operations::<Ctx>(
+        "differential",
+        default,
+        &[0x5eed_0001, 0x5eed_0002, 0xdead_beef, 0x0123_4567_89ab_cdef],
+        scenario,
+    );
 }
 
 /// Every granularity of interest against every boundary group count, a short scenario each.
@@ -2166,9 +1992,7 @@ fn boundary_geometries() {
     let granularities = [
         0u32, 1, 2, 3, 5, 6, 7, 12, 16, 20, 31, 32, 33, 40, 57, 58, 62, 63,
     ];
-    let mut stats = Stats::default();
-    let mut failures = Vec::new();
-    let begun = Instant::now();
+    let mut batch = Batch::new("differential boundaries");
     for (gi, &granularity) in granularities.iter().enumerate() {
         for (ni, &groups) in [0u64].iter().chain(&BOUNDARY_GROUPS).enumerate() {
             if groups > max_groups(granularity) {
@@ -2182,19 +2006,10 @@ fn boundary_geometries() {
             let geometry: Geometry = [(size, granularity); PRIMARIES];
             let budget = if groups > 100_000 { 60 } else { 250 };
             let label = format!("boundary geometry size {size} granularity {granularity}");
-            if let Err(report) = run_ops(&label, &geometry, &mut rng, budget, &mut stats) {
-                failures.push(report);
-            }
+            batch.run::<Ctx>(&label, &geometry, &mut rng, budget);
         }
     }
-    say(format_args!(
-        "differential boundaries: {} operations in {} geometries, {} results compared, {:.1?}",
-        stats.ops,
-        stats.scenarios,
-        stats.calls,
-        begun.elapsed()
-    ));
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    batch.finish();
 }
 
 /// The next level boundary up: 64^4 groups (2 MiB per level), a short scenario each.
@@ -2203,9 +2018,7 @@ fn large_geometries() {
     if skip() {
         return;
     }
-    let mut stats = Stats::default();
-    let begun = Instant::now();
-    let mut failures = Vec::new();
+    let mut batch = Batch::new("differential large");
     let boundary = 1u64 << 24;
     for (index, (groups, granularity)) in [(boundary + 1, 0), (boundary - 1, 3), (boundary, 9)]
         .into_iter()
@@ -2215,17 +2028,9 @@ fn large_geometries() {
         let size = size_for(&mut rng, groups, granularity).expect("fits");
         let geometry: Geometry = [(size, granularity); PRIMARIES];
         let label = format!("large geometry size {size} granularity {granularity}");
-        if let Err(report) = run_ops(&label, &geometry, &mut rng, 120, &mut stats) {
-            failures.push(report);
-        }
+        batch.run::<Ctx>(&label, &geometry, &mut rng, 120);
     }
-    say(format_args!(
-        "differential large: {} operations, {} results compared, {:.1?}",
-        stats.ops,
-        stats.calls,
-        begun.elapsed()
-    ));
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    batch.finish();
 }
 
 /// Bitmaps of size 0 support everything but iteration and `deserialize_finish`.

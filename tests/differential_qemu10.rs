@@ -28,13 +28,13 @@
 
 use std::ffi::CStr;
 use std::fmt::{Debug, Display};
-use std::time::Instant;
 
 use hbitmap::ffi::{self as ours, HBitmapIter, HBITMAP_LEVELS};
 use hbitmap::HBitmap;
 use hbitmap_oracle::qemu10::{self as oracle, Qemu10HBitmap, Qemu10HBitmapIter};
 use libc::{c_char, c_int};
 
+use hbitmap_testkit::differential::{self, Batch, Subject};
 use hbitmap_testkit::Rng;
 
 /// True (after saying why) when QEMU 10's implementation was not built and the tests must pass
@@ -52,12 +52,6 @@ fn skip() -> bool {
         ),
     );
     true
-}
-
-/// Prints a line on stderr even while the test harness captures output.
-fn say(line: std::fmt::Arguments) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// Bitmaps per scenario: slots 0 to 2 share a geometry; slot 3 has the same size and (mostly) a
@@ -567,7 +561,7 @@ impl Ctx {
 
     fn apply(&mut self, op: &Op) -> Outcome {
         if self.trace {
-            say(format_args!("{op:?}"));
+            differential::say(format_args!("{op:?}"));
         }
         match *op {
             Op::Set { t, start, count } => {
@@ -1339,137 +1333,38 @@ fn gen_op(rng: &mut Rng, ctx: &Ctx) -> Op {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Running, replaying and minimizing.
+// The differential engine's view of a scenario (testkit::differential), and the tests.
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Default)]
-struct Stats {
-    ops: u64,
-    calls: u64,
-    scenarios: u64,
-}
+impl Subject for Ctx {
+    type Geometry = Geometry;
+    type Op = Op;
 
-struct Failure {
-    index: usize,
-    message: String,
-}
-
-/// Runs `ops` on fresh bitmaps, skipping those that are not valid there; the first mismatch.
-fn replay(geometry: &Geometry, ops: &[Op]) -> Result<(), Failure> {
-    let mut ctx = Ctx::new(geometry);
-    for (index, op) in ops.iter().enumerate() {
-        if ctx.valid(op) {
-            ctx.apply(op)
-                .map_err(|message| Failure { index, message })?;
-        }
+    fn new(geometry: &Geometry) -> Ctx {
+        Ctx::new(geometry)
     }
-    Ok(())
-}
 
-/// Delta debugging over the operations: a shorter sequence that still mismatches.
-fn minimize(geometry: &Geometry, ops: Vec<Op>) -> Vec<Op> {
-    let mut ops = ops;
-    let mut parts = 2usize;
-    let mut budget = 3000;
-    while ops.len() >= 2 && budget > 0 {
-        let chunk = ops.len().div_ceil(parts);
-        let shorter = (0..parts).find_map(|index| {
-            let (from, to) = (index * chunk, ((index + 1) * chunk).min(ops.len()));
-            if from >= to || budget == 0 {
-                return None;
-            }
-            budget -= 1;
-            let candidate: Vec<Op> = ops[..from].iter().chain(&ops[to..]).cloned().collect();
-            let failure = replay(geometry, &candidate).err()?;
-            Some(candidate[..=failure.index].to_vec())
-        });
-        match shorter {
-            Some(shorter) => {
-                ops = shorter;
-                parts = (parts - 1).max(2);
-            }
-            None if parts >= ops.len() => break,
-            None => parts = (parts * 2).min(ops.len()),
-        }
+    fn valid(&self, op: &Op) -> bool {
+        Ctx::valid(self, op)
     }
-    ops
-}
 
-/// Runs `budget` random operations on fresh bitmaps of `geometry`, then compares every bitmap in
-/// full; on a mismatch, a report with a minimized reproduction.
-fn run_ops(
-    label: &str,
-    geometry: &Geometry,
-    rng: &mut Rng,
-    budget: u64,
-    stats: &mut Stats,
-) -> Result<(), String> {
-    let mut ctx = Ctx::new(geometry);
-    let mut ops = Vec::new();
-    let mut failed = None;
-    let finals = (0..SLOTS).map(|t| Op::Check { t, seed: t as u64 });
-    for index in 0..budget {
-        let op = gen_op(rng, &ctx);
-        ops.push(op.clone());
-        if let Err(message) = ctx.apply(&op) {
-            failed = Some((index as usize, op, message));
-            break;
-        }
-        stats.ops += 1;
+    fn apply(&mut self, op: &Op) -> Outcome {
+        Ctx::apply(self, op)
     }
-    if failed.is_none() {
-        for op in finals {
-            ops.push(op.clone());
-            if let Err(message) = ctx.apply(&op) {
-                failed = Some((ops.len() - 1, op, message));
-                break;
-            }
-        }
+
+    fn generate(&self, rng: &mut Rng) -> Op {
+        gen_op(rng, self)
     }
-    stats.calls += ctx.calls;
-    stats.scenarios += 1;
-    drop(ctx);
-    let Some((index, op, message)) = failed else {
-        return Ok(());
-    };
-    let minimized = minimize(geometry, ops);
-    let again = match replay(geometry, &minimized) {
-        Err(failure) => failure.message,
-        Ok(()) => "(the minimized sequence no longer fails)".into(),
-    };
-    Err(format!(
-        "MISMATCH: {label}, op {index}: {op:?}\n  {message}\n\
-         geometry (size, granularity) of slots 0..4: {geometry:?}\n\
-         minimized to {} operations:\n{}\n  -> {again}",
-        minimized.len(),
-        minimized
-            .iter()
-            .map(|op| format!("    {op:?}"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    ))
-}
 
-fn env_u64(name: &str) -> Option<u64> {
-    let text = std::env::var(name).ok()?;
-    parse_u64(name, text.trim())
-}
+    /// A full comparison of every bitmap.
+    fn final_checks(&self, _: &mut Rng) -> Vec<Op> {
+        (0..SLOTS)
+            .map(|t| Op::Check { t, seed: t as u64 })
+            .collect()
+    }
 
-fn parse_u64(name: &str, text: &str) -> Option<u64> {
-    let value = match text.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => text.parse(),
-    };
-    Some(value.unwrap_or_else(|_| panic!("{name}: {text} is not a number")))
-}
-
-fn seeds() -> Vec<u64> {
-    match std::env::var("HBITMAP_DIFF_SEED") {
-        Ok(list) => list
-            .split(',')
-            .filter_map(|seed| parse_u64("HBITMAP_DIFF_SEED", seed.trim()))
-            .collect(),
-        Err(_) => vec![0x10_0001, 0x10_0002, 0x10_beef, 0xfeed_0010],
+    fn calls(&self) -> u64 {
+        self.calls
     }
 }
 
@@ -1491,31 +1386,6 @@ fn scenario(seed: u64, scenario: u64) -> (Geometry, u64, Rng) {
     (geometry, length, rng)
 }
 
-/// Runs scenarios of `seed` until `budget` operations ran.
-fn run_seed(seed: u64, budget: u64) -> Result<Stats, String> {
-    let mut stats = Stats::default();
-    let only = env_u64("HBITMAP_DIFF_SCENARIO");
-    let mut index = only.unwrap_or(0);
-    while stats.ops < budget || only.is_some() {
-        let (geometry, length, mut rng) = scenario(seed, index);
-        let length = if only.is_some() {
-            length
-        } else {
-            length.min(budget - stats.ops)
-        };
-        let label = format!(
-            "seed {seed:#x} scenario {index} (reproduce with HBITMAP_DIFF_SEED={seed:#x} \
-             HBITMAP_DIFF_SCENARIO={index})"
-        );
-        run_ops(&label, &geometry, &mut rng, length, &mut stats)?;
-        if only.is_some() {
-            break;
-        }
-        index += 1;
-    }
-    Ok(stats)
-}
-
 #[test]
 fn random_operations() {
     if skip() {
@@ -1528,46 +1398,12 @@ fn random_operations() {
     } else {
         2_000_000
     };
-    let total = env_u64("HBITMAP_DIFF_OPS").unwrap_or(default);
-    let seeds = seeds();
-    let per_seed = total.div_ceil(seeds.len() as u64);
-    let begun = Instant::now();
-    let results: Vec<Result<Stats, String>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = seeds
-            .iter()
-            .map(|&seed| scope.spawn(move || run_seed(seed, per_seed)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|handle| {
-                handle
-                    .join()
-                    .unwrap_or_else(|_| Err("a seed's thread panicked".into()))
-            })
-            .collect()
-    });
-    let mut stats = Stats::default();
-    let mut failures = Vec::new();
-    for result in results {
-        match result {
-            Ok(seed_stats) => {
-                stats.ops += seed_stats.ops;
-                stats.calls += seed_stats.calls;
-                stats.scenarios += seed_stats.scenarios;
-            }
-            Err(report) => failures.push(report),
-        }
-    }
-    say(format_args!(
-        "differential QEMU 10: {} operations in {} scenarios over seeds {:x?}, {} results \
-         compared, {:.1?}",
-        stats.ops,
-        stats.scenarios,
-        seeds,
-        stats.calls,
-        begun.elapsed()
-    ));
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    differential::random_operations::<Ctx>(
+        "differential QEMU 10",
+        default,
+        &[0x10_0001, 0x10_0002, 0x10_beef, 0xfeed_0010],
+        scenario,
+    );
 }
 
 /// Every granularity of interest against every boundary group count (and the largest sizes,
@@ -1580,9 +1416,7 @@ fn boundary_geometries() {
     let granularities = [
         0u32, 1, 2, 3, 5, 6, 7, 12, 16, 20, 31, 32, 33, 40, 44, 57, 58, 62, 63,
     ];
-    let mut stats = Stats::default();
-    let mut failures = Vec::new();
-    let begun = Instant::now();
+    let mut batch = Batch::new("differential QEMU 10 boundaries");
     for (gi, &granularity) in granularities.iter().enumerate() {
         let cap = max_groups(granularity);
         let counts = [0u64, cap].into_iter().chain(BOUNDARY_GROUPS);
@@ -1606,20 +1440,10 @@ fn boundary_geometries() {
             ];
             let budget = if groups > 100_000 { 60 } else { 300 };
             let label = format!("boundary geometry {geometry:?}");
-            if let Err(report) = run_ops(&label, &geometry, &mut rng, budget, &mut stats) {
-                failures.push(report);
-            }
+            batch.run::<Ctx>(&label, &geometry, &mut rng, budget);
         }
     }
-    say(format_args!(
-        "differential QEMU 10 boundaries: {} operations in {} geometries, {} results compared, \
-         {:.1?}",
-        stats.ops,
-        stats.scenarios,
-        stats.calls,
-        begun.elapsed()
-    ));
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    batch.finish();
 }
 
 /// The next summary-level boundary up: 64^4 groups (2 MiB per last level), a short scenario
@@ -1629,9 +1453,7 @@ fn large_geometries() {
     if skip() {
         return;
     }
-    let mut stats = Stats::default();
-    let mut failures = Vec::new();
-    let begun = Instant::now();
+    let mut batch = Batch::new("differential QEMU 10 large");
     let boundary = 1u64 << 24;
     for (index, (groups, granularity)) in [(boundary + 1, 0), (boundary - 1, 3), (boundary, 9)]
         .into_iter()
@@ -1647,15 +1469,7 @@ fn large_geometries() {
             (size, coarser),
         ];
         let label = format!("large geometry {geometry:?}");
-        if let Err(report) = run_ops(&label, &geometry, &mut rng, 150, &mut stats) {
-            failures.push(report);
-        }
+        batch.run::<Ctx>(&label, &geometry, &mut rng, 150);
     }
-    say(format_args!(
-        "differential QEMU 10 large: {} operations, {} results compared, {:.1?}",
-        stats.ops,
-        stats.calls,
-        begun.elapsed()
-    ));
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    batch.finish();
 }

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 
 //! The helpers that `hbitmap`'s tests, benchmarks and fuzz targets share, so that each exists
-//! once: a deterministic random generator ([`Rng`]), a naive model of the searches on the last
+//! once: a deterministic random generator ([`Rng`]), the engine of the differential tests
+//! ([`differential`]), a naive model of the searches on the last
 //! level's words ([`model`]), readers and patchers of qcow2 fields in an image's bytes
 //! ([`qcow2`]), the open options every qcow2 test uses ([`RW`], [`RO`],
 //! [`RO_FORCE_SHARE`]) and the external programs tests run, required or skipped ([`tools`]).
@@ -11,6 +12,7 @@
 //! crate as a dependency. Unit tests inside `src/` cannot use it: they build their own `hbitmap`,
 //! whose types would not be this crate's.
 
+pub mod differential;
 pub mod model;
 pub mod qcow2;
 mod rng;
