@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use assert_cmd::cargo::cargo_bin_cmd;
 use assert_cmd::Command;
 use hbitmap_testkit::qcow2::{be32, be64, directory_entry, put32, put64, L1_TABLE_OFFSET};
-use hbitmap_testkit::tools::have;
+use hbitmap_testkit::tools::{self, have, run};
 use hbitmap_testkit::Rng;
 use predicates::prelude::*;
 use predicates::str::contains;
@@ -31,14 +31,7 @@ fn qbitmap() -> Command {
 
 /// Runs qbitmap with `args`, expecting success, and returns its stdout.
 fn ok(args: &[&str]) -> String {
-    let output = qbitmap().args(args).output().unwrap();
-    assert!(
-        output.status.success(),
-        "qbitmap {args:?} failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    tools::run(env!("CARGO_BIN_EXE_qbitmap"), args)
 }
 
 /// Runs qbitmap with `args`, expecting success and JSON on stdout.
@@ -84,18 +77,6 @@ fn extents_of(dump: &Value) -> Vec<(u64, u64)> {
         .iter()
         .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
         .collect()
-}
-
-fn run(program: &str, args: &[&str]) -> String {
-    let output = StdCommand::new(program).args(args).output().unwrap();
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed ({}): {}{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
 }
 
 /// Sets or clears a bitmap's in-use flag directly in the image file, as a QEMU that crashed

@@ -10,9 +10,9 @@ use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-use hbitmap_testkit::tools::have;
+use hbitmap_testkit::tools::{self, have, text};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -34,43 +34,20 @@ fn creatable(name: &[u8]) -> bool {
     !name.is_empty() && !name.contains(&0)
 }
 
+const QBITMAP: &str = env!("CARGO_BIN_EXE_qbitmap");
+
 fn qbitmap(args: &[&OsStr]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qbitmap"))
-        .args(args)
-        .output()
-        .unwrap()
+    tools::output(QBITMAP, args)
 }
 
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-/// Runs qbitmap, expecting success; returns stdout (all of qbitmap's output is UTF-8).
+/// Runs qbitmap, expecting success; returns stdout.
 fn ok(args: &[&OsStr]) -> String {
-    let output = qbitmap(args);
-    assert!(
-        output.status.success(),
-        "qbitmap {args:?} failed ({}): {}",
-        output.status,
-        text(&output)
-    );
-    String::from_utf8(output.stdout).expect("qbitmap prints UTF-8")
+    tools::run(QBITMAP, args)
 }
 
 /// Runs qbitmap, expecting exit status `code`; returns stdout and stderr.
 fn fails(code: i32, args: &[&OsStr]) -> String {
-    let output = qbitmap(args);
-    assert_eq!(
-        output.status.code(),
-        Some(code),
-        "qbitmap {args:?}: {}",
-        text(&output)
-    );
-    text(&output)
+    tools::run_expecting(QBITMAP, args, code)
 }
 
 fn os(text: &str) -> &OsStr {
@@ -464,18 +441,11 @@ fn malformed_escaped_names_are_bad_usage() {
 }
 
 fn qemu_img(args: &[&OsStr]) -> Output {
-    Command::new("qemu-img").args(args).output().unwrap()
+    tools::output("qemu-img", args)
 }
 
 fn qemu_ok(args: &[&OsStr]) -> String {
-    let output = qemu_img(args);
-    assert!(
-        output.status.success(),
-        "qemu-img {args:?} failed ({}): {}",
-        output.status,
-        text(&output)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    tools::run("qemu-img", args)
 }
 
 /// The bitmap names `qemu-img info` gives (QEMU's JSON replaces bytes that are not UTF-8 with

@@ -13,61 +13,27 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use hbitmap_testkit::qcow2::{be64, bitmaps_extension, directory_entry, extensions, put64};
-use hbitmap_testkit::tools::have;
+use hbitmap_testkit::tools::{self, have, qemu_bitmaps, run, text};
 use serde_json::Value;
 use tempfile::TempDir;
 
 /// The magic of the feature name table header extension.
 const FEATURE_NAME_TABLE: u32 = 0x6803_f857;
 
-fn qbitmap(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qbitmap"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+const QBITMAP: &str = env!("CARGO_BIN_EXE_qbitmap");
 
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
+fn qbitmap(args: &[&str]) -> Output {
+    tools::output(QBITMAP, args)
 }
 
 /// Runs qbitmap, expecting success; returns stdout.
 fn ok(args: &[&str]) -> String {
-    let output = qbitmap(args);
-    assert!(
-        output.status.success(),
-        "qbitmap {args:?} failed ({}): {}",
-        output.status,
-        text(&output)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    tools::run(QBITMAP, args)
 }
 
 /// Runs qbitmap, expecting exit status 1; returns stdout and stderr.
 fn fails(args: &[&str]) -> String {
-    let output = qbitmap(args);
-    assert_eq!(
-        output.status.code(),
-        Some(1),
-        "qbitmap {args:?} should fail: {}",
-        text(&output)
-    );
-    text(&output)
-}
-
-fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program).args(args).output().unwrap();
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed ({}): {}",
-        output.status,
-        text(&output)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    tools::run_expecting(QBITMAP, args, 1)
 }
 
 fn s(path: &Path) -> &str {
@@ -108,31 +74,6 @@ fn qemu_image(size: &str, options: &str) -> (TempDir, PathBuf) {
     args.extend([s(&path), size]);
     run("qemu-img", &args);
     (dir, path)
-}
-
-/// Bitmaps as qemu-img info lists them: (name, granularity, flags).
-fn qemu_bitmaps(path: &Path) -> Vec<(String, u64, Vec<String>)> {
-    let info: Value =
-        serde_json::from_str(&run("qemu-img", &["info", "--output=json", "-U", s(path)])).unwrap();
-    let Some(bitmaps) = info["format-specific"]["data"]["bitmaps"].as_array() else {
-        return Vec::new();
-    };
-    bitmaps
-        .iter()
-        .map(|b| {
-            let flags = b["flags"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|f| f.as_str().unwrap().to_string())
-                .collect();
-            (
-                b["name"].as_str().unwrap().to_string(),
-                b["granularity"].as_u64().unwrap(),
-                flags,
-            )
-        })
-        .collect()
 }
 
 fn our_bitmaps(path: &Path) -> Vec<(String, u64, Vec<String>)> {

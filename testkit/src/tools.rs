@@ -8,8 +8,13 @@
 //! `../shared/reference`), under which a missing oracle fails the differential tests: a green
 //! run there proves the claims, never a silent skip.
 
+use std::borrow::Cow;
+use std::ffi::OsStr;
 use std::io::Write;
+use std::path::Path;
 use std::process::{Command, Output};
+
+use serde_json::Value;
 
 /// Set (to anything but `0`) by the test command: every tool a test asks for must be there.
 pub const REQUIRE_TOOLS: &str = "HBITMAP_REQUIRE_TOOLS";
@@ -70,18 +75,71 @@ pub fn text(output: &Output) -> String {
     )
 }
 
-/// Runs `program` and returns its standard output, panicking with its output unless it
-/// succeeds.
-pub fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program)
+/// Runs `program` to its end.
+pub fn output<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Output {
+    Command::new(program)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+        .unwrap_or_else(|e| panic!("running {program}: {e}"))
+}
+
+fn shown<S: AsRef<OsStr>>(args: &[S]) -> Vec<Cow<'_, str>> {
+    args.iter().map(|a| a.as_ref().to_string_lossy()).collect()
+}
+
+/// Runs `program` and returns its standard output, panicking with its output unless it
+/// succeeds.
+pub fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> String {
+    let output = output(program, args);
     assert!(
         output.status.success(),
-        "{program} {args:?} failed ({}): {}",
+        "{program} {:?} failed ({}): {}",
+        shown(args),
         output.status,
         text(&output)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs `program`, panicking unless it exits with `code`; returns its standard output and
+/// error.
+pub fn run_expecting<S: AsRef<OsStr>>(program: &str, args: &[S], code: i32) -> String {
+    let output = output(program, args);
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "{program} {:?} should exit {code}: {}",
+        shown(args),
+        text(&output)
+    );
+    text(&output)
+}
+
+/// The bitmaps `qemu-img info` lists for a qcow2 image: (name, granularity, flags).
+pub fn qemu_bitmaps(path: &Path) -> Vec<(String, u64, Vec<String>)> {
+    let args = [OsStr::new("info"), "-U".as_ref(), "--output=json".as_ref()];
+    let args: Vec<&OsStr> = args
+        .into_iter()
+        .chain(["-f".as_ref(), "qcow2".as_ref(), path.as_os_str()])
+        .collect();
+    let info: Value = serde_json::from_str(&run("qemu-img", &args)).expect("qemu-img info's JSON");
+    let Some(bitmaps) = info["format-specific"]["data"]["bitmaps"].as_array() else {
+        return Vec::new();
+    };
+    bitmaps
+        .iter()
+        .map(|b| {
+            let flags = b["flags"]
+                .as_array()
+                .expect("flags")
+                .iter()
+                .map(|f| f.as_str().expect("a flag").to_string())
+                .collect();
+            (
+                b["name"].as_str().expect("a name").to_string(),
+                b["granularity"].as_u64().expect("a granularity"),
+                flags,
+            )
+        })
+        .collect()
 }

@@ -110,76 +110,8 @@ pub fn qemu_check(path: &Path, leaks_ok: bool) -> String {
     text
 }
 
-/// The bitmaps `qemu-img info` lists: (name, granularity, flags).
-pub fn qemu_bitmaps(path: &Path) -> Vec<(String, u64, Vec<String>)> {
-    let text = qemu_img(&[
-        "info",
-        "-U",
-        "--output=json",
-        "-f",
-        "qcow2",
-        path.to_str().unwrap(),
-    ]);
-    let Some(start) = text.find("\"bitmaps\"") else {
-        return Vec::new();
-    };
-    let section = &text[start..];
-    let end = section.find(']').map(|_| {
-        // The bitmaps array ends at the first "]" that closes it: find matching bracket.
-        let mut depth = 0i32;
-        let mut end = section.len();
-        for (i, c) in section.char_indices() {
-            match c {
-                '[' => depth += 1,
-                ']' => {
-                    depth -= 1;
-                    if depth == 0 {
-                        end = i;
-                        break;
-                    }
-                }
-                _ => {}
-            }
-        }
-        end
-    });
-    let section = &section[..end.unwrap_or(section.len())];
-    let mut out = Vec::new();
-    for object in section.split('{').skip(1) {
-        let field = |key: &str| -> Option<String> {
-            let at = object.find(&format!("\"{key}\""))?;
-            let rest = &object[at + key.len() + 2..];
-            let rest = rest.trim_start().strip_prefix(':')?.trim_start();
-            Some(rest.to_string())
-        };
-        let name = field("name")
-            .and_then(|v| {
-                v.strip_prefix('"')
-                    .map(|v| v[..v.find('"').unwrap()].to_string())
-            })
-            .unwrap_or_default();
-        let granularity = field("granularity")
-            .map(|v| {
-                v.chars()
-                    .take_while(|c| c.is_ascii_digit())
-                    .collect::<String>()
-                    .parse()
-                    .unwrap()
-            })
-            .unwrap_or(0);
-        let flags = field("flags")
-            .map(|v| {
-                let v = &v[1..v.find(']').unwrap()];
-                v.split(',')
-                    .map(|f| f.trim().trim_matches('"').to_string())
-                    .filter(|f| !f.is_empty())
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.push((name, granularity, flags));
-    }
-    out
-}
+#[allow(unused_imports)] // not every test crate that includes this module lists bitmaps
+pub use hbitmap_testkit::tools::qemu_bitmaps;
 
 /// Waits for a unix socket to accept connections.
 fn wait_for_socket(path: &Path, child: &mut Child) {
