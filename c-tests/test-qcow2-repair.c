@@ -15,31 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
-static int failures;
-static int tests;
-
-static void ok(int condition, const char *what, const char *detail)
-{
-    tests++;
-    if (condition) {
-        printf("ok %d - %s\n", tests, what);
-    } else {
-        failures++;
-        printf("not ok %d - %s%s%s\n", tests, what, detail ? ": " : "", detail ? detail : "");
-    }
-}
-
-static char *take(char **message)
-{
-    static char copy[4096];
-    copy[0] = 0;
-    if (*message) {
-        snprintf(copy, sizeof copy, "%s", *message);
-        free(*message);
-        *message = NULL;
-    }
-    return copy;
-}
+#include "tap.h"
 
 int main(void)
 {
@@ -105,6 +81,5 @@ int main(void)
     hbitmap_free(reread);
     hbitmap_free(kept);
     unlink(path);
-    printf("1..%d\n", tests);
-    return failures ? 1 : 0;
+    return tap_done();
 }
