@@ -8,11 +8,13 @@
 #      static library;
 #   3. QEMU built with the packager's change (contrib/qemu/) runs libhbitmap's code: no
 #      hbitmap_* function of its own is left in its binaries;
-#   4. QEMU's test-hbitmap from that build, and QEMU's dirty-bitmap iotests with its binaries;
+#   4. QEMU's test-hbitmap from that build, and all of QEMU's block layer with its binaries:
+#      the qcow2 auto iotests group and the block-job, NBD and bitmap tests outside it, each
+#      that fails compared with QEMU's own util/hbitmap.c swapped in (block-layer.sh);
 #   5. (10.0.2) this project's qcow2 interoperability tests against those binaries;
-#   6. (--compare-own) QEMU's test-hbitmap and iotests again with that version's own
-#      util/hbitmap.c swapped in at run time (build-own-hbitmap.sh): the tests whose result
-#      differs are those that notice a difference between libhbitmap and that version.
+#   6. (--compare-own) every one of those iotests on QEMU's own hbitmap.c too, and its
+#      test-hbitmap: the tests whose result differs notice a difference between libhbitmap
+#      and that version.
 #
 #   run.sh [--qemu VERSION] [--compare-own] LIBHBITMAP_PREFIX WORKDIR
 #
@@ -106,45 +108,17 @@ passed=$("$build/tests/unit/test-hbitmap" | grep -c '^ok ')
 [[ $passed == 40 ]] || { echo "QEMU's own build of test-hbitmap: $passed of 40" >&2; exit 1; }
 result "QEMU's test-hbitmap (QEMU's build): 40 of 40 passed"
 
-step "QEMU's dirty-bitmap iotests with the binaries linked to libhbitmap"
-all_iotests=(124 165 176 190 194 196 223 236 242 246 254 256 257 260 271 281 299 300 303 304
-             migrate-bitmaps-test migrate-bitmaps-postcopy-test remove-bitmap-from-backing
-             image-fleecing backup-discard-source qemu-img-bitmaps nbd-qemu-allocation
-             qemu-img-close-errors)
-# Older QEMUs lack the newest of them (7.2: backup-discard-source, qemu-img-close-errors).
-iotests=() absent=()
-for t in "${all_iotests[@]}"; do
-  if [[ -e $work/$qemu_top/tests/qemu-iotests/$t || -e $work/$qemu_top/tests/qemu-iotests/tests/$t ]]; then
-    iotests+=("$t")
-  else
-    absent+=("$t")
-  fi
-done
-((${#absent[@]} == 0)) || echo "not in QEMU $version: ${absent[*]}"
-(cd "$build/tests/qemu-iotests" && ./check -qcow2 -j 2 "${iotests[@]}") >"$work/iotests.log" 2>&1 || true
-grep -E '^(Passed|Failures|Not run|[a-z0-9-]+ +(fail|not run))' "$work/iotests.log" || true
-if ! grep -q "^Passed all ${#iotests[@]} iotests" "$work/iotests.log"; then
-  # Some of them race with their own processes (223 and qemu-img-bitmaps reopen an image a
-  # qemu-nbd or qemu-io may still hold locked) or time things (postcopy compares downtime with
-  # migration time) and can fail on a loaded machine: each failed test runs once more, alone;
-  # a failure then is a failure.
-  failed=($(sed -n 's/^Failures: //p' "$work/iotests.log"))
-  notrun=$(sed -n 's/^Not run: //p' "$work/iotests.log")
-  [[ -z $notrun && ${#failed[@]} -gt 0 ]] \
-    || { echo "QEMU's dirty-bitmap iotests did not all run (see $work/iotests.log)" >&2; exit 1; }
-  echo "running again, one at a time: ${failed[*]}"
-  (cd "$build/tests/qemu-iotests" && ./check -qcow2 "${failed[@]}") >"$work/iotests-again.log" 2>&1 || true
-  grep -E '^(Passed|Failures|Not run)' "$work/iotests-again.log" || true
-  grep -q "^Passed all ${#failed[@]} iotests" "$work/iotests-again.log" \
-    || { echo "QEMU's dirty-bitmap iotests failed (see $work/iotests-again.log)" >&2; exit 1; }
-  echo "all ${#iotests[@]} passed (${failed[*]} on the second run)"
-fi
-result "QEMU's dirty-bitmap iotests: ${#iotests[@]} of ${#iotests[@]} passed${absent:+ (not in $version: ${absent[*]})}"
+step "all of QEMU's block layer: the qcow2 auto group and the block-job tests, libhbitmap against QEMU $version's own hbitmap.c"
+# QEMU's own util/hbitmap.c as a stand-in libhbitmap.so.1, swapped in through LD_LIBRARY_PATH.
+own=$work/own-hbitmap
+[[ -f $own/libhbitmap.so.1 ]] || "$here/build-own-hbitmap.sh" "$version" "$own"
+block_layer_args=()
+((compare_own)) && block_layer_args=(--both)
+"$here/block-layer.sh" "${block_layer_args[@]}" "$work/$qemu_top" "$own" "$work/block-layer"
+cat "$work/block-layer/summary.txt" >>"$results"
 
 if ((compare_own)); then
-  step "the same tests with QEMU $version's own util/hbitmap.c swapped in at run time"
-  "$here/build-own-hbitmap.sh" "$version" "$work/own-hbitmap"
-  own=$work/own-hbitmap
+  step "QEMU $version's unit test and hbitmap_status with its own util/hbitmap.c swapped in"
   echo "qemu-img now runs $(LD_LIBRARY_PATH=$own ldd "$build/qemu-img" | awk '/libhbitmap/ {print $3}')"
   # The one behaviour that changed within current QEMU's API (QEMU 8.0): hbitmap_status of a
   # range that starts dirty: 7.2 says "clean" when a clean item follows within the range.
@@ -171,20 +145,7 @@ PROBE
   result "libhbitmap: $("$work/status-probe")"
   result "QEMU $version's own hbitmap.c: $(LD_LIBRARY_PATH=$own "$work/status-probe")"
   own_unit=$(LD_LIBRARY_PATH=$own "$build/tests/unit/test-hbitmap" | grep -c '^ok ' || true)
-  (cd "$build/tests/qemu-iotests" && LD_LIBRARY_PATH=$own ./check -qcow2 -j 2 "${iotests[@]}") \
-    >"$work/iotests-own.log" 2>&1 || true
-  own_failed=($(sed -n 's/^Failures: //p' "$work/iotests-own.log"))
-  if ((${#own_failed[@]})); then
-    (cd "$build/tests/qemu-iotests" && LD_LIBRARY_PATH=$own ./check -qcow2 "${own_failed[@]}") \
-      >"$work/iotests-own-again.log" 2>&1 || true
-    own_failed=($(sed -n 's/^Failures: //p' "$work/iotests-own-again.log"))
-  fi
-  result "with QEMU $version's own hbitmap.c: test-hbitmap $own_unit of 40 passed, iotests $((${#iotests[@]} - ${#own_failed[@]})) of ${#iotests[@]} passed${own_failed:+ (failed: ${own_failed[*]})}"
-  if [[ $own_unit == 40 && ${#own_failed[@]} == 0 ]]; then
-    result "tests that notice a difference between libhbitmap and QEMU $version's hbitmap.c: none"
-  else
-    result "tests that notice a difference between libhbitmap and QEMU $version's hbitmap.c: test-hbitmap $own_unit/40 vs 40/40; iotests ${own_failed[*]:-none}"
-  fi
+  result "with QEMU $version's own hbitmap.c: test-hbitmap $own_unit of 40 passed (libhbitmap: 40); the iotests of both: $work/block-layer/block-layer.md"
 fi
 
 if [[ $version != "$qemu_default_version" ]]; then
