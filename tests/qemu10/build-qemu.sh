@@ -30,8 +30,8 @@ if [[ ! -f $src/.libhbitmap-patched ]]; then
   # What this build environment needs, not the packager's change: the Debian (+ds) tarball has
   # no edk2 firmware to unpack, and the iotests need only a small PC.
   sed -i "s/find_program('bzip2', required: get_option('install_blobs'))/find_program('no-edk2-blobs-in-this-tarball', required: false)/" "$src/meson.build"
-  printf 'CONFIG_I440FX=y\nCONFIG_VIRTIO_PCI=y\nCONFIG_VIRTIO_BLK=y\nCONFIG_VIRTIO_SCSI=y\n' \
-    > "$src/configs/devices/x86_64-softmmu/libhbitmap-iotests.mak"
+  printf '%s\n' CONFIG_I440FX=y CONFIG_VIRTIO_PCI=y CONFIG_VIRTIO_BLK=y CONFIG_VIRTIO_SCSI=y \
+    "${qemu_devices[@]}" > "$src/configs/devices/x86_64-softmmu/libhbitmap-iotests.mak"
   touch "$src/.libhbitmap-patched"
 fi
 

@@ -7,6 +7,7 @@
 #   qemu_patch     the packager's change to QEMU's build files (contrib/qemu/)
 #   qemu_meson     the meson QEMU's configure is given (empty: its own choice)
 #   qemu_configure the configure options this version has and the others lack
+#   qemu_devices   device symbols this version's minimal build needs besides the iotests'
 #   qemu_what      why this version
 qemu_versions="7.2 10.0.2 10.2.2"
 qemu_default_version=10.0.2
@@ -14,6 +15,7 @@ qemu_default_version=10.0.2
 qemu_version() {
   qemu_meson=""
   qemu_configure=()
+  qemu_devices=()
   case $1 in
     7.2)
       qemu_what="Debian 12's QEMU (7.2+dfsg)"
@@ -42,6 +44,9 @@ qemu_version() {
       qemu_top=qemu-10.2.2
       qemu_patch=qemu-10-use-libhbitmap.patch
       qemu_configure=(--disable-rust)
+      # Without CXL, 10.2.2's ACPI tables call cxl_fmws_get_all_sorted, which its CXL stubs
+      # lack: qemu-system-x86_64 does not link. A build with CXL has it.
+      qemu_devices=(CONFIG_PCI_EXPRESS=y CONFIG_PXB=y CONFIG_CXL=y)
       ;;
     *)
       echo "unknown QEMU version '$1' (known: $qemu_versions)" >&2
