@@ -183,6 +183,7 @@ impl AtomicHBitmap {
 
     /// The pages holding bytes `start_addr..start_addr + len`, clamped to the bitmap; `None`
     /// when there are none. The end saturates at `usize::MAX`, as in `AtomicBitmap`.
+    #[inline]
     fn pages(&self, start_addr: usize, len: usize) -> Option<(usize, usize)> {
         if len == 0 {
             return None;
@@ -195,6 +196,7 @@ impl AtomicHBitmap {
     /// Marks the pages holding bytes `start_addr..start_addr + len`: one atomic OR per word of
     /// page bits. A zero `len` does nothing, pages past the end are ignored, and the end
     /// saturates at `usize::MAX`.
+    #[inline]
     pub fn set_addr_range(&self, start_addr: usize, len: usize) {
         if let Some((first, last)) = self.pages(start_addr, len) {
             if first / WORD_BITS == last / WORD_BITS {
@@ -228,6 +230,7 @@ impl AtomicHBitmap {
     }
 
     /// Marks page `index`; an index past the end is ignored.
+    #[inline]
     pub fn set_bit(&self, index: usize) {
         if index < self.size {
             self.mark_word(index / WORD_BITS, 1 << (index % WORD_BITS));
@@ -403,13 +406,18 @@ impl AtomicHBitmap {
     #[inline]
     fn mark_word(&self, index: usize, bits: u64) {
         let [pages, summary, top] = &self.levels;
-        // The words are located before the OR: after it (on x86 a full barrier, which every load
-        // that follows waits for) only the two summary words are read.
+        // The words are located before the OR: after it only the two summary words are read.
         let word = &pages[index];
         let parent = &summary[index / WORD_BITS];
         let grandparent = &top[index / WORD_BITS / WORD_BITS];
         let parent_bit = 1 << (index % WORD_BITS);
         let grandparent_bit = 1 << (index / WORD_BITS % WORD_BITS);
+        // Read the parent first, its value dropped: its cache miss then overlaps with the page
+        // word's, where after the OR (on x86 a full barrier, which the loads that follow wait
+        // for) it would come after it. (Level 2 is small and stays in the cache. The page word is
+        // not read ahead: on a page of the bitmap never written, that read would map the zero
+        // page and the OR would then fault a second time.)
+        std::hint::black_box(parent.load(CHECK));
         word.fetch_or(bits, RMW);
         // Both reads follow the OR; which of the two comes first does not matter (relaxed loads
         // of two locations), but a bit set below must be followed by a read of the word above.
@@ -451,7 +459,7 @@ struct Walk<'a> {
 }
 
 /// Page words read ahead by a walk where the summary is sparse.
-const BATCH: usize = 16;
+const BATCH: usize = 64;
 
 impl<'a> Walk<'a> {
     fn new(bitmap: &'a AtomicHBitmap) -> Self {
