@@ -601,6 +601,21 @@ impl Harvest<'_> {
     /// stays open.
     fn split(&mut self, index: usize, bits: u64) {
         let base = index * WORD_BITS;
+        if bits == u64::MAX {
+            // A full word extends the open run, or finishes it and opens one.
+            match &mut self.open {
+                Some((_, end)) if *end == base => {
+                    *end = base + WORD_BITS;
+                    (self.next_run, self.runs_len) = (0, 0);
+                }
+                open => {
+                    let finished = open.replace((base, base + WORD_BITS));
+                    self.runs[0] = finished.unwrap_or_default();
+                    (self.next_run, self.runs_len) = (0, usize::from(finished.is_some()));
+                }
+            }
+            return;
+        }
         let mut len = 0;
         let mut first_start = None;
         if let Some((start, end)) = self.open.take() {
