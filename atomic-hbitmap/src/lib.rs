@@ -88,7 +88,8 @@ fn mask(lo: usize, hi: usize) -> u64 {
 ///
 /// - A mark ORs the page word with `AcqRel`, then reads its two ancestor words (`Relaxed`, in
 ///   either order) and ORs with `AcqRel` each whose bit is clear, bottom-up: after setting the
-///   level-1 bit it reads the level-2 word again.
+///   level-1 bit it reads the level-2 word again. (It also reads its level-1 word before the OR,
+///   so that the cache miss starts early; that value can only make it OR a bit already set.)
 /// - A harvest reads each level-2 word (`Relaxed`), takes the non-zero ones with an `AcqRel`
 ///   swap to zero, descends into the level-1 words whose bits it took, takes them the same way,
 ///   and takes each page word under their bits with an `AcqRel` swap to zero, always top-down:
@@ -412,17 +413,19 @@ impl AtomicHBitmap {
         let grandparent = &top[index / WORD_BITS / WORD_BITS];
         let parent_bit = 1 << (index % WORD_BITS);
         let grandparent_bit = 1 << (index / WORD_BITS % WORD_BITS);
-        // Read the parent first, its value dropped: its cache miss then overlaps with the page
-        // word's, where after the OR (on x86 a full barrier, which the loads that follow wait
-        // for) it would come after it. (Level 2 is small and stays in the cache. The page word is
-        // not read ahead: on a page of the bitmap never written, that read would map the zero
-        // page and the OR would then fault a second time.)
-        std::hint::black_box(parent.load(CHECK));
+        // Read the parent first: its cache miss then overlaps with the page word's, where after
+        // the OR (on x86 a full barrier, which the loads that follow wait for) it would come
+        // after it. That early value only adds ORs (the bit is set when either read shows it
+        // clear, an OR of a set bit changes nothing); what decides is the read after the OR.
+        // (Level 2 is small and stays in the cache. The page word is not read ahead: on a page
+        // of the bitmap never written, that read would map the zero page and the OR would then
+        // fault a second time.)
+        let early = parent.load(CHECK);
         word.fetch_or(bits, RMW);
         // Both reads follow the OR; which of the two comes first does not matter (relaxed loads
         // of two locations), but a bit set below must be followed by a read of the word above.
         let mut above = grandparent.load(CHECK);
-        if parent.load(CHECK) & parent_bit == 0 {
+        if parent.load(CHECK) & early & parent_bit == 0 {
             parent.fetch_or(parent_bit, RMW);
             above = grandparent.load(CHECK);
         }
