@@ -53,10 +53,11 @@ fn mask(lo: usize, hi: usize) -> u64 {
 /// # Structure
 ///
 /// Level 0 holds one bit per page, in 64-bit words, exactly as vm-memory's `AtomicBitmap`;
-/// `get_and_reset` returns these words. Each level above holds one bit per word of the level
-/// below, set when that word may be non-zero; the top level is one word. With 64-ary levels the
-/// summary adds 1/63 to the memory of the page bits (a 1 TiB guest of 4 KiB pages: 32 MiB of page
-/// bits, 520 KiB of summary).
+/// `get_and_reset` returns these words. Level 1 holds one bit per word of level 0, level 2 one
+/// bit per word of level 1, each set when that word may be non-zero. There is no level above:
+/// a harvest reads level 2 in full (1,024 words for a 1 TiB guest of 4 KiB pages, 12,288 for
+/// 12 TiB, a few microseconds), which keeps a mark to two summary reads. The summary adds 1/64 +
+/// 1/4096 to the memory of the page bits (1 TiB: 32 MiB of page bits, 520 KiB of summary).
 ///
 /// # Concurrency contract
 ///
@@ -67,8 +68,8 @@ fn mask(lo: usize, hi: usize) -> u64 {
 /// [`reset_bit`](Self::reset_bit) and [`reset`](Self::reset).
 ///
 /// - A mark is one atomic OR per word of page bits (one for a page, one per 64 pages of a range).
-///   It touches a summary word only to set a bit that is clear: it reads the ancestor words and
-///   ORs only where a bit is missing, which after the first mark of a word is never.
+///   It touches a summary word only to set a bit that is clear: it reads the two ancestor words
+///   and ORs only where a bit is missing, which after the first mark of a word is never.
 /// - **No mark is lost.** A page whose mark *happens before* a harvest starts (the marking thread
 ///   returned and then told the harvester, through any synchronization) is returned by that
 ///   harvest or by an earlier one. A page marked while a harvest runs is returned by it, or stays
@@ -85,11 +86,16 @@ fn mask(lo: usize, hi: usize) -> u64 {
 ///
 /// # Memory orderings, and why they suffice
 ///
-/// - A mark ORs the page word with `AcqRel`, then for each level above reads the ancestor word
-///   (`Relaxed`) and, only when its bit is clear, ORs it with `AcqRel`.
-/// - A harvest takes a summary word with an `AcqRel` swap to zero, descends into the words whose
-///   bits it took, and takes each page word with an `AcqRel` swap to zero, always top-down: a
-///   summary bit is cleared before the words under it are read.
+/// - A mark ORs the page word with `AcqRel`, then reads its two ancestor words (`Relaxed`, in
+///   either order) and ORs with `AcqRel` each whose bit is clear, bottom-up: after setting the
+///   level-1 bit it reads the level-2 word again. (It also reads its level-1 word before the OR,
+///   so that the cache miss starts early; that value can only make it OR a bit already set.)
+/// - A harvest reads each level-2 word (`Relaxed`), takes the non-zero ones with an `AcqRel`
+///   swap to zero, descends into the level-1 words whose bits it took, takes them the same way,
+///   and takes each page word under their bits with an `AcqRel` swap to zero, always top-down:
+///   a summary bit is cleared before the words under it are read. (The relaxed reads that come
+///   before the swaps, at level 2 and of the words about to be taken, only filter out clean
+///   words or bring lines into the cache: what is taken is what the swap returns.)
 ///
 /// Suppose a mark's OR of page word `w` comes after a harvest's swap of `w` in `w`'s modification
 /// order (otherwise the swap returned the page). Every write to a page word is a read-modify-write,
@@ -101,8 +107,11 @@ fn mask(lo: usize, hi: usize) -> u64 {
 /// same argument shows that no harvest can have cleared it in between without also taking the
 /// page. Conversely, when a harvest's swap of a summary word reads a bit set by a mark (`Release`
 /// part of its OR), the mark's OR of the page word happens before the harvest's swap of that
-/// word, which therefore returns the page. The `Acquire` loads of `is_bit_set` and of the
-/// non-destructive walks (`dirty_pages`, `Clone`) read the words as `AtomicBitmap`'s loads do.
+/// word, which therefore returns the page. A mark that happens before a harvest starts has set
+/// or seen its level-2 bit before, so the harvest's read of that word sees the bit, or a value
+/// written since by the swap of another harvest, which took the bit and, by the argument above,
+/// the page. The `Acquire` loads of `is_bit_set` and of the non-destructive walks
+/// (`dirty_pages`, `Clone`) read the words as `AtomicBitmap`'s loads do.
 /// `tests/loom.rs` checks these claims over every interleaving of small models.
 ///
 /// The page data too: a mark's OR releases, and the swap that takes the page acquires, so a
@@ -110,25 +119,24 @@ fn mask(lo: usize, hi: usize) -> u64 {
 /// (vm-memory marks after writing). This is why a mark is an OR even when its bit is already set:
 /// skipping it would let a harvest take the bit without seeing the new data.
 pub struct AtomicHBitmap {
-    /// `levels[0]`: one bit per page; `levels[k + 1]`: one bit per word of `levels[k]`. There are
-    /// at least two levels and the last has exactly one word.
-    levels: Vec<Box<[AtomicU64]>>,
+    /// `levels[0]`: one bit per page; `levels[1]`: one bit per word of `levels[0]`; `levels[2]`:
+    /// one bit per word of `levels[1]`, read in full by a harvest. Each has at least one word.
+    levels: [Box<[AtomicU64]>; LEVELS],
     /// Pages tracked.
     size: usize,
     byte_size: usize,
     page_size: NonZeroUsize,
 }
 
-/// Words of each level for `pages` pages: the page words, then summaries up to a single word.
-fn level_sizes(pages: usize) -> Vec<usize> {
-    let mut sizes = vec![pages.div_ceil(WORD_BITS)];
-    loop {
-        let next = sizes[sizes.len() - 1].div_ceil(WORD_BITS).max(1);
-        sizes.push(next);
-        if next == 1 {
-            return sizes;
-        }
-    }
+/// The levels: the page words and two summaries.
+const LEVELS: usize = 3;
+
+/// Words of each level for `pages` pages: the page words, then the two summaries (at least one
+/// word each).
+fn level_sizes(pages: usize) -> [usize; LEVELS] {
+    let words = pages.div_ceil(WORD_BITS);
+    let summary = words.div_ceil(WORD_BITS).max(1);
+    [words, summary, summary.div_ceil(WORD_BITS)]
 }
 
 #[allow(clippy::len_without_is_empty)] // as vm-memory's AtomicBitmap
@@ -139,7 +147,7 @@ impl AtomicHBitmap {
     pub fn new(byte_size: usize, page_size: NonZeroUsize) -> Self {
         let size = byte_size.div_ceil(page_size.get());
         AtomicHBitmap {
-            levels: level_sizes(size).into_iter().map(zeroed).collect(),
+            levels: level_sizes(size).map(zeroed),
             size,
             byte_size,
             page_size,
@@ -152,25 +160,14 @@ impl AtomicHBitmap {
     pub fn enlarge(&mut self, additional_size: usize) {
         self.byte_size += additional_size;
         self.size = self.byte_size.div_ceil(self.page_size.get());
-        let sizes = level_sizes(self.size);
-        let old_levels = self.levels.len();
-        for (level, &words) in self.levels.iter_mut().zip(&sizes) {
+        // The words added to each level are clean, and the summary bits of the old ones stay
+        // where they are.
+        for (level, words) in self.levels.iter_mut().zip(level_sizes(self.size)) {
             if level.len() < words {
                 let mut grown = std::mem::take(level).into_vec();
                 grown.resize_with(words, || AtomicU64::new(0));
                 *level = grown.into_boxed_slice();
             }
-        }
-        // New levels above the old top: summaries of the level below, computed exactly.
-        for &words in &sizes[old_levels..] {
-            let level = zeroed(words);
-            let below = &self.levels[self.levels.len() - 1];
-            for (index, word) in below.iter().enumerate() {
-                if word.load(Ordering::Relaxed) != 0 {
-                    level[index / WORD_BITS].fetch_or(1 << (index % WORD_BITS), Ordering::Relaxed);
-                }
-            }
-            self.levels.push(level);
         }
     }
 
@@ -187,6 +184,7 @@ impl AtomicHBitmap {
 
     /// The pages holding bytes `start_addr..start_addr + len`, clamped to the bitmap; `None`
     /// when there are none. The end saturates at `usize::MAX`, as in `AtomicBitmap`.
+    #[inline]
     fn pages(&self, start_addr: usize, len: usize) -> Option<(usize, usize)> {
         if len == 0 {
             return None;
@@ -199,14 +197,11 @@ impl AtomicHBitmap {
     /// Marks the pages holding bytes `start_addr..start_addr + len`: one atomic OR per word of
     /// page bits. A zero `len` does nothing, pages past the end are ignored, and the end
     /// saturates at `usize::MAX`.
+    #[inline]
     pub fn set_addr_range(&self, start_addr: usize, len: usize) {
         if let Some((first, last)) = self.pages(start_addr, len) {
             if first / WORD_BITS == last / WORD_BITS {
-                self.raise(
-                    0,
-                    first / WORD_BITS,
-                    mask(first % WORD_BITS, last % WORD_BITS),
-                );
+                self.mark_word(first / WORD_BITS, mask(first % WORD_BITS, last % WORD_BITS));
             } else {
                 self.mark_pages(first, last);
             }
@@ -236,9 +231,10 @@ impl AtomicHBitmap {
     }
 
     /// Marks page `index`; an index past the end is ignored.
+    #[inline]
     pub fn set_bit(&self, index: usize) {
         if index < self.size {
-            self.raise(0, index / WORD_BITS, 1 << (index % WORD_BITS));
+            self.mark_word(index / WORD_BITS, 1 << (index % WORD_BITS));
         }
     }
 
@@ -260,11 +256,11 @@ impl AtomicHBitmap {
     }
 
     /// The heap memory the bitmap holds, in bytes: the page bits (as much as `AtomicBitmap`'s)
-    /// plus the summary levels (1/63 of that, and a few words). Allocated zeroed, it is touched
-    /// only where pages are marked.
+    /// plus the two summary levels (1/64 and 1/4096 of that, and a word each). Allocated zeroed,
+    /// it is touched only where pages are marked.
     pub fn heap_bytes(&self) -> usize {
         let words: usize = self.levels.iter().map(|level| level.len()).sum();
-        words * size_of::<u64>() + self.levels.capacity() * size_of::<Box<[AtomicU64]>>()
+        words * size_of::<u64>()
     }
 
     /// The page size given to [`new`](Self::new).
@@ -286,24 +282,18 @@ impl AtomicHBitmap {
         self.take_words(|_, _| {});
     }
 
-    /// Takes every page word the summary shows dirty, to the end, calling `f(index, bits)` for
-    /// each (also for those found clean). 64 dirty words in a row are taken in one tight loop.
+    /// Takes every non-zero page word the summary shows, to the end, calling `f(index, bits)`
+    /// for each in increasing order.
     fn take_words(&self, mut f: impl FnMut(usize, u64)) {
-        let pages = &self.levels[0];
         let mut walk = Walk::new(self);
-        while let Some((parent, bits)) = walk.next_summary() {
-            let base = parent * WORD_BITS;
-            if bits == u64::MAX {
-                for (index, word) in pages[base..base + WORD_BITS].iter().enumerate() {
-                    f(base + index, word.swap(0, RMW));
-                }
-            } else {
-                let mut bits = bits;
-                while bits != 0 {
-                    let index = base + bits.trailing_zeros() as usize;
-                    bits &= bits - 1;
-                    f(index, pages[index].swap(0, RMW));
-                }
+        let mut chunk = [(0, 0); WORD_BITS];
+        loop {
+            let len = walk.next_chunk(&mut chunk);
+            if len == 0 {
+                return;
+            }
+            for &(index, bits) in &chunk[..len] {
+                f(index, bits);
             }
         }
     }
@@ -316,9 +306,13 @@ impl AtomicHBitmap {
     pub fn harvest(&self) -> Harvest<'_> {
         Harvest {
             walk: Walk::new(self),
-            word: 0,
-            bits: 0,
-            run: None,
+            words: [(0, 0); WORD_BITS],
+            next_word: 0,
+            words_len: 0,
+            runs: [(0, 0); RUNS],
+            next_run: 0,
+            runs_len: 0,
+            open: None,
         }
     }
 
@@ -362,8 +356,9 @@ impl AtomicHBitmap {
     /// Calls `f(index, bits)` for every non-zero page word, in increasing order, reading (not
     /// clearing) the words the summary shows dirty.
     fn for_each_dirty_word(&self, mut f: impl FnMut(usize, u64)) {
-        let top = self.levels.len() - 1;
-        self.visit(top, 0, &mut f);
+        for index in 0..self.levels[LEVELS - 1].len() {
+            self.visit(LEVELS - 1, index, &mut f);
+        }
     }
 
     fn visit(&self, level: usize, index: usize, f: &mut impl FnMut(usize, u64)) {
@@ -407,8 +402,39 @@ impl AtomicHBitmap {
         }
     }
 
-    /// ORs `bits` into word `index` of `level`, then makes sure every ancestor bit is set.
+    /// ORs `bits` into page word `index`, then makes sure both its summary bits are set: `raise`
+    /// for level 0, written for the marks of single pages.
     #[inline]
+    fn mark_word(&self, index: usize, bits: u64) {
+        let [pages, summary, top] = &self.levels;
+        // The words are located before the OR: after it only the two summary words are read.
+        let word = &pages[index];
+        let parent = &summary[index / WORD_BITS];
+        let grandparent = &top[index / WORD_BITS / WORD_BITS];
+        let parent_bit = 1 << (index % WORD_BITS);
+        let grandparent_bit = 1 << (index / WORD_BITS % WORD_BITS);
+        // Read the parent first: its cache miss then overlaps with the page word's, where after
+        // the OR (on x86 a full barrier, which the loads that follow wait for) it would come
+        // after it. That early value only adds ORs (the bit is set when either read shows it
+        // clear, an OR of a set bit changes nothing); what decides is the read after the OR.
+        // (Level 2 is small and stays in the cache. The page word is not read ahead: on a page
+        // of the bitmap never written, that read would map the zero page and the OR would then
+        // fault a second time.)
+        let early = parent.load(CHECK);
+        word.fetch_or(bits, RMW);
+        // Both reads follow the OR; which of the two comes first does not matter (relaxed loads
+        // of two locations), but a bit set below must be followed by a read of the word above.
+        let mut above = grandparent.load(CHECK);
+        if parent.load(CHECK) & early & parent_bit == 0 {
+            parent.fetch_or(parent_bit, RMW);
+            above = grandparent.load(CHECK);
+        }
+        if above & grandparent_bit == 0 {
+            grandparent.fetch_or(grandparent_bit, RMW);
+        }
+    }
+
+    /// ORs `bits` into word `index` of `level`, then makes sure every ancestor bit is set.
     fn raise(&self, level: usize, index: usize, bits: u64) {
         self.levels[level][index].fetch_or(bits, RMW);
         let mut index = index;
@@ -422,123 +448,120 @@ impl AtomicHBitmap {
     }
 }
 
-/// The destructive walk shared by `harvest`, `get_and_reset` and `reset`: it takes the summary
-/// words top-down and yields the non-zero page words it takes, in increasing order. What it holds
-/// when dropped (summary bits taken, words under them not yet taken) is given back.
+/// The destructive walk shared by `harvest`, `get_and_reset` and `reset`: it reads the top level
+/// in full, takes the summary words top-down and hands out the non-zero page words it takes, in
+/// increasing order. What it holds when dropped (summary bits taken, words under them not yet
+/// taken) is given back.
 struct Walk<'a> {
     bitmap: &'a AtomicHBitmap,
-    /// `held[k]` for each summary level `k >= 1` (`held[0]` unused): the index of the word of
-    /// that level being descended, and the bits taken from it whose subtrees are still to visit.
-    held: Vec<(usize, u64)>,
-    /// Page words whose summary bits are taken, to be taken in order from `next`: read together
-    /// first, so that their cache misses overlap (on x86 each swap is a full barrier that would
-    /// otherwise wait for its own miss).
-    batch: [usize; BATCH],
-    next: usize,
-    len: usize,
+    /// The next word of the top level to read.
+    cursor: usize,
+    /// `held[k]` for the summary levels `k` (`held[0]` unused): the index of the word of that
+    /// level being descended, and the bits taken from it whose subtrees are still to visit.
+    held: [(usize, u64); LEVELS],
 }
 
-/// Page words read ahead by a walk.
-const BATCH: usize = 16;
+/// Page words read ahead by a walk where the summary is sparse.
+const BATCH: usize = 64;
 
 impl<'a> Walk<'a> {
     fn new(bitmap: &'a AtomicHBitmap) -> Self {
-        let top = bitmap.levels.len() - 1;
-        let mut held = vec![(0, 0); top + 1];
-        held[top] = (0, bitmap.levels[top][0].swap(0, RMW));
         Walk {
             bitmap,
-            held,
-            batch: [0; BATCH],
-            next: 0,
-            len: 0,
+            cursor: 0,
+            held: [(0, 0); LEVELS],
         }
     }
 
-    /// The index of the next page word whose summary bit is set, the bit taken (the word is
-    /// left to the caller), descending only into the subtrees whose summary bits are set.
-    fn next_index(&mut self) -> Option<usize> {
-        self.next_child(1)
-    }
-
-    /// The next word of level `stop - 1` whose bit in level `stop` is set: its index, the bit
-    /// taken (the word is left to the caller). Levels below `stop` must hold nothing.
-    fn next_child(&mut self, stop: usize) -> Option<usize> {
-        let levels = &self.bitmap.levels;
+    /// With nothing held at level 1, takes the next non-zero word of level 1 into `held[1]`;
+    /// `false` at the end.
+    fn descend(&mut self) -> bool {
+        let [_, summary, top] = &self.bitmap.levels;
         loop {
-            // The lowest level with subtrees left to visit; the levels below it hold nothing.
-            let mut level = (stop..self.held.len()).find(|&k| self.held[k].1 != 0)?;
-            loop {
-                let (index, bits) = self.held[level];
-                let child = index * WORD_BITS + bits.trailing_zeros() as usize;
-                self.held[level].1 = bits & (bits - 1);
-                if level == stop {
-                    return Some(child);
-                }
-                let taken = levels[level - 1][child].swap(0, RMW);
-                self.held[level - 1] = (child, taken);
-                level -= 1;
-                if taken == 0 {
-                    // A summary bit over a clean word: cleared, nothing under it.
-                    break;
+            if self.held[2].1 == 0 {
+                // The next top word that reads non-zero, taken; its children are read ahead so
+                // that their cache misses overlap (on x86 each swap is a full barrier that would
+                // otherwise wait for its own miss).
+                loop {
+                    let Some(word) = top.get(self.cursor) else {
+                        return false;
+                    };
+                    self.cursor += 1;
+                    if word.load(CHECK) != 0 {
+                        let taken = word.swap(0, RMW);
+                        if taken != 0 {
+                            let base = (self.cursor - 1) * WORD_BITS;
+                            self.held[2] = (self.cursor - 1, taken);
+                            let mut bits = taken;
+                            let mut ahead = 0;
+                            while bits != 0 {
+                                ahead |= summary[base + bits.trailing_zeros() as usize].load(CHECK);
+                                bits &= bits - 1;
+                            }
+                            std::hint::black_box(ahead);
+                            break;
+                        }
+                    }
                 }
             }
-        }
-    }
-
-    /// Takes the next non-zero word of level 1 (the summary of the page words): `(index, bits)`.
-    /// The caller takes the page words of its bits: they are no longer held by the walk, so it
-    /// must not stop before it has (`get_and_reset` and `reset` run to the end, and cannot fail).
-    fn next_summary(&mut self) -> Option<(usize, u64)> {
-        if self.held.len() == 2 {
-            // Level 1 is the top: its one word was taken when the walk began.
-            let (index, bits) = std::mem::take(&mut self.held[1]);
-            return (bits != 0).then_some((index, bits));
-        }
-        loop {
-            let child = self.next_child(2)?;
-            let bits = self.bitmap.levels[1][child].swap(0, RMW);
-            if bits != 0 {
-                return Some((child, bits));
+            let (index, bits) = self.held[2];
+            let child = index * WORD_BITS + bits.trailing_zeros() as usize;
+            self.held[2].1 = bits & (bits - 1);
+            let taken = summary[child].swap(0, RMW);
+            if taken != 0 {
+                self.held[1] = (child, taken);
+                return true;
             }
+            // A summary bit over a clean word: cleared, nothing under it.
         }
     }
 
-    /// The next non-zero page word, taken (swapped to zero): `(index, bits)`.
-    fn next_word(&mut self) -> Option<(usize, u64)> {
+    /// Takes the next non-zero page words, in increasing order, into `out`: their number, 0 at
+    /// the end. The caller owns them (it must return them or give them back): when the summary
+    /// shows 64 dirty words in a row they are taken in one tight loop, otherwise up to [`BATCH`]
+    /// words are read ahead together, then taken.
+    fn next_chunk(&mut self, out: &mut [(usize, u64); WORD_BITS]) -> usize {
         let pages = &self.bitmap.levels[0];
         loop {
-            if self.next == self.len {
-                (self.next, self.len) = (0, 0);
-                while self.len < BATCH {
-                    // The current level-1 word's bits first, without the climb of `next_index`.
-                    let (parent, bits) = &mut self.held[1];
-                    let index = if *bits != 0 {
-                        let index = *parent * WORD_BITS + bits.trailing_zeros() as usize;
-                        *bits &= *bits - 1;
-                        index
-                    } else {
-                        match self.next_index() {
-                            Some(index) => index,
-                            None => break,
-                        }
-                    };
-                    self.batch[self.len] = index;
-                    self.len += 1;
-                }
-                if self.len == 0 {
-                    return None;
-                }
-                let ahead = self.batch[..self.len]
-                    .iter()
-                    .fold(0, |acc, &index| acc | pages[index].load(Ordering::Relaxed));
-                std::hint::black_box(ahead);
+            if self.held[1].1 == 0 && !self.descend() {
+                return 0;
             }
-            let index = self.batch[self.next];
-            self.next += 1;
-            let taken = pages[index].swap(0, RMW);
-            if taken != 0 {
-                return Some((index, taken));
+            let mut len = 0;
+            if self.held[1].1 == u64::MAX {
+                let base = self.held[1].0 * WORD_BITS;
+                self.held[1].1 = 0;
+                for (offset, word) in pages[base..base + WORD_BITS].iter().enumerate() {
+                    let taken = word.swap(0, RMW);
+                    out[len] = (base + offset, taken);
+                    len += usize::from(taken != 0);
+                }
+            } else {
+                // Indexes from this level-1 word and the following ones, up to a full one.
+                let mut batch = [0; BATCH];
+                let mut count = 0;
+                loop {
+                    let (parent, bits) = &mut self.held[1];
+                    while *bits != 0 && count < BATCH {
+                        batch[count] = *parent * WORD_BITS + bits.trailing_zeros() as usize;
+                        *bits &= *bits - 1;
+                        count += 1;
+                    }
+                    if count == BATCH || !self.descend() || self.held[1].1 == u64::MAX {
+                        break;
+                    }
+                }
+                let ahead = batch[..count]
+                    .iter()
+                    .fold(0, |acc, &index| acc | pages[index].load(CHECK));
+                std::hint::black_box(ahead);
+                for &index in &batch[..count] {
+                    let taken = pages[index].swap(0, RMW);
+                    out[len] = (index, taken);
+                    len += usize::from(taken != 0);
+                }
+            }
+            if len != 0 {
+                return len;
             }
         }
     }
@@ -546,10 +569,6 @@ impl<'a> Walk<'a> {
 
 impl Drop for Walk<'_> {
     fn drop(&mut self) {
-        for &index in &self.batch[self.next..self.len] {
-            self.bitmap
-                .raise(1, index / WORD_BITS, 1 << (index % WORD_BITS));
-        }
         for (level, &(index, bits)) in self.held.iter().enumerate().skip(1) {
             if bits != 0 {
                 self.bitmap.raise(level, index, bits);
@@ -558,65 +577,126 @@ impl Drop for Walk<'_> {
     }
 }
 
+/// Runs buffered by a harvest: those of one page word (at most 32) and the run before it.
+const RUNS: usize = WORD_BITS / 2 + 1;
+
 /// The iterator of [`AtomicHBitmap::harvest`]: runs of dirty page indexes, in increasing order.
+///
+/// It takes page words a chunk at a time (see `Walk::next_chunk`), splits one word at a time
+/// into runs without a branch per bit, and returns the runs from a buffer.
 pub struct Harvest<'a> {
     walk: Walk<'a>,
-    /// The page word being split into runs, and its bits not yet put into a run.
-    word: usize,
-    bits: u64,
-    /// The run being extended: its pages are taken but not yet returned.
-    run: Option<Range<usize>>,
+    /// Page words taken and not yet split: `words[next_word..words_len]`.
+    words: [(usize, u64); WORD_BITS],
+    next_word: usize,
+    words_len: usize,
+    /// Runs taken and not yet returned, as `(start, end)`: `runs[next_run..runs_len]`.
+    runs: [(usize, usize); RUNS],
+    next_run: usize,
+    runs_len: usize,
+    /// The last run split, ending at the end of its word: the next word may extend it.
+    open: Option<(usize, usize)>,
 }
 
-impl Iterator for Harvest<'_> {
-    type Item = Range<usize>;
-
-    fn next(&mut self) -> Option<Range<usize>> {
-        loop {
-            if self.bits == 0 {
-                match self.walk.next_word() {
-                    Some((word, bits)) => (self.word, self.bits) = (word, bits),
-                    None => return self.run.take(),
+impl Harvest<'_> {
+    /// Splits page word `index` (non-zero) into runs: those that end within the word go to the
+    /// buffer (after the open run, if the word does not extend it), the one that reaches its end
+    /// stays open.
+    fn split(&mut self, index: usize, bits: u64) {
+        let base = index * WORD_BITS;
+        if bits == u64::MAX {
+            // A full word extends the open run, or finishes it and opens one.
+            match &mut self.open {
+                Some((_, end)) if *end == base => {
+                    *end = base + WORD_BITS;
+                    (self.next_run, self.runs_len) = (0, 0);
+                }
+                open => {
+                    let finished = open.replace((base, base + WORD_BITS));
+                    self.runs[0] = finished.unwrap_or_default();
+                    (self.next_run, self.runs_len) = (0, usize::from(finished.is_some()));
                 }
             }
-            let offset = self.bits.trailing_zeros() as usize;
-            let ones = (!(self.bits >> offset)).trailing_zeros() as usize;
-            let end_bit = offset + ones;
-            self.bits = if end_bit == WORD_BITS {
-                0
+            return;
+        }
+        let mut len = 0;
+        let mut first_start = None;
+        if let Some((start, end)) = self.open.take() {
+            if end == base && bits & 1 != 0 {
+                first_start = Some(start);
             } else {
-                self.bits & (u64::MAX << end_bit)
-            };
-            let start = self.word * WORD_BITS + offset;
-            let end = start + ones;
-            let finished = match self.run.take() {
-                Some(run) if run.end == start => {
-                    self.run = Some(run.start..end);
-                    None
-                }
-                earlier => {
-                    self.run = Some(start..end);
-                    earlier
-                }
-            };
-            if finished.is_some() {
-                return finished;
+                self.runs[0] = (start, end);
+                len = 1;
             }
-            if end_bit != WORD_BITS {
-                // A clean page follows within the word: the run cannot grow.
-                return self.run.take();
+        }
+        // The first page of each run, and its last page.
+        let mut starts = bits & !(bits << 1);
+        let mut lasts = bits & !(bits >> 1);
+        let first = len;
+        while starts != 0 {
+            self.runs[len] = (
+                base + starts.trailing_zeros() as usize,
+                base + lasts.trailing_zeros() as usize + 1,
+            );
+            starts &= starts - 1;
+            lasts &= lasts - 1;
+            len += 1;
+        }
+        if let Some(start) = first_start {
+            self.runs[first].0 = start;
+        }
+        if bits >> (WORD_BITS - 1) != 0 {
+            len -= 1;
+            self.open = Some(self.runs[len]);
+        }
+        (self.next_run, self.runs_len) = (0, len);
+    }
+
+    /// The next run once the buffer is empty.
+    fn refill(&mut self) -> Option<Range<usize>> {
+        loop {
+            if self.next_word == self.words_len {
+                self.next_word = 0;
+                self.words_len = self.walk.next_chunk(&mut self.words);
+                if self.words_len == 0 {
+                    return self.open.take().map(|(start, end)| start..end);
+                }
+            }
+            let (index, bits) = self.words[self.next_word];
+            self.next_word += 1;
+            self.split(index, bits);
+            if self.runs_len != 0 {
+                self.next_run = 1;
+                let (start, end) = self.runs[0];
+                return Some(start..end);
             }
         }
     }
 }
 
+impl Iterator for Harvest<'_> {
+    type Item = Range<usize>;
+
+    #[inline]
+    fn next(&mut self) -> Option<Range<usize>> {
+        if self.next_run < self.runs_len {
+            let (start, end) = self.runs[self.next_run];
+            self.next_run += 1;
+            return Some(start..end);
+        }
+        self.refill()
+    }
+}
+
 impl Drop for Harvest<'_> {
     fn drop(&mut self) {
-        if let Some(run) = self.run.take() {
-            self.walk.bitmap.mark_pages(run.start, run.end - 1);
+        let bitmap = self.walk.bitmap;
+        let open = self.open.take();
+        for &(start, end) in self.runs[self.next_run..self.runs_len].iter().chain(&open) {
+            bitmap.mark_pages(start, end - 1);
         }
-        if self.bits != 0 {
-            self.walk.bitmap.raise(0, self.word, self.bits);
+        for &(index, bits) in &self.words[self.next_word..self.words_len] {
+            bitmap.raise(0, index, bits);
         }
     }
 }
@@ -627,16 +707,12 @@ impl Clone for AtomicHBitmap {
     /// the clone is either in the copy with its summary bits or not in it at all.
     fn clone(&self) -> Self {
         let copy = AtomicHBitmap {
-            levels: self
-                .levels
-                .iter()
-                .map(|level| zeroed(level.len()))
-                .collect(),
+            levels: self.levels.each_ref().map(|level| zeroed(level.len())),
             size: self.size,
             byte_size: self.byte_size,
             page_size: self.page_size,
         };
-        self.for_each_dirty_word(|index, bits| copy.raise(0, index, bits));
+        self.for_each_dirty_word(|index, bits| copy.mark_word(index, bits));
         copy
     }
 }
@@ -680,16 +756,20 @@ mod tests {
 
     #[test]
     fn level_geometry() {
-        assert_eq!(level_sizes(0), [0, 1]);
-        assert_eq!(level_sizes(64), [1, 1]);
-        assert_eq!(level_sizes(65), [2, 1]);
+        assert_eq!(level_sizes(0), [0, 1, 1]);
+        assert_eq!(level_sizes(64), [1, 1, 1]);
+        assert_eq!(level_sizes(65), [2, 1, 1]);
         assert_eq!(level_sizes(64 * 64 + 1), [65, 2, 1]);
-        // 1 TiB of 4 KiB pages: the summary is 1/63 of the page bits.
+        assert_eq!(level_sizes(64 * 64 * 64 + 1), [64 * 64 + 1, 65, 2]);
+        // 1 TiB of 4 KiB pages: the summary is 1/64 + 1/4096 of the page bits.
         let sizes = level_sizes(1 << 28);
-        assert_eq!(sizes, [1 << 22, 1 << 16, 1 << 10, 16, 1]);
+        assert_eq!(sizes, [1 << 22, 1 << 16, 1 << 10]);
         let b = AtomicHBitmap::new(1 << 40, NonZeroUsize::new(4096).unwrap());
         let page_bits = (1 << 22) * 8;
-        assert!(b.heap_bytes() > page_bits && b.heap_bytes() < page_bits + page_bits / 62);
+        assert_eq!(
+            b.heap_bytes(),
+            page_bits + page_bits / 64 + page_bits / 4096
+        );
     }
 
     #[test]
@@ -755,10 +835,14 @@ mod tests {
     fn enlarge_keeps_marks_and_grows_levels() {
         let mut b = bitmap(10);
         b.set_bit(3);
-        b.enlarge(128 * 64 * 64 * 2);
-        assert_eq!(b.levels.len(), 3);
+        b.enlarge(128 * 64 * 64 * 64 * 2);
+        assert_eq!(b.levels.each_ref().map(|level| level.len()), [8193, 129, 3]);
         b.set_bit(64 * 64 + 1);
-        assert_eq!(b.harvest().collect::<Vec<_>>(), [3..4, 4097..4098]);
+        b.set_bit(64 * 64 * 64 * 2 + 7);
+        assert_eq!(
+            b.harvest().collect::<Vec<_>>(),
+            [3..4, 4097..4098, 524295..524296]
+        );
     }
 
     #[test]

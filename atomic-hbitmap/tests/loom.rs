@@ -1,7 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Model tests of the concurrency contract under loom, over every interleaving (and every
-//! outcome the memory orderings allow) of small bitmaps with one to three levels:
+//! outcome the memory orderings allow; up to three preemptions, two where a harvest takes a full
+//! level-1 word) of small bitmaps: marks within one page word, one level-1 word, two, two words
+//! of the top level (which a harvest reads in full), and a level-1 word whose 64 page words are
+//! all dirty (taken by the harvest in one loop, then split):
 //!
 //! `RUSTFLAGS="--cfg loom" cargo test -p atomic-hbitmap --test loom --release`
 //!
@@ -41,8 +44,16 @@ fn settle(b: &AtomicHBitmap, candidates: &[usize]) -> Vec<usize> {
 }
 
 fn model(f: impl Fn() + Sync + Send + 'static) {
+    model_bounded(3, f);
+}
+
+/// `model` with at most `preemptions` preemptions per interleaving: 2 still lets a mark stall
+/// between its OR and its summary update while a harvest runs, and keeps the models whose
+/// harvest is a few hundred atomic operations small enough to explore.
+fn model_bounded(preemptions: usize, f: impl Fn() + Sync + Send + 'static) {
     let mut builder = loom::model::Builder::new();
-    builder.preemption_bound = Some(3);
+    builder.preemption_bound = Some(preemptions);
+    builder.max_branches = 20_000;
     builder.check(f);
 }
 
@@ -220,4 +231,64 @@ fn two_harvests_share_the_pages() {
         all.sort_unstable();
         assert_eq!(all, [3, 100]);
     });
+}
+
+/// A bitmap whose top level has two words: marks under each race with a harvest, which reads
+/// the top level in full.
+#[test]
+fn marks_under_two_top_words_vs_harvest() {
+    let second_top_word = 64 * 64 * 64;
+    marks_vs_harvest(second_top_word + 64, 7, second_top_word + 7);
+}
+
+/// The harvest takes the 64 page words under a full level-1 word in one loop and splits them
+/// one at a time; a mark of one of them races with it, and the harvest is dropped after its
+/// first run (the words taken and not yet split are given back), or runs to the end.
+fn mark_vs_harvest_of_full_summary_word(runs_taken: Option<usize>) {
+    model_bounded(2, move || {
+        let b = Arc::new(bitmap(64 * 64 + 64));
+        // Every page word under level-1 word 0 dirty: runs 0..10, 11..4096.
+        b.set_addr_range(0, 64 * 64);
+        b.reset_bit(10);
+        let done = Arc::new(AtomicBool::new(false));
+        let t = {
+            let (b, done) = (b.clone(), done.clone());
+            thread::spawn(move || {
+                b.set_bit(10);
+                done.store(true, Ordering::Release);
+            })
+        };
+        let signalled = done.load(Ordering::Acquire);
+        let during = match runs_taken {
+            Some(n) => pages_of(b.harvest().take(n)),
+            None => pages_of(b.harvest()),
+        };
+        if signalled && runs_taken.is_none() {
+            assert!(
+                during.contains(&10),
+                "a mark done before the harvest was missed"
+            );
+        }
+        t.join().unwrap();
+        let after = settle(&b, &(0..64 * 64).collect::<Vec<_>>());
+        let mut all: Vec<usize> = during.iter().chain(&after).copied().collect();
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            (0..64 * 64).collect::<Vec<_>>(),
+            "during {} pages, after {}",
+            during.len(),
+            after.len()
+        );
+    });
+}
+
+#[test]
+fn mark_vs_harvest_of_full_summary_word_to_the_end() {
+    mark_vs_harvest_of_full_summary_word(None);
+}
+
+#[test]
+fn mark_vs_dropped_harvest_of_full_summary_word() {
+    mark_vs_harvest_of_full_summary_word(Some(1));
 }
