@@ -514,10 +514,7 @@ pub fn check(
         writeln!(out, "NOTE: {note}")?;
     }
     if let Some(why) = &result.qemu_cannot_open {
-        writeln!(
-            out,
-            "QEMU cannot open this image (so qemu-img check cannot check it): {why}"
-        )?;
+        writeln!(out, "qemu-img check cannot check this image: {why}")?;
     }
     let checked = match result.bitmaps {
         Some(1) => " (1 bitmap checked)".to_string(),
@@ -542,9 +539,15 @@ pub fn check(
         )?;
     }
     if result.leaks > 0 && result.corruptions == 0 {
+        // '-r leaks' refuses while a bitmap's clusters are not known.
+        let mode = if result.damaged_bitmaps.is_empty() && !result.broken_extension {
+            "leaks"
+        } else {
+            "all"
+        };
         writeln!(
             out,
-            "Leaked clusters waste disk space but do no harm to data; 'qbitmap check -r leaks' \
+            "Leaked clusters waste disk space but do no harm to data; 'qbitmap check -r {mode}' \
              frees them."
         )?;
     }

@@ -89,6 +89,9 @@ pub(crate) struct Bitmap {
     pub trusted: bool,
     /// What is wrong with it, when it is not trusted: the first problem found.
     pub damage: Option<String>,
+    /// Whether its directory entry passes QEMU's checks (`check_dir_entry`): `qemu-img check`
+    /// then counts its table and data clusters whether or not the bitmap is trusted here.
+    pub entry_valid: bool,
 }
 
 impl Bitmap {
@@ -226,6 +229,12 @@ pub(crate) struct Problems {
     /// use): `qemu-img check` then cannot check it (exit 1), and neither says `check`, though
     /// it reads and can repair what is readable.
     pub qemu_refuses: Option<String>,
+    /// Clusters that a bitmap shares with something else, for the cross-links reported in
+    /// `errors`: `qemu-img check` counts such a cluster once, as a refcount below its
+    /// references, not once per message or per entry pointing to it.
+    pub cross_link_clusters: Vec<u64>,
+    /// How many of `errors` report such cross-links.
+    pub cross_link_errors: usize,
 }
 
 impl Problems {
@@ -296,6 +305,15 @@ struct Overlap {
     bitmaps: Vec<usize>,
     /// The bitmap directory is one of the two.
     directory: bool,
+    /// The clusters the two share (for a summary: those of every overlap it sums up).
+    clusters: Vec<u64>,
+}
+
+/// The clusters `a` and `b` share (regions are cluster-aligned).
+fn shared_clusters(a: &Region, b: &Region, cluster_bits: u32) -> std::ops::Range<u64> {
+    let start = a.start.max(b.start) >> cluster_bits;
+    let end = a.end.min(b.end).div_ceil(1 << cluster_bits);
+    start..end.max(start)
 }
 
 fn bitmap_of(owner: Owner) -> Option<usize> {
@@ -311,6 +329,7 @@ fn bitmap_of(owner: Owner) -> Option<usize> {
 fn overlaps(
     regions: &mut [Region],
     bitmaps: &[Bitmap],
+    cluster_bits: u32,
     report: impl Fn(&Region, &Region) -> bool,
 ) -> Vec<Overlap> {
     regions.sort_by_key(|r| (r.start, r.end));
@@ -319,6 +338,7 @@ fn overlaps(
         message: String::new(),
         bitmaps: Vec::new(),
         directory: false,
+        clusters: Vec::new(),
     };
     let mut count = 0usize;
     let mut widest: Option<usize> = None;
@@ -335,6 +355,7 @@ fn overlaps(
                     .filter_map(bitmap_of)
                     .collect();
                 let directory = region.owner == Owner::Directory || other.owner == Owner::Directory;
+                let shared = shared_clusters(&region, &other, cluster_bits);
                 count += 1;
                 if count <= MAX_REPORTED {
                     found.push(Overlap {
@@ -345,10 +366,12 @@ fn overlaps(
                         ),
                         bitmaps: involved,
                         directory,
+                        clusters: shared.collect(),
                     });
                 } else {
                     unreported.bitmaps.extend(involved);
                     unreported.directory |= directory;
+                    unreported.clusters.extend(shared);
                 }
             }
             if region.end > other.end {
@@ -594,7 +617,7 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
 
     // Overlaps among the other metadata (bitmap ones were reported by read_bitmaps).
     let mut regions = layout.metadata.clone();
-    let found = overlaps(&mut regions, &[], |_, _| true);
+    let found = overlaps(&mut regions, &[], layout.header.cluster_bits, |_, _| true);
     problems
         .errors
         .extend(found.into_iter().map(|overlap| overlap.message));
@@ -766,6 +789,7 @@ fn guest_cross_links(
                         message: String::new(),
                         bitmaps: bitmap_of(region.owner).into_iter().collect(),
                         directory: region.owner == Owner::Directory,
+                        clusters: vec![cluster],
                     });
                     continue;
                 }
@@ -785,6 +809,7 @@ fn guest_cross_links(
                     ),
                     bitmaps: bitmap_of(region.owner).into_iter().collect(),
                     directory: region.owner == Owner::Directory,
+                    clusters: vec![cluster],
                 });
             }
         }
@@ -797,6 +822,7 @@ fn guest_cross_links(
             ),
             bitmaps: Vec::new(),
             directory: false,
+            clusters: Vec::new(),
         });
     }
     Ok(found)

@@ -194,7 +194,9 @@ pub struct CheckReport {
     /// Why QEMU refuses to open the image, if it does (a bitmap it rejects while loading the
     /// bitmaps, a missing backing or data file...): `qemu-img check` then cannot check it and
     /// exits 1, and so does `qbitmap check` (see [`qemu_img_status`](Self::qemu_img_status)),
-    /// though the check here is complete and `check -r` repairs what it can.
+    /// though the check here is complete and `check -r` repairs what it can. Also why
+    /// `qemu-img check` fails on an image QEMU opens (a bitmap in use whose table holds an
+    /// invalid entry).
     pub qemu_cannot_open: Option<String>,
 }
 
@@ -573,13 +575,13 @@ impl Image {
         let counted = repair::count_base(io, &layout).and_then(|mut base| {
             let structural: Vec<String> = problems.structural_errors().cloned().collect();
             let unrepairable = repair::refusal(&layout, &structural, &base);
-            let directory = layout.ext == ExtState::Valid;
-            repair::add_bitmaps(&mut base.refs, &layout, directory, |_| true);
+            // Every bitmap the directory lists, trusted or not, as qemu-img check counts them.
+            let bitmaps = repair::add_bitmaps_as_qemu(io, &mut base.refs, &layout)?;
             let comparison = repair::compare(io, &mut layout.refcounts, &base.refs, &base.copied)?;
-            Ok((base, comparison, unrepairable))
+            Ok((base, comparison, unrepairable, bitmaps))
         });
         match counted {
-            Ok((base, comparison, unrepairable)) => {
+            Ok((base, comparison, unrepairable, (bitmap_corruptions, check_fails))) => {
                 // The full count reports these precisely.
                 report
                     .warnings
@@ -589,10 +591,28 @@ impl Image {
                         report.errors.push(message.clone());
                     }
                 }
+                // A cross-link is one corruption per cluster shared, as qemu-img check counts it:
+                // a refcount below the references. Only where the stored refcount happens to
+                // cover every reference does the shared cluster count on its own.
+                let mut shared = problems.cross_link_clusters.clone();
+                shared.sort_unstable();
+                shared.dedup();
+                let uncovered = shared
+                    .iter()
+                    .filter(|&&c| {
+                        comparison
+                            .under
+                            .binary_search_by_key(&c, |m| m.cluster)
+                            .is_err()
+                    })
+                    .count();
                 // A name clash makes QEMU refuse the image, though it reads here.
-                report.corruptions = (report.errors.len() + comparison.under.len()) as u64
+                report.corruptions = (report.errors.len() - problems.cross_link_errors
+                    + uncovered
+                    + comparison.under.len()) as u64
                     + problems.name_clashes
                     + base.bad_entries
+                    + bitmap_corruptions
                     + comparison.copied_wrong;
                 report.copied_flag_errors = comparison.copied_wrong;
                 report.errors.extend(base.bad_entry_messages);
@@ -609,6 +629,7 @@ impl Image {
                 report.fragmented_clusters = Some(base.stats.fragmented);
                 report.compressed_clusters = Some(base.stats.compressed);
                 report.unrepairable = unrepairable;
+                report.qemu_cannot_open = check_fails;
             }
             Err(error) => {
                 report.check_errors += 1;
@@ -619,7 +640,9 @@ impl Image {
                 report.unrepairable = Some(format!("the references could not be counted: {error}"));
             }
         }
-        report.qemu_cannot_open = problems.qemu_refuses.clone();
+        if let Some(why) = &problems.qemu_refuses {
+            report.qemu_cannot_open = Some(format!("QEMU refuses to open it: {why}"));
+        }
         report
     }
 
@@ -1014,6 +1037,7 @@ impl Image {
             table,
             trusted: true,
             damage: None,
+            entry_valid: true,
         };
         let mut bitmaps = self.layout.bitmaps.clone();
         let mut to_free = Vec::new();

@@ -612,6 +612,109 @@ pub(crate) fn add_bitmaps(
     }
 }
 
+/// Counts the bitmaps extension as `qemu-img check` counts it (`qcow2_check_bitmaps_refcounts`):
+/// the directory, and the table and data clusters of every bitmap whose directory entry is
+/// valid, trusted or not. A damaged bitmap is still listed by the directory, so its clusters are
+/// not leaked, and a cluster it shares with something else is counted below its references
+/// (once, however many entries point to it). Returns the corruptions this count finds by
+/// itself, as QEMU counts them (a table or data cluster a cluster or more past the end of the
+/// file), and, for a table with an invalid entry (a bitmap in use: QEMU rejects the others at
+/// open), why `qemu-img check` fails on the image ("Check failed: Invalid argument", exit 1).
+/// None of such a table's entries is counted; the bitmaps after it are.
+///
+/// The tables of untrusted bitmaps are read here, one distinct table at a time and at most the
+/// file's length in all (tables that do not overlap fit in the file): a directory of many
+/// entries pointing to one table costs one read.
+pub(crate) fn add_bitmaps_as_qemu(
+    io: &dyn ImageIo,
+    refs: &mut References,
+    layout: &Layout,
+) -> Result<(u64, Option<String>), Error> {
+    use super::bitmap_table::{decode, entry_problem, ENTRY_OFFSET_MASK};
+    if layout.ext != ExtState::Valid {
+        return Ok((0, None));
+    }
+    let cluster_size = layout.cluster_size();
+    let file_len = layout.file_len;
+    // QEMU's qcow2_inc_refcounts_imrt: the last cluster may be partly past the end of the file.
+    let past_end = |offset: u64, len: u64| offset.saturating_add(len) >= file_len + cluster_size;
+    // Counts a region; returns the corruptions (0 when counted).
+    let count = |refs: &mut References, offset: u64, len: u64, weight: u32| {
+        if past_end(offset, len) {
+            u64::from(weight)
+        } else {
+            refs.add_weighted(offset, len, weight);
+            0
+        }
+    };
+    let mut corruptions = 0u64;
+    if let Some((offset, size)) = layout.directory {
+        corruptions += count(refs, offset, size, 1);
+    }
+    // Untrusted tables by (offset, entries), with how many bitmaps list each.
+    let mut untrusted: BTreeMap<(u64, u32), u32> = BTreeMap::new();
+    for bitmap in &layout.bitmaps {
+        let entry = &bitmap.entry;
+        if !bitmap.entry_valid {
+            continue;
+        }
+        if bitmap.trusted && !bitmap.table.is_empty() {
+            corruptions += count(refs, entry.table_offset, u64::from(entry.table_size) * 8, 1);
+            for &data in &bitmap.table {
+                let data = data & ENTRY_OFFSET_MASK;
+                if data != 0 {
+                    corruptions += count(refs, data, cluster_size, 1);
+                }
+            }
+        } else {
+            *untrusted
+                .entry((entry.table_offset, entry.table_size))
+                .or_insert(0) += 1;
+        }
+    }
+    let mut budget = file_len;
+    let mut check_fails = None;
+    for ((offset, entries), weight) in untrusted {
+        let bytes = u64::from(entries) * 8;
+        corruptions += count(refs, offset, bytes, weight);
+        // What lies past the end of the file reads as zeroes: unallocated entries.
+        let within = file_len.saturating_sub(offset).min(bytes);
+        if within > budget {
+            return Err(Error::Corrupt(format!(
+                "the bitmap tables of damaged bitmaps overlap each other too much to be counted \
+                 (more bytes than the file holds); the bitmap table at {offset:#x} is one"
+            )));
+        }
+        budget -= within;
+        if within == 0 {
+            continue;
+        }
+        let table = decode(&read_exact(io, offset, within, "a damaged bitmap's table")?);
+        if let Some((i, why)) = table
+            .iter()
+            .enumerate()
+            .find_map(|(i, &e)| entry_problem(e, cluster_size).map(|why| (i, why)))
+        {
+            check_fails.get_or_insert_with(|| {
+                format!(
+                    "QEMU opens it, but its check stops at the bitmap table at {offset:#x} of a \
+                     bitmap in use, whose entry {i} ({:#x}) is invalid ({why}), and fails \
+                     ('Check failed: Invalid argument')",
+                    table[i]
+                )
+            });
+            continue;
+        }
+        for data in table {
+            let data = data & ENTRY_OFFSET_MASK;
+            if data != 0 {
+                corruptions += count(refs, data, cluster_size, weight);
+            }
+        }
+    }
+    Ok((corruptions, check_fails))
+}
+
 /// A cluster whose refcount differs from its references.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Mismatch {
