@@ -468,8 +468,8 @@ pub fn check(
         warnings: report.warnings,
         notes: report.notes,
         leaked: report.leaked,
-        in_use_bitmaps: report.in_use_bitmaps,
-        damaged_bitmaps: report.damaged_bitmaps,
+        in_use_bitmaps: names(&report.in_use_bitmaps),
+        damaged_bitmaps: names(&report.damaged_bitmaps),
         stale_extension: report.stale_extension,
         broken_extension: report.broken_extension,
         changes: repaired.as_ref().map(|r| r.changes.clone()),
@@ -555,6 +555,11 @@ pub fn check(
         writeln!(out, "Image end offset: {end}")?;
     }
     Ok(status)
+}
+
+/// Bitmap names in their escaped form, as `list` prints them.
+fn names(names: &[BitmapName]) -> Vec<String> {
+    names.iter().map(ToString::to_string).collect()
 }
 
 /// "no errors", "1 error", "2 errors".

@@ -25,6 +25,7 @@ use super::header::{
     INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_KNOWN,
 };
 use super::io::ImageIo;
+use super::l2_entry::{L2Format, Mapping, INCOMPAT_DATA_FILE};
 use super::refcount::{past_end, Refcounts};
 
 mod bitmaps;
@@ -36,19 +37,8 @@ const MAX_SNAPSHOTS_SIZE: u64 = 1024 * MAX_SNAPSHOTS;
 const MAX_SNAPSHOT_EXTRA: u64 = 1024;
 const SNAPSHOT_HEADER: u64 = 40;
 pub(crate) const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-pub(crate) const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-pub(crate) const L2_COMPRESSED: u64 = 1 << 62;
-/// L1 and L2 entries: the cluster's refcount is exactly one (it may be written in place).
-pub(crate) const OFLAG_COPIED: u64 = 1 << 63;
-/// L2 entries without subclusters: the cluster reads as zeroes.
-pub(crate) const L2_ZERO: u64 = 1;
 /// Bits of an L1 entry that must be zero.
 pub(crate) const L1_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
-/// Bits of a standard (not compressed) L2 entry that must be zero.
-pub(crate) const L2_STD_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
-/// Incompatible feature bits: guest data in an external file; 128-bit L2 entries.
-pub(crate) const INCOMPAT_DATA_FILE: u64 = 1 << 2;
-pub(crate) const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 /// Overlaps reported at most, then summarized.
 pub(crate) const MAX_REPORTED: usize = 20;
 
@@ -752,32 +742,21 @@ fn guest_cross_links(
     if owned.is_empty() {
         return Ok(Vec::new());
     }
-    let entry_bytes = if header.incompatible & INCOMPAT_EXTENDED_L2 != 0 {
-        16
-    } else {
-        8
-    };
-    let per_l2 = cluster_size / entry_bytes as u64;
-    // Compressed cluster descriptors (QEMU's qcow2_parse_compressed_l2_entry).
-    let offset_bits = 62 - (cluster_bits - 8);
-    let sectors_mask = (1u64 << (cluster_bits - 8)) - 1;
+    let format = L2Format::of(header);
+    let per_l2 = format.per_table();
     let mut found = Vec::new();
     let mut count = 0usize;
     for l2 in l2_tables {
         let table = read_exact(io, l2.offset, cluster_size, "an L2 table")?;
-        for (i, chunk) in table.chunks_exact(entry_bytes).enumerate() {
-            let entry = be64(chunk, 0);
-            let (first, last) = if entry & L2_COMPRESSED != 0 {
-                let offset = entry & ((1u64 << offset_bits) - 1);
-                let sectors = ((entry >> offset_bits) & sectors_mask) + 1;
-                let size = sectors * 512 - (offset & 511);
-                (offset >> cluster_bits, (offset + size - 1) >> cluster_bits)
-            } else {
-                let offset = entry & L2_OFFSET_MASK;
-                if offset == 0 {
-                    continue;
+        for (i, raw) in format.entries(&table).enumerate() {
+            let (first, last) = match format.decode(raw.entry) {
+                Mapping::Compressed { offset, size } => {
+                    Mapping::compressed_clusters(offset, size, cluster_bits)
                 }
-                (offset >> cluster_bits, offset >> cluster_bits)
+                Mapping::Standard { offset: 0, .. } => continue,
+                Mapping::Standard { offset, .. } => {
+                    (offset >> cluster_bits, offset >> cluster_bits)
+                }
             };
             for cluster in first..=last {
                 let Some(region) = owned.get(&cluster) else {
