@@ -26,7 +26,7 @@ use super::header::{
 };
 use super::io::ImageIo;
 use super::l2_entry::{L2Format, Mapping, INCOMPAT_DATA_FILE};
-use super::refcount::{past_end, Refcounts};
+use super::refcount::{get_entry, past_end, Refcounts};
 
 mod bitmaps;
 use bitmaps::read_bitmaps;
@@ -817,33 +817,52 @@ fn check_refcounts(
 ) -> Result<(), Error> {
     let cluster_bits = layout.header.cluster_bits;
     let regions = layout.regions();
+    // Every cluster of every region, in file order, so that each refcount block is read once
+    // and not kept (the walk over a large image's scattered L2 tables would otherwise cache
+    // every block).
+    let mut clusters: Vec<(u64, usize)> = Vec::new();
+    for (index, region) in regions.iter().enumerate() {
+        clusters.extend(
+            ((region.start >> cluster_bits)..(region.end >> cluster_bits)).map(|c| (c, index)),
+        );
+    }
+    clusters.sort_unstable();
+    let refcounts = &layout.refcounts;
+    let per_block = refcounts.per_block();
+    let mut block: Option<(u64, std::borrow::Cow<'_, [u8]>)> = None;
     let mut reported = 0usize;
-    for region in &regions {
-        let mut cluster = region.start >> cluster_bits;
-        while cluster < region.end >> cluster_bits {
-            let count = layout.refcounts.get(io, cluster)?;
-            let at = cluster << cluster_bits;
-            if count == 0 {
-                reported += 1;
-                if reported <= MAX_REPORTED {
-                    let message = format!(
-                        "the cluster at {at:#x} ({}) has refcount 0: it is used but counted \
-                         free; repair the image with 'qemu-img check -r all'",
-                        describe(region, &layout.bitmaps)
-                    );
-                    problems.warnings.push(message.clone());
-                    problems.refcount_warnings.push(message.clone());
-                    problems.write_blockers.push(message);
-                }
-            } else if count > 1 && is_bitmap_owner(region.owner) {
+    for (cluster, index) in clusters {
+        let region = &regions[index];
+        let block_index = cluster / per_block;
+        let count = if !refcounts.has_block(cluster) {
+            0
+        } else {
+            if block.as_ref().is_none_or(|(at, _)| *at != block_index) {
+                block = Some((block_index, refcounts.peek_block(io, block_index as usize)?));
+            }
+            let (_, bytes) = block.as_ref().expect("just read");
+            get_entry(bytes, (cluster % per_block) as usize, refcounts.order())
+        };
+        let at = cluster << cluster_bits;
+        if count == 0 {
+            reported += 1;
+            if reported <= MAX_REPORTED {
                 let message = format!(
-                    "the cluster at {at:#x} ({}) has refcount {count}, expected 1",
+                    "the cluster at {at:#x} ({}) has refcount 0: it is used but counted \
+                         free; repair the image with 'qemu-img check -r all'",
                     describe(region, &layout.bitmaps)
                 );
                 problems.warnings.push(message.clone());
-                problems.refcount_warnings.push(message);
+                problems.refcount_warnings.push(message.clone());
+                problems.write_blockers.push(message);
             }
-            cluster += 1;
+        } else if count > 1 && is_bitmap_owner(region.owner) {
+            let message = format!(
+                "the cluster at {at:#x} ({}) has refcount {count}, expected 1",
+                describe(region, &layout.bitmaps)
+            );
+            problems.warnings.push(message.clone());
+            problems.refcount_warnings.push(message);
         }
     }
     Ok(())

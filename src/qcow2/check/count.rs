@@ -20,7 +20,7 @@ use crate::qcow2::l2_entry::{L2Format, Mapping, RawEntry, L2_STD_RESERVED_MASK, 
 use crate::qcow2::layout::{
     describe, ExtState, Layout, Owner, L1_OFFSET_MASK, L1_RESERVED_MASK, MAX_REPORTED,
 };
-use crate::qcow2::refcount::Refcounts;
+use crate::qcow2::refcount::{get_entry, Refcounts};
 
 /// How many times each cluster is referenced.
 #[derive(Clone)]
@@ -754,7 +754,7 @@ impl Comparison {
 
 pub(crate) fn compare(
     io: &dyn ImageIo,
-    refcounts: &mut Refcounts,
+    refcounts: &Refcounts,
     refs: &References,
     copied: &CopiedFlags,
 ) -> Result<Comparison, Error> {
@@ -779,6 +779,7 @@ pub(crate) fn compare(
         out.copied_wrong_after_leaks += copied.wrong(cluster, stored.min(referenced));
     };
     let per_block = refcounts.per_block();
+    let order = refcounts.order();
     let blocks: Vec<usize> = refcounts.blocks().map(|(index, _)| index).collect();
     // As qemu-img check: the clusters of the file and those referenced past its end. A refcount
     // past both says nothing about the image (no structure is there), so it is neither a leak
@@ -786,8 +787,15 @@ pub(crate) fn compare(
     let limit = refs.limit();
     for index in blocks {
         let first = index as u64 * per_block;
-        for cluster in first..(first + per_block).min(limit) {
-            let stored = refcounts.get(io, cluster)?;
+        let end = (first + per_block).min(limit);
+        if first >= end {
+            continue;
+        }
+        // One block at a time, not cached: the walk's memory is the references', not a second
+        // copy of every refcount.
+        let block = refcounts.peek_block(io, index)?;
+        for cluster in first..end {
+            let stored = get_entry(&block, (cluster - first) as usize, order);
             let referenced = refs.get(cluster);
             if stored != 0 || referenced != 0 {
                 out.end_cluster = out.end_cluster.max(cluster + 1);
