@@ -11,10 +11,11 @@
 
 use std::path::{Path, PathBuf};
 
-use super::check::check_io;
 use super::check::count::{
     add_bitmaps, compare, count_base, describe_leaks, describe_under, refusal, CopiedFlags,
+    Mismatch,
 };
+use super::check::{check_io, check_walk};
 use super::error::Error;
 use super::header::{be64, read_exact, INCOMPAT_DIRTY};
 use super::io::ImageIo;
@@ -121,7 +122,9 @@ impl Image {
 
     fn repair_in_place(&mut self, mode: RepairMode) -> Result<RepairReport, Error> {
         self.ensure_writable()?;
-        let before = check_io(&*self.io);
+        // The check before the repair walks the image once; when nothing is written before the
+        // leaks are freed (the common case), its count is the repair's too.
+        let (before, mut walked) = check_walk(&*self.io);
         let refuse = |image: &Image, why: String| {
             Error::Unsupported(format!(
                 "refusing to repair {}: {why}",
@@ -139,12 +142,25 @@ impl Image {
                         .into(),
                 ));
             }
+            walked = None;
             self.write_op(|image| image.rebuild_refcounts(&mut rebuilt))?;
         }
         // What the rebuild fixed: every refcount it made right.
         let after_rebuild = (!rebuilt.is_empty()).then(|| check_io(&*self.io));
-        let (layout, problems) = layout::read(&*self.io)?;
-        let base = count_base(&*self.io, &layout)?;
+        let from_walk = walked.is_some();
+        let (layout, problems, base, mut reused) = match walked {
+            Some(walked) => (
+                walked.layout,
+                walked.problems,
+                walked.base,
+                Some(walked.comparison),
+            ),
+            None => {
+                let (layout, problems) = layout::read(&*self.io)?;
+                let base = count_base(&*self.io, &layout)?;
+                (layout, problems, base, None)
+            }
+        };
         let structural: Vec<String> = problems.structural_errors().cloned().collect();
         if let Some(why) = refusal(&layout, &structural, &base) {
             return Err(refuse(self, why));
@@ -223,30 +239,48 @@ impl Image {
         // for something else: that bitmap (or the directory) cannot be trusted either.
         // The base count is used once as it is; only a retry (rare) counts it again, which
         // keeps one copy of the per-cluster counts in memory.
-        let mut base_refs = Some(base.refs);
+        // The check's count holds every bitmap the directory lists: it is this repair's count
+        // when every bitmap is trusted and kept and the directory counted. Otherwise the walk's
+        // references (which include the bitmaps) give way to a count without them.
+        let reusable = reused.is_some()
+            && self.layout.bitmaps.iter().all(|b| b.trusted)
+            && removal.iter().all(Option::is_none)
+            && directory_problem.is_none();
+        if !reusable {
+            reused = None;
+        }
+        let mut base_refs = (!from_walk || reusable).then_some(base.refs);
         // Clusters of one intact bitmap that nothing counted (refcount 0): `All` counts them,
         // as qemu-img check -r all does, rather than dropping the bitmap.
         let mut uncounted: Vec<u64> = Vec::new();
-        loop {
-            let mut refs = match base_refs.take() {
-                Some(refs) => refs,
-                None => count_base(&*self.io, &self.layout)?.refs,
-            };
+        let last_comparison = loop {
             let count_directory = ext == ExtState::Valid && directory_problem.is_none();
-            add_bitmaps(&mut refs, &self.layout, count_directory, |i| {
-                removal[i].is_none()
-            });
-            let mut comparison = compare(
-                &*self.io,
-                &mut self.layout.refcounts,
-                &refs,
-                &CopiedFlags::default(),
-            )?;
+            let mut comparison = match reused.take() {
+                Some(comparison) => {
+                    base_refs = None;
+                    comparison
+                }
+                None => {
+                    let mut refs = match base_refs.take() {
+                        Some(refs) => refs,
+                        None => count_base(&*self.io, &self.layout)?.refs,
+                    };
+                    add_bitmaps(&mut refs, &self.layout, count_directory, |i| {
+                        removal[i].is_none()
+                    });
+                    compare(
+                        &*self.io,
+                        &self.layout.refcounts,
+                        &refs,
+                        &CopiedFlags::default(),
+                    )?
+                }
+            };
             comparison
                 .under
                 .retain(|m| uncounted.binary_search(&m.cluster).is_err());
             let Some(first) = comparison.under.first() else {
-                break;
+                break comparison;
             };
             // Which kept bitmaps use each cluster: one map, not a scan per mismatch.
             let mut users: std::collections::HashMap<u64, Vec<usize>> =
@@ -315,7 +349,14 @@ impl Image {
                     ),
                 ));
             }
-        }
+        };
+        // Whether anything is written before the leaks are freed: if not, the count above is
+        // the image's as it stands, and its leaks are freed without walking the image again.
+        let written_before_leaks = after_rebuild.is_some()
+            || !uncounted.is_empty()
+            || removal.iter().any(Option::is_some)
+            || directory_problem.is_some()
+            || !self.layout.header.ignored_bitmaps_exts.is_empty();
 
         let mut report = RepairReport {
             changes: rebuilt,
@@ -417,13 +458,23 @@ impl Image {
                 if ignored == 1 { "" } else { "s" }
             ));
         }
-        let fixed = self.fix_leaks(&mut report.changes);
+        let fixed = if written_before_leaks {
+            drop(last_comparison);
+            self.fix_leaks(&mut report.changes)
+        } else {
+            self.free_leaks(&last_comparison.leaks, &mut report.changes)
+        };
         if let Err(error) = &fixed {
             self.reload(error.to_string());
         }
         report.leaks_fixed += fixed?;
         self.refresh_infos();
-        report.after = check_io(&*self.io);
+        report.after = if written_before_leaks || report.leaks_fixed > 0 {
+            check_io(&*self.io)
+        } else {
+            // Nothing was written: the image is as the check before found it.
+            report.before.clone()
+        };
         // As qemu-img: COPIED flags are fixed against the repaired refcounts, by '-r leaks' only
         // where nothing else is wrong (the refcounts are then known to be right).
         let after = &report.after;
@@ -559,23 +610,29 @@ impl Image {
                 describe_under(&comparison.under, &self.layout)[0]
             )));
         }
-        if comparison.leaks.is_empty() {
+        self.free_leaks(&comparison.leaks, changes)
+    }
+
+    /// Lowers the refcount of every leaked cluster to its references, as a complete walk of the
+    /// image as it stands counted them; returns how many clusters it changed.
+    fn free_leaks(&mut self, leaks: &[Mismatch], changes: &mut Vec<String>) -> Result<u64, Error> {
+        if leaks.is_empty() {
             return Ok(0);
         }
-        for leak in &comparison.leaks {
+        for leak in leaks {
             self.layout
                 .refcounts
                 .lower(&*self.io, leak.cluster, leak.referenced)?;
         }
         self.layout.refcounts.write_dirty(&mut *self.io)?;
         self.flush("flushing the repaired refcounts")?;
-        let count = comparison.leaks.len() as u64;
+        let count = leaks.len() as u64;
         changes.push(format!(
             "freed {count} leaked cluster{} (refcount lowered to the references found):",
             if count == 1 { "" } else { "s" }
         ));
         changes.extend(
-            describe_leaks(&comparison.leaks, self.layout.header.cluster_bits)
+            describe_leaks(leaks, self.layout.header.cluster_bits)
                 .into_iter()
                 .map(|run| format!("  {run}")),
         );

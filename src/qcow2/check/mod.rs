@@ -15,7 +15,7 @@ use std::path::Path;
 use super::error::Error;
 use super::header;
 use super::io::ImageIo;
-use super::layout::{self, ExtState, Problems};
+use super::layout::{self, ExtState, Layout, Problems};
 use super::name::{escape, BitmapName};
 
 /// What [`Image::check`](crate::qcow2::Image::check) found. The counts use `qemu-img check`'s meanings.
@@ -141,24 +141,41 @@ impl CheckReport {
 }
 
 pub(crate) fn check_io(io: &dyn ImageIo) -> CheckReport {
+    check_walk(io).0
+}
+
+/// What a check walked, for a repair made right after it (nothing written in between): the
+/// structures read and the references counted, every bitmap the directory lists included as
+/// qemu-img check counts them.
+pub(crate) struct Walked {
+    pub layout: Layout,
+    pub problems: Problems,
+    pub base: count::Base,
+    pub comparison: count::Comparison,
+}
+
+/// [`check_io`], also handing back what it walked when the count was complete.
+pub(crate) fn check_walk(io: &dyn ImageIo) -> (CheckReport, Option<Walked>) {
     let (mut layout, problems) = match layout::read(io) {
         Ok(read) => read,
         Err(Error::Io { context, source }) => {
-            return CheckReport {
+            let report = CheckReport {
                 errors: vec![format!("{context}: {source}")],
                 check_errors: 1,
                 unrepairable: Some(format!("{context}: {source}")),
                 ..CheckReport::default()
-            }
+            };
+            return (report, None);
         }
         // What cannot be read at all makes qemu-img check fail to open the image too.
         Err(error) => {
-            return CheckReport {
+            let report = CheckReport {
                 errors: vec![error.to_string()],
                 check_errors: 1,
                 unrepairable: Some(error.to_string()),
                 ..CheckReport::default()
-            }
+            };
+            return (report, None);
         }
     };
     let Problems {
@@ -199,7 +216,7 @@ pub(crate) fn check_io(io: &dyn ImageIo) -> CheckReport {
             "metadata other than the bitmaps is damaged, so the clusters it uses are not \
              known completely: {first}"
         ));
-        return report;
+        return (report, None);
     }
     let counted = count::count_base(io, &layout).and_then(|mut base| {
         let structural: Vec<String> = problems.structural_errors().cloned().collect();
@@ -209,7 +226,7 @@ pub(crate) fn check_io(io: &dyn ImageIo) -> CheckReport {
         let comparison = count::compare(io, &mut layout.refcounts, &base.refs, &base.copied)?;
         Ok((base, comparison, unrepairable, bitmaps))
     });
-    match counted {
+    let walked = match counted {
         Ok((base, comparison, unrepairable, (bitmap_corruptions, check_fails))) => {
             // The full count reports these precisely.
             report
@@ -244,7 +261,9 @@ pub(crate) fn check_io(io: &dyn ImageIo) -> CheckReport {
                 + bitmap_corruptions
                 + comparison.copied_wrong;
             report.copied_flag_errors = comparison.copied_wrong;
-            report.errors.extend(base.bad_entry_messages);
+            report
+                .errors
+                .extend(base.bad_entry_messages.iter().cloned());
             report
                 .errors
                 .extend(count::describe_under(&comparison.under, &layout));
@@ -259,6 +278,7 @@ pub(crate) fn check_io(io: &dyn ImageIo) -> CheckReport {
             report.compressed_clusters = Some(base.stats.compressed);
             report.unrepairable = unrepairable;
             report.qemu_cannot_open = check_fails;
+            Some((base, comparison))
         }
         Err(error) => {
             report.check_errors += 1;
@@ -267,10 +287,17 @@ pub(crate) fn check_io(io: &dyn ImageIo) -> CheckReport {
                 .errors
                 .push(format!("counting the references of every cluster: {error}"));
             report.unrepairable = Some(format!("the references could not be counted: {error}"));
+            None
         }
-    }
+    };
     if let Some(why) = &problems.qemu_refuses {
         report.qemu_cannot_open = Some(format!("QEMU refuses to open it: {why}"));
     }
-    report
+    let walked = walked.map(|(base, comparison)| Walked {
+        layout,
+        problems,
+        base,
+        comparison,
+    });
+    (report, walked)
 }
