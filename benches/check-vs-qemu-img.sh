@@ -4,8 +4,9 @@
 # `qbitmap check` against `qemu-img check` on the same image, in one run: a metadata-
 # preallocated image (`qemu-img create -o preallocation=metadata`, 1 TiB by default: about
 # 128 MiB of L2 tables and refcounts) made in a temporary directory, then each command run
-# alternately RUNS times (default 5) without and with -r leaks / -r all. Prints each side's
-# median wall time and median peak RSS (GNU time's %M), and the ratio.
+# alternately RUNS times (default 5) without and with -r leaks / -r all, and -r leaks on a copy
+# with one leaked cluster. Prints each side's median wall time and median peak RSS (GNU time's
+# %M), and the ratios.
 #
 #   benches/check-vs-qemu-img.sh [SIZE] [RUNS]      e.g. benches/check-vs-qemu-img.sh 1T 5
 #
@@ -38,7 +39,25 @@ median() {
     sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
 }
 
-for mode in "" leaks all; do
+# A copy with one leaked cluster (the header's refcount raised from 1 to 2), for "-r leaks, one
+# leak": each run repairs a fresh copy of it.
+cp --sparse=always "$image" "$dir/leak.qcow2"
+python3 - "$dir/leak.qcow2" <<'PY'
+import struct, sys
+with open(sys.argv[1], "r+b") as f:
+    f.seek(48)
+    table = struct.unpack(">Q", f.read(8))[0]
+    f.seek(table)
+    block = struct.unpack(">Q", f.read(8))[0]
+    f.seek(block)
+    f.write(struct.pack(">H", 2))
+PY
+repair_copy() {
+    cp --sparse=always "$dir/leak.qcow2" "$dir/work.qcow2"
+    measure "$@" "$dir/work.qcow2"
+}
+
+for mode in "" leaks all one-leak; do
     : >"$dir/ours"
     : >"$dir/theirs"
     i=0
@@ -46,6 +65,9 @@ for mode in "" leaks all; do
         if [ -z "$mode" ]; then
             measure "$QBITMAP" check "$image" >>"$dir/ours"
             measure qemu-img check -q "$image" >>"$dir/theirs"
+        elif [ "$mode" = one-leak ]; then
+            repair_copy "$QBITMAP" check -r leaks >>"$dir/ours"
+            repair_copy qemu-img check -q -r leaks >>"$dir/theirs"
         else
             measure "$QBITMAP" check -r "$mode" "$image" >>"$dir/ours"
             measure qemu-img check -q -r "$mode" "$image" >>"$dir/theirs"
@@ -56,7 +78,12 @@ for mode in "" leaks all; do
     theirs_t=$(cut -d' ' -f1 "$dir/theirs" | median)
     ours_m=$(cut -d' ' -f2 "$dir/ours" | median)
     theirs_m=$(cut -d' ' -f2 "$dir/theirs" | median)
-    awk -v m="check${mode:+ -r $mode}" -v a="$ours_t" -v b="$theirs_t" -v c="$ours_m" -v d="$theirs_m" \
+    case $mode in
+    "") label=check ;;
+    one-leak) label="-r leaks, 1 leak" ;;
+    *) label="check -r $mode" ;;
+    esac
+    awk -v m="$label" -v a="$ours_t" -v b="$theirs_t" -v c="$ours_m" -v d="$theirs_m" \
         'BEGIN { printf "%-16s qbitmap %6.2f s %6.1f MiB | qemu-img %6.2f s %6.1f MiB | time %.2fx, memory %.2fx\n",
                  m, a, c / 1024, b, d / 1024, (b > 0 ? a / b : 0), (d > 0 ? c / d : 0) }'
 done

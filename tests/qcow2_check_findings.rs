@@ -806,6 +806,9 @@ fn an_in_use_bitmap_pointing_at_the_active_l2_table_is_a_corruption() {
     assert_eq!((report.corruptions, report.leaks), (1, 1), "{report:#?}");
     assert_eq!(report.qemu_img_status(), 2);
     assert_eq!(report.damaged_bitmaps, ["other"], "{report:#?}");
+    // Damage confined to one bitmap: the image opens read-only and lists both.
+    assert_eq!(report.bitmaps, Some(2));
+    assert_eq!(Image::open(&path, RO).unwrap().bitmaps().len(), 2);
     // The one leak is the bitmap's own data cluster, not its table.
     let table = {
         let data = std::fs::read(&path).unwrap();

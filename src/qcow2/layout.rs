@@ -233,6 +233,17 @@ impl Problems {
         self.qemu_refuses.get_or_insert_with(|| message.to_string());
     }
 
+    /// Whether opening the image, even read-only, is refused: errors beyond damage confined to
+    /// some bitmaps (the others stay readable, as QEMU lists and serves them).
+    pub(crate) fn refuse_opening(&self, layout: &Layout) -> bool {
+        let confined = self.structural_errors().next().is_none()
+            && layout.ext == ExtState::Valid
+            && !layout.directory_damaged
+            && layout.ext_damage.is_none()
+            && layout.bitmaps.iter().any(|b| !b.trusted);
+        !self.errors.is_empty() && !confined
+    }
+
     /// Errors that do not concern the bitmaps extension.
     pub(crate) fn structural_errors(&self) -> impl Iterator<Item = &String> {
         let range = self.bitmap_errors.clone();

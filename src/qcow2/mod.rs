@@ -323,12 +323,7 @@ impl Image {
         if !problems.errors.is_empty() {
             // Damage confined to some bitmaps leaves the others readable, as QEMU lists and
             // serves them; reading a damaged one is refused. Writing waits for a repair.
-            let confined = problems.structural_errors().next().is_none()
-                && layout.ext == ExtState::Valid
-                && !layout.directory_damaged
-                && layout.ext_damage.is_none()
-                && layout.bitmaps.iter().any(|b| !b.trusted);
-            if !confined || writable {
+            if problems.refuse_opening(&layout) || writable {
                 return Err(Error::Corrupt(summarize(&problems.errors)));
             }
             let errors = std::mem::take(&mut problems.errors);

@@ -53,6 +53,9 @@ pub struct CheckReport {
     pub fragmented_clusters: Option<u64>,
     /// See `allocated_clusters`.
     pub compressed_clusters: Option<u64>,
+    /// How many bitmaps the image lists when it can be opened (read-only; damage confined to
+    /// some bitmaps allows that); None when opening it is refused.
+    pub bitmaps: Option<usize>,
     /// Bitmaps marked in use (not saved properly: their content cannot be trusted).
     pub in_use_bitmaps: Vec<BitmapName>,
     /// Bitmaps with a broken entry, name, flags, table or a cross-link.
@@ -189,6 +192,7 @@ pub(crate) fn check_walk(io: &dyn ImageIo) -> (CheckReport, Option<Walked>) {
         warnings,
         notes,
         total_clusters: Some(layout.header.size.div_ceil(layout.cluster_size())),
+        bitmaps: (!problems.refuse_opening(&layout)).then_some(layout.bitmaps.len()),
         in_use_bitmaps: layout
             .bitmaps
             .iter()
