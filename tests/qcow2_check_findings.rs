@@ -905,3 +905,45 @@ fn damaged_bitmaps_are_counted_as_qemu_img_counts_them() {
         }
     }
 }
+
+/// A bitmap in use whose table lies past the end of the file counts one corruption, as
+/// qemu-img check counts a region a cluster or more past the end, and its old table is leaked;
+/// one whose table holds an invalid entry makes qemu-img check fail (exit 1), and ours says so.
+#[test]
+fn in_use_bitmaps_with_unreadable_tables_are_counted_as_qemu_img_counts_them() {
+    if !have_all("in_use_unreadable", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let scratch = Scratch::new("in-use-unreadable");
+    for case in ["table past the end", "invalid table entry"] {
+        let path = two_bitmaps(&scratch, "a.qcow2");
+        patch(&path, |data| {
+            let entry = hbitmap_testkit::qcow2::directory_entry(data, "other");
+            if case == "table past the end" {
+                put64(data, entry, 1 << 30);
+            } else {
+                let (at, _) = first_data(data, "other");
+                put64(data, at, 0xdead_beef_0000_0003);
+            }
+            mark_in_use(data, "other");
+        });
+        let report = assert_same_figures(&path);
+        if case == "table past the end" {
+            assert_eq!(
+                (report.qemu_img_status(), report.corruptions, report.leaks),
+                (2, 1, 2),
+                "{case}: {report:#?}"
+            );
+        } else {
+            assert_eq!(report.qemu_img_status(), 1, "{case}: {report:#?}");
+            let why = report.qemu_cannot_open.as_deref().unwrap_or_default();
+            assert!(why.contains("its check stops"), "{case}: {report:#?}");
+        }
+        // Either way -r all removes the bitmap and leaves the image clean.
+        let repaired = Image::repair_file(&path, RepairMode::All).unwrap();
+        assert!(repaired.after.is_clean(), "{case}: {repaired:#?}");
+        qemu_check(&path, false);
+        assert_eq!(contents(&path).len(), 1);
+        std::fs::remove_file(&path).unwrap();
+    }
+}
