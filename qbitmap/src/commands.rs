@@ -463,17 +463,17 @@ pub fn check(
         compressed_clusters: report.compressed_clusters,
         bitmaps,
         clean: report.is_clean(),
-        errors: report.errors,
-        warnings: report.warnings,
-        notes: report.notes,
-        leaked: report.leaked,
+        errors: report.errors.clone(),
+        warnings: report.warnings.clone(),
+        notes: report.notes.clone(),
+        leaked: report.leaked.clone(),
         in_use_bitmaps: names(&report.in_use_bitmaps),
         damaged_bitmaps: names(&report.damaged_bitmaps),
         stale_extension: report.stale_extension,
         broken_extension: report.broken_extension,
         changes: repaired.as_ref().map(|r| r.changes.clone()),
-        unrepairable: report.unrepairable,
-        qemu_cannot_open: report.qemu_cannot_open,
+        unrepairable: report.unrepairable.clone(),
+        qemu_cannot_open: report.qemu_cannot_open.clone(),
     };
     if format.json() {
         output::write_json(out, &result)?;
@@ -500,18 +500,8 @@ pub fn check(
             )?;
         }
     }
-    for error in &result.errors {
-        writeln!(out, "ERROR: {error}")?;
-    }
-    for warning in &result.warnings {
-        writeln!(out, "WARNING: {warning}")?;
-    }
-    for leak in &result.leaked {
-        writeln!(out, "LEAK: {leak}")?;
-    }
-    for note in &result.notes {
-        writeln!(out, "NOTE: {note}")?;
-    }
+    // The findings as the library renders them (the C ABI prints the same lines).
+    write!(out, "{report}")?;
     if let Some(why) = &result.qemu_cannot_open {
         writeln!(out, "qemu-img check cannot check this image: {why}")?;
     }

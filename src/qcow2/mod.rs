@@ -106,7 +106,7 @@ use self::layout::{Bitmap, ExtState, Layout};
 use self::lock::ImageLock;
 use self::name::escape;
 
-pub use self::check::CheckReport;
+pub use self::check::{CheckReport, Severity};
 pub use self::error::Error;
 pub use self::name::BitmapName;
 

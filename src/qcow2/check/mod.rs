@@ -143,6 +143,51 @@ impl CheckReport {
     }
 }
 
+/// How a finding of a [`CheckReport`] is tagged when rendered: `ERROR`, `WARNING`, `LEAK`
+/// (a run of leaked clusters), `NOTE`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Warning,
+    Leak,
+    Note,
+}
+
+impl std::fmt::Display for Severity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Severity::Error => "ERROR",
+            Severity::Warning => "WARNING",
+            Severity::Leak => "LEAK",
+            Severity::Note => "NOTE",
+        })
+    }
+}
+
+impl CheckReport {
+    /// Every finding in order, tagged: errors, warnings, runs of leaked clusters, notes.
+    pub fn findings(&self) -> impl Iterator<Item = (Severity, &str)> + '_ {
+        [
+            (Severity::Error, &self.errors),
+            (Severity::Warning, &self.warnings),
+            (Severity::Leak, &self.leaked),
+            (Severity::Note, &self.notes),
+        ]
+        .into_iter()
+        .flat_map(|(severity, lines)| lines.iter().map(move |line| (severity, line.as_str())))
+    }
+}
+
+/// The findings, one line each: `TAG: text` (the one rendering the CLI and the C ABI print).
+impl std::fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (severity, text) in self.findings() {
+            writeln!(f, "{severity}: {text}")?;
+        }
+        Ok(())
+    }
+}
+
 pub(crate) fn check_io(io: &dyn ImageIo) -> CheckReport {
     check_walk(io).0
 }
@@ -304,4 +349,36 @@ pub(crate) fn check_walk(io: &dyn ImageIo) -> (CheckReport, Option<Walked>) {
         comparison,
     });
     (report, walked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{CheckReport, Severity};
+
+    #[test]
+    fn findings_render_one_tagged_line_each_in_order() {
+        let report = CheckReport {
+            errors: vec!["e".into()],
+            warnings: vec!["w1".into(), "w2".into()],
+            leaked: vec!["l".into()],
+            notes: vec!["n".into()],
+            ..CheckReport::default()
+        };
+        let tags: Vec<Severity> = report.findings().map(|(s, _)| s).collect();
+        assert_eq!(
+            tags,
+            [
+                Severity::Error,
+                Severity::Warning,
+                Severity::Warning,
+                Severity::Leak,
+                Severity::Note
+            ]
+        );
+        assert_eq!(
+            report.to_string(),
+            "ERROR: e\nWARNING: w1\nWARNING: w2\nLEAK: l\nNOTE: n\n"
+        );
+        assert_eq!(CheckReport::default().to_string(), "");
+    }
 }
