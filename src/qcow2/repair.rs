@@ -599,7 +599,7 @@ impl Image {
         self.layout = layout;
         let comparison = compare(
             &*self.io,
-            &mut self.layout.refcounts,
+            &self.layout.refcounts,
             &base.refs,
             &CopiedFlags::default(),
         )?;

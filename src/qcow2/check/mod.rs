@@ -204,7 +204,7 @@ pub(crate) struct Walked {
 
 /// [`check_io`], also handing back what it walked when the count was complete.
 pub(crate) fn check_walk(io: &dyn ImageIo) -> (CheckReport, Option<Walked>) {
-    let (mut layout, problems) = match layout::read(io) {
+    let (layout, problems) = match layout::read(io) {
         Ok(read) => read,
         Err(Error::Io { context, source }) => {
             let report = CheckReport {
@@ -272,7 +272,7 @@ pub(crate) fn check_walk(io: &dyn ImageIo) -> (CheckReport, Option<Walked>) {
         let unrepairable = count::refusal(&layout, &structural, &base);
         // Every bitmap the directory lists, trusted or not, as qemu-img check counts them.
         let bitmaps = count::add_bitmaps_as_qemu(io, &mut base.refs, &layout)?;
-        let comparison = count::compare(io, &mut layout.refcounts, &base.refs, &base.copied)?;
+        let comparison = count::compare(io, &layout.refcounts, &base.refs, &base.copied)?;
         Ok((base, comparison, unrepairable, bitmaps))
     });
     let walked = match counted {
