@@ -4,8 +4,8 @@
 # `qbitmap check` against `qemu-img check` on the same image, in one run: a metadata-
 # preallocated image (`qemu-img create -o preallocation=metadata`, 1 TiB by default: about
 # 128 MiB of L2 tables and refcounts) made in a temporary directory, then each command run
-# alternately RUNS times (default 5) without and with -r leaks / -r all, and -r leaks on a copy
-# with one leaked cluster. Prints each side's median wall time and median peak RSS (GNU time's
+# alternately RUNS times (default 5) without and with -r leaks / -r all, -r leaks on a copy
+# with one leaked cluster, and check on a copy holding a bitmap. Prints each side's median wall time and median peak RSS (GNU time's
 # %M), and the ratios.
 #
 #   benches/check-vs-qemu-img.sh [SIZE] [RUNS]      e.g. benches/check-vs-qemu-img.sh 1T 5
@@ -52,12 +52,18 @@ with open(sys.argv[1], "r+b") as f:
     f.seek(block)
     f.write(struct.pack(">H", 2))
 PY
+# A copy with one bitmap, dirty over the first tenth of the disk: its clusters are checked
+# against every guest data cluster too.
+cp --sparse=always "$image" "$dir/bitmap.qcow2"
+qemu-img bitmap --add "$dir/bitmap.qcow2" b0
+"$QBITMAP" set "$dir/bitmap.qcow2" b0 0 "$(qemu-img info --output=json "$image" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"] // 10)')"
 repair_copy() {
     cp --sparse=always "$dir/leak.qcow2" "$dir/work.qcow2"
     measure "$@" "$dir/work.qcow2"
 }
 
-for mode in "" leaks all one-leak; do
+for mode in "" leaks all one-leak bitmap; do
     : >"$dir/ours"
     : >"$dir/theirs"
     i=0
@@ -65,6 +71,9 @@ for mode in "" leaks all one-leak; do
         if [ -z "$mode" ]; then
             measure "$QBITMAP" check "$image" >>"$dir/ours"
             measure qemu-img check -q "$image" >>"$dir/theirs"
+        elif [ "$mode" = bitmap ]; then
+            measure "$QBITMAP" check "$dir/bitmap.qcow2" >>"$dir/ours"
+            measure qemu-img check -q "$dir/bitmap.qcow2" >>"$dir/theirs"
         elif [ "$mode" = one-leak ]; then
             repair_copy "$QBITMAP" check -r leaks >>"$dir/ours"
             repair_copy qemu-img check -q -r leaks >>"$dir/theirs"
@@ -81,6 +90,7 @@ for mode in "" leaks all one-leak; do
     case $mode in
     "") label=check ;;
     one-leak) label="-r leaks, 1 leak" ;;
+    bitmap) label="check, 1 bitmap" ;;
     *) label="check -r $mode" ;;
     esac
     awk -v m="$label" -v a="$ours_t" -v b="$theirs_t" -v c="$ours_m" -v d="$theirs_m" \

@@ -753,6 +753,19 @@ fn guest_cross_links(
     if owned.is_empty() {
         return Ok(Vec::new());
     }
+    // One bit per cluster of the file, set for the bitmap clusters: the 16 Mi entries of a
+    // 1 TiB disk's L2 tables are mostly tested against it, not hashed.
+    let mut bits = vec![0u64; layout.file_len.div_ceil(cluster_size).div_ceil(64) as usize];
+    for &cluster in owned.keys() {
+        if let Some(word) = bits.get_mut((cluster / 64) as usize) {
+            *word |= 1 << (cluster % 64);
+        }
+    }
+    let maybe_owned = |cluster: u64| match bits.get((cluster / 64) as usize) {
+        Some(word) => word >> (cluster % 64) & 1 != 0,
+        // Past the file: only the map knows.
+        None => true,
+    };
     let format = L2Format::of(header);
     let per_l2 = format.per_table();
     let mut found = Vec::new();
@@ -770,6 +783,9 @@ fn guest_cross_links(
                 }
             };
             for cluster in first..=last {
+                if !maybe_owned(cluster) {
+                    continue;
+                }
                 let Some(region) = owned.get(&cluster) else {
                     continue;
                 };
