@@ -10,7 +10,7 @@
 #
 #   benches/check-vs-qemu-img.sh [SIZE] [RUNS]      e.g. benches/check-vs-qemu-img.sh 1T 5
 #
-# Needs qemu-img and GNU time (/usr/bin/time, Debian package `time`); builds qbitmap (release)
+# Needs qemu-img, python3 and GNU time (/usr/bin/time, Debian package `time`); builds qbitmap (release)
 # unless QBITMAP names a binary.
 set -eu
 size=${1:-1T}
