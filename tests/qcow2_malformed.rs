@@ -138,7 +138,7 @@ fn refused_or_confined(
     for info in image.bitmaps() {
         let name = info.name.to_string();
         let read = image.inspect_bitmap(&info.name);
-        if report.damaged_bitmaps.contains(&name) {
+        if report.damaged_bitmaps.contains(&info.name) {
             let Err(err) = read else {
                 panic!("{what}: damaged bitmap '{name}' was read");
             };

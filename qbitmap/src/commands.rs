@@ -444,9 +444,8 @@ pub fn check(
             (repaired.after.clone(), Some(repaired))
         }
     };
-    let bitmaps = Image::open(path, options)
-        .ok()
-        .map(|image| image.bitmaps().len());
+    // The check knows whether the image opens and how many bitmaps it lists: no third open.
+    let bitmaps = report.bitmaps;
     let status = report.qemu_img_status();
     let result = CheckOutput {
         image: path.display().to_string(),
@@ -464,17 +463,17 @@ pub fn check(
         compressed_clusters: report.compressed_clusters,
         bitmaps,
         clean: report.is_clean(),
-        errors: report.errors,
-        warnings: report.warnings,
-        notes: report.notes,
-        leaked: report.leaked,
-        in_use_bitmaps: report.in_use_bitmaps,
-        damaged_bitmaps: report.damaged_bitmaps,
+        errors: report.errors.clone(),
+        warnings: report.warnings.clone(),
+        notes: report.notes.clone(),
+        leaked: report.leaked.clone(),
+        in_use_bitmaps: names(&report.in_use_bitmaps),
+        damaged_bitmaps: names(&report.damaged_bitmaps),
         stale_extension: report.stale_extension,
         broken_extension: report.broken_extension,
         changes: repaired.as_ref().map(|r| r.changes.clone()),
-        unrepairable: report.unrepairable,
-        qemu_cannot_open: report.qemu_cannot_open,
+        unrepairable: report.unrepairable.clone(),
+        qemu_cannot_open: report.qemu_cannot_open.clone(),
     };
     if format.json() {
         output::write_json(out, &result)?;
@@ -501,23 +500,10 @@ pub fn check(
             )?;
         }
     }
-    for error in &result.errors {
-        writeln!(out, "ERROR: {error}")?;
-    }
-    for warning in &result.warnings {
-        writeln!(out, "WARNING: {warning}")?;
-    }
-    for leak in &result.leaked {
-        writeln!(out, "LEAK: {leak}")?;
-    }
-    for note in &result.notes {
-        writeln!(out, "NOTE: {note}")?;
-    }
+    // The findings as the library renders them (the C ABI prints the same lines).
+    write!(out, "{report}")?;
     if let Some(why) = &result.qemu_cannot_open {
-        writeln!(
-            out,
-            "QEMU cannot open this image (so qemu-img check cannot check it): {why}"
-        )?;
+        writeln!(out, "qemu-img check cannot check this image: {why}")?;
     }
     let checked = match result.bitmaps {
         Some(1) => " (1 bitmap checked)".to_string(),
@@ -542,9 +528,15 @@ pub fn check(
         )?;
     }
     if result.leaks > 0 && result.corruptions == 0 {
+        // '-r leaks' refuses while a bitmap's clusters are not known.
+        let mode = if result.damaged_bitmaps.is_empty() && !result.broken_extension {
+            "leaks"
+        } else {
+            "all"
+        };
         writeln!(
             out,
-            "Leaked clusters waste disk space but do no harm to data; 'qbitmap check -r leaks' \
+            "Leaked clusters waste disk space but do no harm to data; 'qbitmap check -r {mode}' \
              frees them."
         )?;
     }
@@ -552,6 +544,11 @@ pub fn check(
         writeln!(out, "Image end offset: {end}")?;
     }
     Ok(status)
+}
+
+/// Bitmap names in their escaped form, as `list` prints them.
+fn names(names: &[BitmapName]) -> Vec<String> {
+    names.iter().map(ToString::to_string).collect()
 }
 
 /// "no errors", "1 error", "2 errors".

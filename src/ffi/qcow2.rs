@@ -1432,16 +1432,7 @@ fn findings_text(report: &crate::qcow2::CheckReport, changes: &[String]) -> Stri
     for change in changes {
         text.push_str(&format!("REPAIRED: {change}\n"));
     }
-    for (tag, lines) in [
-        ("ERROR", &report.errors),
-        ("WARNING", &report.warnings),
-        ("LEAK", &report.leaked),
-        ("NOTE", &report.notes),
-    ] {
-        for line in lines {
-            text.push_str(&format!("{tag}: {line}\n"));
-        }
-    }
+    text.push_str(&report.to_string());
     text
 }
 

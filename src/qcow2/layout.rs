@@ -25,7 +25,8 @@ use super::header::{
     INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_KNOWN,
 };
 use super::io::ImageIo;
-use super::refcount::{past_end, Refcounts};
+use super::l2_entry::{L2Format, Mapping, INCOMPAT_DATA_FILE};
+use super::refcount::{get_entry, past_end, Refcounts};
 
 mod bitmaps;
 use bitmaps::read_bitmaps;
@@ -36,19 +37,8 @@ const MAX_SNAPSHOTS_SIZE: u64 = 1024 * MAX_SNAPSHOTS;
 const MAX_SNAPSHOT_EXTRA: u64 = 1024;
 const SNAPSHOT_HEADER: u64 = 40;
 pub(crate) const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-pub(crate) const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-pub(crate) const L2_COMPRESSED: u64 = 1 << 62;
-/// L1 and L2 entries: the cluster's refcount is exactly one (it may be written in place).
-pub(crate) const OFLAG_COPIED: u64 = 1 << 63;
-/// L2 entries without subclusters: the cluster reads as zeroes.
-pub(crate) const L2_ZERO: u64 = 1;
 /// Bits of an L1 entry that must be zero.
 pub(crate) const L1_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
-/// Bits of a standard (not compressed) L2 entry that must be zero.
-pub(crate) const L2_STD_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
-/// Incompatible feature bits: guest data in an external file; 128-bit L2 entries.
-pub(crate) const INCOMPAT_DATA_FILE: u64 = 1 << 2;
-pub(crate) const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 /// Overlaps reported at most, then summarized.
 pub(crate) const MAX_REPORTED: usize = 20;
 
@@ -89,6 +79,9 @@ pub(crate) struct Bitmap {
     pub trusted: bool,
     /// What is wrong with it, when it is not trusted: the first problem found.
     pub damage: Option<String>,
+    /// Whether its directory entry passes QEMU's checks (`check_dir_entry`): `qemu-img check`
+    /// then counts its table and data clusters whether or not the bitmap is trusted here.
+    pub entry_valid: bool,
 }
 
 impl Bitmap {
@@ -226,12 +219,29 @@ pub(crate) struct Problems {
     /// use): `qemu-img check` then cannot check it (exit 1), and neither says `check`, though
     /// it reads and can repair what is readable.
     pub qemu_refuses: Option<String>,
+    /// Clusters that a bitmap shares with something else, for the cross-links reported in
+    /// `errors`: `qemu-img check` counts such a cluster once, as a refcount below its
+    /// references, not once per message or per entry pointing to it.
+    pub cross_link_clusters: Vec<u64>,
+    /// How many of `errors` report such cross-links.
+    pub cross_link_errors: usize,
 }
 
 impl Problems {
     /// Records `message` as a reason QEMU refuses the image, if it is the first.
     pub(crate) fn qemu_refuses(&mut self, message: &str) {
         self.qemu_refuses.get_or_insert_with(|| message.to_string());
+    }
+
+    /// Whether opening the image, even read-only, is refused: errors beyond damage confined to
+    /// some bitmaps (the others stay readable, as QEMU lists and serves them).
+    pub(crate) fn refuse_opening(&self, layout: &Layout) -> bool {
+        let confined = self.structural_errors().next().is_none()
+            && layout.ext == ExtState::Valid
+            && !layout.directory_damaged
+            && layout.ext_damage.is_none()
+            && layout.bitmaps.iter().any(|b| !b.trusted);
+        !self.errors.is_empty() && !confined
     }
 
     /// Errors that do not concern the bitmaps extension.
@@ -296,6 +306,15 @@ struct Overlap {
     bitmaps: Vec<usize>,
     /// The bitmap directory is one of the two.
     directory: bool,
+    /// The clusters the two share (for a summary: those of every overlap it sums up).
+    clusters: Vec<u64>,
+}
+
+/// The clusters `a` and `b` share (regions are cluster-aligned).
+fn shared_clusters(a: &Region, b: &Region, cluster_bits: u32) -> std::ops::Range<u64> {
+    let start = a.start.max(b.start) >> cluster_bits;
+    let end = a.end.min(b.end).div_ceil(1 << cluster_bits);
+    start..end.max(start)
 }
 
 fn bitmap_of(owner: Owner) -> Option<usize> {
@@ -311,6 +330,7 @@ fn bitmap_of(owner: Owner) -> Option<usize> {
 fn overlaps(
     regions: &mut [Region],
     bitmaps: &[Bitmap],
+    cluster_bits: u32,
     report: impl Fn(&Region, &Region) -> bool,
 ) -> Vec<Overlap> {
     regions.sort_by_key(|r| (r.start, r.end));
@@ -319,6 +339,7 @@ fn overlaps(
         message: String::new(),
         bitmaps: Vec::new(),
         directory: false,
+        clusters: Vec::new(),
     };
     let mut count = 0usize;
     let mut widest: Option<usize> = None;
@@ -335,6 +356,7 @@ fn overlaps(
                     .filter_map(bitmap_of)
                     .collect();
                 let directory = region.owner == Owner::Directory || other.owner == Owner::Directory;
+                let shared = shared_clusters(&region, &other, cluster_bits);
                 count += 1;
                 if count <= MAX_REPORTED {
                     found.push(Overlap {
@@ -345,10 +367,12 @@ fn overlaps(
                         ),
                         bitmaps: involved,
                         directory,
+                        clusters: shared.collect(),
                     });
                 } else {
                     unreported.bitmaps.extend(involved);
                     unreported.directory |= directory;
+                    unreported.clusters.extend(shared);
                 }
             }
             if region.end > other.end {
@@ -594,7 +618,7 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
 
     // Overlaps among the other metadata (bitmap ones were reported by read_bitmaps).
     let mut regions = layout.metadata.clone();
-    let found = overlaps(&mut regions, &[], |_, _| true);
+    let found = overlaps(&mut regions, &[], layout.header.cluster_bits, |_, _| true);
     problems
         .errors
         .extend(found.into_iter().map(|overlap| overlap.message));
@@ -729,34 +753,39 @@ fn guest_cross_links(
     if owned.is_empty() {
         return Ok(Vec::new());
     }
-    let entry_bytes = if header.incompatible & INCOMPAT_EXTENDED_L2 != 0 {
-        16
-    } else {
-        8
+    // One bit per cluster of the file, set for the bitmap clusters: the 16 Mi entries of a
+    // 1 TiB disk's L2 tables are mostly tested against it, not hashed.
+    let mut bits = vec![0u64; layout.file_len.div_ceil(cluster_size).div_ceil(64) as usize];
+    for &cluster in owned.keys() {
+        if let Some(word) = bits.get_mut((cluster / 64) as usize) {
+            *word |= 1 << (cluster % 64);
+        }
+    }
+    let maybe_owned = |cluster: u64| match bits.get((cluster / 64) as usize) {
+        Some(word) => word >> (cluster % 64) & 1 != 0,
+        // Past the file: only the map knows.
+        None => true,
     };
-    let per_l2 = cluster_size / entry_bytes as u64;
-    // Compressed cluster descriptors (QEMU's qcow2_parse_compressed_l2_entry).
-    let offset_bits = 62 - (cluster_bits - 8);
-    let sectors_mask = (1u64 << (cluster_bits - 8)) - 1;
+    let format = L2Format::of(header);
+    let per_l2 = format.per_table();
     let mut found = Vec::new();
     let mut count = 0usize;
     for l2 in l2_tables {
         let table = read_exact(io, l2.offset, cluster_size, "an L2 table")?;
-        for (i, chunk) in table.chunks_exact(entry_bytes).enumerate() {
-            let entry = be64(chunk, 0);
-            let (first, last) = if entry & L2_COMPRESSED != 0 {
-                let offset = entry & ((1u64 << offset_bits) - 1);
-                let sectors = ((entry >> offset_bits) & sectors_mask) + 1;
-                let size = sectors * 512 - (offset & 511);
-                (offset >> cluster_bits, (offset + size - 1) >> cluster_bits)
-            } else {
-                let offset = entry & L2_OFFSET_MASK;
-                if offset == 0 {
-                    continue;
+        for (i, raw) in format.entries(&table).enumerate() {
+            let (first, last) = match format.decode(raw.entry) {
+                Mapping::Compressed { offset, size } => {
+                    Mapping::compressed_clusters(offset, size, cluster_bits)
                 }
-                (offset >> cluster_bits, offset >> cluster_bits)
+                Mapping::Standard { offset: 0, .. } => continue,
+                Mapping::Standard { offset, .. } => {
+                    (offset >> cluster_bits, offset >> cluster_bits)
+                }
             };
             for cluster in first..=last {
+                if !maybe_owned(cluster) {
+                    continue;
+                }
                 let Some(region) = owned.get(&cluster) else {
                     continue;
                 };
@@ -766,6 +795,7 @@ fn guest_cross_links(
                         message: String::new(),
                         bitmaps: bitmap_of(region.owner).into_iter().collect(),
                         directory: region.owner == Owner::Directory,
+                        clusters: vec![cluster],
                     });
                     continue;
                 }
@@ -785,6 +815,7 @@ fn guest_cross_links(
                     ),
                     bitmaps: bitmap_of(region.owner).into_iter().collect(),
                     directory: region.owner == Owner::Directory,
+                    clusters: vec![cluster],
                 });
             }
         }
@@ -797,6 +828,7 @@ fn guest_cross_links(
             ),
             bitmaps: Vec::new(),
             directory: false,
+            clusters: Vec::new(),
         });
     }
     Ok(found)
@@ -812,33 +844,52 @@ fn check_refcounts(
 ) -> Result<(), Error> {
     let cluster_bits = layout.header.cluster_bits;
     let regions = layout.regions();
+    // Every cluster of every region, in file order, so that each refcount block is read once
+    // and not kept (the walk over a large image's scattered L2 tables would otherwise cache
+    // every block).
+    let mut clusters: Vec<(u64, usize)> = Vec::new();
+    for (index, region) in regions.iter().enumerate() {
+        clusters.extend(
+            ((region.start >> cluster_bits)..(region.end >> cluster_bits)).map(|c| (c, index)),
+        );
+    }
+    clusters.sort_unstable();
+    let refcounts = &layout.refcounts;
+    let per_block = refcounts.per_block();
+    let mut block: Option<(u64, std::borrow::Cow<'_, [u8]>)> = None;
     let mut reported = 0usize;
-    for region in &regions {
-        let mut cluster = region.start >> cluster_bits;
-        while cluster < region.end >> cluster_bits {
-            let count = layout.refcounts.get(io, cluster)?;
-            let at = cluster << cluster_bits;
-            if count == 0 {
-                reported += 1;
-                if reported <= MAX_REPORTED {
-                    let message = format!(
-                        "the cluster at {at:#x} ({}) has refcount 0: it is used but counted \
-                         free; repair the image with 'qemu-img check -r all'",
-                        describe(region, &layout.bitmaps)
-                    );
-                    problems.warnings.push(message.clone());
-                    problems.refcount_warnings.push(message.clone());
-                    problems.write_blockers.push(message);
-                }
-            } else if count > 1 && is_bitmap_owner(region.owner) {
+    for (cluster, index) in clusters {
+        let region = &regions[index];
+        let block_index = cluster / per_block;
+        let count = if !refcounts.has_block(cluster) {
+            0
+        } else {
+            if block.as_ref().is_none_or(|(at, _)| *at != block_index) {
+                block = Some((block_index, refcounts.peek_block(io, block_index as usize)?));
+            }
+            let (_, bytes) = block.as_ref().expect("just read");
+            get_entry(bytes, (cluster % per_block) as usize, refcounts.order())
+        };
+        let at = cluster << cluster_bits;
+        if count == 0 {
+            reported += 1;
+            if reported <= MAX_REPORTED {
                 let message = format!(
-                    "the cluster at {at:#x} ({}) has refcount {count}, expected 1",
+                    "the cluster at {at:#x} ({}) has refcount 0: it is used but counted \
+                         free; repair the image with 'qemu-img check -r all'",
                     describe(region, &layout.bitmaps)
                 );
                 problems.warnings.push(message.clone());
-                problems.refcount_warnings.push(message);
+                problems.refcount_warnings.push(message.clone());
+                problems.write_blockers.push(message);
             }
-            cluster += 1;
+        } else if count > 1 && is_bitmap_owner(region.owner) {
+            let message = format!(
+                "the cluster at {at:#x} ({}) has refcount {count}, expected 1",
+                describe(region, &layout.bitmaps)
+            );
+            problems.warnings.push(message.clone());
+            problems.refcount_warnings.push(message);
         }
     }
     Ok(())

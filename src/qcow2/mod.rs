@@ -81,10 +81,12 @@
 
 mod bitmap_dir;
 mod bitmap_table;
+mod check;
 pub(crate) mod create;
 mod error;
 mod header;
 pub mod io;
+mod l2_entry;
 mod layout;
 mod lock;
 mod name;
@@ -93,7 +95,6 @@ mod refcount;
 mod repair;
 mod writer;
 
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use crate::HBitmap;
@@ -101,10 +102,11 @@ use crate::HBitmap;
 use self::bitmap_dir::{DirEntry, FLAG_AUTO, FLAG_IN_USE};
 use self::header::{BitmapsExt, AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN};
 use self::io::{FileIo, ImageIo};
-use self::layout::{Bitmap, ExtState, Layout, Problems};
+use self::layout::{Bitmap, ExtState, Layout};
 use self::lock::ImageLock;
 use self::name::escape;
 
+pub use self::check::{CheckReport, Severity};
 pub use self::error::Error;
 pub use self::name::BitmapName;
 
@@ -144,126 +146,6 @@ pub struct BitmapFlags {
     pub in_use: bool,
     /// Mark the bitmap enabled.
     pub auto: bool,
-}
-
-/// What [`Image::check`] found. The counts use `qemu-img check`'s meanings.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CheckReport {
-    /// Malformed or inconsistent structures, clusters whose refcount is below their references
-    /// included.
-    pub errors: Vec<String>,
-    /// Things worth knowing that do not make the image unreadable (bitmaps in use, a stale
-    /// extension, flags that block writing...).
-    pub warnings: Vec<String>,
-    /// Harmless oddities QEMU produces too (padding bits QEMU wrote): not problems.
-    pub notes: Vec<String>,
-    /// `corruptions`: clusters whose refcount is below their references, plus every other
-    /// error found.
-    pub corruptions: u64,
-    /// `leaks`: clusters whose refcount is above their references.
-    pub leaks: u64,
-    /// Of `corruptions`: active L1 and L2 entries whose OFLAG_COPIED flag disagrees with the
-    /// refcount of their cluster (set exactly where it is 1); `check -r` fixes them.
-    pub copied_flag_errors: u64,
-    /// The leaked clusters, in runs of consecutive ones.
-    pub leaked: Vec<String>,
-    /// `check-errors`: the check could not be completed (an I/O error).
-    pub check_errors: u64,
-    /// `image-end-offset`: the end of the last cluster counted or referenced (None when the
-    /// references could not be counted).
-    pub image_end_offset: Option<u64>,
-    /// `total-clusters`: clusters of the virtual disk.
-    pub total_clusters: Option<u64>,
-    /// `allocated-clusters`, `fragmented-clusters`, `compressed-clusters`: the active disk's
-    /// guest clusters, as `qemu-img check` counts them.
-    pub allocated_clusters: Option<u64>,
-    /// See `allocated_clusters`.
-    pub fragmented_clusters: Option<u64>,
-    /// See `allocated_clusters`.
-    pub compressed_clusters: Option<u64>,
-    /// Bitmaps marked in use (not saved properly: their content cannot be trusted).
-    pub in_use_bitmaps: Vec<String>,
-    /// Bitmaps with a broken entry, name, flags, table or a cross-link.
-    pub damaged_bitmaps: Vec<String>,
-    /// The bitmaps extension is stale (autoclear bit 0 clear): the image has no usable bitmaps.
-    pub stale_extension: bool,
-    /// The bitmaps extension or its directory is unreadable or cross-linked.
-    pub broken_extension: bool,
-    /// Why [`Image::repair_file`] would refuse this image, if it would.
-    pub unrepairable: Option<String>,
-    /// Why QEMU refuses to open the image, if it does (a bitmap it rejects while loading the
-    /// bitmaps, a missing backing or data file...): `qemu-img check` then cannot check it and
-    /// exits 1, and so does `qbitmap check` (see [`qemu_img_status`](Self::qemu_img_status)),
-    /// though the check here is complete and `check -r` repairs what it can.
-    pub qemu_cannot_open: Option<String>,
-}
-
-impl CheckReport {
-    /// Reports each file the image needs that cannot be opened: its backing file and its
-    /// external data file, named in the header relative to the image's folder. QEMU cannot open
-    /// such an image (`qemu-img check` exits 1); the bitmaps do not need them, so they can still
-    /// be read and repaired here. Names QEMU would hand to a protocol
-    /// (`json:{...}`, `nbd://...`) are not looked at.
-    fn add_missing_files(&mut self, image: &Path, header: &header::Header) {
-        let named = [
-            ("backing file", header.backing_file.clone()),
-            ("external data file", header.data_file_name()),
-        ];
-        for (what, name) in named {
-            let Some(name) = name else { continue };
-            let text = String::from_utf8_lossy(&name).into_owned();
-            let protocol = text
-                .split_once(':')
-                .is_some_and(|(prefix, _)| !prefix.is_empty() && !prefix.contains('/'));
-            if name.is_empty() || protocol {
-                continue;
-            }
-            let relative = Path::new(std::ffi::OsStr::from_bytes(&name));
-            let resolved = match image.parent() {
-                Some(folder) if relative.is_relative() => folder.join(relative),
-                _ => relative.to_path_buf(),
-            };
-            if let Err(error) = std::fs::File::open(&resolved) {
-                let message = format!(
-                    "the {what} '{}' ({}) cannot be opened: {error}; QEMU cannot open the image \
-                     without it",
-                    escape(&name),
-                    resolved.display()
-                );
-                self.qemu_cannot_open.get_or_insert_with(|| message.clone());
-                self.errors.push(message);
-            }
-        }
-    }
-
-    /// The exit status `qemu-img check` gives such an image: 1 when the check could not be
-    /// completed (an I/O error) or QEMU cannot open the image, else 2 with corruptions, else 3
-    /// with leaks, else 0.
-    pub fn qemu_img_status(&self) -> u8 {
-        if self.check_errors > 0 || self.qemu_cannot_open.is_some() {
-            1
-        } else if self.corruptions > 0 {
-            2
-        } else if self.leaks > 0 {
-            3
-        } else {
-            0
-        }
-    }
-
-    /// No errors, no warnings and no leaks.
-    pub fn is_clean(&self) -> bool {
-        self.errors.is_empty()
-            && self.warnings.is_empty()
-            && self.leaks == 0
-            && self.check_errors == 0
-    }
-
-    /// No corruption, no leak and no check error: the image is consistent (bitmaps in use or a
-    /// stale extension are states, not damage).
-    pub fn is_consistent(&self) -> bool {
-        self.corruptions == 0 && self.leaks == 0 && self.check_errors == 0
-    }
 }
 
 /// What `check -r` repairs (`qemu-img check -r`'s modes).
@@ -441,12 +323,7 @@ impl Image {
         if !problems.errors.is_empty() {
             // Damage confined to some bitmaps leaves the others readable, as QEMU lists and
             // serves them; reading a damaged one is refused. Writing waits for a repair.
-            let confined = problems.structural_errors().next().is_none()
-                && layout.ext == ExtState::Valid
-                && !layout.directory_damaged
-                && layout.ext_damage.is_none()
-                && layout.bitmaps.iter().any(|b| !b.trusted);
-            if !confined || writable {
+            if problems.refuse_opening(&layout) || writable {
                 return Err(Error::Corrupt(summarize(&problems.errors)));
             }
             let errors = std::mem::take(&mut problems.errors);
@@ -500,127 +377,13 @@ impl Image {
         };
         let file = io::open_file(path, io::Access::Read)?;
         let io = FileIo::new(file);
-        let mut report = Self::check_io(&io);
+        let mut report = check::check_io(&io);
         if let Ok(len) = io.len() {
             if let Ok(header) = header::Header::read(&io, len) {
                 report.add_missing_files(path, &header);
             }
         }
         Ok(report)
-    }
-
-    fn check_io(io: &dyn ImageIo) -> CheckReport {
-        let (mut layout, problems) = match layout::read(io) {
-            Ok(read) => read,
-            Err(Error::Io { context, source }) => {
-                return CheckReport {
-                    errors: vec![format!("{context}: {source}")],
-                    check_errors: 1,
-                    unrepairable: Some(format!("{context}: {source}")),
-                    ..CheckReport::default()
-                }
-            }
-            // What cannot be read at all makes qemu-img check fail to open the image too.
-            Err(error) => {
-                return CheckReport {
-                    errors: vec![error.to_string()],
-                    check_errors: 1,
-                    unrepairable: Some(error.to_string()),
-                    ..CheckReport::default()
-                }
-            }
-        };
-        let Problems {
-            errors,
-            warnings,
-            notes,
-            ..
-        } = problems.clone();
-        let mut report = CheckReport {
-            errors,
-            warnings,
-            notes,
-            total_clusters: Some(layout.header.size.div_ceil(layout.cluster_size())),
-            in_use_bitmaps: layout
-                .bitmaps
-                .iter()
-                .filter(|b| b.entry.in_use())
-                .map(|b| b.name())
-                .collect(),
-            damaged_bitmaps: layout
-                .bitmaps
-                .iter()
-                .filter(|b| !b.trusted)
-                .map(|b| b.name())
-                .collect(),
-            stale_extension: layout.ext == ExtState::Stale,
-            broken_extension: layout.ext == ExtState::Broken
-                || layout.directory_damaged
-                || layout.ext_damage.is_some(),
-            ..CheckReport::default()
-        };
-        let cluster_bits = layout.header.cluster_bits;
-        if let Some(first) = problems.structural_errors().next() {
-            // Damaged metadata other than the bitmaps': a count would follow garbage (and a
-            // hostile image's millions of pointers), and no repair would be made anyway.
-            report.corruptions = report.errors.len() as u64;
-            report.unrepairable = Some(format!(
-                "metadata other than the bitmaps is damaged, so the clusters it uses are not \
-                 known completely: {first}"
-            ));
-            return report;
-        }
-        let counted = repair::count_base(io, &layout).and_then(|mut base| {
-            let structural: Vec<String> = problems.structural_errors().cloned().collect();
-            let unrepairable = repair::refusal(&layout, &structural, &base);
-            let directory = layout.ext == ExtState::Valid;
-            repair::add_bitmaps(&mut base.refs, &layout, directory, |_| true);
-            let comparison = repair::compare(io, &mut layout.refcounts, &base.refs, &base.copied)?;
-            Ok((base, comparison, unrepairable))
-        });
-        match counted {
-            Ok((base, comparison, unrepairable)) => {
-                // The full count reports these precisely.
-                report
-                    .warnings
-                    .retain(|w| !problems.refcount_warnings.contains(w));
-                for message in &base.unmapped {
-                    if !report.errors.contains(message) {
-                        report.errors.push(message.clone());
-                    }
-                }
-                // A name clash makes QEMU refuse the image, though it reads here.
-                report.corruptions = (report.errors.len() + comparison.under.len()) as u64
-                    + problems.name_clashes
-                    + base.bad_entries
-                    + comparison.copied_wrong;
-                report.copied_flag_errors = comparison.copied_wrong;
-                report.errors.extend(base.bad_entry_messages);
-                report
-                    .errors
-                    .extend(repair::describe_under(&comparison.under, &layout));
-                report
-                    .errors
-                    .extend(comparison.describe_copied(cluster_bits));
-                report.leaks = comparison.leaks.len() as u64;
-                report.leaked = repair::describe_leaks(&comparison.leaks, cluster_bits);
-                report.image_end_offset = Some(comparison.end_cluster << cluster_bits);
-                report.allocated_clusters = Some(base.stats.allocated);
-                report.fragmented_clusters = Some(base.stats.fragmented);
-                report.compressed_clusters = Some(base.stats.compressed);
-                report.unrepairable = unrepairable;
-            }
-            Err(error) => {
-                report.check_errors += 1;
-                report.corruptions = report.errors.len() as u64;
-                report
-                    .errors
-                    .push(format!("counting the references of every cluster: {error}"));
-                report.unrepairable = Some(format!("the references could not be counted: {error}"));
-            }
-        }
-        report.qemu_cannot_open = problems.qemu_refuses.clone();
-        report
     }
 
     /// The image's path.
@@ -1014,6 +777,7 @@ impl Image {
             table,
             trusted: true,
             damage: None,
+            entry_valid: true,
         };
         let mut bitmaps = self.layout.bitmaps.clone();
         let mut to_free = Vec::new();
@@ -1290,7 +1054,7 @@ impl Image {
     /// Validates the image again from the file: the extension, every bitmap (directory entry,
     /// table, overlaps, padding), refcounts of the metadata. Never writes.
     pub fn check(&self) -> CheckReport {
-        let mut report = Self::check_io(&*self.io);
+        let mut report = check::check_io(&*self.io);
         report.add_missing_files(&self.path, &self.layout.header);
         if let Some(why) = &self.poisoned {
             report.warnings.push(format!(

@@ -13,11 +13,11 @@
 //! clusters are unreferenced with refcount 0.
 #![forbid(unsafe_code)]
 
+use super::check::count::{add_bitmaps, count_base, refusal};
 use super::error::Error;
 use super::header::INCOMPAT_DIRTY;
 use super::layout::{self, ExtState};
 use super::refcount::{set_entry, Refcounts, MAX_REFTABLE_BYTES};
-use super::repair::{add_bitmaps, count_base, refusal};
 use super::Image;
 
 impl Image {

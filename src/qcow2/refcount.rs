@@ -192,6 +192,30 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Refcount order: entries are `1 << order` bits wide.
+    pub(crate) fn order(&self) -> u32 {
+        self.order
+    }
+
+    /// The bytes of block `index` (a nonzero table entry): the cached copy when there is one
+    /// (it may hold changes not written yet), else read from the file without caching it, so
+    /// that a walk over every block keeps one in memory at a time.
+    pub(crate) fn peek_block(
+        &self,
+        io: &dyn ImageIo,
+        index: usize,
+    ) -> Result<std::borrow::Cow<'_, [u8]>, Error> {
+        Ok(match self.cache.get(&index) {
+            Some(block) => std::borrow::Cow::Borrowed(block),
+            None => std::borrow::Cow::Owned(read_exact(
+                io,
+                self.table[index],
+                self.cluster_size(),
+                "a refcount block",
+            )?),
+        })
+    }
+
     /// The refcount of cluster `cluster` (by index), caching the block it is in.
     pub(crate) fn get(&mut self, io: &dyn ImageIo, cluster: u64) -> Result<u64, Error> {
         let per_block = self.per_block();

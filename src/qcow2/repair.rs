@@ -1,14 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 
-//! Reference counting over the whole image, as `qemu-img check` does it, and the repairs of
-//! `check -r leaks|all`.
-//!
-//! Every structure is walked and every reference to a cluster counted: the header, the L1
-//! tables of the active disk and of every snapshot, each L2 table once per L1 entry pointing to
-//! it and each data cluster (normal, zero with an allocation, every cluster a compressed one
-//! touches) once per L2 entry, the snapshot table, the refcount table and blocks, the encryption
-//! header, and the bitmap directory, tables and data clusters. A cluster whose stored refcount
-//! is above that count is leaked; below, the image is corrupt.
+//! The repairs of `check -r leaks|all`, over the reference count of `check/`.
 //!
 //! A repair lowers refcounts only to the count of a complete walk, so it never frees a
 //! referenced cluster; where the walk cannot be complete (damaged metadata other than the
@@ -17,829 +9,47 @@
 //! bitmap change), then walks the image again and frees what only they used.
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use super::error::Error;
-use super::header::{be64, read_exact, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use super::io::ImageIo;
-use super::layout::ExtState;
-use super::layout::{
-    describe, Layout, Owner, INCOMPAT_DATA_FILE, INCOMPAT_EXTENDED_L2, L1_OFFSET_MASK,
-    L1_RESERVED_MASK, L2_COMPRESSED, L2_OFFSET_MASK, L2_STD_RESERVED_MASK, L2_ZERO, MAX_REPORTED,
-    OFLAG_COPIED,
+use super::check::count::{
+    add_bitmaps, compare, count_base, describe_leaks, describe_under, refusal, CopiedFlags,
+    Mismatch,
 };
-use super::refcount::Refcounts;
+use super::check::{check_io, check_walk};
+use super::error::Error;
+use super::header::{be64, read_exact, INCOMPAT_DIRTY};
+use super::io::ImageIo;
+use super::l2_entry::{L2Format, Mapping, RawEntry, OFLAG_COPIED};
+use super::layout::{ExtState, L1_OFFSET_MASK, MAX_REPORTED};
 use super::{clusters_of, layout, FileIo, Image, ImageLock, RepairMode, RepairReport};
 
-/// How many times each cluster is referenced.
-#[derive(Clone)]
-pub(crate) struct References {
-    cluster_bits: u32,
-    /// Clusters below the end of the file, 16 bits each (as QEMU's default refcounts); a count
-    /// of `u16::MAX` means the count is in `large`.
-    within: Vec<u16>,
-    /// Counts of `u16::MAX` and more (a compressed cluster shared by many entries...).
-    large: HashMap<u64, u64>,
-    /// Clusters past the end of the file that something points to.
-    beyond: BTreeMap<u64, u64>,
+/// Why a repair removes a bitmap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Removal {
+    /// Its entry, table or clusters are damaged (the first problem found).
+    Damaged(String),
+    /// Marked in use: a state, not damage (`-r all` only).
+    InUse,
+    /// One of its clusters is counted below its references (why).
+    CountedWrong(String),
 }
 
-impl References {
-    fn new(file_len: u64, cluster_bits: u32) -> References {
-        References {
-            cluster_bits,
-            within: vec![0; file_len.div_ceil(1 << cluster_bits) as usize],
-            large: HashMap::new(),
-            beyond: BTreeMap::new(),
-        }
-    }
-
-    fn add_cluster(&mut self, cluster: u64, weight: u32) {
-        let weight = u64::from(weight);
-        match self.within.get_mut(cluster as usize) {
-            Some(count) if *count < u16::MAX => {
-                let total = u64::from(*count) + weight;
-                if total < u64::from(u16::MAX) {
-                    *count = total as u16;
-                } else {
-                    *count = u16::MAX;
-                    self.large.insert(cluster, total);
-                }
-            }
-            Some(_) => *self.large.entry(cluster).or_insert(0) += weight,
-            None => *self.beyond.entry(cluster).or_insert(0) += weight,
-        }
-    }
-
-    /// Counts one reference to every cluster of `offset..offset + len`.
-    fn add(&mut self, offset: u64, len: u64) {
-        self.add_weighted(offset, len, 1);
-    }
-
-    /// Takes back one reference to every cluster of `offset..offset + len` (counted before).
-    pub(crate) fn remove(&mut self, offset: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        let first = offset >> self.cluster_bits;
-        let last = offset.saturating_add(len - 1) >> self.cluster_bits;
-        for cluster in first..=last {
-            let count = self.get(cluster).saturating_sub(1);
-            match self.within.get_mut(cluster as usize) {
-                Some(slot) if count < u64::from(u16::MAX) => {
-                    *slot = count as u16;
-                    self.large.remove(&cluster);
-                }
-                Some(_) => {
-                    self.large.insert(cluster, count);
-                }
-                None if count == 0 => {
-                    self.beyond.remove(&cluster);
-                }
-                None => {
-                    self.beyond.insert(cluster, count);
-                }
-            }
-        }
-    }
-
-    /// Counts `weight` references to every cluster of `offset..offset + len`.
-    fn add_weighted(&mut self, offset: u64, len: u64, weight: u32) {
-        if len == 0 {
-            return;
-        }
-        let first = offset >> self.cluster_bits;
-        let last = offset.saturating_add(len - 1) >> self.cluster_bits;
-        for cluster in first..=last {
-            self.add_cluster(cluster, weight);
-        }
-    }
-
-    pub(crate) fn get(&self, cluster: u64) -> u64 {
-        match self.within.get(cluster as usize) {
-            Some(&u16::MAX) => self.large.get(&cluster).copied().unwrap_or(0),
-            Some(&count) => u64::from(count),
-            None => self.beyond.get(&cluster).copied().unwrap_or(0),
-        }
-    }
-
-    /// One past the last cluster of the file or referenced past its end.
-    pub(crate) fn limit(&self) -> u64 {
-        let within = self.within.len() as u64;
-        self.beyond
-            .last_key_value()
-            .map_or(within, |(&cluster, _)| within.max(cluster + 1))
-    }
-
-    /// Every referenced cluster, in order.
-    fn referenced(&self) -> impl Iterator<Item = u64> + '_ {
-        self.within
-            .iter()
-            .enumerate()
-            .filter(|(_, &count)| count != 0)
-            .map(|(cluster, _)| cluster as u64)
-            .chain(self.beyond.keys().copied())
+impl Removal {
+    /// Whether the removal repairs damage (counted in `corruptions_fixed`).
+    fn is_damage(&self) -> bool {
+        !matches!(self, Removal::InUse)
     }
 }
 
-/// Guest cluster statistics of the active disk, as `qemu-img check` reports them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct GuestStats {
-    pub allocated: u64,
-    pub fragmented: u64,
-    pub compressed: u64,
-}
-
-/// The references of everything but the bitmaps extension, and what could not be mapped.
-pub(crate) struct Base {
-    pub refs: References,
-    pub stats: GuestStats,
-    /// Structures the walk could not follow: the count is then incomplete (at most
-    /// `MAX_REPORTED` messages, then one summing up the rest).
-    pub unmapped: Vec<String>,
-    unmapped_count: u64,
-    /// L1 and L2 entries that can be followed but break the format (reserved bits set, a
-    /// compressed cluster marked COPIED...): each a corruption, as `qemu-img check` counts them
-    /// (an L2 table once per L1 entry pointing to it).
-    pub bad_entries: u64,
-    /// Messages for `bad_entries` (at most `MAX_REPORTED`, then one summing up the rest).
-    pub bad_entry_messages: Vec<String>,
-    /// The COPIED flags of the active disk, to compare with the refcounts.
-    pub copied: CopiedFlags,
-    /// Where the next guest cluster of the current L2 table would be if it were contiguous.
-    next_contiguous: u64,
-}
-
-/// Counts the references of everything but the bitmaps extension.
-pub(crate) fn count_base(io: &dyn ImageIo, layout: &Layout) -> Result<Base, Error> {
-    let header = &layout.header;
-    let cluster_size = layout.cluster_size();
-    let mut base = Base {
-        refs: References::new(layout.file_len, header.cluster_bits),
-        stats: GuestStats::default(),
-        unmapped: Vec::new(),
-        unmapped_count: 0,
-        bad_entries: 0,
-        bad_entry_messages: Vec::new(),
-        copied: CopiedFlags::new(layout.file_len.div_ceil(cluster_size)),
-        next_contiguous: 0,
-    };
-    base.refs.add(0, cluster_size);
-    // Each L2 table counts once per L1 entry pointing to it, and so does every data cluster in
-    // it (QEMU's check walks it again for each). It is read once here, its references weighted:
-    // a hostile L1 table of 4 Mi entries all pointing to one L2 table costs one read.
-    let mut l2_tables = L2Tables::default();
-    let l1_bytes = u64::from(header.l1_size) * 8;
-    if l1_bytes > 0 {
-        base.refs.add(header.l1_table_offset, l1_bytes);
-        l2_tables.collect(
-            io,
-            layout,
-            header.l1_table_offset,
-            l1_bytes,
-            None,
-            &mut base,
-        )?;
-    }
-    for &(snapshot, offset, bytes) in &layout.snapshot_l1s {
-        base.refs.add(offset, bytes);
-        l2_tables.collect(io, layout, offset, bytes, Some(snapshot), &mut base)?;
-    }
-    for l2 in &l2_tables.order {
-        let (weight, active) = l2_tables.weights[l2];
-        scan_l2(io, layout, *l2, weight, active, &mut base)?;
-    }
-    for region in &layout.metadata {
-        if matches!(region.owner, Owner::SnapshotTable | Owner::CryptoHeader) {
-            base.refs.add(region.start, region.end - region.start);
+impl std::fmt::Display for Removal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Removal::Damaged(why) => write!(f, "damaged: {why}"),
+            Removal::InUse => f.write_str(
+                "marked in use: it was not saved properly, so its content cannot be trusted",
+            ),
+            Removal::CountedWrong(why) => write!(f, "counted wrong: {why}"),
         }
-    }
-    let refcounts = &layout.refcounts;
-    base.refs.add(
-        refcounts.table_offset,
-        u64::from(refcounts.table_clusters) * cluster_size,
-    );
-    for (_, offset) in refcounts.blocks() {
-        base.refs.add(offset, cluster_size);
-    }
-    if base.unmapped_count > MAX_REPORTED as u64 {
-        let more = base.unmapped_count - MAX_REPORTED as u64;
-        base.unmapped.push(format!(
-            "... and {more} more entries that cannot be followed"
-        ));
-    }
-    if base.bad_entries > MAX_REPORTED as u64 {
-        let more = base.bad_entries - MAX_REPORTED as u64;
-        base.bad_entry_messages
-            .push(format!("... and {more} more malformed L1 or L2 entries"));
-    }
-    Ok(base)
-}
-
-impl Base {
-    fn cannot_follow(&mut self, message: impl FnOnce() -> String) {
-        self.unmapped_count += 1;
-        if self.unmapped_count <= MAX_REPORTED as u64 {
-            self.unmapped.push(message());
-        }
-    }
-
-    /// Counts a malformed entry `weight` times (once per L1 entry leading to it).
-    fn bad_entry(&mut self, weight: u32, message: impl FnOnce() -> String) {
-        let before = self.bad_entries;
-        self.bad_entries += u64::from(weight);
-        if before < MAX_REPORTED as u64 {
-            self.bad_entry_messages.push(message());
-        }
-    }
-}
-
-/// What the OFLAG_COPIED flags of the active disk's L1 and L2 entries say of their clusters'
-/// refcounts: set means "exactly 1", clear means "not 1" (QEMU writes a cluster in place only
-/// where the flag is set). Kept as one bit per cluster of the file for each meaning, so that
-/// the comparison rides on the walk over the stored refcounts; a cluster met again with the
-/// same meaning (an L2 table several L1 entries point to) counts again in `repeats`, so the
-/// counts are per entry, as `qemu-img check` gives them.
-#[derive(Clone, Default)]
-pub(crate) struct CopiedFlags {
-    set: Vec<u64>,
-    clear: Vec<u64>,
-    repeats: HashMap<(u64, bool), u64>,
-    /// Entries whose flag is wrong whatever the refcounts say: a cluster of an external data
-    /// file always has refcount 1.
-    pub always_wrong: u64,
-}
-
-impl CopiedFlags {
-    fn new(clusters: u64) -> CopiedFlags {
-        let words = clusters.div_ceil(64) as usize;
-        CopiedFlags {
-            set: vec![0; words],
-            clear: vec![0; words],
-            ..CopiedFlags::default()
-        }
-    }
-
-    /// Records `weight` entries pointing to `cluster` (within the file) with flag `copied`.
-    fn note(&mut self, cluster: u64, copied: bool, weight: u32) {
-        if weight == 0 {
-            return;
-        }
-        let bits = if copied {
-            &mut self.set
-        } else {
-            &mut self.clear
-        };
-        let Some(word) = bits.get_mut((cluster / 64) as usize) else {
-            return;
-        };
-        let bit = 1u64 << (cluster % 64);
-        let mut extra = u64::from(weight);
-        if *word & bit == 0 {
-            *word |= bit;
-            extra -= 1;
-        }
-        if extra > 0 {
-            *self.repeats.entry((cluster, copied)).or_insert(0) += extra;
-        }
-    }
-
-    /// Entries with meaning `copied` pointing to `cluster`.
-    fn entries(&self, cluster: u64, copied: bool) -> u64 {
-        let bits = if copied { &self.set } else { &self.clear };
-        match bits.get((cluster / 64) as usize) {
-            Some(word) if word >> (cluster % 64) & 1 != 0 => {
-                1 + self.repeats.get(&(cluster, copied)).copied().unwrap_or(0)
-            }
-            _ => 0,
-        }
-    }
-
-    /// Entries pointing to `cluster` whose flag disagrees with `refcount`.
-    fn wrong(&self, cluster: u64, refcount: u64) -> u64 {
-        self.entries(cluster, refcount != 1)
-    }
-
-    /// Whether any entry was recorded (no cluster of an image without L2 tables is).
-    fn is_empty(&self) -> bool {
-        self.always_wrong == 0
-            && self.set.iter().all(|&w| w == 0)
-            && self.clear.iter().all(|&w| w == 0)
-    }
-}
-
-/// The L2 tables of every L1 table, in the order first met, with how many L1 entries point
-/// to each (in all, and in the active L1 table).
-#[derive(Default)]
-struct L2Tables {
-    order: Vec<u64>,
-    weights: HashMap<u64, (u32, u32)>,
-    /// The L2 table the last L1 entries pointed to, and how many did.
-    last: Option<(u64, u64)>,
-}
-
-impl L2Tables {
-    fn collect(
-        &mut self,
-        io: &dyn ImageIo,
-        layout: &Layout,
-        l1_offset: u64,
-        l1_bytes: u64,
-        snapshot: Option<u64>,
-        base: &mut Base,
-    ) -> Result<(), Error> {
-        let cluster_size = layout.cluster_size();
-        let l1 = read_exact(io, l1_offset, l1_bytes, "an L1 table")?;
-        for (index, chunk) in l1.chunks_exact(8).enumerate() {
-            let entry = be64(chunk, 0);
-            let l2_offset = entry & L1_OFFSET_MASK;
-            if entry & L1_RESERVED_MASK != 0 {
-                base.bad_entry(1, || {
-                    format!(
-                        "L1 table entry {index} of {} ({entry:#x}) has reserved bits set",
-                        disk_name(snapshot)
-                    )
-                });
-            }
-            if l2_offset == 0 {
-                if entry & !L1_RESERVED_MASK != 0 {
-                    // QEMU would read the header cluster as this entry's L2 table.
-                    base.cannot_follow(|| {
-                        format!(
-                            "L1 table entry {index} of {} ({entry:#x}) has flags but no L2 \
-                             table offset",
-                            disk_name(snapshot)
-                        )
-                    });
-                }
-                continue;
-            }
-            if snapshot.is_none() && l2_offset + cluster_size <= layout.file_len {
-                base.copied.note(
-                    l2_offset >> layout.header.cluster_bits,
-                    entry & OFLAG_COPIED != 0,
-                    1,
-                );
-            }
-            if l2_offset % cluster_size != 0 || l2_offset + cluster_size > layout.file_len {
-                // layout::read reported it; the L2 table cannot be followed.
-                base.cannot_follow(|| {
-                    format!(
-                    "L1 table entry {index} of {} points to an L2 table at {l2_offset:#x} that \
-                     is misaligned or past the end of the file",
-                    disk_name(snapshot)
-                )
-                });
-                continue;
-            }
-            // Runs of one offset (a hostile table's millions of entries) hash once.
-            if self.last.is_some_and(|(offset, _)| offset == l2_offset) {
-                let (_, run) = self.last.as_mut().expect("checked");
-                *run += 1;
-                continue;
-            }
-            self.flush_run(snapshot.is_none());
-            self.last = Some((l2_offset, 1));
-        }
-        self.flush_run(snapshot.is_none());
-        Ok(())
-    }
-
-    /// Adds the pending run of entries pointing to one L2 table.
-    fn flush_run(&mut self, active: bool) {
-        let Some((l2_offset, run)) = self.last.take() else {
-            return;
-        };
-        let run = u32::try_from(run).unwrap_or(u32::MAX);
-        let weight = self.weights.entry(l2_offset).or_insert_with(|| {
-            self.order.push(l2_offset);
-            (0, 0)
-        });
-        weight.0 = weight.0.saturating_add(run);
-        if active {
-            weight.1 = weight.1.saturating_add(run);
-        }
-    }
-}
-
-fn disk_name(snapshot: Option<u64>) -> String {
-    match snapshot {
-        None => "the active disk".to_string(),
-        Some(index) => format!("snapshot {index}"),
-    }
-}
-
-/// Counts an L2 table and its data clusters `weight` times (the statistics `active` times).
-fn scan_l2(
-    io: &dyn ImageIo,
-    layout: &Layout,
-    l2_offset: u64,
-    weight: u32,
-    active: u32,
-    base: &mut Base,
-) -> Result<(), Error> {
-    let header = &layout.header;
-    let cluster_bits = header.cluster_bits;
-    let cluster_size = layout.cluster_size();
-    let data_file = header.incompatible & INCOMPAT_DATA_FILE != 0;
-    let entry_bytes = if header.incompatible & INCOMPAT_EXTENDED_L2 != 0 {
-        16
-    } else {
-        8
-    };
-    let offset_bits = 62 - (cluster_bits - 8);
-    let sectors_mask = (1u64 << (cluster_bits - 8)) - 1;
-    let active = u64::from(active);
-    // As QEMU 10 counts it: contiguity within one L2 table.
-    base.next_contiguous = 0;
-    base.refs.add_weighted(l2_offset, cluster_size, weight);
-    let table = read_exact(io, l2_offset, cluster_size, "an L2 table")?;
-    let active_entries = active as u32;
-    for (i, raw) in table.chunks_exact(entry_bytes).enumerate() {
-        let entry = be64(raw, 0);
-        let subclusters = if entry_bytes == 16 { be64(raw, 8) } else { 0 };
-        if entry & L2_COMPRESSED == 0 && entry & L2_STD_RESERVED_MASK != 0 {
-            base.bad_entry(weight, || {
-                format!("entry {i} of the L2 table at {l2_offset:#x} ({entry:#x}) has reserved bits set")
-            });
-        }
-        if entry & L2_COMPRESSED != 0 {
-            if entry & OFLAG_COPIED != 0 {
-                base.bad_entry(weight, || {
-                    format!(
-                        "entry {i} of the L2 table at {l2_offset:#x} ({entry:#x}) is a \
-                         compressed cluster marked COPIED, which compressed clusters never are"
-                    )
-                });
-            }
-            if subclusters != 0 && !data_file {
-                base.bad_entry(weight, || {
-                    format!(
-                        "entry {i} of the L2 table at {l2_offset:#x} is a compressed cluster \
-                         with a non-zero subcluster allocation bitmap ({subclusters:#x})"
-                    )
-                });
-                continue;
-            }
-            if data_file {
-                base.cannot_follow(|| {
-                    format!(
-                    "the L2 table at {l2_offset:#x} has a compressed cluster in entry {i}, which \
-                     an image with an external data file cannot have"
-                )
-                });
-                continue;
-            }
-            let offset = entry & ((1u64 << offset_bits) - 1);
-            let sectors = ((entry >> offset_bits) & sectors_mask) + 1;
-            let size = sectors * 512 - (offset & 511);
-            // The last sector of compressed data may lie past the end of the file (QEMU does
-            // not pad it); its first byte may not.
-            if offset >= layout.file_len {
-                base.cannot_follow(|| {
-                    format!(
-                        "entry {i} of the L2 table at {l2_offset:#x} points to compressed data at \
-                         {offset:#x}, past the end of the file ({} bytes)",
-                        layout.file_len
-                    )
-                });
-                continue;
-            }
-            base.refs.add_weighted(offset, size, weight);
-            base.stats.allocated += active;
-            base.stats.compressed += active;
-            base.stats.fragmented += active;
-            continue;
-        }
-        let offset = entry & L2_OFFSET_MASK;
-        // Offset 0 is unallocated, except in an external data file, where COPIED marks guest
-        // cluster data at the data file's offset 0 (a plain zero cluster is still unallocated).
-        let zero_plain = entry & L2_ZERO != 0 && entry_bytes == 8;
-        let copied = entry & OFLAG_COPIED != 0;
-        if offset == 0 && !(data_file && copied && !zero_plain) {
-            if entry_bytes == 16 && subclusters & 0xffff_ffff != 0 {
-                base.bad_entry(weight, || {
-                    format!(
-                        "entry {i} of the L2 table at {l2_offset:#x} is unallocated but its \
-                         subcluster bitmap ({subclusters:#x}) marks subclusters allocated"
-                    )
-                });
-            }
-            continue;
-        }
-        if entry_bytes == 16 && (subclusters >> 32) & subclusters != 0 {
-            base.bad_entry(weight, || {
-                format!(
-                    "entry {i} of the L2 table at {l2_offset:#x} has a subcluster bitmap \
-                     ({subclusters:#x}) marking subclusters both allocated and zero"
-                )
-            });
-        }
-        if data_file {
-            // Clusters of an external data file have refcount 1.
-            if !copied {
-                base.copied.always_wrong += active;
-            }
-        } else if offset % cluster_size == 0 && offset + cluster_size <= layout.file_len {
-            base.copied
-                .note(offset >> cluster_bits, copied, active_entries);
-        }
-        if offset % cluster_size != 0 {
-            base.cannot_follow(|| {
-                format!(
-                    "entry {i} of the L2 table at {l2_offset:#x} points to a data cluster at \
-                 {offset:#x} that is not cluster-aligned"
-                )
-            });
-            continue;
-        }
-        // With an external data file, data clusters are in that file.
-        if !data_file {
-            if offset + cluster_size > layout.file_len {
-                // Counting clusters past the end would take memory the file does not justify,
-                // and their refcounts say nothing a repair could trust.
-                base.cannot_follow(|| {
-                    format!(
-                        "entry {i} of the L2 table at {l2_offset:#x} points to a data cluster at \
-                         {offset:#x}, past the end of the file ({} bytes)",
-                        layout.file_len
-                    )
-                });
-                continue;
-            }
-            base.refs.add_weighted(offset, cluster_size, weight);
-        }
-        if active > 0 {
-            base.stats.allocated += active;
-            if base.next_contiguous != 0 && offset != base.next_contiguous {
-                base.stats.fragmented += active;
-            }
-            base.next_contiguous = offset + cluster_size;
-        }
-    }
-    Ok(())
-}
-
-/// Counts the bitmaps extension: the directory (when `directory`) and the table and data
-/// clusters of every bitmap `keep` selects whose table was read.
-pub(crate) fn add_bitmaps(
-    refs: &mut References,
-    layout: &Layout,
-    directory: bool,
-    keep: impl Fn(usize) -> bool,
-) {
-    let cluster_size = layout.cluster_size();
-    if directory {
-        if let Some((offset, size)) = layout.directory {
-            refs.add(offset, size);
-        }
-    }
-    for (index, bitmap) in layout.bitmaps.iter().enumerate() {
-        if !keep(index) || bitmap.table.is_empty() {
-            continue;
-        }
-        refs.add(
-            bitmap.entry.table_offset,
-            u64::from(bitmap.entry.table_size) * 8,
-        );
-        for &entry in &bitmap.table {
-            let data = entry & super::bitmap_table::ENTRY_OFFSET_MASK;
-            if data != 0 {
-                refs.add(data, cluster_size);
-            }
-        }
-    }
-}
-
-/// A cluster whose refcount differs from its references.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Mismatch {
-    pub cluster: u64,
-    pub stored: u64,
-    pub referenced: u64,
-}
-
-/// Stored refcounts against references.
-pub(crate) struct Comparison {
-    /// Refcount above the references.
-    pub leaks: Vec<Mismatch>,
-    /// Refcount below the references: corruption.
-    pub under: Vec<Mismatch>,
-    /// One past the highest cluster with a refcount or a reference.
-    pub end_cluster: u64,
-    /// Active L1 and L2 entries whose OFLAG_COPIED flag disagrees with the stored refcount.
-    pub copied_wrong: u64,
-    /// The same once the leaks are freed (refcounts lowered to the references).
-    pub copied_wrong_after_leaks: u64,
-    /// The first clusters whose entries' COPIED flag is wrong (at most `MAX_REPORTED`):
-    /// cluster, stored refcount, entries.
-    pub copied_examples: Vec<(u64, u64, u64)>,
-}
-
-impl Comparison {
-    /// Messages for the COPIED flags that disagree with the refcounts.
-    pub(crate) fn describe_copied(&self, cluster_bits: u32) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .copied_examples
-            .iter()
-            .map(|&(cluster, refcount, entries)| {
-                format!(
-                    "{entries} entr{} of the active disk for the cluster at {:#x} {} the COPIED \
-                     flag {}, but its refcount is {refcount}",
-                    if entries == 1 { "y" } else { "ies" },
-                    cluster << cluster_bits,
-                    if entries == 1 { "has" } else { "have" },
-                    if refcount == 1 { "clear" } else { "set" },
-                )
-            })
-            .collect();
-        let listed: u64 = self.copied_examples.iter().map(|e| e.2).sum();
-        if self.copied_wrong > listed {
-            out.push(format!(
-                "... and {} more entries whose COPIED flag disagrees with the refcount",
-                self.copied_wrong - listed
-            ));
-        }
-        out
-    }
-}
-
-pub(crate) fn compare(
-    io: &dyn ImageIo,
-    refcounts: &mut Refcounts,
-    refs: &References,
-    copied: &CopiedFlags,
-) -> Result<Comparison, Error> {
-    let mut out = Comparison {
-        leaks: Vec::new(),
-        under: Vec::new(),
-        end_cluster: 0,
-        copied_wrong: copied.always_wrong,
-        copied_wrong_after_leaks: copied.always_wrong,
-        copied_examples: Vec::new(),
-    };
-    let check_copied = !copied.is_empty();
-    let note_copied = |out: &mut Comparison, cluster: u64, stored: u64, referenced: u64| {
-        let wrong = copied.wrong(cluster, stored);
-        if wrong > 0 {
-            out.copied_wrong += wrong;
-            if out.copied_examples.len() < MAX_REPORTED {
-                out.copied_examples.push((cluster, stored, wrong));
-            }
-        }
-        // Freeing leaks lowers a refcount to the references; nothing else changes.
-        out.copied_wrong_after_leaks += copied.wrong(cluster, stored.min(referenced));
-    };
-    let per_block = refcounts.per_block();
-    let blocks: Vec<usize> = refcounts.blocks().map(|(index, _)| index).collect();
-    // As qemu-img check: the clusters of the file and those referenced past its end. A refcount
-    // past both says nothing about the image (no structure is there), so it is neither a leak
-    // nor a reason to move the image's end.
-    let limit = refs.limit();
-    for index in blocks {
-        let first = index as u64 * per_block;
-        for cluster in first..(first + per_block).min(limit) {
-            let stored = refcounts.get(io, cluster)?;
-            let referenced = refs.get(cluster);
-            if stored != 0 || referenced != 0 {
-                out.end_cluster = out.end_cluster.max(cluster + 1);
-            }
-            if check_copied && referenced != 0 {
-                note_copied(&mut out, cluster, stored, referenced);
-            }
-            let mismatch = Mismatch {
-                cluster,
-                stored,
-                referenced,
-            };
-            if stored > referenced {
-                out.leaks.push(mismatch);
-            } else if stored < referenced {
-                out.under.push(mismatch);
-            }
-        }
-    }
-    // Referenced clusters without a refcount block: refcount 0.
-    for cluster in refs.referenced() {
-        if !refcounts.has_block(cluster) {
-            out.end_cluster = out.end_cluster.max(cluster + 1);
-            let referenced = refs.get(cluster);
-            if check_copied {
-                note_copied(&mut out, cluster, 0, referenced);
-            }
-            out.under.push(Mismatch {
-                cluster,
-                stored: 0,
-                referenced,
-            });
-        }
-    }
-    out.under.sort_by_key(|m| m.cluster);
-    Ok(out)
-}
-
-/// Messages for leaked clusters, one per run of consecutive ones (at most `MAX_REPORTED`).
-pub(crate) fn describe_leaks(leaks: &[Mismatch], cluster_bits: u32) -> Vec<String> {
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for leak in leaks {
-        match runs.last_mut() {
-            Some((_, end)) if *end == leak.cluster => *end += 1,
-            _ => runs.push((leak.cluster, leak.cluster + 1)),
-        }
-    }
-    let mut out: Vec<String> = runs
-        .iter()
-        .take(MAX_REPORTED)
-        .map(|&(start, end)| {
-            let count = end - start;
-            format!(
-                "{count} leaked cluster{} at {:#x}..{:#x}: refcount above the references",
-                if count == 1 { "" } else { "s" },
-                start << cluster_bits,
-                end << cluster_bits
-            )
-        })
-        .collect();
-    if runs.len() > MAX_REPORTED {
-        out.push(format!(
-            "... and {} more runs of leaked clusters",
-            runs.len() - MAX_REPORTED
-        ));
-    }
-    out
-}
-
-/// Messages for clusters whose refcount is below their references, naming what uses each
-/// cluster when it is metadata.
-pub(crate) fn describe_under(under: &[Mismatch], layout: &Layout) -> Vec<String> {
-    let cluster_bits = layout.header.cluster_bits;
-    let regions = layout.regions();
-    let mut out: Vec<String> = under
-        .iter()
-        .take(MAX_REPORTED)
-        .map(|m| {
-            let at = m.cluster << cluster_bits;
-            let owner = regions
-                .iter()
-                .find(|r| r.start <= at && at < r.end)
-                .map(|r| format!(" ({})", describe(r, &layout.bitmaps)))
-                .unwrap_or_default();
-            format!(
-                "the cluster at {at:#x}{owner} has refcount {} but {} reference{}: it could be \
-                 handed out while in use",
-                m.stored,
-                m.referenced,
-                if m.referenced == 1 { "" } else { "s" }
-            )
-        })
-        .collect();
-    if under.len() > MAX_REPORTED {
-        out.push(format!(
-            "... and {} more clusters whose refcount is below their references",
-            under.len() - MAX_REPORTED
-        ));
-    }
-    out
-}
-
-/// Why the image as a whole cannot be repaired by this library, if it cannot.
-/// (An image with the dirty bit, whose refcounts are not maintained, is not refused here:
-/// `All` rebuilds its refcounts, `Leaks` refuses it.)
-pub(crate) fn refusal(layout: &Layout, structural: &[String], base: &Base) -> Option<String> {
-    let header = &layout.header;
-    if header.incompatible & INCOMPAT_CORRUPT != 0 {
-        return Some(
-            "the image is marked corrupt: QEMU found damage beyond the bitmaps; use 'qemu-img \
-             check -r all'"
-                .into(),
-        );
-    }
-    if header.version < 3 {
-        return Some(
-            "qcow2 version 2 images are not repaired by this tool; use 'qemu-img check -r'".into(),
-        );
-    }
-    if let Some(first) = structural.first() {
-        return Some(format!(
-            "metadata other than the bitmaps is damaged, so the clusters it uses are not known \
-             completely: {first}{}",
-            more(structural.len())
-        ));
-    }
-    if let Some(first) = base.unmapped.first() {
-        return Some(format!(
-            "the guest data map cannot be followed completely: {first}{}",
-            more(base.unmapped.len())
-        ));
-    }
-    None
-}
-
-fn more(count: usize) -> String {
-    match count {
-        0 | 1 => String::new(),
-        n => format!(" (and {} more)", n - 1),
     }
 }
 
@@ -911,9 +121,10 @@ impl Image {
     }
 
     fn repair_in_place(&mut self, mode: RepairMode) -> Result<RepairReport, Error> {
-        const IN_USE_REASON: &str = "marked in use";
         self.ensure_writable()?;
-        let before = Self::check_io(&*self.io);
+        // The check before the repair walks the image once; when nothing is written before the
+        // leaks are freed (the common case), its count is the repair's too.
+        let (before, mut walked) = check_walk(&*self.io);
         let refuse = |image: &Image, why: String| {
             Error::Unsupported(format!(
                 "refusing to repair {}: {why}",
@@ -931,12 +142,25 @@ impl Image {
                         .into(),
                 ));
             }
+            walked = None;
             self.write_op(|image| image.rebuild_refcounts(&mut rebuilt))?;
         }
         // What the rebuild fixed: every refcount it made right.
-        let after_rebuild = (!rebuilt.is_empty()).then(|| Self::check_io(&*self.io));
-        let (layout, problems) = layout::read(&*self.io)?;
-        let base = count_base(&*self.io, &layout)?;
+        let after_rebuild = (!rebuilt.is_empty()).then(|| check_io(&*self.io));
+        let from_walk = walked.is_some();
+        let (layout, problems, base, mut reused) = match walked {
+            Some(walked) => (
+                walked.layout,
+                walked.problems,
+                walked.base,
+                Some(walked.comparison),
+            ),
+            None => {
+                let (layout, problems) = layout::read(&*self.io)?;
+                let base = count_base(&*self.io, &layout)?;
+                (layout, problems, base, None)
+            }
+        };
         let structural: Vec<String> = problems.structural_errors().cloned().collect();
         if let Some(why) = refusal(&layout, &structural, &base) {
             return Err(refuse(self, why));
@@ -947,26 +171,22 @@ impl Image {
         let cluster_size = self.cluster_size();
         let ext = self.layout.ext;
         // Why each bitmap goes (None: it stays).
-        let mut removal: Vec<Option<String>> = self
+        let mut removal: Vec<Option<Removal>> = self
             .layout
             .bitmaps
             .iter()
             .map(|b| {
                 if !b.trusted {
-                    Some(format!(
-                        "damaged: {}",
+                    Some(Removal::Damaged(
                         b.damage
-                            .as_deref()
-                            .unwrap_or("its entry or table is invalid")
+                            .clone()
+                            .unwrap_or_else(|| "its entry or table is invalid".into()),
                     ))
                 } else if mode == RepairMode::All
                     && b.entry.in_use()
                     && !self.tracked.contains(&b.entry.name)
                 {
-                    Some(format!(
-                        "{IN_USE_REASON}: it was not saved properly, so its content cannot be \
-                         trusted"
-                    ))
+                    Some(Removal::InUse)
                 } else {
                     None
                 }
@@ -1019,30 +239,48 @@ impl Image {
         // for something else: that bitmap (or the directory) cannot be trusted either.
         // The base count is used once as it is; only a retry (rare) counts it again, which
         // keeps one copy of the per-cluster counts in memory.
-        let mut base_refs = Some(base.refs);
+        // The check's count holds every bitmap the directory lists: it is this repair's count
+        // when every bitmap is trusted and kept and the directory counted. Otherwise the walk's
+        // references (which include the bitmaps) give way to a count without them.
+        let reusable = reused.is_some()
+            && self.layout.bitmaps.iter().all(|b| b.trusted)
+            && removal.iter().all(Option::is_none)
+            && directory_problem.is_none();
+        if !reusable {
+            reused = None;
+        }
+        let mut base_refs = (!from_walk || reusable).then_some(base.refs);
         // Clusters of one intact bitmap that nothing counted (refcount 0): `All` counts them,
         // as qemu-img check -r all does, rather than dropping the bitmap.
         let mut uncounted: Vec<u64> = Vec::new();
-        loop {
-            let mut refs = match base_refs.take() {
-                Some(refs) => refs,
-                None => count_base(&*self.io, &self.layout)?.refs,
-            };
+        let last_comparison = loop {
             let count_directory = ext == ExtState::Valid && directory_problem.is_none();
-            add_bitmaps(&mut refs, &self.layout, count_directory, |i| {
-                removal[i].is_none()
-            });
-            let mut comparison = compare(
-                &*self.io,
-                &mut self.layout.refcounts,
-                &refs,
-                &CopiedFlags::default(),
-            )?;
+            let mut comparison = match reused.take() {
+                Some(comparison) => {
+                    base_refs = None;
+                    comparison
+                }
+                None => {
+                    let mut refs = match base_refs.take() {
+                        Some(refs) => refs,
+                        None => count_base(&*self.io, &self.layout)?.refs,
+                    };
+                    add_bitmaps(&mut refs, &self.layout, count_directory, |i| {
+                        removal[i].is_none()
+                    });
+                    compare(
+                        &*self.io,
+                        &self.layout.refcounts,
+                        &refs,
+                        &CopiedFlags::default(),
+                    )?
+                }
+            };
             comparison
                 .under
                 .retain(|m| uncounted.binary_search(&m.cluster).is_err());
             let Some(first) = comparison.under.first() else {
-                break;
+                break comparison;
             };
             // Which kept bitmaps use each cluster: one map, not a scan per mismatch.
             let mut users: std::collections::HashMap<u64, Vec<usize>> =
@@ -1091,7 +329,7 @@ impl Image {
                 }
                 for &index in users {
                     if removal[index].is_none() {
-                        removal[index] = Some(format!("counted wrong: {why}"));
+                        removal[index] = Some(Removal::CountedWrong(why.clone()));
                     }
                     blamed = true;
                 }
@@ -1111,7 +349,14 @@ impl Image {
                     ),
                 ));
             }
-        }
+        };
+        // Whether anything is written before the leaks are freed: if not, the count above is
+        // the image's as it stands, and its leaks are freed without walking the image again.
+        let written_before_leaks = after_rebuild.is_some()
+            || !uncounted.is_empty()
+            || removal.iter().any(Option::is_some)
+            || directory_problem.is_some()
+            || !self.layout.header.ignored_bitmaps_exts.is_empty();
 
         let mut report = RepairReport {
             changes: rebuilt,
@@ -1186,7 +431,7 @@ impl Image {
             report.corruptions_fixed += removal
                 .iter()
                 .flatten()
-                .filter(|why| !why.starts_with(IN_USE_REASON))
+                .filter(|why| why.is_damage())
                 .count() as u64;
             if let Some(change) = directory_problem {
                 report.corruptions_fixed += u64::from(ext != ExtState::Stale);
@@ -1213,13 +458,23 @@ impl Image {
                 if ignored == 1 { "" } else { "s" }
             ));
         }
-        let fixed = self.fix_leaks(&mut report.changes);
+        let fixed = if written_before_leaks {
+            drop(last_comparison);
+            self.fix_leaks(&mut report.changes)
+        } else {
+            self.free_leaks(&last_comparison.leaks, &mut report.changes)
+        };
         if let Err(error) = &fixed {
             self.reload(error.to_string());
         }
         report.leaks_fixed += fixed?;
         self.refresh_infos();
-        report.after = Self::check_io(&*self.io);
+        report.after = if written_before_leaks || report.leaks_fixed > 0 {
+            check_io(&*self.io)
+        } else {
+            // Nothing was written: the image is as the check before found it.
+            report.before.clone()
+        };
         // As qemu-img: COPIED flags are fixed against the repaired refcounts, by '-r leaks' only
         // where nothing else is wrong (the refcounts are then known to be right).
         let after = &report.after;
@@ -1233,7 +488,7 @@ impl Image {
                 self.reload(error.to_string());
             }
             report.corruptions_fixed += fixed?;
-            report.after = Self::check_io(&*self.io);
+            report.after = check_io(&*self.io);
         }
         self.warnings = report.after.warnings.clone();
         Ok(report)
@@ -1244,15 +499,11 @@ impl Image {
     /// changed. Each entry is one 8-byte write, valid whether or not it lands.
     fn fix_copied_flags(&mut self, changes: &mut Vec<String>) -> Result<u64, Error> {
         let header = self.layout.header.clone();
+        let format = L2Format::of(&header);
         let cluster_bits = header.cluster_bits;
         let cluster_size = self.cluster_size();
         let file_len = self.layout.file_len;
-        let data_file = header.incompatible & INCOMPAT_DATA_FILE != 0;
-        let entry_bytes = if header.incompatible & INCOMPAT_EXTENDED_L2 != 0 {
-            16
-        } else {
-            8
-        };
+        let data_file = format.data_file;
         let with_flag = |entry: u64, copied: bool| {
             if copied {
                 entry | OFLAG_COPIED
@@ -1287,17 +538,15 @@ impl Image {
                 l1_fixed += 1;
             }
             let table = read_exact(&*self.io, l2_offset, cluster_size, "an L2 table")?;
-            for (i, raw) in table.chunks_exact(entry_bytes).enumerate() {
-                let entry = be64(raw, 0);
-                if entry & L2_COMPRESSED != 0 {
+            for (i, RawEntry { entry, .. }) in format.entries(&table).enumerate() {
+                let Mapping::Standard {
+                    offset,
+                    copied,
+                    allocated: true,
+                } = format.decode(entry)
+                else {
                     continue;
-                }
-                let offset = entry & L2_OFFSET_MASK;
-                let copied = entry & OFLAG_COPIED != 0;
-                let zero_plain = entry & L2_ZERO != 0 && entry_bytes == 8;
-                if offset == 0 && !(data_file && copied && !zero_plain) {
-                    continue;
-                }
+                };
                 let refcount = if data_file {
                     1
                 } else if offset % cluster_size == 0 && offset + cluster_size <= file_len {
@@ -1308,7 +557,7 @@ impl Image {
                     continue;
                 };
                 if (refcount == 1) != copied {
-                    let at = l2_offset + (i * entry_bytes) as u64;
+                    let at = l2_offset + (i * format.entry_bytes) as u64;
                     let fixed = with_flag(entry, refcount == 1);
                     self.write(at, &fixed.to_be_bytes(), "an L2 table entry")?;
                     l2_fixed += 1;
@@ -1350,7 +599,7 @@ impl Image {
         self.layout = layout;
         let comparison = compare(
             &*self.io,
-            &mut self.layout.refcounts,
+            &self.layout.refcounts,
             &base.refs,
             &CopiedFlags::default(),
         )?;
@@ -1361,49 +610,32 @@ impl Image {
                 describe_under(&comparison.under, &self.layout)[0]
             )));
         }
-        if comparison.leaks.is_empty() {
+        self.free_leaks(&comparison.leaks, changes)
+    }
+
+    /// Lowers the refcount of every leaked cluster to its references, as a complete walk of the
+    /// image as it stands counted them; returns how many clusters it changed.
+    fn free_leaks(&mut self, leaks: &[Mismatch], changes: &mut Vec<String>) -> Result<u64, Error> {
+        if leaks.is_empty() {
             return Ok(0);
         }
-        for leak in &comparison.leaks {
+        for leak in leaks {
             self.layout
                 .refcounts
                 .lower(&*self.io, leak.cluster, leak.referenced)?;
         }
         self.layout.refcounts.write_dirty(&mut *self.io)?;
         self.flush("flushing the repaired refcounts")?;
-        let count = comparison.leaks.len() as u64;
+        let count = leaks.len() as u64;
         changes.push(format!(
             "freed {count} leaked cluster{} (refcount lowered to the references found):",
             if count == 1 { "" } else { "s" }
         ));
         changes.extend(
-            describe_leaks(&comparison.leaks, self.layout.header.cluster_bits)
+            describe_leaks(leaks, self.layout.header.cluster_bits)
                 .into_iter()
                 .map(|run| format!("  {run}")),
         );
         Ok(count)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::References;
-
-    #[test]
-    fn counts_past_16_bits_are_exact() {
-        let mut refs = References::new(4 << 16, 16);
-        refs.add_weighted(0, 1, u32::from(u16::MAX) - 1);
-        assert_eq!(refs.get(0), u64::from(u16::MAX) - 1);
-        refs.add(0, 1);
-        assert_eq!(refs.get(0), u64::from(u16::MAX));
-        refs.add_weighted(0, 1, 10);
-        assert_eq!(refs.get(0), u64::from(u16::MAX) + 10);
-        refs.add_weighted(1 << 16, 3 << 16, 70_000);
-        assert_eq!(refs.get(3), 70_000);
-        assert_eq!(refs.get(2), 70_000);
-        assert_eq!(refs.get(1), 70_000);
-        refs.add(10 << 16, 1);
-        assert_eq!(refs.get(10), 1);
-        assert_eq!(refs.referenced().collect::<Vec<_>>(), [0, 1, 2, 3, 10]);
     }
 }

@@ -71,8 +71,11 @@ fn report_dict<'py>(
     d.set_item("warnings", &report.warnings)?;
     d.set_item("notes", &report.notes)?;
     d.set_item("leaked", &report.leaked)?;
-    d.set_item("in-use-bitmaps", &report.in_use_bitmaps)?;
-    d.set_item("damaged-bitmaps", &report.damaged_bitmaps)?;
+    let escaped = |names: &[hbitmap::qcow2::BitmapName]| -> Vec<String> {
+        names.iter().map(ToString::to_string).collect()
+    };
+    d.set_item("in-use-bitmaps", escaped(&report.in_use_bitmaps))?;
+    d.set_item("damaged-bitmaps", escaped(&report.damaged_bitmaps))?;
     d.set_item("stale-extension", report.stale_extension)?;
     d.set_item("broken-extension", report.broken_extension)?;
     if let Some(repaired) = repaired {

@@ -342,6 +342,7 @@ pub(super) fn read_bitmaps(
             table: Vec::new(),
             trusted: false,
             damage: None,
+            entry_valid: found.is_empty(),
         });
     }
     let in_use: Vec<bool> = bitmaps.iter().map(|b| b.entry.in_use()).collect();
@@ -371,7 +372,11 @@ pub(super) fn read_bitmaps(
                     }
                 });
             }
+            if !soft {
+                problems.cross_link_clusters.extend(&overlap.clusters);
+            }
             if !overlap.message.is_empty() {
+                problems.cross_link_errors += usize::from(!soft);
                 complain(problems, soft, overlap.message);
             }
         }
@@ -390,7 +395,8 @@ pub(super) fn read_bitmaps(
             regions.push(table_region(bitmap, index, cluster_size));
         }
     }
-    let found = overlaps(&mut regions, &bitmaps, |a, b| {
+    let cluster_bits = layout.header.cluster_bits;
+    let found = overlaps(&mut regions, &bitmaps, cluster_bits, |a, b| {
         is_bitmap_owner(a.owner) || is_bitmap_owner(b.owner)
     });
     settle(found, problems, &mut entry_ok, &mut damage);
@@ -497,7 +503,7 @@ pub(super) fn read_bitmaps(
     settle(guest, problems, &mut entry_ok, &mut damage);
     let mut all = regions;
     all.extend(data_regions);
-    let found = overlaps(&mut all, &bitmaps, |a, b| {
+    let found = overlaps(&mut all, &bitmaps, cluster_bits, |a, b| {
         matches!(a.owner, Owner::BitmapData(..)) || matches!(b.owner, Owner::BitmapData(..))
     });
     settle(found, problems, &mut entry_ok, &mut damage);
