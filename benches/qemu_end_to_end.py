@@ -20,7 +20,9 @@ Workloads, on images whose bitmaps have a million scattered dirty extents:
                 has 100,000 scattered extents, to a new qcow2 image
 
 For each: the median wall time and the median CPU time of the QEMU process (user + system, all
-threads) on each side, and the ratios (above 1.0: libhbitmap is faster).
+threads) on each side, and the ratios (above 1.0: libhbitmap is faster). --debian adds a third
+side, Debian's own qemu-utils binaries of the same version: stock QEMU as a distribution ships
+it (its build options differ, so not only the bitmap code does).
 
   benches/qemu_end_to_end.py --build QEMU_BUILD_DIR --own OWN_HBITMAP_DIR [--rounds N]
 
@@ -122,17 +124,22 @@ class Qmp:
 
 class Bench:
     def __init__(self, args, work):
-        self.build = args.build
         self.work = work
-        self.tool = {
-            "qemu-img": f"{self.build}/qemu-img",
-            "qemu-nbd": f"{self.build}/qemu-nbd",
-            "qsd": f"{self.build}/storage-daemon/qemu-storage-daemon",
+        built = {
+            "qemu-img": f"{args.build}/qemu-img",
+            "qemu-nbd": f"{args.build}/qemu-nbd",
+            "qsd": f"{args.build}/storage-daemon/qemu-storage-daemon",
         }
         base = dict(os.environ)
         base.pop("LD_LIBRARY_PATH", None)
         own = dict(base, LD_LIBRARY_PATH=args.own)
-        self.sides = {"libhbitmap": base, "own": own}
+        # Each side: the binaries and their environment.
+        self.sides = {"libhbitmap": (built, base), "own": (built, own)}
+        if args.debian:
+            debian = {"qemu-img": "/usr/bin/qemu-img", "qemu-nbd": "/usr/bin/qemu-nbd",
+                      "qsd": "/usr/bin/qemu-storage-daemon"}
+            self.sides["debian"] = (debian, base)
+        self.tool = built
         self.results = {}  # workload -> side -> [(wall, cpu)]
         self.qbitmap = args.qbitmap
 
@@ -268,7 +275,8 @@ class Bench:
         proc.wait()
 
     def round(self):
-        for side, env in self.sides.items():
+        for side, (tools, env) in self.sides.items():
+            self.tool = tools
             for workload in (self.nbd_map, self.img_merge, self.img_convert, self.qsd_open,
                              self.qmp_ops, self.qmp_backup):
                 print(f"  {side}: {workload.__name__}", file=sys.stderr, flush=True)
@@ -277,13 +285,22 @@ class Bench:
         self.sides = dict(reversed(list(self.sides.items())))
 
     def report(self):
-        print(f"{'workload':<12} {'own wall':>10} {'lib wall':>10} {'ratio':>6}   "
-              f"{'own CPU':>10} {'lib CPU':>10} {'ratio':>6}")
+        """Medians, as a Markdown table: each side's wall and CPU time, and the ratio of QEMU's
+        own hbitmap.c (and of Debian's binaries) to libhbitmap (above 1.0: libhbitmap faster)."""
+        others = [side for side in self.sides if side != "libhbitmap"]
+        head = ["workload", "libhbitmap wall", "libhbitmap CPU"]
+        for side in others:
+            head += [f"{side} wall", f"{side} CPU", f"{side}/lib wall", f"{side}/lib CPU"]
+        print("| " + " | ".join(head) + " |")
+        print("|" + " --- |" * len(head))
         for workload, sides in self.results.items():
-            own = [statistics.median(x) for x in zip(*sides["own"])]
             lib = [statistics.median(x) for x in zip(*sides["libhbitmap"])]
-            print(f"{workload:<12} {fmt(own[0]):>10} {fmt(lib[0]):>10} {own[0] / lib[0]:>6.2f}   "
-                  f"{fmt(own[1]):>10} {fmt(lib[1]):>10} {ratio(own[1], lib[1]):>6}")
+            row = [workload, fmt(lib[0]), fmt(lib[1])]
+            for side in others:
+                other = [statistics.median(x) for x in zip(*sides[side])]
+                row += [fmt(other[0]), fmt(other[1]), ratio(other[0], lib[0]),
+                        ratio(other[1], lib[1])]
+            print("| " + " | ".join(row) + " |")
 
 
 def fmt(seconds):
@@ -300,6 +317,8 @@ def main():
     parser.add_argument("--own", required=True, help="folder of QEMU's own hbitmap.c as libhbitmap.so.1")
     parser.add_argument("--qbitmap", default="qbitmap", help="the qbitmap binary (makes the images)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--debian", action="store_true",
+                        help="also Debian's qemu-utils binaries (/usr/bin), stock QEMU as shipped")
     parser.add_argument("--workdir", help="where the images go (default: a temporary folder)")
     args = parser.parse_args()
     for tool in ("nbdinfo", args.qbitmap):

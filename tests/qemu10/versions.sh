@@ -45,8 +45,11 @@ qemu_version() {
       qemu_patch=qemu-10-use-libhbitmap.patch
       qemu_configure=(--disable-rust)
       # Without CXL, 10.2.2's ACPI tables call cxl_fmws_get_all_sorted, which its CXL stubs
-      # lack: qemu-system-x86_64 does not link. A build with CXL has it.
-      qemu_devices=(CONFIG_PCI_EXPRESS=y CONFIG_PXB=y CONFIG_CXL=y)
+      # lack: qemu-system-x86_64 does not link. A build with CXL has it, with what CXL needs
+      # that the Kconfig does not select: its type 3 device (its mailbox code calls it) and the
+      # PCIe root port its own port derives from.
+      qemu_devices=(CONFIG_PCI_EXPRESS=y CONFIG_PCIE_PORT=y CONFIG_PXB=y CONFIG_CXL=y
+                    CONFIG_CXL_MEM_DEVICE=y)
       ;;
     *)
       echo "unknown QEMU version '$1' (known: $qemu_versions)" >&2
