@@ -718,23 +718,6 @@ fn mismatch<T: Debug>(what: impl Display, mine: T, theirs: T) -> String {
 }
 
 impl Ctx {
-    fn new(geometry: &Geometry) -> Ctx {
-        let mut slots: [Option<Pair>; SLOTS] = Default::default();
-        for (slot, &(size, granularity)) in slots.iter_mut().zip(geometry) {
-            *slot = Some(Pair::new(
-                Handles::alloc(size, granularity),
-                size,
-                granularity,
-            ));
-        }
-        Ctx {
-            slots,
-            iters: Default::default(),
-            calls: 0,
-            trace: std::env::var_os("HBITMAP_DIFF_TRACE").is_some(),
-        }
-    }
-
     fn pair(&self, t: usize) -> &Pair {
         self.slots[t].as_ref().expect("validated slot")
     }
@@ -776,7 +759,7 @@ impl Ctx {
         Ok(())
     }
 
-    // ----- validity --------------------------------------------------------------------------
+    // ----- validity (`valid` is in `impl Subject`) -------------------------------------------
 
     fn chunk_ok(p: &Pair, start: u64, count: u64) -> bool {
         if !p.serializable() {
@@ -794,218 +777,7 @@ impl Ctx {
         last_group == u128::from(p.groups) - 1 || count % align == 0
     }
 
-    fn valid(&self, op: &Op) -> bool {
-        let exists = |t: usize| t < SLOTS && self.slots[t].is_some();
-        let primary = |t: usize| t < PRIMARIES && self.slots[t].is_some();
-        let range_ok = |p: &Pair, start: u64, count: u64| {
-            count > 0 && u128::from(start) + u128::from(count) <= p.limit()
-        };
-        match *op {
-            Op::Set { t, start, count } | Op::Reset { t, start, count } => {
-                exists(t)
-                    && self.pair(t).stale != Stale::Unsafe
-                    && range_ok(self.pair(t), start, count)
-            }
-            Op::ZeroCount { t, .. }
-            | Op::ResetAll { t }
-            | Op::NextZero { t, .. }
-            | Op::Sha { t }
-            | Op::Check { t, .. } => exists(t),
-            Op::Get { t, item } => exists(t) && u128::from(item) < self.pair(t).limit(),
-            Op::NextDirtyArea { t, .. } => exists(t) && self.pair(t).stale != Stale::Unsafe,
-            Op::IterInit { it, t, first } => {
-                it < LIVE_ITERS
-                    && exists(t)
-                    && self.pair(t).stale != Stale::Unsafe
-                    && u128::from(first) < self.pair(t).limit()
-            }
-            Op::IterFull { t, first, .. } => {
-                exists(t)
-                    && self.pair(t).stale != Stale::Unsafe
-                    && u128::from(first) < self.pair(t).limit()
-            }
-            Op::IterNext { it, .. } | Op::IterNextWord { it, .. } => {
-                it < LIVE_ITERS && self.iters[it].is_some()
-            }
-            Op::Serialize { t, start, count } => {
-                exists(t) && Self::chunk_ok(self.pair(t), start, count)
-            }
-            Op::Deserialize {
-                t, start, count, ..
-            } => primary(t) && Self::chunk_ok(self.pair(t), start, count),
-            Op::Finish { t } => primary(t) && self.pair(t).groups > 0,
-            Op::Merge { a, b, result } => {
-                if !(primary(a) && primary(b) && primary(result)) {
-                    return false;
-                }
-                let (pa, pb, pr) = (self.pair(a), self.pair(b), self.pair(result));
-                if [pa, pb, pr].iter().any(|p| p.stale == Stale::Unsafe) {
-                    return false;
-                }
-                let mergeable =
-                    |x: &Pair, y: &Pair| x.groups == y.groups && x.granularity == y.granularity;
-                if !(mergeable(pa, pb) && mergeable(pa, pr)) {
-                    return true;
-                }
-                let (count_a, _) = pa.h.count();
-                let (count_b, _) = pb.h.count();
-                if pa.groups == 0 && (count_a != 0 || count_b != 0) {
-                    // A skewed count left after truncating to 0: the original's recount
-                    // iterates from group 0 of an empty bitmap and asserts.
-                    return false;
-                }
-                let differs = (count_b == 0 && result != a) || (count_a == 0 && result == b);
-                // The intended-difference cases are checked against an expectation, which needs
-                // consistent levels and counts that do not wrap.
-                !differs || (!pa.wide() && [pa, pb, pr].iter().all(|p| p.stale == Stale::No))
-            }
-            Op::CanMerge { a, b } => exists(a) && exists(b),
-            Op::Truncate { t, size } => {
-                if !primary(t) || self.pair(t).stale == Stale::Unsafe {
-                    return false;
-                }
-                let p = self.pair(t);
-                let Some(groups) = groups_for(size, p.granularity) else {
-                    return false;
-                };
-                if groups > MAX_GROUPS.max(p.groups) {
-                    return false;
-                }
-                // The original's undefined behaviour: dirty padding in a word that goes away.
-                if p.padding_dirty && groups.div_ceil(64).max(1) < p.words() {
-                    return false;
-                }
-                match &self.slots[t + PRIMARIES] {
-                    None => true,
-                    Some(meta) => {
-                        let limit = u128::from(groups) << p.granularity;
-                        limit <= u128::from(u64::MAX)
-                            && groups_for(limit as u64, meta.granularity).is_some()
-                    }
-                }
-            }
-            Op::CreateMeta { t, chunk } => {
-                if !primary(t) || self.slots[t + PRIMARIES].is_some() {
-                    return false;
-                }
-                let p = self.pair(t);
-                let meta_granularity = p.granularity + (chunk as u32).trailing_zeros();
-                chunk & chunk.wrapping_sub(1) == 0
-                    && meta_granularity < 64
-                    && p.limit() <= u128::from(u64::MAX)
-                    && groups_for(p.limit() as u64, meta_granularity).is_some()
-            }
-            Op::FreeMeta { t } => primary(t) && self.slots[t + PRIMARIES].is_some(),
-        }
-    }
-
-    // ----- operations ------------------------------------------------------------------------
-
-    fn apply(&mut self, op: &Op) -> Outcome {
-        if self.trace {
-            eprintln!("op: {op:?}");
-        }
-        match *op {
-            Op::Set { t, start, count } => {
-                self.pair(t).h.set(start, count);
-                self.after_update(t, start, count)
-            }
-            Op::Reset { t, start, count } => {
-                self.pair(t).h.reset(start, count);
-                self.after_update(t, start, count)
-            }
-            Op::ZeroCount { t, start } => self.zero_count(t, start),
-            Op::ResetAll { t } => {
-                let p = self.pair_mut(t);
-                p.h.reset_all();
-                p.stale = Stale::No;
-                p.padding_dirty = false;
-                p.count_skewed = false;
-                self.compare_counts(t)
-            }
-            Op::Get { t, item } => {
-                let (mine, theirs) = self.pair(t).h.get(item);
-                self.same(format_args!("get({item})"), mine, theirs)
-            }
-            Op::NextZero { t, start, count } => self.next_zero(t, start, count),
-            Op::NextDirtyArea { t, start, count } => self.next_dirty_area(t, start, count),
-            Op::IterInit { it, t, first } => {
-                let live = Live {
-                    t,
-                    it: IterPair::new(self.pair(t).h, first),
-                };
-                let (mine, theirs) = live.it.states();
-                self.iters[it] = Some(live);
-                self.same(
-                    format_args!("iterator state after iter_init({first})"),
-                    mine,
-                    theirs,
-                )
-            }
-            Op::IterNext { it, steps, hold } => {
-                let mut live = self.iters[it].take().expect("validated");
-                let outcome = self.iter_steps(&mut live.it, steps, hold);
-                self.iters[it] = Some(live);
-                outcome
-            }
-            Op::IterNextWord { it, steps } => {
-                let mut live = self.iters[it].take().expect("validated");
-                let outcome = self.iter_words(&mut live.it, steps);
-                self.iters[it] = Some(live);
-                outcome
-            }
-            Op::IterFull {
-                t,
-                first,
-                mode,
-                seed,
-                cap,
-            } => self.iter_full(t, first, mode, seed, cap),
-            Op::Serialize { t, start, count } => self.serialize(t, start, count),
-            Op::Deserialize {
-                t,
-                fill,
-                start,
-                count,
-                finish,
-                seed,
-            } => self.deserialize(t, fill, start, count, finish, seed),
-            Op::Finish { t } => {
-                let p = self.pair_mut(t);
-                p.h.deserialize_finish();
-                p.stale = Stale::No;
-                p.count_skewed = false;
-                self.compare_counts(t)
-            }
-            Op::Sha { t } => {
-                let (mine, theirs) = self.pair(t).h.sha256();
-                self.same("sha256", mine, theirs)
-            }
-            Op::Merge { a, b, result } => self.merge(a, b, result),
-            Op::CanMerge { a, b } => {
-                let (mine, theirs) = Handles::can_merge(self.pair(a).h, self.pair(b).h);
-                self.same(format_args!("can_merge(slot {a}, slot {b})"), mine, theirs)
-            }
-            Op::Truncate { t, size } => self.truncate(t, size),
-            Op::CreateMeta { t, chunk } => {
-                let p = self.pair(t);
-                let meta_granularity = p.granularity + (chunk as u32).trailing_zeros();
-                let meta_size = p.limit() as u64;
-                let h = p.h.create_meta(chunk);
-                self.slots[t + PRIMARIES] = Some(Pair::new(h, meta_size, meta_granularity));
-                let (mine, theirs) = h.granularity();
-                self.same("meta granularity", mine, theirs)?;
-                self.compare_counts(t)
-            }
-            Op::FreeMeta { t } => {
-                self.drop_iters(t + PRIMARIES);
-                self.slots[t + PRIMARIES] = None;
-                self.pair(t).h.free_meta();
-                self.compare_counts(t)
-            }
-            Op::Check { t, seed } => self.check(t, seed),
-        }
-    }
+    // ----- what the operations share (`apply` is in `impl Subject`) --------------------------
 
     fn after_update(&mut self, t: usize, start: u64, count: u64) -> Outcome {
         self.compare_counts(t)?;
@@ -1918,15 +1690,231 @@ impl Subject for Ctx {
     type Op = Op;
 
     fn new(geometry: &Geometry) -> Ctx {
-        Ctx::new(geometry)
+        let mut slots: [Option<Pair>; SLOTS] = Default::default();
+        for (slot, &(size, granularity)) in slots.iter_mut().zip(geometry) {
+            *slot = Some(Pair::new(
+                Handles::alloc(size, granularity),
+                size,
+                granularity,
+            ));
+        }
+        Ctx {
+            slots,
+            iters: Default::default(),
+            calls: 0,
+            trace: std::env::var_os("HBITMAP_DIFF_TRACE").is_some(),
+        }
     }
 
     fn valid(&self, op: &Op) -> bool {
-        Ctx::valid(self, op)
+        let exists = |t: usize| t < SLOTS && self.slots[t].is_some();
+        let primary = |t: usize| t < PRIMARIES && self.slots[t].is_some();
+        let range_ok = |p: &Pair, start: u64, count: u64| {
+            count > 0 && u128::from(start) + u128::from(count) <= p.limit()
+        };
+        match *op {
+            Op::Set { t, start, count } | Op::Reset { t, start, count } => {
+                exists(t)
+                    && self.pair(t).stale != Stale::Unsafe
+                    && range_ok(self.pair(t), start, count)
+            }
+            Op::ZeroCount { t, .. }
+            | Op::ResetAll { t }
+            | Op::NextZero { t, .. }
+            | Op::Sha { t }
+            | Op::Check { t, .. } => exists(t),
+            Op::Get { t, item } => exists(t) && u128::from(item) < self.pair(t).limit(),
+            Op::NextDirtyArea { t, .. } => exists(t) && self.pair(t).stale != Stale::Unsafe,
+            Op::IterInit { it, t, first } => {
+                it < LIVE_ITERS
+                    && exists(t)
+                    && self.pair(t).stale != Stale::Unsafe
+                    && u128::from(first) < self.pair(t).limit()
+            }
+            Op::IterFull { t, first, .. } => {
+                exists(t)
+                    && self.pair(t).stale != Stale::Unsafe
+                    && u128::from(first) < self.pair(t).limit()
+            }
+            Op::IterNext { it, .. } | Op::IterNextWord { it, .. } => {
+                it < LIVE_ITERS && self.iters[it].is_some()
+            }
+            Op::Serialize { t, start, count } => {
+                exists(t) && Self::chunk_ok(self.pair(t), start, count)
+            }
+            Op::Deserialize {
+                t, start, count, ..
+            } => primary(t) && Self::chunk_ok(self.pair(t), start, count),
+            Op::Finish { t } => primary(t) && self.pair(t).groups > 0,
+            Op::Merge { a, b, result } => {
+                if !(primary(a) && primary(b) && primary(result)) {
+                    return false;
+                }
+                let (pa, pb, pr) = (self.pair(a), self.pair(b), self.pair(result));
+                if [pa, pb, pr].iter().any(|p| p.stale == Stale::Unsafe) {
+                    return false;
+                }
+                let mergeable =
+                    |x: &Pair, y: &Pair| x.groups == y.groups && x.granularity == y.granularity;
+                if !(mergeable(pa, pb) && mergeable(pa, pr)) {
+                    return true;
+                }
+                let (count_a, _) = pa.h.count();
+                let (count_b, _) = pb.h.count();
+                if pa.groups == 0 && (count_a != 0 || count_b != 0) {
+                    // A skewed count left after truncating to 0: the original's recount
+                    // iterates from group 0 of an empty bitmap and asserts.
+                    return false;
+                }
+                let differs = (count_b == 0 && result != a) || (count_a == 0 && result == b);
+                // The intended-difference cases are checked against an expectation, which needs
+                // consistent levels and counts that do not wrap.
+                !differs || (!pa.wide() && [pa, pb, pr].iter().all(|p| p.stale == Stale::No))
+            }
+            Op::CanMerge { a, b } => exists(a) && exists(b),
+            Op::Truncate { t, size } => {
+                if !primary(t) || self.pair(t).stale == Stale::Unsafe {
+                    return false;
+                }
+                let p = self.pair(t);
+                let Some(groups) = groups_for(size, p.granularity) else {
+                    return false;
+                };
+                if groups > MAX_GROUPS.max(p.groups) {
+                    return false;
+                }
+                // The original's undefined behaviour: dirty padding in a word that goes away.
+                if p.padding_dirty && groups.div_ceil(64).max(1) < p.words() {
+                    return false;
+                }
+                match &self.slots[t + PRIMARIES] {
+                    None => true,
+                    Some(meta) => {
+                        let limit = u128::from(groups) << p.granularity;
+                        limit <= u128::from(u64::MAX)
+                            && groups_for(limit as u64, meta.granularity).is_some()
+                    }
+                }
+            }
+            Op::CreateMeta { t, chunk } => {
+                if !primary(t) || self.slots[t + PRIMARIES].is_some() {
+                    return false;
+                }
+                let p = self.pair(t);
+                let meta_granularity = p.granularity + (chunk as u32).trailing_zeros();
+                chunk & chunk.wrapping_sub(1) == 0
+                    && meta_granularity < 64
+                    && p.limit() <= u128::from(u64::MAX)
+                    && groups_for(p.limit() as u64, meta_granularity).is_some()
+            }
+            Op::FreeMeta { t } => primary(t) && self.slots[t + PRIMARIES].is_some(),
+        }
     }
 
     fn apply(&mut self, op: &Op) -> Outcome {
-        Ctx::apply(self, op)
+        if self.trace {
+            eprintln!("op: {op:?}");
+        }
+        match *op {
+            Op::Set { t, start, count } => {
+                self.pair(t).h.set(start, count);
+                self.after_update(t, start, count)
+            }
+            Op::Reset { t, start, count } => {
+                self.pair(t).h.reset(start, count);
+                self.after_update(t, start, count)
+            }
+            Op::ZeroCount { t, start } => self.zero_count(t, start),
+            Op::ResetAll { t } => {
+                let p = self.pair_mut(t);
+                p.h.reset_all();
+                p.stale = Stale::No;
+                p.padding_dirty = false;
+                p.count_skewed = false;
+                self.compare_counts(t)
+            }
+            Op::Get { t, item } => {
+                let (mine, theirs) = self.pair(t).h.get(item);
+                self.same(format_args!("get({item})"), mine, theirs)
+            }
+            Op::NextZero { t, start, count } => self.next_zero(t, start, count),
+            Op::NextDirtyArea { t, start, count } => self.next_dirty_area(t, start, count),
+            Op::IterInit { it, t, first } => {
+                let live = Live {
+                    t,
+                    it: IterPair::new(self.pair(t).h, first),
+                };
+                let (mine, theirs) = live.it.states();
+                self.iters[it] = Some(live);
+                self.same(
+                    format_args!("iterator state after iter_init({first})"),
+                    mine,
+                    theirs,
+                )
+            }
+            Op::IterNext { it, steps, hold } => {
+                let mut live = self.iters[it].take().expect("validated");
+                let outcome = self.iter_steps(&mut live.it, steps, hold);
+                self.iters[it] = Some(live);
+                outcome
+            }
+            Op::IterNextWord { it, steps } => {
+                let mut live = self.iters[it].take().expect("validated");
+                let outcome = self.iter_words(&mut live.it, steps);
+                self.iters[it] = Some(live);
+                outcome
+            }
+            Op::IterFull {
+                t,
+                first,
+                mode,
+                seed,
+                cap,
+            } => self.iter_full(t, first, mode, seed, cap),
+            Op::Serialize { t, start, count } => self.serialize(t, start, count),
+            Op::Deserialize {
+                t,
+                fill,
+                start,
+                count,
+                finish,
+                seed,
+            } => self.deserialize(t, fill, start, count, finish, seed),
+            Op::Finish { t } => {
+                let p = self.pair_mut(t);
+                p.h.deserialize_finish();
+                p.stale = Stale::No;
+                p.count_skewed = false;
+                self.compare_counts(t)
+            }
+            Op::Sha { t } => {
+                let (mine, theirs) = self.pair(t).h.sha256();
+                self.same("sha256", mine, theirs)
+            }
+            Op::Merge { a, b, result } => self.merge(a, b, result),
+            Op::CanMerge { a, b } => {
+                let (mine, theirs) = Handles::can_merge(self.pair(a).h, self.pair(b).h);
+                self.same(format_args!("can_merge(slot {a}, slot {b})"), mine, theirs)
+            }
+            Op::Truncate { t, size } => self.truncate(t, size),
+            Op::CreateMeta { t, chunk } => {
+                let p = self.pair(t);
+                let meta_granularity = p.granularity + (chunk as u32).trailing_zeros();
+                let meta_size = p.limit() as u64;
+                let h = p.h.create_meta(chunk);
+                self.slots[t + PRIMARIES] = Some(Pair::new(h, meta_size, meta_granularity));
+                let (mine, theirs) = h.granularity();
+                self.same("meta granularity", mine, theirs)?;
+                self.compare_counts(t)
+            }
+            Op::FreeMeta { t } => {
+                self.drop_iters(t + PRIMARIES);
+                self.slots[t + PRIMARIES] = None;
+                self.pair(t).h.free_meta();
+                self.compare_counts(t)
+            }
+            Op::Check { t, seed } => self.check(t, seed),
+        }
     }
 
     fn generate(&self, rng: &mut Rng) -> Op {

@@ -454,17 +454,6 @@ impl Drop for Ctx {
 }
 
 impl Ctx {
-    fn new(geometry: &Geometry) -> Ctx {
-        Ctx {
-            slots: geometry
-                .iter()
-                .map(|&(size, granularity)| Pair::new(size, granularity))
-                .collect(),
-            calls: 0,
-            trace: std::env::var_os("HBITMAP_DIFF_TRACE").is_some(),
-        }
-    }
-
     fn same<T: PartialEq + Debug>(&mut self, what: impl Display, results: (T, T)) -> Outcome {
         self.calls += 1;
         let (mine, theirs) = results;
@@ -478,288 +467,6 @@ impl Ctx {
     fn same_count(&mut self, t: usize, after: &str) -> Outcome {
         let counts = self.slots[t].h.count();
         self.same(format_args!("count of slot {t} after {after}"), counts)
-    }
-
-    /// Whether QEMU 10 accepts `op` in the current state, with defined behaviour.
-    fn valid(&self, op: &Op) -> bool {
-        let non_negative = |values: &[i64]| values.iter().all(|&value| value >= 0);
-        match *op {
-            Op::Set { t, start, count } => {
-                let p = &self.slots[t];
-                p.searchable() && p.has_range(start, count)
-            }
-            Op::Reset { t, start, count } => {
-                let p = &self.slots[t];
-                let aligned = |value: u64| u128::from(value) % p.group() == 0;
-                p.searchable()
-                    && p.has_range(start, count)
-                    && (count == 0
-                        || aligned(start)
-                            && (aligned(count)
-                                || u128::from(start) + u128::from(count) == u128::from(p.size)))
-            }
-            Op::ResetAll { .. } | Op::Count { .. } | Op::Sha { .. } | Op::Check { .. } => true,
-            Op::Get { t, item } => self.slots[t].has_item(item),
-            Op::NextDirty { t, start, count } => {
-                let p = &self.slots[t];
-                non_negative(&[start, count]) && (p.searchable() || start as u64 >= p.size)
-            }
-            Op::NextZero { t, start, count } => {
-                // QEMU reads the word holding `start` before its bounds check.
-                let p = &self.slots[t];
-                non_negative(&[start, count]) && (start as u64 >> p.granularity >> 6) < p.words()
-            }
-            Op::NextDirtyArea { t, start, end, max } => {
-                let p = &self.slots[t];
-                non_negative(&[start, end])
-                    && max > 0
-                    && (p.searchable() || start as u64 >= (end as u64).min(p.size))
-            }
-            Op::Status { t, start, count } => {
-                let p = &self.slots[t];
-                start >= 0
-                    && count > 0
-                    && within(start as u64, count as u64, u128::from(p.size))
-                    && p.searchable()
-            }
-            Op::IterFull { t, first } | Op::IterInit { t, first } => {
-                let p = &self.slots[t];
-                p.has_item(first) && p.searchable()
-            }
-            Op::IterStep { t, .. } => {
-                let p = &self.slots[t];
-                p.iter.is_some() && p.searchable()
-            }
-            Op::Serialize { t, start, count } => self.slots[t].valid_chunk(start, count),
-            Op::Deserialize {
-                t,
-                fill,
-                start,
-                count,
-                ..
-            } => {
-                let p = &self.slots[t];
-                // `Part` data gets clean padding bits where they are not allowed.
-                p.valid_chunk(start, count)
-                    && (fill != Fill::Ones
-                        || p.padding_allowed()
-                        || !p.chunk_reaches_padding(start, count))
-            }
-            Op::Finish { t } => self.slots[t].groups > 0,
-            Op::Truncate { t, size } => self.slots[t].valid_truncate(size),
-            Op::TruncateAll { size } => self.slots.iter().all(|p| p.valid_truncate(size)),
-            Op::Merge { a, b, result } => {
-                let (pa, pb, pr) = (&self.slots[a], &self.slots[b], &self.slots[result]);
-                pa.size == pr.size
-                    && pb.size == pr.size
-                    && pr.size > 0
-                    && [pa, pb, pr].iter().all(|p| p.stale == Stale::No)
-                    && (pa.granularity != pb.granularity || pr.granularity == pa.granularity)
-            }
-        }
-    }
-
-    fn apply(&mut self, op: &Op) -> Outcome {
-        if self.trace {
-            differential::say(format_args!("{op:?}"));
-        }
-        match *op {
-            Op::Set { t, start, count } => {
-                both!(
-                    self.slots[t].h,
-                    ours::hbitmap_set,
-                    oracle::qemu10_hbitmap_set,
-                    start,
-                    count
-                );
-                self.same_count(t, "set")
-            }
-            Op::Reset { t, start, count } => {
-                both!(
-                    self.slots[t].h,
-                    ours::hbitmap_reset_qemu10,
-                    oracle::qemu10_hbitmap_reset,
-                    start,
-                    count
-                );
-                self.same_count(t, "reset")
-            }
-            Op::ResetAll { t } => {
-                both!(
-                    self.slots[t].h,
-                    ours::hbitmap_reset_all,
-                    oracle::qemu10_hbitmap_reset_all
-                );
-                let p = &mut self.slots[t];
-                p.stale = Stale::No;
-                p.padding_dirty = false;
-                self.same_count(t, "reset_all")
-            }
-            Op::Get { t, item } => {
-                let got = both!(
-                    self.slots[t].h,
-                    ours::hbitmap_get,
-                    oracle::qemu10_hbitmap_get,
-                    item
-                );
-                self.same(format_args!("get({item})"), got)
-            }
-            Op::Count { t } => {
-                let h = self.slots[t].h;
-                self.same_count(t, "anything")?;
-                let empty = both!(h, ours::hbitmap_empty, oracle::qemu10_hbitmap_empty);
-                self.same("empty", empty)
-            }
-            Op::NextDirty { t, start, count } => {
-                let found = both!(
-                    self.slots[t].h,
-                    ours::hbitmap_next_dirty,
-                    oracle::qemu10_hbitmap_next_dirty,
-                    start,
-                    count
-                );
-                self.same(format_args!("next_dirty({start}, {count})"), found)
-            }
-            Op::NextZero { t, start, count } => {
-                let found = both!(
-                    self.slots[t].h,
-                    ours::hbitmap_next_zero_qemu10,
-                    oracle::qemu10_hbitmap_next_zero,
-                    start,
-                    count
-                );
-                self.same(format_args!("next_zero({start}, {count})"), found)
-            }
-            Op::NextDirtyArea { t, start, end, max } => {
-                let h = self.slots[t].h;
-                // Sentinels: both must leave them alone when they find nothing.
-                let (mut mine, mut theirs) = ((-7i64, -9i64), (-7i64, -9i64));
-                // SAFETY: live handles, valid arguments, writable outputs.
-                let found = unsafe {
-                    (
-                        ours::hbitmap_next_dirty_area_qemu10(
-                            h.o,
-                            start,
-                            end,
-                            max,
-                            &mut mine.0,
-                            &mut mine.1,
-                        ),
-                        oracle::qemu10_hbitmap_next_dirty_area(
-                            h.r,
-                            start,
-                            end,
-                            max,
-                            &mut theirs.0,
-                            &mut theirs.1,
-                        ),
-                    )
-                };
-                self.same(
-                    format_args!("next_dirty_area({start}, {end}, {max}) -> (found, start, count)"),
-                    ((found.0, mine), (found.1, theirs)),
-                )
-            }
-            Op::Status { t, start, count } => {
-                let h = self.slots[t].h;
-                let (mut mine, mut theirs) = (-5i64, -5i64);
-                // SAFETY: live handles, valid range, writable outputs.
-                let dirty = unsafe {
-                    (
-                        ours::hbitmap_status(h.o, start, count, &mut mine),
-                        oracle::qemu10_hbitmap_status(h.r, start, count, &mut theirs),
-                    )
-                };
-                self.same(
-                    format_args!("status({start}, {count}) -> (dirty, pnum)"),
-                    ((dirty.0, mine), (dirty.1, theirs)),
-                )
-            }
-            Op::IterFull { t, first } => {
-                let mut iter = IterPair::init(self.slots[t].h, first);
-                self.same(format_args!("iter_init({first})"), iter.views())?;
-                for step in 0..ITER_CAP {
-                    let item = iter.next();
-                    self.same(format_args!("iter_next #{step} from {first}"), item)?;
-                    self.same(
-                        format_args!("iterator after iter_next #{step} from {first}"),
-                        iter.views(),
-                    )?;
-                    if item.0 < 0 {
-                        break;
-                    }
-                }
-                Ok(())
-            }
-            Op::IterInit { t, first } => {
-                let iter = IterPair::init(self.slots[t].h, first);
-                let views = iter.views();
-                self.slots[t].iter = Some(iter);
-                self.same(
-                    format_args!("iter_init({first}) of the live iterator"),
-                    views,
-                )
-            }
-            Op::IterStep { t, steps } => {
-                let mut iter = self.slots[t].iter.take().expect("validated");
-                let mut outcome = Ok(());
-                for step in 0..steps {
-                    let item = iter.next();
-                    outcome = self
-                        .same(format_args!("live iter_next #{step}"), item)
-                        .and_then(|()| {
-                            self.same(
-                                format_args!("live iterator after iter_next #{step}"),
-                                iter.views(),
-                            )
-                        });
-                    if outcome.is_err() || item.0 < 0 {
-                        break;
-                    }
-                }
-                self.slots[t].iter = Some(iter);
-                outcome
-            }
-            Op::Serialize { t, start, count } => self.compare_chunk(t, start, count),
-            Op::Deserialize {
-                t,
-                fill,
-                start,
-                count,
-                finish,
-                seed,
-            } => self.deserialize(t, fill, start, count, finish, seed),
-            Op::Finish { t } => {
-                both!(
-                    self.slots[t].h,
-                    ours::hbitmap_deserialize_finish,
-                    oracle::qemu10_hbitmap_deserialize_finish
-                );
-                self.slots[t].stale = Stale::No;
-                self.same_count(t, "deserialize_finish")
-            }
-            Op::Sha { t } => {
-                let digests = self.slots[t].h.sha256();
-                self.same("sha256", digests)
-            }
-            Op::Truncate { t, size } => self.truncate(t, size),
-            Op::TruncateAll { size } => (0..SLOTS).try_for_each(|t| self.truncate(t, size)),
-            Op::Merge { a, b, result } => {
-                let (ha, hb, hr) = (self.slots[a].h, self.slots[b].h, self.slots[result].h);
-                // SAFETY: live handles of equal sizes; granularities as QEMU requires.
-                unsafe {
-                    ours::hbitmap_merge_qemu10(ha.o, hb.o, hr.o);
-                    oracle::qemu10_hbitmap_merge(ha.r, hb.r, hr.r);
-                }
-                // Equal granularities merge word by word, padding bits included.
-                if self.slots[a].granularity == self.slots[b].granularity {
-                    let padding = self.slots[a].padding_dirty || self.slots[b].padding_dirty;
-                    self.slots[result].padding_dirty |= padding;
-                }
-                self.same_count(result, "merge")
-            }
-            Op::Check { t, seed } => self.check(t, seed),
-        }
     }
 
     /// Serialization size and bytes of one chunk.
@@ -1341,15 +1048,296 @@ impl Subject for Ctx {
     type Op = Op;
 
     fn new(geometry: &Geometry) -> Ctx {
-        Ctx::new(geometry)
+        Ctx {
+            slots: geometry
+                .iter()
+                .map(|&(size, granularity)| Pair::new(size, granularity))
+                .collect(),
+            calls: 0,
+            trace: std::env::var_os("HBITMAP_DIFF_TRACE").is_some(),
+        }
     }
 
+    /// Whether QEMU 10 accepts `op` in the current state, with defined behaviour.
     fn valid(&self, op: &Op) -> bool {
-        Ctx::valid(self, op)
+        let non_negative = |values: &[i64]| values.iter().all(|&value| value >= 0);
+        match *op {
+            Op::Set { t, start, count } => {
+                let p = &self.slots[t];
+                p.searchable() && p.has_range(start, count)
+            }
+            Op::Reset { t, start, count } => {
+                let p = &self.slots[t];
+                let aligned = |value: u64| u128::from(value) % p.group() == 0;
+                p.searchable()
+                    && p.has_range(start, count)
+                    && (count == 0
+                        || aligned(start)
+                            && (aligned(count)
+                                || u128::from(start) + u128::from(count) == u128::from(p.size)))
+            }
+            Op::ResetAll { .. } | Op::Count { .. } | Op::Sha { .. } | Op::Check { .. } => true,
+            Op::Get { t, item } => self.slots[t].has_item(item),
+            Op::NextDirty { t, start, count } => {
+                let p = &self.slots[t];
+                non_negative(&[start, count]) && (p.searchable() || start as u64 >= p.size)
+            }
+            Op::NextZero { t, start, count } => {
+                // QEMU reads the word holding `start` before its bounds check.
+                let p = &self.slots[t];
+                non_negative(&[start, count]) && (start as u64 >> p.granularity >> 6) < p.words()
+            }
+            Op::NextDirtyArea { t, start, end, max } => {
+                let p = &self.slots[t];
+                non_negative(&[start, end])
+                    && max > 0
+                    && (p.searchable() || start as u64 >= (end as u64).min(p.size))
+            }
+            Op::Status { t, start, count } => {
+                let p = &self.slots[t];
+                start >= 0
+                    && count > 0
+                    && within(start as u64, count as u64, u128::from(p.size))
+                    && p.searchable()
+            }
+            Op::IterFull { t, first } | Op::IterInit { t, first } => {
+                let p = &self.slots[t];
+                p.has_item(first) && p.searchable()
+            }
+            Op::IterStep { t, .. } => {
+                let p = &self.slots[t];
+                p.iter.is_some() && p.searchable()
+            }
+            Op::Serialize { t, start, count } => self.slots[t].valid_chunk(start, count),
+            Op::Deserialize {
+                t,
+                fill,
+                start,
+                count,
+                ..
+            } => {
+                let p = &self.slots[t];
+                // `Part` data gets clean padding bits where they are not allowed.
+                p.valid_chunk(start, count)
+                    && (fill != Fill::Ones
+                        || p.padding_allowed()
+                        || !p.chunk_reaches_padding(start, count))
+            }
+            Op::Finish { t } => self.slots[t].groups > 0,
+            Op::Truncate { t, size } => self.slots[t].valid_truncate(size),
+            Op::TruncateAll { size } => self.slots.iter().all(|p| p.valid_truncate(size)),
+            Op::Merge { a, b, result } => {
+                let (pa, pb, pr) = (&self.slots[a], &self.slots[b], &self.slots[result]);
+                pa.size == pr.size
+                    && pb.size == pr.size
+                    && pr.size > 0
+                    && [pa, pb, pr].iter().all(|p| p.stale == Stale::No)
+                    && (pa.granularity != pb.granularity || pr.granularity == pa.granularity)
+            }
+        }
     }
 
     fn apply(&mut self, op: &Op) -> Outcome {
-        Ctx::apply(self, op)
+        if self.trace {
+            differential::say(format_args!("{op:?}"));
+        }
+        match *op {
+            Op::Set { t, start, count } => {
+                both!(
+                    self.slots[t].h,
+                    ours::hbitmap_set,
+                    oracle::qemu10_hbitmap_set,
+                    start,
+                    count
+                );
+                self.same_count(t, "set")
+            }
+            Op::Reset { t, start, count } => {
+                both!(
+                    self.slots[t].h,
+                    ours::hbitmap_reset_qemu10,
+                    oracle::qemu10_hbitmap_reset,
+                    start,
+                    count
+                );
+                self.same_count(t, "reset")
+            }
+            Op::ResetAll { t } => {
+                both!(
+                    self.slots[t].h,
+                    ours::hbitmap_reset_all,
+                    oracle::qemu10_hbitmap_reset_all
+                );
+                let p = &mut self.slots[t];
+                p.stale = Stale::No;
+                p.padding_dirty = false;
+                self.same_count(t, "reset_all")
+            }
+            Op::Get { t, item } => {
+                let got = both!(
+                    self.slots[t].h,
+                    ours::hbitmap_get,
+                    oracle::qemu10_hbitmap_get,
+                    item
+                );
+                self.same(format_args!("get({item})"), got)
+            }
+            Op::Count { t } => {
+                let h = self.slots[t].h;
+                self.same_count(t, "anything")?;
+                let empty = both!(h, ours::hbitmap_empty, oracle::qemu10_hbitmap_empty);
+                self.same("empty", empty)
+            }
+            Op::NextDirty { t, start, count } => {
+                let found = both!(
+                    self.slots[t].h,
+                    ours::hbitmap_next_dirty,
+                    oracle::qemu10_hbitmap_next_dirty,
+                    start,
+                    count
+                );
+                self.same(format_args!("next_dirty({start}, {count})"), found)
+            }
+            Op::NextZero { t, start, count } => {
+                let found = both!(
+                    self.slots[t].h,
+                    ours::hbitmap_next_zero_qemu10,
+                    oracle::qemu10_hbitmap_next_zero,
+                    start,
+                    count
+                );
+                self.same(format_args!("next_zero({start}, {count})"), found)
+            }
+            Op::NextDirtyArea { t, start, end, max } => {
+                let h = self.slots[t].h;
+                // Sentinels: both must leave them alone when they find nothing.
+                let (mut mine, mut theirs) = ((-7i64, -9i64), (-7i64, -9i64));
+                // SAFETY: live handles, valid arguments, writable outputs.
+                let found = unsafe {
+                    (
+                        ours::hbitmap_next_dirty_area_qemu10(
+                            h.o,
+                            start,
+                            end,
+                            max,
+                            &mut mine.0,
+                            &mut mine.1,
+                        ),
+                        oracle::qemu10_hbitmap_next_dirty_area(
+                            h.r,
+                            start,
+                            end,
+                            max,
+                            &mut theirs.0,
+                            &mut theirs.1,
+                        ),
+                    )
+                };
+                self.same(
+                    format_args!("next_dirty_area({start}, {end}, {max}) -> (found, start, count)"),
+                    ((found.0, mine), (found.1, theirs)),
+                )
+            }
+            Op::Status { t, start, count } => {
+                let h = self.slots[t].h;
+                let (mut mine, mut theirs) = (-5i64, -5i64);
+                // SAFETY: live handles, valid range, writable outputs.
+                let dirty = unsafe {
+                    (
+                        ours::hbitmap_status(h.o, start, count, &mut mine),
+                        oracle::qemu10_hbitmap_status(h.r, start, count, &mut theirs),
+                    )
+                };
+                self.same(
+                    format_args!("status({start}, {count}) -> (dirty, pnum)"),
+                    ((dirty.0, mine), (dirty.1, theirs)),
+                )
+            }
+            Op::IterFull { t, first } => {
+                let mut iter = IterPair::init(self.slots[t].h, first);
+                self.same(format_args!("iter_init({first})"), iter.views())?;
+                for step in 0..ITER_CAP {
+                    let item = iter.next();
+                    self.same(format_args!("iter_next #{step} from {first}"), item)?;
+                    self.same(
+                        format_args!("iterator after iter_next #{step} from {first}"),
+                        iter.views(),
+                    )?;
+                    if item.0 < 0 {
+                        break;
+                    }
+                }
+                Ok(())
+            }
+            Op::IterInit { t, first } => {
+                let iter = IterPair::init(self.slots[t].h, first);
+                let views = iter.views();
+                self.slots[t].iter = Some(iter);
+                self.same(
+                    format_args!("iter_init({first}) of the live iterator"),
+                    views,
+                )
+            }
+            Op::IterStep { t, steps } => {
+                let mut iter = self.slots[t].iter.take().expect("validated");
+                let mut outcome = Ok(());
+                for step in 0..steps {
+                    let item = iter.next();
+                    outcome = self
+                        .same(format_args!("live iter_next #{step}"), item)
+                        .and_then(|()| {
+                            self.same(
+                                format_args!("live iterator after iter_next #{step}"),
+                                iter.views(),
+                            )
+                        });
+                    if outcome.is_err() || item.0 < 0 {
+                        break;
+                    }
+                }
+                self.slots[t].iter = Some(iter);
+                outcome
+            }
+            Op::Serialize { t, start, count } => self.compare_chunk(t, start, count),
+            Op::Deserialize {
+                t,
+                fill,
+                start,
+                count,
+                finish,
+                seed,
+            } => self.deserialize(t, fill, start, count, finish, seed),
+            Op::Finish { t } => {
+                both!(
+                    self.slots[t].h,
+                    ours::hbitmap_deserialize_finish,
+                    oracle::qemu10_hbitmap_deserialize_finish
+                );
+                self.slots[t].stale = Stale::No;
+                self.same_count(t, "deserialize_finish")
+            }
+            Op::Sha { t } => {
+                let digests = self.slots[t].h.sha256();
+                self.same("sha256", digests)
+            }
+            Op::Truncate { t, size } => self.truncate(t, size),
+            Op::TruncateAll { size } => (0..SLOTS).try_for_each(|t| self.truncate(t, size)),
+            Op::Merge { a, b, result } => {
+                let (ha, hb, hr) = (self.slots[a].h, self.slots[b].h, self.slots[result].h);
+                // SAFETY: live handles of equal sizes; granularities as QEMU requires.
+                unsafe {
+                    ours::hbitmap_merge_qemu10(ha.o, hb.o, hr.o);
+                    oracle::qemu10_hbitmap_merge(ha.r, hb.r, hr.r);
+                }
+                // Equal granularities merge word by word, padding bits included.
+                if self.slots[a].granularity == self.slots[b].granularity {
+                    let padding = self.slots[a].padding_dirty || self.slots[b].padding_dirty;
+                    self.slots[result].padding_dirty |= padding;
+                }
+                self.same_count(result, "merge")
+            }
+            Op::Check { t, seed } => self.check(t, seed),
+        }
     }
 
     fn generate(&self, rng: &mut Rng) -> Op {
