@@ -7,7 +7,7 @@
 #   qemu_patch     the packager's change to QEMU's build files (contrib/qemu/)
 #   qemu_meson     the meson QEMU's configure is given (empty: its own choice)
 #   qemu_configure the configure options this version has and the others lack
-#   qemu_devices   device symbols this version's minimal build needs besides the iotests'
+#   qemu_devices   device symbols this version's minimal build needs besides build-qemu.sh's
 #   qemu_what      why this version
 qemu_versions="7.2 10.0.2 10.2.2"
 qemu_default_version=10.0.2
@@ -35,6 +35,8 @@ qemu_version() {
       qemu_top=qemu-10.0.2
       qemu_patch=qemu-10-use-libhbitmap.patch
       qemu_configure=(--disable-rust)
+      # The PCI bridge iotest 200 attaches (7.2 builds it with PCI, without a symbol).
+      qemu_devices=(CONFIG_PCI_BRIDGE=y)
       ;;
     10.2.2)
       qemu_what="QEMU 10.2.2 (Debian unstable, 10.2.2+ds)"
@@ -48,8 +50,8 @@ qemu_version() {
       # lack: qemu-system-x86_64 does not link. A build with CXL has it, with what CXL needs
       # that the Kconfig does not select: its type 3 device (its mailbox code calls it) and the
       # PCIe root port its own port derives from.
-      qemu_devices=(CONFIG_PCI_EXPRESS=y CONFIG_PCIE_PORT=y CONFIG_PXB=y CONFIG_CXL=y
-                    CONFIG_CXL_MEM_DEVICE=y)
+      qemu_devices=(CONFIG_PCI_BRIDGE=y CONFIG_PCI_EXPRESS=y CONFIG_PCIE_PORT=y CONFIG_PXB=y
+                    CONFIG_CXL=y CONFIG_CXL_MEM_DEVICE=y)
       ;;
     *)
       echo "unknown QEMU version '$1' (known: $qemu_versions)" >&2
