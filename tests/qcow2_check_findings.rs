@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hbitmap::qcow2::{CheckReport, Error, Image, RepairMode};
+use hbitmap::qcow2::{CheckReport, Error, FindingKind, Image, RepairMode, Severity, Subject};
 use hbitmap_testkit::qcow2::{be32, be64, put64, CLUSTER_BITS, L1_TABLE_OFFSET, RO};
 use qcow2_util::*;
 
@@ -200,8 +200,27 @@ fn reserved_bits_in_l1_and_l2_entries_are_corruptions() {
         });
         let report = assert_same_figures(&path);
         assert_eq!(report.corruptions, 1, "{name}: {report:#?}");
+        let found = report.errors().any(|e| {
+            e.subject == Subject::Structure
+                && if name == "l1" {
+                    matches!(
+                        e.kind,
+                        FindingKind::L1ReservedBits {
+                            index: 0,
+                            snapshot: None,
+                            ..
+                        }
+                    )
+                } else {
+                    matches!(e.kind, FindingKind::L2ReservedBits { index: 0, .. })
+                }
+        });
+        assert!(found, "{report:#?}");
+        // The rendering: one text, whatever prints it.
         assert!(
-            report.errors.iter().any(|e| e.contains("reserved bits")),
+            report
+                .errors()
+                .any(|e| e.to_string().contains("reserved bits")),
             "{report:#?}"
         );
     }
@@ -362,8 +381,17 @@ fn images_qemu_cannot_open_are_check_errors() {
     std::fs::remove_file(&base).unwrap();
     let report = assert_same_figures(&top);
     assert!(report.qemu_cannot_open.is_some(), "{report:#?}");
+    let first = report.errors().next().expect("an error");
+    assert_eq!(first.subject, Subject::Structure);
     assert!(
-        report.errors[0].contains("backing file 'base.qcow2'"),
+        matches!(
+            &first.kind,
+            FindingKind::MissingFile { what: "backing file", name, .. } if name == "base.qcow2"
+        ),
+        "{report:#?}"
+    );
+    assert!(
+        first.to_string().contains("backing file 'base.qcow2'"),
         "{report:#?}"
     );
 
@@ -384,7 +412,13 @@ fn images_qemu_cannot_open_are_check_errors() {
     std::fs::remove_file(&data).unwrap();
     let report = assert_same_figures(&image);
     assert!(
-        report.errors[0].contains("external data file"),
+        matches!(
+            report.errors().next().map(|e| &e.kind),
+            Some(FindingKind::MissingFile {
+                what: "external data file",
+                ..
+            })
+        ),
         "{report:#?}"
     );
     // The open image says the same.
@@ -417,7 +451,11 @@ fn images_qemu_cannot_open_are_check_errors() {
         hbitmap_testkit::qcow2::put32(data, at, 0x1234_5678);
     });
     let report = assert_same_figures(&luks);
-    assert!(report.errors[0].contains("crypt_method 2"), "{report:#?}");
+    let first = report.errors().next().expect("an error");
+    assert!(
+        matches!(&first.kind, FindingKind::Unreadable { detail } if detail.contains("crypt_method 2")),
+        "{report:#?}"
+    );
     assert!(matches!(Image::open(&luks, RO), Err(Error::Corrupt(_))));
 }
 
@@ -652,8 +690,17 @@ fn a_bitmaps_extension_of_the_wrong_length_is_repaired() {
     assert_eq!(code, 1, "QEMU cannot open it");
     let report = check(&path);
     assert!(report.corruptions > 0, "{report:#?}");
+    let first = report.errors().next().expect("an error");
+    assert_eq!(
+        (first.severity, &first.subject),
+        (Severity::Error, &Subject::Extension)
+    );
     assert!(
-        report.errors[0].contains("its length is 16, not 24"),
+        matches!(first.kind, FindingKind::ExtensionLength { stated: 16, .. }),
+        "{report:#?}"
+    );
+    assert!(
+        first.to_string().contains("its length is 16, not 24"),
         "{report:#?}"
     );
     repaired_keeping_every_bitmap(&path, &expected);
@@ -727,10 +774,8 @@ fn a_second_bitmaps_extension_is_read_as_qemu_reads_it() {
     );
     let report = assert_same_figures(&path);
     assert!(
-        report
-            .warnings
-            .iter()
-            .any(|w| w.contains("another bitmaps extension")),
+        report.warnings().any(|w| w.subject == Subject::Extension
+            && matches!(w.kind, FindingKind::IgnoredExtension { .. })),
         "{report:#?}"
     );
     assert_eq!(contents(&path), expected);
@@ -817,11 +862,12 @@ fn an_in_use_bitmap_pointing_at_the_active_l2_table_is_a_corruption() {
             hbitmap_testkit::qcow2::directory_entry(&data, "other"),
         )
     };
+    assert!(report.leaked().next().is_some(), "{report:#?}");
     assert!(
-        report
-            .leaked
-            .iter()
-            .all(|run| !run.contains(&format!("{table:#x}.."))),
+        report.leaked().all(|run| match run.kind {
+            FindingKind::Leak { at, end } => !(at..end).contains(&table),
+            _ => false,
+        }),
         "{report:#?}"
     );
     let before = std::fs::read(&path).unwrap();

@@ -27,7 +27,7 @@ impl Image {
     pub(super) fn rebuild_refcounts(&mut self, changes: &mut Vec<String>) -> Result<(), Error> {
         let (layout, problems) = layout::read(&*self.io)?;
         let base = count_base(&*self.io, &layout)?;
-        let structural: Vec<String> = problems.structural_errors().cloned().collect();
+        let structural: Vec<_> = problems.structural_errors().cloned().collect();
         if let Some(why) = refusal(&layout, &structural, &base) {
             return Err(Error::Unsupported(format!(
                 "refusing to rebuild the refcounts of {}: {why}",
