@@ -993,3 +993,77 @@ fn in_use_bitmaps_with_unreadable_tables_are_counted_as_qemu_img_counts_them() {
         std::fs::remove_file(&path).unwrap();
     }
 }
+
+/// Counts the reads of each offset (one `pread` per structure read).
+struct CountingIo {
+    inner: hbitmap::qcow2::io::FileIo,
+    reads: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u64, usize>>>,
+}
+
+impl hbitmap::qcow2::io::ImageIo for CountingIo {
+    fn pread(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        *self.reads.lock().unwrap().entry(offset).or_insert(0) += 1;
+        self.inner.pread(offset, buf)
+    }
+    fn pwrite(&mut self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        self.inner.pwrite(offset, buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+/// One walk: on an image with a bitmap, whose clusters are checked against every guest data
+/// cluster, the check reads each L2 table once, for that and for the reference count alike,
+/// and its figures are still qemu-img's.
+#[test]
+fn check_reads_each_l2_table_once() {
+    if !have_all("l2_once", &["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let scratch = Scratch::new("l2-once");
+    let path = scratch.path("a.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "4G"]);
+    // One L2 table per 512 MiB: four of them.
+    for at in ["0", "1G", "2G", "3G"] {
+        let write = format!("write -P 0x5a {at} 64k");
+        run(
+            "qemu-io",
+            &["-f", "qcow2", "-c", &write, path.to_str().unwrap()],
+        );
+    }
+    let mut image = Image::open(&path, hbitmap_testkit::qcow2::RW).unwrap();
+    image.add_bitmap("b", 65536, true).unwrap();
+    image.edit_bitmap("b", |b| b.set(0, 1 << 30)).unwrap();
+    image.close().unwrap();
+    let data = std::fs::read(&path).unwrap();
+    let l1 = be64(&data, L1_TABLE_OFFSET) as usize;
+    let l2_tables: Vec<u64> = (0..8)
+        .map(|i| be64(&data, l1 + 8 * i) & 0x00ff_ffff_ffff_fe00)
+        .filter(|&offset| offset != 0)
+        .collect();
+    assert_eq!(l2_tables.len(), 4);
+
+    let reads = std::sync::Arc::default();
+    let io = CountingIo {
+        inner: hbitmap::qcow2::io::FileIo::new(std::fs::File::open(&path).unwrap()),
+        reads: std::sync::Arc::clone(&reads),
+    };
+    let image = Image::open_io(Box::new(io), &path, false).unwrap();
+    reads.lock().unwrap().clear();
+    let report = image.check();
+    assert!(report.is_clean(), "{report:#?}");
+    assert_eq!(report.bitmaps, Some(1));
+    let reads = reads.lock().unwrap();
+    for offset in &l2_tables {
+        assert_eq!(reads.get(offset), Some(&1), "the L2 table at {offset:#x}");
+    }
+    drop(image);
+    assert_same_figures(&path);
+}

@@ -19,6 +19,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::bitmap_dir::{self, DirEntry};
 use super::bitmap_table;
+use super::check::count::Counter;
 use super::check::finding::{Finding, FindingKind, MoreOf, Place, Severity, Subject};
 use super::error::{corrupt, Error};
 use super::header::{
@@ -461,6 +462,21 @@ fn overlaps(
 /// Reads the image. Fatal problems (no usable header or refcount table) are returned as
 /// errors; the others are collected in [`Problems`].
 pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
+    read_with(io, false).map(|(layout, problems, _)| (layout, problems))
+}
+
+/// The reference count [`read_counted`] started while reading (None when the metadata other
+/// than the bitmaps' is damaged: a count would follow garbage), or why it could not start.
+pub(crate) type Started = Option<Result<Counter, Error>>;
+
+/// [`read`], also counting the references of everything but the bitmaps extension (to finish
+/// with [`Counter::finish`]) on the same walk: an image with bitmaps has each L2 table read
+/// once, for the bitmaps' cross-links with guest data and for the count.
+pub(crate) fn read_counted(io: &dyn ImageIo) -> Result<(Layout, Problems, Started), Error> {
+    read_with(io, true)
+}
+
+fn read_with(io: &dyn ImageIo, count: bool) -> Result<(Layout, Problems, Started), Error> {
     let file_len = io
         .len()
         .map_err(|e| Error::io("getting the image file's size", e))?;
@@ -682,9 +698,8 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
         directory_damaged: false,
         ext_damage: None,
     };
-    read_bitmaps(io, &mut layout, &mut problems, &l2_tables)?;
-
-    // Overlaps among the other metadata (bitmap ones were reported by read_bitmaps).
+    // Overlaps among the other metadata (bitmap ones are reported by read_bitmaps, before
+    // these).
     let mut regions = layout.metadata.clone();
     let found = overlaps(
         &mut regions,
@@ -693,6 +708,16 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
         layout.header.cluster_bits,
         |_, _| true,
     );
+    let damaged = problems.structural_errors().next().is_some()
+        || found.iter().any(|overlap| overlap.kind.is_some());
+    let mut counter = (count && !damaged).then(|| Counter::start(io, &layout));
+    read_bitmaps(
+        io,
+        &mut layout,
+        &mut problems,
+        &l2_tables,
+        counter.as_mut().and_then(|started| started.as_mut().ok()),
+    )?;
     for overlap in found {
         let Some(kind) = overlap.kind else { continue };
         let subject = match overlap.clusters[..] {
@@ -707,7 +732,7 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
 
     check_refcounts(io, &mut layout, &mut problems)?;
     layout.metadata.sort_by_key(|r| (r.start, r.end));
-    Ok((layout, problems))
+    Ok((layout, problems, counter))
 }
 
 fn read_snapshots(
@@ -804,7 +829,8 @@ fn table_region(bitmap: &Bitmap, index: usize, cluster_size: u64) -> Region {
 }
 
 /// Bitmap clusters that are also guest data clusters (of the active disk or of a snapshot),
-/// found by scanning every L2 table once. Memory follows the bitmap clusters, not the disk.
+/// found by scanning every L2 table once; each table read is fed to `counter` too. Memory
+/// follows the bitmap clusters, not the disk.
 #[allow(clippy::too_many_arguments)]
 fn guest_cross_links(
     io: &dyn ImageIo,
@@ -814,6 +840,7 @@ fn guest_cross_links(
     directory: &Region,
     data_regions: &[Region],
     l2_tables: &[L2Ref],
+    mut counter: Option<&mut Counter>,
 ) -> Result<Vec<Overlap>, Error> {
     let header = &layout.header;
     // With an external data file, L2 entries point into that file, not this one.
@@ -858,6 +885,9 @@ fn guest_cross_links(
     let mut count = 0usize;
     for l2 in l2_tables {
         let table = read_exact(io, l2.offset, cluster_size, "an L2 table")?;
+        if let Some(counter) = counter.as_deref_mut() {
+            counter.feed(layout, l2.offset, &table);
+        }
         for (i, raw) in format.entries(&table).enumerate() {
             let (first, last) = match format.decode(raw.entry) {
                 Mapping::Compressed { offset, size } => {

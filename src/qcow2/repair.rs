@@ -12,8 +12,8 @@
 use std::path::{Path, PathBuf};
 
 use super::check::count::{
-    add_bitmaps, compare, count_base, describe_leaks, describe_under, refusal, CopiedFlags,
-    Mismatch,
+    add_bitmaps, compare, count_base, describe_leaks, describe_under, read_and_count, refusal,
+    CopiedFlags, Mismatch,
 };
 use super::check::{check_io, check_walk};
 use super::error::Error;
@@ -156,8 +156,7 @@ impl Image {
                 Some(walked.comparison),
             ),
             None => {
-                let (layout, problems) = layout::read(&*self.io)?;
-                let base = count_base(&*self.io, &layout)?;
+                let (layout, problems, base) = read_and_count(&*self.io)?;
                 (layout, problems, base, None)
             }
         };
@@ -575,8 +574,7 @@ impl Image {
     /// Walks the image again and lowers every refcount above its references; returns how many
     /// clusters it changed.
     fn fix_leaks(&mut self, changes: &mut Vec<String>) -> Result<u64, Error> {
-        let (layout, problems) = layout::read(&*self.io)?;
-        let mut base = count_base(&*self.io, &layout)?;
+        let (layout, problems, mut base) = read_and_count(&*self.io)?;
         let structural: Vec<_> = problems.structural_errors().cloned().collect();
         if let Some(why) = refusal(&layout, &structural, &base) {
             return Err(Error::Corrupt(format!(

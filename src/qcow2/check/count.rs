@@ -164,72 +164,128 @@ pub(crate) struct Base {
 
 /// Counts the references of everything but the bitmaps extension.
 pub(crate) fn count_base(io: &dyn ImageIo, layout: &Layout) -> Result<Base, Error> {
-    let header = &layout.header;
-    let cluster_size = layout.cluster_size();
-    let mut base = Base {
-        refs: References::new(layout.file_len, header.cluster_bits),
-        stats: GuestStats::default(),
-        unmapped: Vec::new(),
-        unmapped_count: 0,
-        bad_entries: 0,
-        bad_entry_findings: Vec::new(),
-        copied: CopiedFlags::new(layout.file_len.div_ceil(cluster_size)),
-        next_contiguous: 0,
+    Counter::start(io, layout)?.finish(io, layout)
+}
+
+/// Reads the image and counts the references of everything but the bitmaps extension on the
+/// same walk (see [`layout::read_counted`](crate::qcow2::layout::read_counted)).
+pub(crate) fn read_and_count(
+    io: &dyn ImageIo,
+) -> Result<(Layout, crate::qcow2::layout::Problems, Base), Error> {
+    let (layout, problems, started) = crate::qcow2::layout::read_counted(io)?;
+    let base = match started {
+        Some(counter) => counter?.finish(io, &layout)?,
+        None => count_base(io, &layout)?,
     };
-    base.refs.add(0, cluster_size);
-    // Each L2 table counts once per L1 entry pointing to it, and so does every data cluster in
-    // it (QEMU's check walks it again for each). It is read once here, its references weighted:
-    // a hostile L1 table of 4 Mi entries all pointing to one L2 table costs one read.
-    let mut l2_tables = L2Tables::default();
-    let l1_bytes = u64::from(header.l1_size) * 8;
-    if l1_bytes > 0 {
-        base.refs.add(header.l1_table_offset, l1_bytes);
-        l2_tables.collect(
-            io,
-            layout,
-            header.l1_table_offset,
-            l1_bytes,
-            None,
-            &mut base,
-        )?;
-    }
-    for &(snapshot, offset, bytes) in &layout.snapshot_l1s {
-        base.refs.add(offset, bytes);
-        l2_tables.collect(io, layout, offset, bytes, Some(snapshot), &mut base)?;
-    }
-    for l2 in &l2_tables.order {
-        let (weight, active) = l2_tables.weights[l2];
-        scan_l2(io, layout, *l2, weight, active, &mut base)?;
-    }
-    for region in &layout.metadata {
-        if matches!(region.owner, Owner::SnapshotTable | Owner::CryptoHeader) {
-            base.refs.add(region.start, region.end - region.start);
+    Ok((layout, problems, base))
+}
+
+/// The reference count of everything but the bitmaps extension, fed the L2 tables by a walk
+/// that reads them for another purpose too (the bitmaps' cross-links with guest data), so
+/// that each is read once: [`start`](Self::start) reads the L1 tables, [`feed`](Self::feed)
+/// counts an L2 table already read, [`finish`](Self::finish) reads and counts those not fed
+/// and the rest of the metadata. The tables are counted in the order they are first met
+/// whoever reads them (the findings come in that order).
+pub(crate) struct Counter {
+    base: Base,
+    l2_tables: L2Tables,
+    /// How many of `l2_tables.order` were counted.
+    counted: usize,
+}
+
+impl Counter {
+    pub(crate) fn start(io: &dyn ImageIo, layout: &Layout) -> Result<Counter, Error> {
+        let header = &layout.header;
+        let cluster_size = layout.cluster_size();
+        let mut base = Base {
+            refs: References::new(layout.file_len, header.cluster_bits),
+            stats: GuestStats::default(),
+            unmapped: Vec::new(),
+            unmapped_count: 0,
+            bad_entries: 0,
+            bad_entry_findings: Vec::new(),
+            copied: CopiedFlags::new(layout.file_len.div_ceil(cluster_size)),
+            next_contiguous: 0,
+        };
+        base.refs.add(0, cluster_size);
+        // Each L2 table counts once per L1 entry pointing to it, and so does every data cluster
+        // in it (QEMU's check walks it again for each). It is read once here, its references
+        // weighted: a hostile L1 table of 4 Mi entries all pointing to one L2 table costs one
+        // read.
+        let mut l2_tables = L2Tables::default();
+        let l1_bytes = u64::from(header.l1_size) * 8;
+        if l1_bytes > 0 {
+            base.refs.add(header.l1_table_offset, l1_bytes);
+            l2_tables.collect(
+                io,
+                layout,
+                header.l1_table_offset,
+                l1_bytes,
+                None,
+                &mut base,
+            )?;
         }
+        for &(snapshot, offset, bytes) in &layout.snapshot_l1s {
+            base.refs.add(offset, bytes);
+            l2_tables.collect(io, layout, offset, bytes, Some(snapshot), &mut base)?;
+        }
+        Ok(Counter {
+            base,
+            l2_tables,
+            counted: 0,
+        })
     }
-    let refcounts = &layout.refcounts;
-    base.refs.add(
-        refcounts.table_offset,
-        u64::from(refcounts.table_clusters) * cluster_size,
-    );
-    for (_, offset) in refcounts.blocks() {
-        base.refs.add(offset, cluster_size);
+
+    /// Counts the L2 table at `l2_offset`, read by the caller, if it is the next one to count;
+    /// otherwise leaves it to [`finish`](Self::finish), which reads it again.
+    pub(crate) fn feed(&mut self, layout: &Layout, l2_offset: u64, table: &[u8]) {
+        if self.l2_tables.order.get(self.counted) != Some(&l2_offset) {
+            return;
+        }
+        let (weight, active) = self.l2_tables.weights[&l2_offset];
+        scan_l2(layout, l2_offset, table, weight, active, &mut self.base);
+        self.counted += 1;
     }
-    if base.unmapped_count > MAX_REPORTED as u64 {
-        let more = base.unmapped_count - MAX_REPORTED as u64;
-        base.unmapped.push(Finding::structure(FindingKind::More {
-            count: more,
-            of: MoreOf::UnfollowableEntries,
-        }));
-    }
-    if base.bad_entries > MAX_REPORTED as u64 {
-        let more = base.bad_entries - MAX_REPORTED as u64;
-        base.bad_entry_findings
-            .push(Finding::structure(FindingKind::More {
+
+    /// Counts the L2 tables not fed, then the rest of the metadata.
+    pub(crate) fn finish(mut self, io: &dyn ImageIo, layout: &Layout) -> Result<Base, Error> {
+        let cluster_size = layout.cluster_size();
+        let base = &mut self.base;
+        for l2 in &self.l2_tables.order[self.counted..] {
+            let (weight, active) = self.l2_tables.weights[l2];
+            let table = read_exact(io, *l2, cluster_size, "an L2 table")?;
+            scan_l2(layout, *l2, &table, weight, active, base);
+        }
+        for region in &layout.metadata {
+            if matches!(region.owner, Owner::SnapshotTable | Owner::CryptoHeader) {
+                base.refs.add(region.start, region.end - region.start);
+            }
+        }
+        let refcounts = &layout.refcounts;
+        base.refs.add(
+            refcounts.table_offset,
+            u64::from(refcounts.table_clusters) * cluster_size,
+        );
+        for (_, offset) in refcounts.blocks() {
+            base.refs.add(offset, cluster_size);
+        }
+        if base.unmapped_count > MAX_REPORTED as u64 {
+            let more = base.unmapped_count - MAX_REPORTED as u64;
+            base.unmapped.push(Finding::structure(FindingKind::More {
                 count: more,
-                of: MoreOf::MalformedEntries,
+                of: MoreOf::UnfollowableEntries,
             }));
+        }
+        if base.bad_entries > MAX_REPORTED as u64 {
+            let more = base.bad_entries - MAX_REPORTED as u64;
+            base.bad_entry_findings
+                .push(Finding::structure(FindingKind::More {
+                    count: more,
+                    of: MoreOf::MalformedEntries,
+                }));
+        }
+        Ok(self.base)
     }
-    Ok(base)
 }
 
 impl Base {
@@ -413,15 +469,16 @@ impl L2Tables {
     }
 }
 
-/// Counts an L2 table and its data clusters `weight` times (the statistics `active` times).
+/// Counts an L2 table (`table`, read from `l2_offset`) and its data clusters `weight` times
+/// (the statistics `active` times).
 fn scan_l2(
-    io: &dyn ImageIo,
     layout: &Layout,
     l2_offset: u64,
+    table: &[u8],
     weight: u32,
     active: u32,
     base: &mut Base,
-) -> Result<(), Error> {
+) {
     let format = L2Format::of(&layout.header);
     let cluster_bits = format.cluster_bits;
     let cluster_size = layout.cluster_size();
@@ -431,9 +488,8 @@ fn scan_l2(
     // As QEMU 10 counts it: contiguity within one L2 table.
     base.next_contiguous = 0;
     base.refs.add_weighted(l2_offset, cluster_size, weight);
-    let table = read_exact(io, l2_offset, cluster_size, "an L2 table")?;
     let active_entries = active as u32;
-    for (i, RawEntry { entry, subclusters }) in format.entries(&table).enumerate() {
+    for (i, RawEntry { entry, subclusters }) in format.entries(table).enumerate() {
         let (offset, copied, allocated) = match format.decode(entry) {
             Mapping::Compressed { offset, size } => {
                 if entry & OFLAG_COPIED != 0 {
@@ -545,7 +601,6 @@ fn scan_l2(
             base.next_contiguous = offset + cluster_size;
         }
     }
-    Ok(())
 }
 
 /// Counts the bitmaps extension: the directory (when `directory`) and the table and data

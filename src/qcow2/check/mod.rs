@@ -205,7 +205,7 @@ pub(crate) struct Walked {
 
 /// [`check_io`], also handing back what it walked when the count was complete.
 pub(crate) fn check_walk(io: &dyn ImageIo) -> (CheckReport, Option<Walked>) {
-    let (layout, problems) = match layout::read(io) {
+    let (layout, problems, started) = match layout::read_counted(io) {
         Ok(read) => read,
         Err(Error::Io { context, source }) => {
             let report = CheckReport {
@@ -265,7 +265,12 @@ pub(crate) fn check_walk(io: &dyn ImageIo) -> (CheckReport, Option<Walked>) {
         ));
         return (report, None);
     }
-    let counted = count::count_base(io, &layout).and_then(|mut base| {
+    // The walk of layout::read_counted counted what it read (each L2 table read once).
+    let base = match started {
+        Some(counter) => counter.and_then(|counter| counter.finish(io, &layout)),
+        None => count::count_base(io, &layout),
+    };
+    let counted = base.and_then(|mut base| {
         let structural: Vec<Finding> = problems.structural_errors().cloned().collect();
         let unrepairable = count::refusal(&layout, &structural, &base);
         // Every bitmap the directory lists, trusted or not, as qemu-img check counts them.

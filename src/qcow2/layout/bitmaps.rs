@@ -66,6 +66,7 @@ pub(super) fn read_bitmaps(
     layout: &mut Layout,
     problems: &mut Problems,
     l2_tables: &[L2Ref],
+    counter: Option<&mut Counter>,
 ) -> Result<(), Error> {
     let Some(ext) = layout.header.bitmaps_ext().cloned() else {
         if layout.header.autoclear & AUTOCLEAR_BITMAPS != 0 {
@@ -526,6 +527,7 @@ pub(super) fn read_bitmaps(
         &dir_region,
         &data_regions,
         l2_tables,
+        counter,
     )?;
     settle(guest, problems, &mut entry_ok, &mut damage);
     let mut all = regions;
