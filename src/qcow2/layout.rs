@@ -465,13 +465,14 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
     read_with(io, false).map(|(layout, problems, _)| (layout, problems))
 }
 
-/// The reference count [`read_counted`] started while reading (None when the metadata other
-/// than the bitmaps' is damaged: a count would follow garbage), or why it could not start.
+/// The reference count [`read_counted`] started while reading, or why it could not start.
+/// None when no L2 table was read for the bitmaps (no bitmaps, an external data file), or
+/// when the metadata other than the bitmaps' is damaged (a count would follow garbage).
 pub(crate) type Started = Option<Result<Counter, Error>>;
 
 /// [`read`], also counting the references of everything but the bitmaps extension (to finish
-/// with [`Counter::finish`]) on the same walk: an image with bitmaps has each L2 table read
-/// once, for the bitmaps' cross-links with guest data and for the count.
+/// with [`Counter::finish`]) on the walk that reads the L2 tables for the bitmaps'
+/// cross-links with guest data, if it runs: each L2 table is then read once.
 pub(crate) fn read_counted(io: &dyn ImageIo) -> Result<(Layout, Problems, Started), Error> {
     read_with(io, true)
 }
@@ -710,13 +711,15 @@ fn read_with(io: &dyn ImageIo, count: bool) -> Result<(Layout, Problems, Started
     );
     let damaged = problems.structural_errors().next().is_some()
         || found.iter().any(|overlap| overlap.kind.is_some());
-    let mut counter = (count && !damaged).then(|| Counter::start(io, &layout));
+    // Started by the walk that scans the L2 tables for bitmap clusters, if it runs (without
+    // bitmaps the count is made afterwards, as its memory is then not added to this walk's).
+    let mut counter: Started = None;
     read_bitmaps(
         io,
         &mut layout,
         &mut problems,
         &l2_tables,
-        counter.as_mut().and_then(|started| started.as_mut().ok()),
+        (count && !damaged).then_some(&mut counter),
     )?;
     for overlap in found {
         let Some(kind) = overlap.kind else { continue };
@@ -829,8 +832,8 @@ fn table_region(bitmap: &Bitmap, index: usize, cluster_size: u64) -> Region {
 }
 
 /// Bitmap clusters that are also guest data clusters (of the active disk or of a snapshot),
-/// found by scanning every L2 table once; each table read is fed to `counter` too. Memory
-/// follows the bitmap clusters, not the disk.
+/// found by scanning every L2 table once. With `counter`, the reference count is started
+/// there and fed each table read. Memory follows the bitmap clusters, not the disk.
 #[allow(clippy::too_many_arguments)]
 fn guest_cross_links(
     io: &dyn ImageIo,
@@ -840,7 +843,7 @@ fn guest_cross_links(
     directory: &Region,
     data_regions: &[Region],
     l2_tables: &[L2Ref],
-    mut counter: Option<&mut Counter>,
+    counter: Option<&mut Started>,
 ) -> Result<Vec<Overlap>, Error> {
     let header = &layout.header;
     // With an external data file, L2 entries point into that file, not this one.
@@ -883,6 +886,8 @@ fn guest_cross_links(
     let per_l2 = format.per_table();
     let mut found = Vec::new();
     let mut count = 0usize;
+    let mut counter =
+        counter.and_then(|slot| slot.insert(Counter::start(io, layout)).as_mut().ok());
     for l2 in l2_tables {
         let table = read_exact(io, l2.offset, cluster_size, "an L2 table")?;
         if let Some(counter) = counter.as_deref_mut() {

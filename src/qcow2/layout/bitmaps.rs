@@ -66,7 +66,7 @@ pub(super) fn read_bitmaps(
     layout: &mut Layout,
     problems: &mut Problems,
     l2_tables: &[L2Ref],
-    counter: Option<&mut Counter>,
+    counter: Option<&mut Started>,
 ) -> Result<(), Error> {
     let Some(ext) = layout.header.bitmaps_ext().cloned() else {
         if layout.header.autoclear & AUTOCLEAR_BITMAPS != 0 {
