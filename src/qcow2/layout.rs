@@ -701,9 +701,8 @@ fn read_with(io: &dyn ImageIo, count: bool) -> Result<(Layout, Problems, Started
     };
     // Overlaps among the other metadata (bitmap ones are reported by read_bitmaps, before
     // these).
-    let mut regions = layout.metadata.clone();
     let found = overlaps(
-        &mut regions,
+        &mut layout.metadata.clone(),
         &[],
         false,
         layout.header.cluster_bits,
