@@ -33,7 +33,7 @@ fn store_load_roundtrip_and_flags() {
         (info.granularity, info.auto, info.in_use, info.bitmap_type),
         (65536, false, false, 1)
     );
-    assert!(image.check().errors.is_empty());
+    assert!(image.check().errors().next().is_none());
     image.close().unwrap();
 
     let mut image = Image::open(&p, RW).unwrap();

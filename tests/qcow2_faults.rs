@@ -118,7 +118,9 @@ fn carries_errno(error: &Error, errno: i32) -> bool {
 fn is_poisoned(image: &Image) -> bool {
     image
         .check()
-        .warnings
+        .warnings()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
         .iter()
         .any(|w| w.contains("an earlier write through this handle failed"))
 }
@@ -271,7 +273,11 @@ fn inject_each(op: &Op, base: &Path, dir: &Path, qemu: bool, totals: &mut Totals
                 }
             }
             let report = Image::check_file(&work, OpenOptions::default()).unwrap();
-            assert!(report.errors.is_empty(), "{case}: {:?}", report.errors);
+            assert!(
+                report.errors().next().is_none(),
+                "{case}: {:?}",
+                report.errors().map(ToString::to_string).collect::<Vec<_>>()
+            );
             if qemu {
                 let text = qemu_check(&work, true);
                 let leaked = text.contains("leaked cluster");

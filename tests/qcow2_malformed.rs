@@ -531,9 +531,14 @@ fn malformed_images_are_refused() {
                 refused_or_confined(what, &path, read, expected);
                 let report = Image::check_file(&path, OpenOptions::default()).unwrap();
                 assert!(
-                    report.errors.iter().any(|e| e.contains(expected)),
+                    report
+                        .errors()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .iter()
+                        .any(|e| e.contains(expected)),
                     "{what}: check_file errors {:?}",
-                    report.errors
+                    report.errors().map(ToString::to_string).collect::<Vec<_>>()
                 );
             }
             Refused::Write => {
@@ -541,7 +546,11 @@ fn malformed_images_are_refused() {
                 let image = read.unwrap_or_else(|e| panic!("{what}: read-only open failed: {e}"));
                 // The only errors: refcounts below the references (qemu-img check's
                 // corruptions), which block writing.
-                let errors = image.check().errors;
+                let errors = image
+                    .check()
+                    .errors()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>();
                 assert!(
                     errors.iter().all(|e| e.contains("but 1 reference")),
                     "{what}: check errors {errors:?}"
@@ -580,7 +589,13 @@ fn stale_extension_is_ignored_then_dropped() {
     std::fs::write(&path, &bytes).unwrap();
     let image = Image::open(&path, OpenOptions::default()).unwrap();
     assert!(image.bitmaps().is_empty());
-    assert!(image.check().warnings.iter().any(|w| w.contains("stale")));
+    assert!(image
+        .check()
+        .warnings()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .iter()
+        .any(|w| w.contains("stale")));
     drop(image);
     let mut image = Image::open(&path, RW).unwrap();
     image.add_bitmap("new", 65536, true).unwrap();
@@ -830,19 +845,43 @@ fn resource_bounds_of_hostile_images() {
         let report = Image::check_file(&path, OpenOptions::default()).unwrap();
         // Messages are bounded too, however many entries are bad.
         assert!(
-            report.errors.len() <= 64 && report.warnings.len() <= 64,
+            report
+                .errors()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .len()
+                <= 64
+                && report
+                    .warnings()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .len()
+                    <= 64,
             "{what}: {} errors, {} warnings",
-            report.errors.len(),
-            report.warnings.len()
+            report
+                .errors()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .len(),
+            report
+                .warnings()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .len()
         );
         let open_rw = || Image::open(&path, RW);
         match outcome {
             Outcome::Refused(expected) => {
                 refused_or_confined(what, &path, read, expected);
                 assert!(
-                    report.errors.iter().any(|e| e.contains(expected)),
+                    report
+                        .errors()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .iter()
+                        .any(|e| e.contains(expected)),
                     "{what}: check_file errors {:?}",
-                    report.errors
+                    report.errors().map(ToString::to_string).collect::<Vec<_>>()
                 );
                 let err = open_rw().expect_err(what).to_string();
                 assert!(err.contains(expected), "{what}: writing: '{err}'");
@@ -853,19 +892,29 @@ fn resource_bounds_of_hostile_images() {
                 drop(image);
                 // Refcounts below the references are corruption, as for qemu-img check.
                 assert!(
-                    report.errors.iter().all(|e| e.contains("reference")),
+                    report
+                        .errors()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .iter()
+                        .all(|e| e.contains("reference")),
                     "{what}: {:?}",
-                    report.errors
+                    report.errors().map(ToString::to_string).collect::<Vec<_>>()
                 );
                 assert!(
                     report
-                        .warnings
+                        .warnings()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
                         .iter()
-                        .chain(&report.errors)
+                        .chain(&report.errors().map(ToString::to_string).collect::<Vec<_>>())
                         .any(|w| w.contains(expected)),
                     "{what}: check_file warnings {:?}, errors {:?}",
-                    report.warnings,
-                    report.errors
+                    report
+                        .warnings()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>(),
+                    report.errors().map(ToString::to_string).collect::<Vec<_>>()
                 );
                 match open_rw() {
                     Err(Error::ReadOnly(text)) => {
@@ -884,8 +933,18 @@ fn resource_bounds_of_hostile_images() {
                 }
                 assert_eq!(image.inspect_bitmap("a").unwrap(), a, "{what}");
                 drop(image);
-                assert!(report.errors.is_empty(), "{what}: {:?}", report.errors);
-                println!("{what}: accepted (valid), warnings {:?}", report.warnings);
+                assert!(
+                    report.errors().next().is_none(),
+                    "{what}: {:?}",
+                    report.errors().map(ToString::to_string).collect::<Vec<_>>()
+                );
+                println!(
+                    "{what}: accepted (valid), warnings {:?}",
+                    report
+                        .warnings()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                );
                 drop(open_rw().unwrap_or_else(|e| panic!("{what}: writing refused: {e}")));
             }
         }
@@ -924,13 +983,20 @@ fn names_with_a_nul_or_no_byte_are_read_and_edited() {
     assert!(report.is_clean(), "{report:?}");
     assert!(
         report
-            .notes
+            .notes()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
             .iter()
             .any(|n| n.contains("'a\\0'") && n.contains("NUL byte; QEMU knows the bitmap as 'a'")),
         "{report:?}"
     );
     assert!(
-        report.notes.iter().any(|n| n.contains("name is empty")),
+        report
+            .notes()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .iter()
+            .any(|n| n.contains("name is empty")),
         "{report:?}"
     );
 

@@ -10,7 +10,10 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use hbitmap::qcow2::io::{CrashIo, FileIo};
-use hbitmap::qcow2::{BitmapFlags, CheckReport, Error, Image, OpenOptions, RepairMode};
+use hbitmap::qcow2::{
+    BitmapFlags, CheckReport, EntryProblem, Error, Finding, FindingKind, Image, OpenOptions,
+    RepairMode, Subject,
+};
 use hbitmap::HBitmap;
 use hbitmap_testkit::Rng;
 use qcow2_util::*;
@@ -165,23 +168,57 @@ fn check_reports_and_changes_nothing() {
     let report = check(&path);
     // One corruption, c's misaligned table; b in use is a state (a warning).
     assert_eq!(report.corruptions, 1, "{report:?}");
-    assert_eq!(report.errors.len(), 1, "{report:?}");
+    let errors: Vec<&Finding> = report.errors().collect();
+    assert_eq!(errors.len(), 1, "{report:?}");
+    assert_eq!(errors[0].subject, Subject::Bitmap("c".into()), "{report:?}");
     assert!(
-        report.errors[0].contains("bitmap 'c'") && report.errors[0].contains("bitmap_table_offset"),
+        matches!(
+            errors[0].kind,
+            FindingKind::BadEntry {
+                problem: EntryProblem::TableOffset(_),
+                ..
+            }
+        ),
         "{report:?}"
+    );
+    // The rendering of that finding.
+    let text = errors[0].to_string();
+    assert!(
+        text.starts_with("bitmap 'c' (directory entry at ")
+            && text.contains("): bitmap_table_offset 0x")
+            && text.ends_with(" is not a nonzero multiple of the cluster size"),
+        "{text}"
     );
     assert_eq!(report.leaks, leaked, "{report:?}");
     assert_eq!(report.check_errors, 0);
     assert_eq!(report.in_use_bitmaps, ["b"]);
     assert_eq!(report.damaged_bitmaps, ["c"]);
-    assert!(report.warnings.iter().any(|w| w.contains("'b' is in use")));
+    assert!(report
+        .warnings()
+        .any(|w| w.subject == Subject::Bitmap("b".into()) && w.kind == FindingKind::InUse));
     assert!(report.unrepairable.is_none(), "{report:?}");
     let runs: u64 = report
-        .leaked
+        .leaked()
+        .map(|run| match (&run.subject, &run.kind) {
+            (&Subject::Clusters { count, .. }, &FindingKind::Leak { at, end }) => {
+                assert_eq!(end - at, count * 65536, "{run:?}");
+                count
+            }
+            _ => panic!("not a run of leaked clusters: {run:?}"),
+        })
+        .sum();
+    assert_eq!(
+        runs, leaked,
+        "the leaked runs add up: {:?}",
+        report.findings
+    );
+    // The rendering of a run.
+    let text: Vec<String> = report.leaked().map(ToString::to_string).collect();
+    let counted: u64 = text
         .iter()
         .map(|run| run.split(' ').next().unwrap().parse::<u64>().unwrap())
         .sum();
-    assert_eq!(runs, leaked, "the leaked runs add up: {:?}", report.leaked);
+    assert_eq!(counted, leaked, "{text:?}");
     assert_eq!(file_hash(&path), before, "check wrote to the image");
 }
 

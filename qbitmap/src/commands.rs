@@ -5,14 +5,16 @@
 use std::io::{self, Read, Write};
 use std::path::Path;
 
-use crate::qcow2::{BitmapFlags, BitmapInfo, BitmapName, Image, OpenOptions, RepairMode};
+use crate::qcow2::{BitmapFlags, BitmapInfo, BitmapName, Finding, Image, OpenOptions, RepairMode};
 use anyhow::{anyhow, bail, Context, Result};
 use hbitmap::HBitmap;
 use serde::Deserialize;
 
 use crate::cli::{DumpFormat, DumpOutputArgs, OutputArgs, Repair};
 use crate::extents::{self, dirty_bytes, Extent};
-use crate::output::{self, BitmapReport, CheckOutput, DumpReport, ImageReport, JsonName};
+use crate::output::{
+    self, BitmapReport, CheckOutput, DumpReport, FindingOutput, ImageReport, JsonName,
+};
 use crate::size::format_size;
 
 /// Opens an image for reading; `force_share` skips QEMU's locks.
@@ -463,10 +465,11 @@ pub fn check(
         compressed_clusters: report.compressed_clusters,
         bitmaps,
         clean: report.is_clean(),
-        errors: report.errors.clone(),
-        warnings: report.warnings.clone(),
-        notes: report.notes.clone(),
-        leaked: report.leaked.clone(),
+        errors: texts(report.errors()),
+        warnings: texts(report.warnings()),
+        notes: texts(report.notes()),
+        leaked: texts(report.leaked()),
+        findings: report.findings.iter().map(FindingOutput::new).collect(),
         in_use_bitmaps: names(&report.in_use_bitmaps),
         damaged_bitmaps: names(&report.damaged_bitmaps),
         stale_extension: report.stale_extension,
@@ -544,6 +547,11 @@ pub fn check(
         writeln!(out, "Image end offset: {end}")?;
     }
     Ok(status)
+}
+
+/// The findings' texts.
+fn texts<'a>(findings: impl Iterator<Item = &'a Finding>) -> Vec<String> {
+    findings.map(ToString::to_string).collect()
 }
 
 /// Bitmap names in their escaped form, as `list` prints them.

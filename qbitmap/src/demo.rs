@@ -359,7 +359,7 @@ fn check_read_back(out: &mut impl Write, tracked: &Tracked, loaded: &Loaded) -> 
         writeln!(out, "  ok    qbitmap check: no errors")?;
     } else {
         ok = false;
-        for problem in check.errors.iter().chain(&check.warnings) {
+        for problem in check.errors().chain(check.warnings()) {
             writeln!(out, "  FAIL  qbitmap check: {problem}")?;
         }
     }

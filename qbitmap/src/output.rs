@@ -5,7 +5,7 @@
 
 use std::io::{self, Write};
 
-use hbitmap::qcow2::BitmapName;
+use hbitmap::qcow2::{BitmapName, Finding, Subject};
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
@@ -131,6 +131,8 @@ pub struct CheckOutput {
     pub notes: Vec<String>,
     /// Runs of leaked clusters.
     pub leaked: Vec<String>,
+    /// Every finding above, typed: severity, subject, kind, and the text given above.
+    pub findings: Vec<FindingOutput>,
     pub in_use_bitmaps: Vec<String>,
     pub damaged_bitmaps: Vec<String>,
     pub stale_extension: bool,
@@ -144,6 +146,55 @@ pub struct CheckOutput {
     /// Why QEMU cannot open the image (then the exit status is 1, as qemu-img check's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub qemu_cannot_open: Option<String>,
+}
+
+/// One finding of `check --output=json`.
+#[derive(Debug, Serialize)]
+pub struct FindingOutput {
+    /// `error`, `warning`, `leak` or `note`.
+    pub severity: &'static str,
+    pub subject: SubjectOutput,
+    /// What is wrong (the library's `FindingKind` variant: `CrossLink`, `InUse`, `Leak`...).
+    pub kind: &'static str,
+    pub text: String,
+}
+
+/// What a finding concerns, tagged by `type`.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum SubjectOutput {
+    /// The name in its escaped form, as `list` prints it.
+    Bitmap {
+        name: String,
+    },
+    Directory,
+    Extension,
+    /// Host cluster indexes: `count` clusters from `first`.
+    Clusters {
+        first: u64,
+        count: u64,
+    },
+    Structure,
+}
+
+impl FindingOutput {
+    pub fn new(finding: &Finding) -> FindingOutput {
+        let subject = match &finding.subject {
+            Subject::Bitmap(name) => SubjectOutput::Bitmap {
+                name: name.to_string(),
+            },
+            Subject::Directory => SubjectOutput::Directory,
+            Subject::Extension => SubjectOutput::Extension,
+            &Subject::Clusters { first, count } => SubjectOutput::Clusters { first, count },
+            _ => SubjectOutput::Structure,
+        };
+        FindingOutput {
+            severity: finding.severity.name(),
+            subject,
+            kind: finding.kind.name(),
+            text: finding.to_string(),
+        }
+    }
 }
 
 /// Writes a value as pretty JSON followed by a newline.

@@ -448,6 +448,16 @@ fn in_use_bitmaps() {
     assert_eq!(report["corruptions"], 0);
     assert_eq!(report["in-use-bitmaps"], json!(["b"]));
     assert_eq!(report["warnings"].as_array().unwrap().len(), 1);
+    // The same finding, typed.
+    assert_eq!(
+        report["findings"],
+        json!([{
+            "severity": "warning",
+            "subject": {"type": "bitmap", "name": "b"},
+            "kind": "InUse",
+            "text": report["warnings"][0],
+        }])
+    );
 
     // An in-use bitmap can still be removed.
     ok(&["remove", s(&path), "b"]);
@@ -782,6 +792,15 @@ fn check_reports_overlaps() {
                 .iter()
                 .any(|e| e.as_str().unwrap().contains(expected)),
             "{expected}: {errors:?}"
+        );
+        // Typed: a cross-link of a bitmap, with the same text.
+        let findings = report["findings"].as_array().unwrap();
+        assert!(
+            findings.iter().any(|f| f["severity"] == "error"
+                && f["kind"] == "CrossLink"
+                && f["subject"]["type"] == "bitmap"
+                && f["text"].as_str().unwrap().contains(expected)),
+            "{expected}: {findings:?}"
         );
         let list = qbitmap().args(["list", s(&path)]).output().unwrap();
         assert!(

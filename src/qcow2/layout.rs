@@ -19,6 +19,8 @@ use std::collections::{HashMap, HashSet};
 
 use super::bitmap_dir::{self, DirEntry};
 use super::bitmap_table;
+use super::check::count::Counter;
+use super::check::finding::{Finding, FindingKind, MoreOf, Place, Severity, Subject};
 use super::error::{corrupt, Error};
 use super::header::{
     be16, be32, be64, read_exact, BitmapsExt, Header, AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN,
@@ -26,6 +28,7 @@ use super::header::{
 };
 use super::io::ImageIo;
 use super::l2_entry::{L2Format, Mapping, INCOMPAT_DATA_FILE};
+use super::name::BitmapName;
 use super::refcount::{get_entry, past_end, Refcounts};
 
 mod bitmaps;
@@ -78,10 +81,31 @@ pub(crate) struct Bitmap {
     /// still be trusted in this sense: its clusters are known).
     pub trusted: bool,
     /// What is wrong with it, when it is not trusted: the first problem found.
-    pub damage: Option<String>,
+    pub damage: Option<Damage>,
     /// Whether its directory entry passes QEMU's checks (`check_dir_entry`): `qemu-img check`
     /// then counts its table and data clusters whether or not the bitmap is trusted here.
     pub entry_valid: bool,
+}
+
+/// Why a bitmap is not trusted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Damage {
+    /// The first finding about it (an error, or a warning for a bitmap in use).
+    Found(Finding),
+    /// Its clusters overlap other data, in an overlap past those reported one by one.
+    UnreportedOverlap,
+    /// Its entry or table is invalid (a duplicate name found before any other problem).
+    Invalid,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Damage::Found(finding) => finding.fmt(f),
+            Damage::UnreportedOverlap => f.write_str("its clusters overlap other data"),
+            Damage::Invalid => f.write_str("its entry or table is invalid"),
+        }
+    }
 }
 
 impl Bitmap {
@@ -197,40 +221,43 @@ impl Layout {
 /// Problems found while reading.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Problems {
-    /// The image is malformed: it is refused.
-    pub errors: Vec<String>,
-    /// Worth knowing; reading works.
-    pub warnings: Vec<String>,
+    /// What was found, in order: errors (the image is malformed), warnings (worth knowing;
+    /// reading works) and notes (harmless: not problems at all).
+    pub findings: Vec<Finding>,
     /// Reading works but writing is refused (with these reasons).
     pub write_blockers: Vec<String>,
-    /// Harmless: not problems at all.
-    pub notes: Vec<String>,
-    /// Which of `errors` concern the bitmaps extension (the others concern the rest of the
-    /// image).
-    pub bitmap_errors: std::ops::Range<usize>,
-    /// Metadata clusters whose refcount is 0 or, for bitmap clusters, above 1 (also in
-    /// `warnings`): a full reference count reports these precisely.
-    pub refcount_warnings: Vec<String>,
-    /// Pairs of bitmaps whose names QEMU reads as one (up to a NUL byte): reading works here,
-    /// but QEMU refuses to open the image, so `check` counts each as a corruption.
-    pub name_clashes: u64,
     /// The first problem for which QEMU refuses to open the image while loading its bitmaps
     /// (the extension's fields, a directory entry, a name, the table or data of a bitmap not in
     /// use): `qemu-img check` then cannot check it (exit 1), and neither says `check`, though
     /// it reads and can repair what is readable.
     pub qemu_refuses: Option<String>,
-    /// Clusters that a bitmap shares with something else, for the cross-links reported in
-    /// `errors`: `qemu-img check` counts such a cluster once, as a refcount below its
+    /// Clusters that a bitmap shares with something else, for the cross-links reported as
+    /// errors: `qemu-img check` counts such a cluster once, as a refcount below its
     /// references, not once per message or per entry pointing to it.
     pub cross_link_clusters: Vec<u64>,
-    /// How many of `errors` report such cross-links.
-    pub cross_link_errors: usize,
 }
 
 impl Problems {
     /// Records `message` as a reason QEMU refuses the image, if it is the first.
     pub(crate) fn qemu_refuses(&mut self, message: &str) {
         self.qemu_refuses.get_or_insert_with(|| message.to_string());
+    }
+
+    pub(crate) fn push(&mut self, severity: Severity, subject: Subject, kind: FindingKind) {
+        self.findings.push(Finding::new(severity, subject, kind));
+    }
+
+    /// The findings of one severity, in order.
+    pub(crate) fn of(&self, severity: Severity) -> impl Iterator<Item = &Finding> {
+        self.findings.iter().filter(move |f| f.severity == severity)
+    }
+
+    pub(crate) fn errors(&self) -> impl Iterator<Item = &Finding> {
+        self.of(Severity::Error)
+    }
+
+    pub(crate) fn has_errors(&self) -> bool {
+        self.errors().next().is_some()
     }
 
     /// Whether opening the image, even read-only, is refused: errors beyond damage confined to
@@ -241,54 +268,87 @@ impl Problems {
             && !layout.directory_damaged
             && layout.ext_damage.is_none()
             && layout.bitmaps.iter().any(|b| !b.trusted);
-        !self.errors.is_empty() && !confined
+        self.has_errors() && !confined
     }
 
     /// Errors that do not concern the bitmaps extension.
-    pub(crate) fn structural_errors(&self) -> impl Iterator<Item = &String> {
-        let range = self.bitmap_errors.clone();
-        self.errors
-            .iter()
-            .enumerate()
-            .filter(move |(index, _)| !range.contains(index))
-            .map(|(_, error)| error)
+    pub(crate) fn structural_errors(&self) -> impl Iterator<Item = &Finding> {
+        self.errors().filter(|f| !f.subject.is_bitmaps())
     }
+
+    /// The first error that concerns the bitmaps extension.
+    pub(crate) fn first_bitmaps_error(&self) -> Option<&Finding> {
+        self.errors().find(|f| f.subject.is_bitmaps())
+    }
+
+    /// Errors reporting clusters a bitmap shares with something else (cross-links).
+    pub(crate) fn cross_link_errors(&self) -> usize {
+        self.errors().filter(|f| f.kind.is_cross_link()).count()
+    }
+
+    /// Pairs of bitmaps whose names QEMU reads as one (up to a NUL byte): reading works here,
+    /// but QEMU refuses to open the image, so `check` counts each as a corruption.
+    pub(crate) fn name_clashes(&self) -> u64 {
+        self.findings
+            .iter()
+            .filter(|f| matches!(f.kind, FindingKind::NameClash { .. }))
+            .count() as u64
+    }
+}
+
+/// Whether a finding is one of the refcount warnings reading makes (metadata clusters whose
+/// refcount is 0 or, for bitmap clusters, above 1): a full reference count reports these
+/// precisely.
+pub(crate) fn is_refcount_warning(finding: &Finding) -> bool {
+    matches!(
+        finding.kind,
+        FindingKind::RefcountZero { .. } | FindingKind::BitmapRefcountAboveOne { .. }
+    )
 }
 
 fn round_up(value: u64, to: u64) -> u64 {
     value.div_ceil(to) * to
 }
 
-/// Describes a region for messages.
-pub(crate) fn describe(region: &Region, bitmaps: &[Bitmap]) -> String {
+/// Where a region lies, for findings.
+pub(crate) fn place(region: &Region, bitmaps: &[Bitmap]) -> Place {
     let at = region.start;
     let name = |index: usize| {
         bitmaps
             .get(index)
-            .map(|b| b.name())
-            .unwrap_or_else(|| format!("#{index}"))
+            .map(|b| BitmapName::from(b.entry.name.as_slice()))
+            .unwrap_or_else(|| BitmapName::from(format!("#{index}").as_bytes()))
     };
     match region.owner {
-        Owner::Header => "the header cluster at 0x0".to_string(),
-        Owner::L1Table => format!("the active L1 table at {at:#x}"),
-        Owner::L2Table(i) => format!("the L2 table at {at:#x} (L1 entry {i})"),
-        Owner::RefcountTable => format!("the refcount table at {at:#x}"),
-        Owner::RefcountBlock(i) => format!("refcount block {i} at {at:#x}"),
-        Owner::SnapshotTable => format!("the snapshot table at {at:#x}"),
-        Owner::SnapshotL1(i) => format!("the L1 table of snapshot {i} at {at:#x}"),
-        Owner::SnapshotL2(snapshot, i) => {
-            format!("the L2 table at {at:#x} (L1 entry {i} of snapshot {snapshot})")
-        }
-        Owner::CryptoHeader => format!("the encryption header at {at:#x}"),
-        Owner::Directory => format!("the bitmap directory at {at:#x}"),
-        Owner::BitmapTable(b) => format!("the bitmap table of bitmap '{}' at {at:#x}", name(b)),
-        Owner::BitmapData(b, e) => {
+        Owner::Header => Place::Header,
+        Owner::L1Table => Place::L1Table { at },
+        Owner::L2Table(l1_index) => Place::L2Table { at, l1_index },
+        Owner::RefcountTable => Place::RefcountTable { at },
+        Owner::RefcountBlock(index) => Place::RefcountBlock {
+            index: index as u64,
+            at,
+        },
+        Owner::SnapshotTable => Place::SnapshotTable { at },
+        Owner::SnapshotL1(snapshot) => Place::SnapshotL1 { snapshot, at },
+        Owner::SnapshotL2(snapshot, l1_index) => Place::SnapshotL2 {
+            snapshot,
+            l1_index,
+            at,
+        },
+        Owner::CryptoHeader => Place::EncryptionHeader { at },
+        Owner::Directory => Place::Directory { at },
+        Owner::BitmapTable(b) => Place::BitmapTable {
+            bitmap: name(b),
+            at,
+        },
+        Owner::BitmapData(b, entry) => {
             let table = bitmaps.get(b).map(|b| b.entry.table_offset).unwrap_or(0);
-            format!(
-                "a data cluster of bitmap '{}' at {at:#x} (bitmap table entry {e} at {:#x})",
-                name(b),
-                table + 8 * e
-            )
+            Place::BitmapData {
+                bitmap: name(b),
+                at,
+                entry,
+                entry_at: table + 8 * entry,
+            }
         }
     }
 }
@@ -300,9 +360,10 @@ fn is_bitmap_owner(owner: Owner) -> bool {
     )
 }
 
-/// One overlap found: its message and the bitmaps involved.
+/// One overlap found: what to report (None for one past `MAX_REPORTED`, reported only summed
+/// up) and the bitmaps involved.
 struct Overlap {
-    message: String,
+    kind: Option<FindingKind>,
     bitmaps: Vec<usize>,
     /// The bitmap directory is one of the two.
     directory: bool,
@@ -325,18 +386,19 @@ fn bitmap_of(owner: Owner) -> Option<usize> {
 }
 
 /// Finds overlapping regions; `report` filters which pairs are reported. The first
-/// `MAX_REPORTED` get a message; the others are summed up in one more without a message of
-/// their own (but with their bitmaps).
+/// `MAX_REPORTED` are reported; the others are summed up in one more (with their bitmaps).
+/// `of_bitmaps`: the overlaps are the bitmaps' (cross-links), not among other metadata.
 fn overlaps(
     regions: &mut [Region],
     bitmaps: &[Bitmap],
+    of_bitmaps: bool,
     cluster_bits: u32,
     report: impl Fn(&Region, &Region) -> bool,
 ) -> Vec<Overlap> {
     regions.sort_by_key(|r| (r.start, r.end));
     let mut found = Vec::new();
     let mut unreported = Overlap {
-        message: String::new(),
+        kind: None,
         bitmaps: Vec::new(),
         directory: false,
         clusters: Vec::new(),
@@ -359,12 +421,13 @@ fn overlaps(
                 let shared = shared_clusters(&region, &other, cluster_bits);
                 count += 1;
                 if count <= MAX_REPORTED {
+                    let (first, second) = (place(&region, bitmaps), place(&other, bitmaps));
                     found.push(Overlap {
-                        message: format!(
-                            "{} overlaps {}",
-                            capitalize(&describe(&region, bitmaps)),
-                            describe(&other, bitmaps)
-                        ),
+                        kind: Some(if of_bitmaps {
+                            FindingKind::CrossLink { first, second }
+                        } else {
+                            FindingKind::Overlap { first, second }
+                        }),
                         bitmaps: involved,
                         directory,
                         clusters: shared.collect(),
@@ -383,23 +446,38 @@ fn overlaps(
         }
     }
     if count > MAX_REPORTED {
-        unreported.message = format!("... and {} more overlaps", count - MAX_REPORTED);
+        unreported.kind = Some(FindingKind::More {
+            count: (count - MAX_REPORTED) as u64,
+            of: if of_bitmaps {
+                MoreOf::BitmapOverlaps
+            } else {
+                MoreOf::Overlaps
+            },
+        });
         found.push(unreported);
     }
     found
 }
 
-fn capitalize(text: &str) -> String {
-    let mut chars = text.chars();
-    match chars.next() {
-        Some(first) => first.to_uppercase().chain(chars).collect(),
-        None => String::new(),
-    }
-}
-
 /// Reads the image. Fatal problems (no usable header or refcount table) are returned as
 /// errors; the others are collected in [`Problems`].
 pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
+    read_with(io, false).map(|(layout, problems, _)| (layout, problems))
+}
+
+/// The reference count [`read_counted`] started while reading, or why it could not start.
+/// None when no L2 table was read for the bitmaps (no bitmaps, an external data file), or
+/// when the metadata other than the bitmaps' is damaged (a count would follow garbage).
+pub(crate) type Started = Option<Result<Counter, Error>>;
+
+/// [`read`], also counting the references of everything but the bitmaps extension (to finish
+/// with [`Counter::finish`]) on the walk that reads the L2 tables for the bitmaps'
+/// cross-links with guest data, if it runs: each L2 table is then read once.
+pub(crate) fn read_counted(io: &dyn ImageIo) -> Result<(Layout, Problems, Started), Error> {
+    read_with(io, true)
+}
+
+fn read_with(io: &dyn ImageIo, count: bool) -> Result<(Layout, Problems, Started), Error> {
     let file_len = io
         .len()
         .map_err(|e| Error::io("getting the image file's size", e))?;
@@ -425,20 +503,15 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
             bits.join(", ")
         )));
     }
-    if header.incompatible & INCOMPAT_DIRTY != 0 {
-        let message = "the image has the dirty bit set (its refcounts may be stale after an \
-                       unclean shutdown with lazy refcounts); 'check -r all' rebuilds them, \
-                       which writing needs first"
-            .to_string();
-        problems.warnings.push(message.clone());
-        problems.write_blockers.push(message);
-    }
-    if header.incompatible & INCOMPAT_CORRUPT != 0 {
-        let message = "the image is marked corrupt (incompatible feature bit 1); QEMU refuses \
-                       to write it until 'qemu-img check -r all' repairs it"
-            .to_string();
-        problems.warnings.push(message.clone());
-        problems.write_blockers.push(message);
+    for (bit, kind) in [
+        (INCOMPAT_DIRTY, FindingKind::DirtyBit),
+        (INCOMPAT_CORRUPT, FindingKind::CorruptBit),
+    ] {
+        if header.incompatible & bit != 0 {
+            let finding = Finding::new(Severity::Warning, Subject::Structure, kind);
+            problems.write_blockers.push(finding.to_string());
+            problems.findings.push(finding);
+        }
     }
     if header.version < 3 {
         problems.write_blockers.push(
@@ -448,10 +521,13 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
         );
     }
     if header.autoclear & !AUTOCLEAR_KNOWN != 0 {
-        problems.warnings.push(format!(
-            "unknown autoclear feature bits {:#x} are set; the next write clears them",
-            header.autoclear & !AUTOCLEAR_KNOWN
-        ));
+        problems.push(
+            Severity::Warning,
+            Subject::Structure,
+            FindingKind::UnknownAutoclearBits {
+                bits: header.autoclear & !AUTOCLEAR_KNOWN,
+            },
+        );
     }
 
     let refcounts = Refcounts::load(
@@ -538,24 +614,30 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
             bad += 1;
             if bad <= MAX_REPORTED {
                 let at = header.l1_table_offset + 8 * index as u64;
-                problems.errors.push(if misaligned {
-                    format!(
-                        "L1 table entry {index} at {at:#x}: L2 table offset {offset:#x} is not \
-                         cluster-aligned"
-                    )
+                let l1_index = index as u64;
+                problems.findings.push(Finding::structure(if misaligned {
+                    FindingKind::L2TableMisaligned {
+                        l1_index,
+                        at,
+                        offset,
+                    }
                 } else {
-                    format!(
-                        "L1 table entry {index} at {at:#x}: the L2 table at {offset:#x} lies past \
-                         the end of the file ({file_len} bytes)"
-                    )
-                });
+                    FindingKind::L2TablePastEnd {
+                        l1_index,
+                        at,
+                        offset,
+                        file_len,
+                    }
+                }));
             }
         }
         if bad > MAX_REPORTED {
-            problems.errors.push(format!(
-                "... and {} more invalid L1 table entries",
-                bad - MAX_REPORTED
-            ));
+            problems
+                .findings
+                .push(Finding::structure(FindingKind::More {
+                    count: (bad - MAX_REPORTED) as u64,
+                    of: MoreOf::InvalidL1Entries,
+                }));
         }
     }
 
@@ -572,11 +654,14 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
                     continue;
                 }
                 if offset % cluster_size != 0 || offset.saturating_add(cluster_size) > file_len {
-                    problems.errors.push(format!(
-                        "snapshot {snapshot}: L1 table entry {index} at {:#x}: the L2 table at \
-                         {offset:#x} is misaligned or lies past the end of the file",
-                        l1_offset + 8 * index as u64
-                    ));
+                    problems
+                        .findings
+                        .push(Finding::structure(FindingKind::SnapshotL2Invalid {
+                            snapshot,
+                            l1_index: index as u64,
+                            at: l1_offset + 8 * index as u64,
+                            offset,
+                        }));
                     continue;
                 }
                 let owner = Owner::SnapshotL2(snapshot, index as u64);
@@ -591,10 +676,12 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
     }
     if let Some((offset, len)) = header.crypto_area() {
         if offset % cluster_size != 0 || offset.saturating_add(len) > file_len {
-            problems.errors.push(format!(
-                "encryption header extension: the area at {offset:#x} ({len} bytes) is not \
-                 cluster-aligned or lies past the end of the file"
-            ));
+            problems
+                .findings
+                .push(Finding::structure(FindingKind::EncryptionAreaInvalid {
+                    offset,
+                    len,
+                }));
         } else if len > 0 {
             metadata.push(region(offset, len, Owner::CryptoHeader));
         }
@@ -612,20 +699,42 @@ pub(crate) fn read(io: &dyn ImageIo) -> Result<(Layout, Problems), Error> {
         directory_damaged: false,
         ext_damage: None,
     };
-    let first_bitmap_error = problems.errors.len();
-    read_bitmaps(io, &mut layout, &mut problems, &l2_tables)?;
-    problems.bitmap_errors = first_bitmap_error..problems.errors.len();
-
-    // Overlaps among the other metadata (bitmap ones were reported by read_bitmaps).
-    let mut regions = layout.metadata.clone();
-    let found = overlaps(&mut regions, &[], layout.header.cluster_bits, |_, _| true);
-    problems
-        .errors
-        .extend(found.into_iter().map(|overlap| overlap.message));
+    // Overlaps among the other metadata (bitmap ones are reported by read_bitmaps, before
+    // these).
+    let found = overlaps(
+        &mut layout.metadata.clone(),
+        &[],
+        false,
+        layout.header.cluster_bits,
+        |_, _| true,
+    );
+    let damaged = problems.structural_errors().next().is_some()
+        || found.iter().any(|overlap| overlap.kind.is_some());
+    // Started by the walk that scans the L2 tables for bitmap clusters, if it runs (without
+    // bitmaps the count is made afterwards, as its memory is then not added to this walk's).
+    let mut counter: Started = None;
+    read_bitmaps(
+        io,
+        &mut layout,
+        &mut problems,
+        &l2_tables,
+        (count && !damaged).then_some(&mut counter),
+    )?;
+    for overlap in found {
+        let Some(kind) = overlap.kind else { continue };
+        let subject = match overlap.clusters[..] {
+            [first, ..] => Subject::Clusters {
+                first,
+                count: overlap.clusters.len() as u64,
+            },
+            [] => Subject::Structure,
+        };
+        problems.push(Severity::Error, subject, kind);
+    }
 
     check_refcounts(io, &mut layout, &mut problems)?;
     layout.metadata.sort_by_key(|r| (r.start, r.end));
-    Ok((layout, problems))
+    Ok((layout, problems, counter))
 }
 
 fn read_snapshots(
@@ -686,10 +795,14 @@ fn read_snapshots(
             || l1_offset % cluster_size != 0
             || (l1_bytes > 0 && l1_offset.saturating_add(l1_bytes) > file_len)
         {
-            problems.errors.push(format!(
-                "snapshot {index} (table entry at {pos:#x}): its L1 table at {l1_offset:#x} \
-                 ({l1_size} entries) is misaligned, too large or past the end of the file"
-            ));
+            problems
+                .findings
+                .push(Finding::structure(FindingKind::SnapshotL1Invalid {
+                    snapshot: index,
+                    entry_at: pos,
+                    l1_offset,
+                    l1_size,
+                }));
         } else if l1_bytes > 0 {
             metadata.push(Region {
                 start: l1_offset,
@@ -718,7 +831,8 @@ fn table_region(bitmap: &Bitmap, index: usize, cluster_size: u64) -> Region {
 }
 
 /// Bitmap clusters that are also guest data clusters (of the active disk or of a snapshot),
-/// found by scanning every L2 table once. Memory follows the bitmap clusters, not the disk.
+/// found by scanning every L2 table once. With `counter`, the reference count is started
+/// there and fed each table read. Memory follows the bitmap clusters, not the disk.
 #[allow(clippy::too_many_arguments)]
 fn guest_cross_links(
     io: &dyn ImageIo,
@@ -728,6 +842,7 @@ fn guest_cross_links(
     directory: &Region,
     data_regions: &[Region],
     l2_tables: &[L2Ref],
+    counter: Option<&mut Started>,
 ) -> Result<Vec<Overlap>, Error> {
     let header = &layout.header;
     // With an external data file, L2 entries point into that file, not this one.
@@ -770,8 +885,13 @@ fn guest_cross_links(
     let per_l2 = format.per_table();
     let mut found = Vec::new();
     let mut count = 0usize;
+    let mut counter =
+        counter.and_then(|slot| slot.insert(Counter::start(io, layout)).as_mut().ok());
     for l2 in l2_tables {
         let table = read_exact(io, l2.offset, cluster_size, "an L2 table")?;
+        if let Some(counter) = counter.as_deref_mut() {
+            counter.feed(layout, l2.offset, &table);
+        }
         for (i, raw) in format.entries(&table).enumerate() {
             let (first, last) = match format.decode(raw.entry) {
                 Mapping::Compressed { offset, size } => {
@@ -792,7 +912,7 @@ fn guest_cross_links(
                 count += 1;
                 if count > MAX_REPORTED {
                     found.push(Overlap {
-                        message: String::new(),
+                        kind: None,
                         bitmaps: bitmap_of(region.owner).into_iter().collect(),
                         directory: region.owner == Owner::Directory,
                         clusters: vec![cluster],
@@ -800,19 +920,15 @@ fn guest_cross_links(
                     continue;
                 }
                 let virtual_offset = (l2.l1_index * per_l2 + i as u64) << cluster_bits;
-                let disk = match l2.snapshot {
-                    None => "the active disk".to_string(),
-                    Some(snapshot) => format!("snapshot {snapshot}"),
-                };
                 found.push(Overlap {
-                    message: format!(
-                        "{} is also a guest data cluster: the cluster at {:#x} holds virtual \
-                         offset {virtual_offset:#x} of {disk} (L2 table at {:#x}, entry {i}); \
-                         freeing or rewriting it would destroy guest data",
-                        capitalize(&describe(region, bitmaps)),
-                        cluster << cluster_bits,
-                        l2.offset
-                    ),
+                    kind: Some(FindingKind::GuestCrossLink {
+                        place: place(region, bitmaps),
+                        cluster_at: cluster << cluster_bits,
+                        virtual_offset,
+                        snapshot: l2.snapshot,
+                        l2_at: l2.offset,
+                        entry: i as u64,
+                    }),
                     bitmaps: bitmap_of(region.owner).into_iter().collect(),
                     directory: region.owner == Owner::Directory,
                     clusters: vec![cluster],
@@ -822,10 +938,10 @@ fn guest_cross_links(
     }
     if count > MAX_REPORTED {
         found.push(Overlap {
-            message: format!(
-                "... and {} more guest data cross-links",
-                count - MAX_REPORTED
-            ),
+            kind: Some(FindingKind::More {
+                count: (count - MAX_REPORTED) as u64,
+                of: MoreOf::GuestCrossLinks,
+            }),
             bitmaps: Vec::new(),
             directory: false,
             clusters: Vec::new(),
@@ -871,25 +987,33 @@ fn check_refcounts(
             get_entry(bytes, (cluster % per_block) as usize, refcounts.order())
         };
         let at = cluster << cluster_bits;
+        let subject = Subject::Clusters {
+            first: cluster,
+            count: 1,
+        };
         if count == 0 {
             reported += 1;
             if reported <= MAX_REPORTED {
-                let message = format!(
-                    "the cluster at {at:#x} ({}) has refcount 0: it is used but counted \
-                         free; repair the image with 'qemu-img check -r all'",
-                    describe(region, &layout.bitmaps)
+                let place = place(region, &layout.bitmaps);
+                let finding = Finding::new(
+                    Severity::Warning,
+                    subject,
+                    FindingKind::RefcountZero { at, place },
                 );
-                problems.warnings.push(message.clone());
-                problems.refcount_warnings.push(message.clone());
-                problems.write_blockers.push(message);
+                problems.write_blockers.push(finding.to_string());
+                problems.findings.push(finding);
             }
         } else if count > 1 && is_bitmap_owner(region.owner) {
-            let message = format!(
-                "the cluster at {at:#x} ({}) has refcount {count}, expected 1",
-                describe(region, &layout.bitmaps)
+            let place = place(region, &layout.bitmaps);
+            problems.push(
+                Severity::Warning,
+                subject,
+                FindingKind::BitmapRefcountAboveOne {
+                    at,
+                    place,
+                    refcount: count,
+                },
             );
-            problems.warnings.push(message.clone());
-            problems.refcount_warnings.push(message);
         }
     }
     Ok(())

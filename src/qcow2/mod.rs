@@ -106,7 +106,10 @@ use self::layout::{Bitmap, ExtState, Layout};
 use self::lock::ImageLock;
 use self::name::escape;
 
-pub use self::check::{CheckReport, Severity};
+pub use self::check::finding::{
+    EntryProblem, ExtensionProblem, Finding, FindingKind, MoreOf, Place, Severity, Subject,
+};
+pub use self::check::CheckReport;
 pub use self::error::Error;
 pub use self::name::BitmapName;
 
@@ -319,15 +322,19 @@ impl Image {
         lock: Option<ImageLock>,
         writable: bool,
     ) -> Result<Image, Error> {
-        let (layout, mut problems) = layout::read(&*io)?;
-        if !problems.errors.is_empty() {
+        let (layout, problems) = layout::read(&*io)?;
+        let mut warnings: Vec<String> = problems
+            .of(Severity::Warning)
+            .map(ToString::to_string)
+            .collect();
+        if problems.has_errors() {
+            let errors: Vec<String> = problems.errors().map(ToString::to_string).collect();
             // Damage confined to some bitmaps leaves the others readable, as QEMU lists and
             // serves them; reading a damaged one is refused. Writing waits for a repair.
             if problems.refuse_opening(&layout) || writable {
-                return Err(Error::Corrupt(summarize(&problems.errors)));
+                return Err(Error::Corrupt(summarize(&errors)));
             }
-            let errors = std::mem::take(&mut problems.errors);
-            problems.warnings.extend(errors);
+            warnings.extend(errors);
         }
         if writable && !problems.write_blockers.is_empty() {
             return Err(Error::ReadOnly(format!(
@@ -343,7 +350,7 @@ impl Image {
             writable,
             layout,
             infos: Vec::new(),
-            warnings: problems.warnings,
+            warnings,
             poisoned: None,
             pending: Vec::new(),
             header_attempted: false,
@@ -1057,9 +1064,12 @@ impl Image {
         let mut report = check::check_io(&*self.io);
         report.add_missing_files(&self.path, &self.layout.header);
         if let Some(why) = &self.poisoned {
-            report.warnings.push(format!(
-                "an earlier write through this handle failed ({why}); reopen the image"
+            report.findings.push(Finding::new(
+                Severity::Warning,
+                Subject::Structure,
+                FindingKind::WriteFailed { why: why.clone() },
             ));
+            report.findings.sort_by_key(|finding| finding.severity);
         }
         report
     }

@@ -13,10 +13,10 @@
 //! clusters are unreferenced with refcount 0.
 #![forbid(unsafe_code)]
 
-use super::check::count::{add_bitmaps, count_base, refusal};
+use super::check::count::{add_bitmaps, read_and_count, refusal};
 use super::error::Error;
 use super::header::INCOMPAT_DIRTY;
-use super::layout::{self, ExtState};
+use super::layout::ExtState;
 use super::refcount::{set_entry, Refcounts, MAX_REFTABLE_BYTES};
 use super::Image;
 
@@ -25,9 +25,8 @@ impl Image {
     /// switches the header to it and clears the dirty bit. Refused (nothing written) when the
     /// walk cannot be complete.
     pub(super) fn rebuild_refcounts(&mut self, changes: &mut Vec<String>) -> Result<(), Error> {
-        let (layout, problems) = layout::read(&*self.io)?;
-        let base = count_base(&*self.io, &layout)?;
-        let structural: Vec<String> = problems.structural_errors().cloned().collect();
+        let (layout, problems, base) = read_and_count(&*self.io)?;
+        let structural: Vec<_> = problems.structural_errors().cloned().collect();
         if let Some(why) = refusal(&layout, &structural, &base) {
             return Err(Error::Unsupported(format!(
                 "refusing to rebuild the refcounts of {}: {why}",

@@ -12,22 +12,22 @@
 use std::path::{Path, PathBuf};
 
 use super::check::count::{
-    add_bitmaps, compare, count_base, describe_leaks, describe_under, refusal, CopiedFlags,
-    Mismatch,
+    add_bitmaps, compare, count_base, describe_leaks, describe_under, read_and_count, refusal,
+    CopiedFlags, Mismatch,
 };
 use super::check::{check_io, check_walk};
 use super::error::Error;
 use super::header::{be64, read_exact, INCOMPAT_DIRTY};
 use super::io::ImageIo;
 use super::l2_entry::{L2Format, Mapping, RawEntry, OFLAG_COPIED};
-use super::layout::{ExtState, L1_OFFSET_MASK, MAX_REPORTED};
+use super::layout::{Damage, ExtState, L1_OFFSET_MASK, MAX_REPORTED};
 use super::{clusters_of, layout, FileIo, Image, ImageLock, RepairMode, RepairReport};
 
 /// Why a repair removes a bitmap.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Removal {
     /// Its entry, table or clusters are damaged (the first problem found).
-    Damaged(String),
+    Damaged(Damage),
     /// Marked in use: a state, not damage (`-r all` only).
     InUse,
     /// One of its clusters is counted below its references (why).
@@ -156,12 +156,11 @@ impl Image {
                 Some(walked.comparison),
             ),
             None => {
-                let (layout, problems) = layout::read(&*self.io)?;
-                let base = count_base(&*self.io, &layout)?;
+                let (layout, problems, base) = read_and_count(&*self.io)?;
                 (layout, problems, base, None)
             }
         };
-        let structural: Vec<String> = problems.structural_errors().cloned().collect();
+        let structural: Vec<_> = problems.structural_errors().cloned().collect();
         if let Some(why) = refusal(&layout, &structural, &base) {
             return Err(refuse(self, why));
         }
@@ -178,9 +177,7 @@ impl Image {
             .map(|b| {
                 if !b.trusted {
                     Some(Removal::Damaged(
-                        b.damage
-                            .clone()
-                            .unwrap_or_else(|| "its entry or table is invalid".into()),
+                        b.damage.clone().unwrap_or(Damage::Invalid),
                     ))
                 } else if mode == RepairMode::All
                     && b.entry.in_use()
@@ -196,9 +193,8 @@ impl Image {
             ExtState::Broken => Some(format!(
                 "the bitmaps extension is unreadable ({}); dropped it with every bitmap it listed",
                 problems
-                    .errors
-                    .get(problems.bitmap_errors.start)
-                    .cloned()
+                    .first_bitmaps_error()
+                    .map(ToString::to_string)
                     .unwrap_or_default()
             )),
             ExtState::Stale => Some(
@@ -490,7 +486,7 @@ impl Image {
             report.corruptions_fixed += fixed?;
             report.after = check_io(&*self.io);
         }
-        self.warnings = report.after.warnings.clone();
+        self.warnings = report.after.warnings().map(ToString::to_string).collect();
         Ok(report)
     }
 
@@ -578,9 +574,8 @@ impl Image {
     /// Walks the image again and lowers every refcount above its references; returns how many
     /// clusters it changed.
     fn fix_leaks(&mut self, changes: &mut Vec<String>) -> Result<u64, Error> {
-        let (layout, problems) = layout::read(&*self.io)?;
-        let mut base = count_base(&*self.io, &layout)?;
-        let structural: Vec<String> = problems.structural_errors().cloned().collect();
+        let (layout, problems, mut base) = read_and_count(&*self.io)?;
+        let structural: Vec<_> = problems.structural_errors().cloned().collect();
         if let Some(why) = refusal(&layout, &structural, &base) {
             return Err(Error::Corrupt(format!(
                 "{}: not freeing leaked clusters: {why}",

@@ -78,7 +78,7 @@ impl Image {
                     "refusing to write: the free cluster at {offset:#x} handed out by the \
                      refcounts is used by {}; the refcounts are inconsistent (repair with \
                      'qemu-img check -r all')",
-                    layout::describe(region, &self.layout.bitmaps)
+                    layout::place(region, &self.layout.bitmaps)
                 )));
             }
         }
@@ -129,7 +129,7 @@ impl Image {
     /// Reads the state again from the file, or refuses further writes when that fails.
     pub(super) fn reload(&mut self, why: String) {
         match layout::read(&*self.io) {
-            Ok((layout, problems)) if problems.errors.is_empty() => {
+            Ok((layout, problems)) if !problems.has_errors() => {
                 self.layout = layout;
                 self.refresh_infos();
             }

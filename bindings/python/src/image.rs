@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use hbitmap::qcow2::{
-    BitmapFlags, BitmapName, CheckReport, Error, Image, OpenOptions, RepairMode, RepairReport,
+    BitmapFlags, BitmapName, CheckReport, Error, Finding, Image, OpenOptions, RepairMode,
+    RepairReport, Severity, Subject,
 };
 use hbitmap::HBitmap;
 use pyo3::exceptions::PyValueError;
@@ -30,6 +31,34 @@ fn repair_mode(repair: Option<&str>) -> PyResult<Option<RepairMode>> {
             "repair must be None, 'leaks' or 'all', not {other:?}"
         ))),
     }
+}
+
+/// One finding as `check --output=json` gives it: `severity` ('error', 'warning', 'leak',
+/// 'note'), `subject` (a dict with `type`: 'bitmap' with `name`, 'directory', 'extension',
+/// 'clusters' with `first` and `count`, 'structure'), `kind` (what is wrong: 'CrossLink',
+/// 'InUse', 'Leak'...) and `text`.
+fn finding_dict<'py>(py: Python<'py>, finding: &Finding) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("severity", finding.severity.name())?;
+    let subject = PyDict::new(py);
+    match &finding.subject {
+        Subject::Bitmap(name) => {
+            subject.set_item("type", "bitmap")?;
+            subject.set_item("name", name.to_string())?;
+        }
+        Subject::Directory => subject.set_item("type", "directory")?,
+        Subject::Extension => subject.set_item("type", "extension")?,
+        &Subject::Clusters { first, count } => {
+            subject.set_item("type", "clusters")?;
+            subject.set_item("first", first)?;
+            subject.set_item("count", count)?;
+        }
+        _ => subject.set_item("type", "structure")?,
+    }
+    d.set_item("subject", subject)?;
+    d.set_item("kind", finding.kind.name())?;
+    d.set_item("text", finding.to_string())?;
+    Ok(d)
 }
 
 /// `check --output=json`'s document (`qemu-img check --output=json`'s names, then the findings),
@@ -67,10 +96,19 @@ fn report_dict<'py>(
     }
     d.set_item("bitmaps", bitmaps)?;
     d.set_item("clean", report.is_clean())?;
-    d.set_item("errors", &report.errors)?;
-    d.set_item("warnings", &report.warnings)?;
-    d.set_item("notes", &report.notes)?;
-    d.set_item("leaked", &report.leaked)?;
+    let texts = |severity: Severity| -> Vec<String> {
+        report.of(severity).map(ToString::to_string).collect()
+    };
+    d.set_item("errors", texts(Severity::Error))?;
+    d.set_item("warnings", texts(Severity::Warning))?;
+    d.set_item("notes", texts(Severity::Note))?;
+    d.set_item("leaked", texts(Severity::Leak))?;
+    let findings = report
+        .findings
+        .iter()
+        .map(|finding| finding_dict(py, finding))
+        .collect::<PyResult<Vec<_>>>()?;
+    d.set_item("findings", findings)?;
     let escaped = |names: &[hbitmap::qcow2::BitmapName]| -> Vec<String> {
         names.iter().map(ToString::to_string).collect()
     };
@@ -606,8 +644,9 @@ impl PyImage {
     /// --output=json`'s figures under its names (`check-errors`, `corruptions`, `leaks`,
     /// `image-end-offset`, `total-clusters`, `allocated-clusters`, `fragmented-clusters`,
     /// `compressed-clusters`, and after a repair `leaks-fixed`, `corruptions-fixed`), then the
-    /// findings (`errors`, `warnings`, `notes`, `leaked`, `in-use-bitmaps`, `damaged-bitmaps`,
-    /// `stale-extension`, `broken-extension`, `bitmaps`, `clean`, `unrepairable`, `changes`).
+    /// findings (`errors`, `warnings`, `notes`, `leaked`, `findings` (each typed: `severity`,
+    /// `subject`, `kind`, `text`), `in-use-bitmaps`, `damaged-bitmaps`, `stale-extension`,
+    /// `broken-extension`, `bitmaps`, `clean`, `unrepairable`, `changes`).
     /// A refused repair raises `hbitmap.Error` (ENOTSUP) and writes nothing.
     #[pyo3(signature = (repair = None))]
     fn check<'py>(&self, py: Python<'py>, repair: Option<&str>) -> PyResult<Bound<'py, PyDict>> {

@@ -218,6 +218,18 @@ def test_repair_of_a_bitmap_left_in_use_by_a_killed_qemu(workdir: Path) -> None:
         assert refused.value.kind == "in-use" and refused.value.errno == 16  # EBUSY
         found = image.check()
     assert found["in-use-bitmaps"] == ["tracked"] and found["corruptions"] == 0
+    # The same, typed: a warning about that bitmap, of kind InUse, with the text of "warnings".
+    in_use = [f for f in found["findings"] if f["kind"] == "InUse"]
+    assert in_use == [
+        {
+            "severity": "warning",
+            "subject": {"type": "bitmap", "name": "tracked"},
+            "kind": "InUse",
+            "text": in_use[0]["text"],
+        }
+    ]
+    assert in_use[0]["text"] in found["warnings"]
+    assert [f["text"] for f in found["findings"] if f["severity"] == "warning"] == found["warnings"]
     with hbitmap.Image(disk, writable=True) as image:
         image.add("fresh")
         repaired = image.check(repair="all")

@@ -13,12 +13,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use super::finding::{Finding, FindingKind, MoreOf, Severity, Subject};
 use crate::qcow2::error::Error;
 use crate::qcow2::header::{be64, read_exact, INCOMPAT_CORRUPT};
 use crate::qcow2::io::ImageIo;
 use crate::qcow2::l2_entry::{L2Format, Mapping, RawEntry, L2_STD_RESERVED_MASK, OFLAG_COPIED};
 use crate::qcow2::layout::{
-    describe, ExtState, Layout, Owner, L1_OFFSET_MASK, L1_RESERVED_MASK, MAX_REPORTED,
+    place, ExtState, Layout, Owner, L1_OFFSET_MASK, L1_RESERVED_MASK, MAX_REPORTED,
 };
 use crate::qcow2::refcount::{get_entry, Refcounts};
 
@@ -147,14 +148,14 @@ pub(crate) struct Base {
     pub stats: GuestStats,
     /// Structures the walk could not follow: the count is then incomplete (at most
     /// `MAX_REPORTED` messages, then one summing up the rest).
-    pub unmapped: Vec<String>,
+    pub unmapped: Vec<Finding>,
     unmapped_count: u64,
     /// L1 and L2 entries that can be followed but break the format (reserved bits set, a
     /// compressed cluster marked COPIED...): each a corruption, as `qemu-img check` counts them
     /// (an L2 table once per L1 entry pointing to it).
     pub bad_entries: u64,
-    /// Messages for `bad_entries` (at most `MAX_REPORTED`, then one summing up the rest).
-    pub bad_entry_messages: Vec<String>,
+    /// Findings for `bad_entries` (at most `MAX_REPORTED`, then one summing up the rest).
+    pub bad_entry_findings: Vec<Finding>,
     /// The COPIED flags of the active disk, to compare with the refcounts.
     pub copied: CopiedFlags,
     /// Where the next guest cluster of the current L2 table would be if it were contiguous.
@@ -163,84 +164,144 @@ pub(crate) struct Base {
 
 /// Counts the references of everything but the bitmaps extension.
 pub(crate) fn count_base(io: &dyn ImageIo, layout: &Layout) -> Result<Base, Error> {
-    let header = &layout.header;
-    let cluster_size = layout.cluster_size();
-    let mut base = Base {
-        refs: References::new(layout.file_len, header.cluster_bits),
-        stats: GuestStats::default(),
-        unmapped: Vec::new(),
-        unmapped_count: 0,
-        bad_entries: 0,
-        bad_entry_messages: Vec::new(),
-        copied: CopiedFlags::new(layout.file_len.div_ceil(cluster_size)),
-        next_contiguous: 0,
+    Counter::start(io, layout)?.finish(io, layout)
+}
+
+/// Reads the image and counts the references of everything but the bitmaps extension on the
+/// same walk (see [`layout::read_counted`](crate::qcow2::layout::read_counted)).
+pub(crate) fn read_and_count(
+    io: &dyn ImageIo,
+) -> Result<(Layout, crate::qcow2::layout::Problems, Base), Error> {
+    let (layout, problems, started) = crate::qcow2::layout::read_counted(io)?;
+    let base = match started {
+        Some(counter) => counter?.finish(io, &layout)?,
+        None => count_base(io, &layout)?,
     };
-    base.refs.add(0, cluster_size);
-    // Each L2 table counts once per L1 entry pointing to it, and so does every data cluster in
-    // it (QEMU's check walks it again for each). It is read once here, its references weighted:
-    // a hostile L1 table of 4 Mi entries all pointing to one L2 table costs one read.
-    let mut l2_tables = L2Tables::default();
-    let l1_bytes = u64::from(header.l1_size) * 8;
-    if l1_bytes > 0 {
-        base.refs.add(header.l1_table_offset, l1_bytes);
-        l2_tables.collect(
-            io,
-            layout,
-            header.l1_table_offset,
-            l1_bytes,
-            None,
-            &mut base,
-        )?;
-    }
-    for &(snapshot, offset, bytes) in &layout.snapshot_l1s {
-        base.refs.add(offset, bytes);
-        l2_tables.collect(io, layout, offset, bytes, Some(snapshot), &mut base)?;
-    }
-    for l2 in &l2_tables.order {
-        let (weight, active) = l2_tables.weights[l2];
-        scan_l2(io, layout, *l2, weight, active, &mut base)?;
-    }
-    for region in &layout.metadata {
-        if matches!(region.owner, Owner::SnapshotTable | Owner::CryptoHeader) {
-            base.refs.add(region.start, region.end - region.start);
+    Ok((layout, problems, base))
+}
+
+/// The reference count of everything but the bitmaps extension, fed the L2 tables by a walk
+/// that reads them for another purpose too (the bitmaps' cross-links with guest data), so
+/// that each is read once: [`start`](Self::start) reads the L1 tables, [`feed`](Self::feed)
+/// counts an L2 table already read, [`finish`](Self::finish) reads and counts those not fed
+/// and the rest of the metadata. The tables are counted in the order they are first met
+/// whoever reads them (the findings come in that order).
+pub(crate) struct Counter {
+    base: Base,
+    l2_tables: L2Tables,
+    /// How many of `l2_tables.order` were counted.
+    counted: usize,
+}
+
+impl Counter {
+    pub(crate) fn start(io: &dyn ImageIo, layout: &Layout) -> Result<Counter, Error> {
+        let header = &layout.header;
+        let cluster_size = layout.cluster_size();
+        let mut base = Base {
+            refs: References::new(layout.file_len, header.cluster_bits),
+            stats: GuestStats::default(),
+            unmapped: Vec::new(),
+            unmapped_count: 0,
+            bad_entries: 0,
+            bad_entry_findings: Vec::new(),
+            copied: CopiedFlags::new(layout.file_len.div_ceil(cluster_size)),
+            next_contiguous: 0,
+        };
+        base.refs.add(0, cluster_size);
+        // Each L2 table counts once per L1 entry pointing to it, and so does every data cluster
+        // in it (QEMU's check walks it again for each). It is read once here, its references
+        // weighted: a hostile L1 table of 4 Mi entries all pointing to one L2 table costs one
+        // read.
+        let mut l2_tables = L2Tables::default();
+        let l1_bytes = u64::from(header.l1_size) * 8;
+        if l1_bytes > 0 {
+            base.refs.add(header.l1_table_offset, l1_bytes);
+            l2_tables.collect(
+                io,
+                layout,
+                header.l1_table_offset,
+                l1_bytes,
+                None,
+                &mut base,
+            )?;
         }
+        for &(snapshot, offset, bytes) in &layout.snapshot_l1s {
+            base.refs.add(offset, bytes);
+            l2_tables.collect(io, layout, offset, bytes, Some(snapshot), &mut base)?;
+        }
+        Ok(Counter {
+            base,
+            l2_tables,
+            counted: 0,
+        })
     }
-    let refcounts = &layout.refcounts;
-    base.refs.add(
-        refcounts.table_offset,
-        u64::from(refcounts.table_clusters) * cluster_size,
-    );
-    for (_, offset) in refcounts.blocks() {
-        base.refs.add(offset, cluster_size);
+
+    /// Counts the L2 table at `l2_offset`, read by the caller, if it is the next one to count;
+    /// otherwise leaves it to [`finish`](Self::finish), which reads it again.
+    pub(crate) fn feed(&mut self, layout: &Layout, l2_offset: u64, table: &[u8]) {
+        if self.l2_tables.order.get(self.counted) != Some(&l2_offset) {
+            return;
+        }
+        let (weight, active) = self.l2_tables.weights[&l2_offset];
+        scan_l2(layout, l2_offset, table, weight, active, &mut self.base);
+        self.counted += 1;
     }
-    if base.unmapped_count > MAX_REPORTED as u64 {
-        let more = base.unmapped_count - MAX_REPORTED as u64;
-        base.unmapped.push(format!(
-            "... and {more} more entries that cannot be followed"
-        ));
+
+    /// Counts the L2 tables not fed, then the rest of the metadata.
+    pub(crate) fn finish(mut self, io: &dyn ImageIo, layout: &Layout) -> Result<Base, Error> {
+        let cluster_size = layout.cluster_size();
+        let base = &mut self.base;
+        for l2 in &self.l2_tables.order[self.counted..] {
+            let (weight, active) = self.l2_tables.weights[l2];
+            let table = read_exact(io, *l2, cluster_size, "an L2 table")?;
+            scan_l2(layout, *l2, &table, weight, active, base);
+        }
+        for region in &layout.metadata {
+            if matches!(region.owner, Owner::SnapshotTable | Owner::CryptoHeader) {
+                base.refs.add(region.start, region.end - region.start);
+            }
+        }
+        let refcounts = &layout.refcounts;
+        base.refs.add(
+            refcounts.table_offset,
+            u64::from(refcounts.table_clusters) * cluster_size,
+        );
+        for (_, offset) in refcounts.blocks() {
+            base.refs.add(offset, cluster_size);
+        }
+        if base.unmapped_count > MAX_REPORTED as u64 {
+            let more = base.unmapped_count - MAX_REPORTED as u64;
+            base.unmapped.push(Finding::structure(FindingKind::More {
+                count: more,
+                of: MoreOf::UnfollowableEntries,
+            }));
+        }
+        if base.bad_entries > MAX_REPORTED as u64 {
+            let more = base.bad_entries - MAX_REPORTED as u64;
+            base.bad_entry_findings
+                .push(Finding::structure(FindingKind::More {
+                    count: more,
+                    of: MoreOf::MalformedEntries,
+                }));
+        }
+        Ok(self.base)
     }
-    if base.bad_entries > MAX_REPORTED as u64 {
-        let more = base.bad_entries - MAX_REPORTED as u64;
-        base.bad_entry_messages
-            .push(format!("... and {more} more malformed L1 or L2 entries"));
-    }
-    Ok(base)
 }
 
 impl Base {
-    fn cannot_follow(&mut self, message: impl FnOnce() -> String) {
+    fn cannot_follow(&mut self, kind: impl FnOnce() -> FindingKind) {
         self.unmapped_count += 1;
         if self.unmapped_count <= MAX_REPORTED as u64 {
-            self.unmapped.push(message());
+            self.unmapped.push(Finding::structure(kind()));
         }
     }
 
     /// Counts a malformed entry `weight` times (once per L1 entry leading to it).
-    fn bad_entry(&mut self, weight: u32, message: impl FnOnce() -> String) {
+    fn bad_entry(&mut self, weight: u32, kind: impl FnOnce() -> FindingKind) {
         let before = self.bad_entries;
         self.bad_entries += u64::from(weight);
         if before < MAX_REPORTED as u64 {
-            self.bad_entry_messages.push(message());
+            self.bad_entry_findings.push(Finding::structure(kind()));
         }
     }
 }
@@ -345,22 +406,19 @@ impl L2Tables {
             let entry = be64(chunk, 0);
             let l2_offset = entry & L1_OFFSET_MASK;
             if entry & L1_RESERVED_MASK != 0 {
-                base.bad_entry(1, || {
-                    format!(
-                        "L1 table entry {index} of {} ({entry:#x}) has reserved bits set",
-                        disk_name(snapshot)
-                    )
+                base.bad_entry(1, || FindingKind::L1ReservedBits {
+                    index: index as u64,
+                    snapshot,
+                    entry,
                 });
             }
             if l2_offset == 0 {
                 if entry & !L1_RESERVED_MASK != 0 {
                     // QEMU would read the header cluster as this entry's L2 table.
-                    base.cannot_follow(|| {
-                        format!(
-                            "L1 table entry {index} of {} ({entry:#x}) has flags but no L2 \
-                             table offset",
-                            disk_name(snapshot)
-                        )
+                    base.cannot_follow(|| FindingKind::L1FlagsWithoutTable {
+                        index: index as u64,
+                        snapshot,
+                        entry,
                     });
                 }
                 continue;
@@ -374,12 +432,10 @@ impl L2Tables {
             }
             if l2_offset % cluster_size != 0 || l2_offset + cluster_size > layout.file_len {
                 // layout::read reported it; the L2 table cannot be followed.
-                base.cannot_follow(|| {
-                    format!(
-                    "L1 table entry {index} of {} points to an L2 table at {l2_offset:#x} that \
-                     is misaligned or past the end of the file",
-                    disk_name(snapshot)
-                )
+                base.cannot_follow(|| FindingKind::L1EntryUnfollowable {
+                    index: index as u64,
+                    snapshot,
+                    offset: l2_offset,
                 });
                 continue;
             }
@@ -413,22 +469,16 @@ impl L2Tables {
     }
 }
 
-fn disk_name(snapshot: Option<u64>) -> String {
-    match snapshot {
-        None => "the active disk".to_string(),
-        Some(index) => format!("snapshot {index}"),
-    }
-}
-
-/// Counts an L2 table and its data clusters `weight` times (the statistics `active` times).
+/// Counts an L2 table (`table`, read from `l2_offset`) and its data clusters `weight` times
+/// (the statistics `active` times).
 fn scan_l2(
-    io: &dyn ImageIo,
     layout: &Layout,
     l2_offset: u64,
+    table: &[u8],
     weight: u32,
     active: u32,
     base: &mut Base,
-) -> Result<(), Error> {
+) {
     let format = L2Format::of(&layout.header);
     let cluster_bits = format.cluster_bits;
     let cluster_size = layout.cluster_size();
@@ -438,46 +488,40 @@ fn scan_l2(
     // As QEMU 10 counts it: contiguity within one L2 table.
     base.next_contiguous = 0;
     base.refs.add_weighted(l2_offset, cluster_size, weight);
-    let table = read_exact(io, l2_offset, cluster_size, "an L2 table")?;
     let active_entries = active as u32;
-    for (i, RawEntry { entry, subclusters }) in format.entries(&table).enumerate() {
+    for (i, RawEntry { entry, subclusters }) in format.entries(table).enumerate() {
         let (offset, copied, allocated) = match format.decode(entry) {
             Mapping::Compressed { offset, size } => {
                 if entry & OFLAG_COPIED != 0 {
-                    base.bad_entry(weight, || {
-                        format!(
-                            "entry {i} of the L2 table at {l2_offset:#x} ({entry:#x}) is a \
-                             compressed cluster marked COPIED, which compressed clusters never are"
-                        )
+                    base.bad_entry(weight, || FindingKind::CompressedCopied {
+                        index: i as u64,
+                        l2_at: l2_offset,
+                        entry,
                     });
                 }
                 if subclusters != 0 && !data_file {
-                    base.bad_entry(weight, || {
-                        format!(
-                            "entry {i} of the L2 table at {l2_offset:#x} is a compressed cluster \
-                             with a non-zero subcluster allocation bitmap ({subclusters:#x})"
-                        )
+                    base.bad_entry(weight, || FindingKind::CompressedSubclusters {
+                        index: i as u64,
+                        l2_at: l2_offset,
+                        bitmap: subclusters,
                     });
                     continue;
                 }
                 if data_file {
-                    base.cannot_follow(|| {
-                        format!(
-                            "the L2 table at {l2_offset:#x} has a compressed cluster in entry \
-                             {i}, which an image with an external data file cannot have"
-                        )
+                    base.cannot_follow(|| FindingKind::CompressedWithDataFile {
+                        index: i as u64,
+                        l2_at: l2_offset,
                     });
                     continue;
                 }
                 // The last sector of compressed data may lie past the end of the file (QEMU
                 // does not pad it); its first byte may not.
                 if offset >= layout.file_len {
-                    base.cannot_follow(|| {
-                        format!(
-                            "entry {i} of the L2 table at {l2_offset:#x} points to compressed \
-                             data at {offset:#x}, past the end of the file ({} bytes)",
-                            layout.file_len
-                        )
+                    base.cannot_follow(|| FindingKind::CompressedPastEnd {
+                        index: i as u64,
+                        l2_at: l2_offset,
+                        offset,
+                        file_len: layout.file_len,
                     });
                     continue;
                 }
@@ -494,30 +538,27 @@ fn scan_l2(
             } => (offset, copied, allocated),
         };
         if entry & L2_STD_RESERVED_MASK != 0 {
-            base.bad_entry(weight, || {
-                format!(
-                    "entry {i} of the L2 table at {l2_offset:#x} ({entry:#x}) has reserved bits \
-                     set"
-                )
+            base.bad_entry(weight, || FindingKind::L2ReservedBits {
+                index: i as u64,
+                l2_at: l2_offset,
+                entry,
             });
         }
         if !allocated {
             if extended && subclusters & 0xffff_ffff != 0 {
-                base.bad_entry(weight, || {
-                    format!(
-                        "entry {i} of the L2 table at {l2_offset:#x} is unallocated but its \
-                         subcluster bitmap ({subclusters:#x}) marks subclusters allocated"
-                    )
+                base.bad_entry(weight, || FindingKind::UnallocatedSubclusters {
+                    index: i as u64,
+                    l2_at: l2_offset,
+                    bitmap: subclusters,
                 });
             }
             continue;
         }
         if extended && (subclusters >> 32) & subclusters != 0 {
-            base.bad_entry(weight, || {
-                format!(
-                    "entry {i} of the L2 table at {l2_offset:#x} has a subcluster bitmap \
-                     ({subclusters:#x}) marking subclusters both allocated and zero"
-                )
+            base.bad_entry(weight, || FindingKind::SubclustersAllocatedAndZero {
+                index: i as u64,
+                l2_at: l2_offset,
+                bitmap: subclusters,
             });
         }
         if data_file {
@@ -530,11 +571,10 @@ fn scan_l2(
                 .note(offset >> cluster_bits, copied, active_entries);
         }
         if offset % cluster_size != 0 {
-            base.cannot_follow(|| {
-                format!(
-                    "entry {i} of the L2 table at {l2_offset:#x} points to a data cluster at \
-                     {offset:#x} that is not cluster-aligned"
-                )
+            base.cannot_follow(|| FindingKind::DataMisaligned {
+                index: i as u64,
+                l2_at: l2_offset,
+                offset,
             });
             continue;
         }
@@ -543,12 +583,11 @@ fn scan_l2(
             if offset + cluster_size > layout.file_len {
                 // Counting clusters past the end would take memory the file does not justify,
                 // and their refcounts say nothing a repair could trust.
-                base.cannot_follow(|| {
-                    format!(
-                        "entry {i} of the L2 table at {l2_offset:#x} points to a data cluster at \
-                         {offset:#x}, past the end of the file ({} bytes)",
-                        layout.file_len
-                    )
+                base.cannot_follow(|| FindingKind::DataPastEnd {
+                    index: i as u64,
+                    l2_at: l2_offset,
+                    offset,
+                    file_len: layout.file_len,
                 });
                 continue;
             }
@@ -562,7 +601,6 @@ fn scan_l2(
             base.next_contiguous = offset + cluster_size;
         }
     }
-    Ok(())
 }
 
 /// Counts the bitmaps extension: the directory (when `directory`) and the table and data
@@ -725,28 +763,32 @@ pub(crate) struct Comparison {
 }
 
 impl Comparison {
-    /// Messages for the COPIED flags that disagree with the refcounts.
-    pub(crate) fn describe_copied(&self, cluster_bits: u32) -> Vec<String> {
-        let mut out: Vec<String> = self
+    /// Findings for the COPIED flags that disagree with the refcounts.
+    pub(crate) fn describe_copied(&self, cluster_bits: u32) -> Vec<Finding> {
+        let mut out: Vec<Finding> = self
             .copied_examples
             .iter()
             .map(|&(cluster, refcount, entries)| {
-                format!(
-                    "{entries} entr{} of the active disk for the cluster at {:#x} {} the COPIED \
-                     flag {}, but its refcount is {refcount}",
-                    if entries == 1 { "y" } else { "ies" },
-                    cluster << cluster_bits,
-                    if entries == 1 { "has" } else { "have" },
-                    if refcount == 1 { "clear" } else { "set" },
+                Finding::new(
+                    Severity::Error,
+                    Subject::Clusters {
+                        first: cluster,
+                        count: 1,
+                    },
+                    FindingKind::CopiedFlag {
+                        at: cluster << cluster_bits,
+                        entries,
+                        refcount,
+                    },
                 )
             })
             .collect();
         let listed: u64 = self.copied_examples.iter().map(|e| e.2).sum();
         if self.copied_wrong > listed {
-            out.push(format!(
-                "... and {} more entries whose COPIED flag disagrees with the refcount",
-                self.copied_wrong - listed
-            ));
+            out.push(Finding::structure(FindingKind::More {
+                count: self.copied_wrong - listed,
+                of: MoreOf::CopiedFlags,
+            }));
         }
         out
     }
@@ -834,8 +876,8 @@ pub(crate) fn compare(
     Ok(out)
 }
 
-/// Messages for leaked clusters, one per run of consecutive ones (at most `MAX_REPORTED`).
-pub(crate) fn describe_leaks(leaks: &[Mismatch], cluster_bits: u32) -> Vec<String> {
+/// Findings for leaked clusters, one per run of consecutive ones (at most `MAX_REPORTED`).
+pub(crate) fn describe_leaks(leaks: &[Mismatch], cluster_bits: u32) -> Vec<Finding> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for leak in leaks {
         match runs.last_mut() {
@@ -843,57 +885,70 @@ pub(crate) fn describe_leaks(leaks: &[Mismatch], cluster_bits: u32) -> Vec<Strin
             _ => runs.push((leak.cluster, leak.cluster + 1)),
         }
     }
-    let mut out: Vec<String> = runs
+    let mut out: Vec<Finding> = runs
         .iter()
         .take(MAX_REPORTED)
         .map(|&(start, end)| {
-            let count = end - start;
-            format!(
-                "{count} leaked cluster{} at {:#x}..{:#x}: refcount above the references",
-                if count == 1 { "" } else { "s" },
-                start << cluster_bits,
-                end << cluster_bits
+            Finding::new(
+                Severity::Leak,
+                Subject::Clusters {
+                    first: start,
+                    count: end - start,
+                },
+                FindingKind::Leak {
+                    at: start << cluster_bits,
+                    end: end << cluster_bits,
+                },
             )
         })
         .collect();
     if runs.len() > MAX_REPORTED {
-        out.push(format!(
-            "... and {} more runs of leaked clusters",
-            runs.len() - MAX_REPORTED
+        out.push(Finding::new(
+            Severity::Leak,
+            Subject::Structure,
+            FindingKind::More {
+                count: (runs.len() - MAX_REPORTED) as u64,
+                of: MoreOf::LeakRuns,
+            },
         ));
     }
     out
 }
 
-/// Messages for clusters whose refcount is below their references, naming what uses each
+/// Findings for clusters whose refcount is below their references, naming what uses each
 /// cluster when it is metadata.
-pub(crate) fn describe_under(under: &[Mismatch], layout: &Layout) -> Vec<String> {
+pub(crate) fn describe_under(under: &[Mismatch], layout: &Layout) -> Vec<Finding> {
     let cluster_bits = layout.header.cluster_bits;
     let regions = layout.regions();
-    let mut out: Vec<String> = under
+    let mut out: Vec<Finding> = under
         .iter()
         .take(MAX_REPORTED)
         .map(|m| {
             let at = m.cluster << cluster_bits;
-            let owner = regions
+            let place = regions
                 .iter()
                 .find(|r| r.start <= at && at < r.end)
-                .map(|r| format!(" ({})", describe(r, &layout.bitmaps)))
-                .unwrap_or_default();
-            format!(
-                "the cluster at {at:#x}{owner} has refcount {} but {} reference{}: it could be \
-                 handed out while in use",
-                m.stored,
-                m.referenced,
-                if m.referenced == 1 { "" } else { "s" }
+                .map(|r| place(r, &layout.bitmaps));
+            Finding::new(
+                Severity::Error,
+                Subject::Clusters {
+                    first: m.cluster,
+                    count: 1,
+                },
+                FindingKind::RefcountBelowReferences {
+                    at,
+                    place,
+                    stored: m.stored,
+                    referenced: m.referenced,
+                },
             )
         })
         .collect();
     if under.len() > MAX_REPORTED {
-        out.push(format!(
-            "... and {} more clusters whose refcount is below their references",
-            under.len() - MAX_REPORTED
-        ));
+        out.push(Finding::structure(FindingKind::More {
+            count: (under.len() - MAX_REPORTED) as u64,
+            of: MoreOf::RefcountsBelowReferences,
+        }));
     }
     out
 }
@@ -901,7 +956,7 @@ pub(crate) fn describe_under(under: &[Mismatch], layout: &Layout) -> Vec<String>
 /// Why the image as a whole cannot be repaired by this library, if it cannot.
 /// (An image with the dirty bit, whose refcounts are not maintained, is not refused here:
 /// `All` rebuilds its refcounts, `Leaks` refuses it.)
-pub(crate) fn refusal(layout: &Layout, structural: &[String], base: &Base) -> Option<String> {
+pub(crate) fn refusal(layout: &Layout, structural: &[Finding], base: &Base) -> Option<String> {
     let header = &layout.header;
     if header.incompatible & INCOMPAT_CORRUPT != 0 {
         return Some(

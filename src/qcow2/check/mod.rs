@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub(crate) mod count;
+pub mod finding;
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -17,18 +18,17 @@ use super::header;
 use super::io::ImageIo;
 use super::layout::{self, ExtState, Layout, Problems};
 use super::name::{escape, BitmapName};
+use finding::{Finding, FindingKind, Severity};
 
 /// What [`Image::check`](crate::qcow2::Image::check) found. The counts use `qemu-img check`'s meanings.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CheckReport {
-    /// Malformed or inconsistent structures, clusters whose refcount is below their references
-    /// included.
-    pub errors: Vec<String>,
-    /// Things worth knowing that do not make the image unreadable (bitmaps in use, a stale
-    /// extension, flags that block writing...).
-    pub warnings: Vec<String>,
-    /// Harmless oddities QEMU produces too (padding bits QEMU wrote): not problems.
-    pub notes: Vec<String>,
+    /// What the check found, in the order rendered: errors (malformed or inconsistent
+    /// structures, clusters whose refcount is below their references included), warnings
+    /// (things worth knowing that do not make the image unreadable: bitmaps in use, a stale
+    /// extension, flags that block writing...), runs of leaked clusters, notes (harmless
+    /// oddities QEMU produces too, such as padding bits QEMU wrote: not problems).
+    pub findings: Vec<Finding>,
     /// `corruptions`: clusters whose refcount is below their references, plus every other
     /// error found.
     pub corruptions: u64,
@@ -37,8 +37,6 @@ pub struct CheckReport {
     /// Of `corruptions`: active L1 and L2 entries whose OFLAG_COPIED flag disagrees with the
     /// refcount of their cluster (set exactly where it is 1); `check -r` fixes them.
     pub copied_flag_errors: u64,
-    /// The leaked clusters, in runs of consecutive ones.
-    pub leaked: Vec<String>,
     /// `check-errors`: the check could not be completed (an I/O error).
     pub check_errors: u64,
     /// `image-end-offset`: the end of the last cluster counted or referenced (None when the
@@ -101,14 +99,16 @@ impl CheckReport {
                 _ => relative.to_path_buf(),
             };
             if let Err(error) = std::fs::File::open(&resolved) {
-                let message = format!(
-                    "the {what} '{}' ({}) cannot be opened: {error}; QEMU cannot open the image \
-                     without it",
-                    escape(&name),
-                    resolved.display()
-                );
-                self.qemu_cannot_open.get_or_insert_with(|| message.clone());
-                self.errors.push(message);
+                let finding = Finding::structure(FindingKind::MissingFile {
+                    what,
+                    name: escape(&name),
+                    path: resolved,
+                    error: error.to_string(),
+                });
+                self.qemu_cannot_open
+                    .get_or_insert_with(|| finding.to_string());
+                self.findings.push(finding);
+                self.sort_findings();
             }
         }
     }
@@ -130,8 +130,8 @@ impl CheckReport {
 
     /// No errors, no warnings and no leaks.
     pub fn is_clean(&self) -> bool {
-        self.errors.is_empty()
-            && self.warnings.is_empty()
+        self.errors().next().is_none()
+            && self.warnings().next().is_none()
             && self.leaks == 0
             && self.check_errors == 0
     }
@@ -143,46 +143,47 @@ impl CheckReport {
     }
 }
 
-/// How a finding of a [`CheckReport`] is tagged when rendered: `ERROR`, `WARNING`, `LEAK`
-/// (a run of leaked clusters), `NOTE`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Severity {
-    Error,
-    Warning,
-    Leak,
-    Note,
-}
-
-impl std::fmt::Display for Severity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Severity::Error => "ERROR",
-            Severity::Warning => "WARNING",
-            Severity::Leak => "LEAK",
-            Severity::Note => "NOTE",
-        })
-    }
-}
-
 impl CheckReport {
-    /// Every finding in order, tagged: errors, warnings, runs of leaked clusters, notes.
-    pub fn findings(&self) -> impl Iterator<Item = (Severity, &str)> + '_ {
-        [
-            (Severity::Error, &self.errors),
-            (Severity::Warning, &self.warnings),
-            (Severity::Leak, &self.leaked),
-            (Severity::Note, &self.notes),
-        ]
-        .into_iter()
-        .flat_map(|(severity, lines)| lines.iter().map(move |line| (severity, line.as_str())))
+    /// The findings of one severity, in order.
+    pub fn of(&self, severity: Severity) -> impl Iterator<Item = &Finding> + '_ {
+        self.findings
+            .iter()
+            .filter(move |finding| finding.severity == severity)
+    }
+
+    /// Malformed or inconsistent structures, clusters whose refcount is below their
+    /// references included.
+    pub fn errors(&self) -> impl Iterator<Item = &Finding> + '_ {
+        self.of(Severity::Error)
+    }
+
+    /// Things worth knowing that do not make the image unreadable.
+    pub fn warnings(&self) -> impl Iterator<Item = &Finding> + '_ {
+        self.of(Severity::Warning)
+    }
+
+    /// The leaked clusters, in runs of consecutive ones.
+    pub fn leaked(&self) -> impl Iterator<Item = &Finding> + '_ {
+        self.of(Severity::Leak)
+    }
+
+    /// Harmless oddities: not problems.
+    pub fn notes(&self) -> impl Iterator<Item = &Finding> + '_ {
+        self.of(Severity::Note)
+    }
+
+    /// Puts the findings in the order they are rendered (by severity; in the order found
+    /// within one).
+    fn sort_findings(&mut self) {
+        self.findings.sort_by_key(|finding| finding.severity);
     }
 }
 
 /// The findings, one line each: `TAG: text` (the one rendering the CLI and the C ABI print).
 impl std::fmt::Display for CheckReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (severity, text) in self.findings() {
-            writeln!(f, "{severity}: {text}")?;
+        for finding in &self.findings {
+            writeln!(f, "{}: {finding}", finding.severity)?;
         }
         Ok(())
     }
@@ -204,11 +205,13 @@ pub(crate) struct Walked {
 
 /// [`check_io`], also handing back what it walked when the count was complete.
 pub(crate) fn check_walk(io: &dyn ImageIo) -> (CheckReport, Option<Walked>) {
-    let (layout, problems) = match layout::read(io) {
+    let (layout, problems, started) = match layout::read_counted(io) {
         Ok(read) => read,
         Err(Error::Io { context, source }) => {
             let report = CheckReport {
-                errors: vec![format!("{context}: {source}")],
+                findings: vec![Finding::structure(FindingKind::Unreadable {
+                    detail: format!("{context}: {source}"),
+                })],
                 check_errors: 1,
                 unrepairable: Some(format!("{context}: {source}")),
                 ..CheckReport::default()
@@ -218,7 +221,9 @@ pub(crate) fn check_walk(io: &dyn ImageIo) -> (CheckReport, Option<Walked>) {
         // What cannot be read at all makes qemu-img check fail to open the image too.
         Err(error) => {
             let report = CheckReport {
-                errors: vec![error.to_string()],
+                findings: vec![Finding::structure(FindingKind::Unreadable {
+                    detail: error.to_string(),
+                })],
                 check_errors: 1,
                 unrepairable: Some(error.to_string()),
                 ..CheckReport::default()
@@ -226,16 +231,8 @@ pub(crate) fn check_walk(io: &dyn ImageIo) -> (CheckReport, Option<Walked>) {
             return (report, None);
         }
     };
-    let Problems {
-        errors,
-        warnings,
-        notes,
-        ..
-    } = problems.clone();
     let mut report = CheckReport {
-        errors,
-        warnings,
-        notes,
+        findings: problems.findings.clone(),
         total_clusters: Some(layout.header.size.div_ceil(layout.cluster_size())),
         bitmaps: (!problems.refuse_opening(&layout)).then_some(layout.bitmaps.len()),
         in_use_bitmaps: layout
@@ -260,15 +257,21 @@ pub(crate) fn check_walk(io: &dyn ImageIo) -> (CheckReport, Option<Walked>) {
     if let Some(first) = problems.structural_errors().next() {
         // Damaged metadata other than the bitmaps': a count would follow garbage (and a
         // hostile image's millions of pointers), and no repair would be made anyway.
-        report.corruptions = report.errors.len() as u64;
+        report.corruptions = report.errors().count() as u64;
+        report.sort_findings();
         report.unrepairable = Some(format!(
             "metadata other than the bitmaps is damaged, so the clusters it uses are not \
              known completely: {first}"
         ));
         return (report, None);
     }
-    let counted = count::count_base(io, &layout).and_then(|mut base| {
-        let structural: Vec<String> = problems.structural_errors().cloned().collect();
+    // The walk of layout::read_counted counted what it read (each L2 table read once).
+    let base = match started {
+        Some(counter) => counter.and_then(|counter| counter.finish(io, &layout)),
+        None => count::count_base(io, &layout),
+    };
+    let counted = base.and_then(|mut base| {
+        let structural: Vec<Finding> = problems.structural_errors().cloned().collect();
         let unrepairable = count::refusal(&layout, &structural, &base);
         // Every bitmap the directory lists, trusted or not, as qemu-img check counts them.
         let bitmaps = count::add_bitmaps_as_qemu(io, &mut base.refs, &layout)?;
@@ -279,11 +282,11 @@ pub(crate) fn check_walk(io: &dyn ImageIo) -> (CheckReport, Option<Walked>) {
         Ok((base, comparison, unrepairable, (bitmap_corruptions, check_fails))) => {
             // The full count reports these precisely.
             report
-                .warnings
-                .retain(|w| !problems.refcount_warnings.contains(w));
-            for message in &base.unmapped {
-                if !report.errors.contains(message) {
-                    report.errors.push(message.clone());
+                .findings
+                .retain(|finding| !layout::is_refcount_warning(finding));
+            for finding in &base.unmapped {
+                if !report.findings.contains(finding) {
+                    report.findings.push(finding.clone());
                 }
             }
             // A cross-link is one corruption per cluster shared, as qemu-img check counts it:
@@ -302,25 +305,27 @@ pub(crate) fn check_walk(io: &dyn ImageIo) -> (CheckReport, Option<Walked>) {
                 })
                 .count();
             // A name clash makes QEMU refuse the image, though it reads here.
-            report.corruptions = (report.errors.len() - problems.cross_link_errors
+            report.corruptions = (report.errors().count() - problems.cross_link_errors()
                 + uncovered
                 + comparison.under.len()) as u64
-                + problems.name_clashes
+                + problems.name_clashes()
                 + base.bad_entries
                 + bitmap_corruptions
                 + comparison.copied_wrong;
             report.copied_flag_errors = comparison.copied_wrong;
             report
-                .errors
-                .extend(base.bad_entry_messages.iter().cloned());
+                .findings
+                .extend(base.bad_entry_findings.iter().cloned());
             report
-                .errors
+                .findings
                 .extend(count::describe_under(&comparison.under, &layout));
             report
-                .errors
+                .findings
                 .extend(comparison.describe_copied(cluster_bits));
             report.leaks = comparison.leaks.len() as u64;
-            report.leaked = count::describe_leaks(&comparison.leaks, cluster_bits);
+            report
+                .findings
+                .extend(count::describe_leaks(&comparison.leaks, cluster_bits));
             report.image_end_offset = Some(comparison.end_cluster << cluster_bits);
             report.allocated_clusters = Some(base.stats.allocated);
             report.fragmented_clusters = Some(base.stats.fragmented);
@@ -331,14 +336,17 @@ pub(crate) fn check_walk(io: &dyn ImageIo) -> (CheckReport, Option<Walked>) {
         }
         Err(error) => {
             report.check_errors += 1;
-            report.corruptions = report.errors.len() as u64;
+            report.corruptions = report.errors().count() as u64;
             report
-                .errors
-                .push(format!("counting the references of every cluster: {error}"));
+                .findings
+                .push(Finding::structure(FindingKind::CountFailed {
+                    detail: error.to_string(),
+                }));
             report.unrepairable = Some(format!("the references could not be counted: {error}"));
             None
         }
     };
+    report.sort_findings();
     if let Some(why) = &problems.qemu_refuses {
         report.qemu_cannot_open = Some(format!("QEMU refuses to open it: {why}"));
     }
@@ -353,18 +361,39 @@ pub(crate) fn check_walk(io: &dyn ImageIo) -> (CheckReport, Option<Walked>) {
 
 #[cfg(test)]
 mod tests {
-    use super::{CheckReport, Severity};
+    use super::finding::{Finding, FindingKind, Severity, Subject};
+    use super::CheckReport;
 
     #[test]
     fn findings_render_one_tagged_line_each_in_order() {
-        let report = CheckReport {
-            errors: vec!["e".into()],
-            warnings: vec!["w1".into(), "w2".into()],
-            leaked: vec!["l".into()],
-            notes: vec!["n".into()],
+        let bitmap = Subject::Bitmap("b".into());
+        let mut report = CheckReport {
+            findings: vec![
+                Finding::new(
+                    Severity::Note,
+                    bitmap.clone(),
+                    FindingKind::EmptyName { at: 8 },
+                ),
+                Finding::new(Severity::Warning, bitmap.clone(), FindingKind::InUse),
+                Finding::new(
+                    Severity::Leak,
+                    Subject::Clusters { first: 3, count: 2 },
+                    FindingKind::Leak {
+                        at: 0x30000,
+                        end: 0x50000,
+                    },
+                ),
+                Finding::structure(FindingKind::CountFailed { detail: "e".into() }),
+                Finding::new(
+                    Severity::Warning,
+                    Subject::Extension,
+                    FindingKind::StaleExtension,
+                ),
+            ],
             ..CheckReport::default()
         };
-        let tags: Vec<Severity> = report.findings().map(|(s, _)| s).collect();
+        report.sort_findings();
+        let tags: Vec<Severity> = report.findings.iter().map(|f| f.severity).collect();
         assert_eq!(
             tags,
             [
@@ -375,10 +404,21 @@ mod tests {
                 Severity::Note
             ]
         );
+        assert_eq!(report.warnings().count(), 2);
+        let text = report.to_string();
+        let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
-            report.to_string(),
-            "ERROR: e\nWARNING: w1\nWARNING: w2\nLEAK: l\nNOTE: n\n"
+            lines[0],
+            "ERROR: counting the references of every cluster: e"
         );
+        assert!(lines[1].starts_with("WARNING: bitmap 'b' is in use (flag in_use)"));
+        assert!(lines[2].starts_with("WARNING: the bitmaps extension is stale"));
+        assert_eq!(
+            lines[3],
+            "LEAK: 2 leaked clusters at 0x30000..0x50000: refcount above the references"
+        );
+        assert!(lines[4].starts_with("NOTE: bitmap '' (directory entry at 0x8): the name is empty"));
+        assert_eq!(lines.len(), 5);
         assert_eq!(CheckReport::default().to_string(), "");
     }
 }

@@ -6,68 +6,56 @@
 #![forbid(unsafe_code)]
 
 use super::*;
+use crate::qcow2::check::finding::{EntryProblem, ExtensionProblem};
 
 /// Checks one directory entry against QEMU's rules (`check_dir_entry` and the load path).
-fn entry_problems(entry: &DirEntry, len: u64, cluster_size: u64) -> Vec<String> {
+fn entry_problems(entry: &DirEntry, len: u64, cluster_size: u64) -> Vec<EntryProblem> {
     let mut out = Vec::new();
     let gran = u32::from(entry.granularity_bits);
     if entry.name.len() > bitmap_dir::MAX_NAME_SIZE {
-        out.push(format!(
-            "name_size {} exceeds QEMU's limit of {}",
-            entry.name.len(),
-            bitmap_dir::MAX_NAME_SIZE
-        ));
+        out.push(EntryProblem::NameTooLong {
+            len: entry.name.len(),
+            limit: bitmap_dir::MAX_NAME_SIZE,
+        });
     }
     if entry.bitmap_type != bitmap_dir::TYPE_DIRTY_TRACKING {
-        out.push(format!(
-            "type {} is not supported (only 1, dirty tracking)",
-            entry.bitmap_type
-        ));
+        out.push(EntryProblem::UnsupportedType(entry.bitmap_type));
     }
     if !(bitmap_dir::MIN_GRANULARITY_BITS..=bitmap_dir::MAX_GRANULARITY_BITS).contains(&gran) {
-        out.push(format!(
-            "granularity_bits {gran} is out of range (QEMU supports 9 to 31)"
-        ));
+        out.push(EntryProblem::Granularity(gran));
     }
     if entry.flags & bitmap_dir::RESERVED_FLAGS != 0 {
-        out.push(format!(
-            "flags {:#x} has reserved bits set (only bit 0 in_use and bit 1 auto are supported)",
-            entry.flags
-        ));
+        out.push(EntryProblem::ReservedFlags(entry.flags));
     }
     if entry.table_size == 0 {
-        out.push("bitmap_table_size is 0".to_string());
+        out.push(EntryProblem::TableSizeZero);
     }
     if u64::from(entry.table_size) > bitmap_dir::MAX_TABLE_SIZE {
-        out.push(format!(
-            "bitmap_table_size {} exceeds QEMU's limit of {}",
-            entry.table_size,
-            bitmap_dir::MAX_TABLE_SIZE
-        ));
+        out.push(EntryProblem::TableTooLarge {
+            size: entry.table_size,
+            limit: bitmap_dir::MAX_TABLE_SIZE,
+        });
     }
     let phys = u64::from(entry.table_size) * cluster_size;
     if phys > bitmap_dir::MAX_PHYS_SIZE {
-        out.push(format!(
-            "bitmap_table_size {} describes {phys} bytes of bitmap data, more than QEMU's \
-             512 MiB limit",
-            entry.table_size
-        ));
+        out.push(EntryProblem::TooMuchData {
+            size: entry.table_size,
+            bytes: phys,
+        });
     }
     if entry.table_offset == 0 || entry.table_offset % cluster_size != 0 {
-        out.push(format!(
-            "bitmap_table_offset {:#x} is not a nonzero multiple of the cluster size",
-            entry.table_offset
-        ));
+        out.push(EntryProblem::TableOffset(entry.table_offset));
     }
     if out.is_empty() && !entry.in_use() {
         let expected = bitmap_table::table_size_for(len, gran, cluster_size);
         if expected != u64::from(entry.table_size) {
-            out.push(format!(
-                "bitmap_table_size {} does not match the virtual size: a {len}-byte disk at \
-                 granularity {} with {cluster_size}-byte clusters needs {expected} entries",
-                entry.table_size,
-                1u64 << gran
-            ));
+            out.push(EntryProblem::TableSizeMismatch {
+                size: entry.table_size,
+                disk_len: len,
+                granularity: 1u64 << gran,
+                cluster_size,
+                expected,
+            });
         }
     }
     out
@@ -78,55 +66,60 @@ pub(super) fn read_bitmaps(
     layout: &mut Layout,
     problems: &mut Problems,
     l2_tables: &[L2Ref],
+    counter: Option<&mut Started>,
 ) -> Result<(), Error> {
     let Some(ext) = layout.header.bitmaps_ext().cloned() else {
         if layout.header.autoclear & AUTOCLEAR_BITMAPS != 0 {
-            problems.warnings.push(
-                "autoclear bit 0 (bitmaps) is set but there is no bitmaps extension; the next \
-                 write clears it"
-                    .into(),
+            problems.push(
+                Severity::Warning,
+                Subject::Extension,
+                FindingKind::AutoclearWithoutExtension,
             );
         }
         return Ok(());
     };
     let at = ext.offset;
     for &ignored in &layout.header.ignored_bitmaps_exts {
-        problems.warnings.push(format!(
-            "the header has another bitmaps extension at {ignored:#x}, before the one at {:#x}: \
-             QEMU reads only the last (the specification allows one), and so does this \
-             library; 'check -r' drops the other",
-            at - 8
-        ));
+        problems.push(
+            Severity::Warning,
+            Subject::Extension,
+            FindingKind::IgnoredExtension {
+                at: ignored,
+                used_at: at - 8,
+            },
+        );
     }
     if let Some(stated) = layout.header.bitmaps_ext_stated_len {
-        let message = format!(
-            "bitmaps extension at {:#x}: its length is {stated}, not 24 (QEMU refuses to open \
-             the image); its fields are read from its first 24 bytes",
-            at - 8
+        let finding = Finding::new(
+            Severity::Error,
+            Subject::Extension,
+            FindingKind::ExtensionLength { at: at - 8, stated },
         );
-        problems.errors.push(message.clone());
+        let message = finding.to_string();
+        problems.findings.push(finding);
         problems.qemu_refuses(&message);
         layout.ext_damage = Some(message);
     }
     if ext.data.len() != 24 {
-        let message = format!(
-            "bitmaps extension at {:#x}: length {} is not 24",
-            at - 8,
-            ext.data.len()
+        let finding = Finding::new(
+            Severity::Error,
+            Subject::Extension,
+            FindingKind::ExtensionTooShort {
+                at: at - 8,
+                len: ext.data.len() as u64,
+            },
         );
-        problems.qemu_refuses(&message);
-        problems.errors.push(message);
+        problems.qemu_refuses(&finding.to_string());
+        problems.findings.push(finding);
         layout.ext = ExtState::Broken;
         return Ok(());
     }
     if layout.header.autoclear & AUTOCLEAR_BITMAPS == 0 {
         layout.ext = ExtState::Stale;
-        problems.warnings.push(
-            "the bitmaps extension is stale (autoclear bit 0 is clear: a program without bitmap \
-             support modified the image), so the image has no usable bitmaps; their clusters are \
-             leaked ('qemu-img check -r leaks' reclaims them) and the next write drops the \
-             extension"
-                .into(),
+        problems.push(
+            Severity::Warning,
+            Subject::Extension,
+            FindingKind::StaleExtension,
         );
         return Ok(());
     }
@@ -135,59 +128,46 @@ pub(super) fn read_bitmaps(
     let file_len = layout.file_len;
     let mut errors = Vec::new();
     if fields.reserved != 0 {
-        errors.push(format!(
-            "bitmaps extension at {:#x}: the reserved field (bytes 4-7) is {:#x}, not zero",
-            at - 8,
-            fields.reserved
-        ));
+        errors.push(ExtensionProblem::Reserved(fields.reserved));
     }
     if fields.nb_bitmaps == 0 {
-        errors.push(format!(
-            "bitmaps extension at {:#x}: nb_bitmaps is 0",
-            at - 8
-        ));
+        errors.push(ExtensionProblem::NoBitmaps);
     }
     if u64::from(fields.nb_bitmaps) > bitmap_dir::MAX_BITMAPS {
-        errors.push(format!(
-            "bitmaps extension at {:#x}: nb_bitmaps {} exceeds QEMU's limit of 65535",
-            at - 8,
-            fields.nb_bitmaps
-        ));
+        errors.push(ExtensionProblem::TooManyBitmaps(fields.nb_bitmaps));
     }
     if fields.directory_offset % cluster_size != 0 || fields.directory_offset == 0 {
-        errors.push(format!(
-            "bitmaps extension at {:#x}: bitmap_directory_offset {:#x} is not a nonzero \
-             multiple of the cluster size",
-            at - 8,
-            fields.directory_offset
-        ));
+        errors.push(ExtensionProblem::DirectoryOffset(fields.directory_offset));
     }
     if fields.directory_size == 0 {
-        errors.push(format!(
-            "bitmaps extension at {:#x}: bitmap_directory_size is 0",
-            at - 8
-        ));
+        errors.push(ExtensionProblem::DirectorySizeZero);
     }
     if fields.directory_size > bitmap_dir::MAX_DIRECTORY_SIZE {
-        errors.push(format!(
-            "bitmaps extension at {:#x}: bitmap_directory_size {} exceeds QEMU's limit of {}",
-            at - 8,
-            fields.directory_size,
-            bitmap_dir::MAX_DIRECTORY_SIZE
-        ));
+        errors.push(ExtensionProblem::DirectoryTooLarge {
+            size: fields.directory_size,
+            limit: bitmap_dir::MAX_DIRECTORY_SIZE,
+        });
     }
     if past_end(fields.directory_offset, fields.directory_size, file_len) {
-        errors.push(format!(
-            "bitmaps extension at {:#x}: the bitmap directory at {:#x} ({} bytes) extends past \
-             the end of the file ({file_len} bytes)",
-            at - 8,
-            fields.directory_offset,
-            fields.directory_size
-        ));
+        errors.push(ExtensionProblem::DirectoryPastEnd {
+            offset: fields.directory_offset,
+            size: fields.directory_size,
+            file_len,
+        });
     }
     if !errors.is_empty() {
-        problems.qemu_refuses(&errors[0]);
-        problems.errors.extend(errors);
+        for problem in errors {
+            let finding = Finding::new(
+                Severity::Error,
+                Subject::Extension,
+                FindingKind::ExtensionField {
+                    at: at - 8,
+                    problem,
+                },
+            );
+            problems.qemu_refuses(&finding.to_string());
+            problems.findings.push(finding);
+        }
         layout.ext = ExtState::Broken;
         return Ok(());
     }
@@ -201,7 +181,13 @@ pub(super) fn read_bitmaps(
     let entries = match bitmap_dir::parse(&raw, fields.nb_bitmaps, fields.directory_offset) {
         Ok(entries) => entries,
         Err(message) => {
-            problems.errors.push(message.clone());
+            problems.push(
+                Severity::Error,
+                Subject::Directory,
+                FindingKind::BadDirectory {
+                    detail: message.clone(),
+                },
+            );
             problems.qemu_refuses(&message);
             // A count or size off by a few while the entries themselves are intact: read the
             // entries the directory's clusters hold, so that a repair can keep their bitmaps.
@@ -240,7 +226,7 @@ pub(super) fn read_bitmaps(
     let len = layout.virtual_len();
     let mut names = HashSet::new();
     // Names as QEMU uses them (up to a NUL byte), with the first bitmap that has each.
-    let mut qemu_names: HashMap<Vec<u8>, String> = HashMap::new();
+    let mut qemu_names: HashMap<Vec<u8>, BitmapName> = HashMap::new();
     let mut duplicates = HashSet::new();
     let mut bitmaps: Vec<Bitmap> = Vec::with_capacity(entries.len());
     // Whether the bitmap's table is read and trusted. An in-use bitmap's table is only read to
@@ -248,53 +234,61 @@ pub(super) fn read_bitmaps(
     // a warning, and the table is then left alone.
     let mut entry_ok = Vec::with_capacity(entries.len());
     // The first problem found with each bitmap.
-    let mut damage: Vec<Option<String>> = Vec::with_capacity(entries.len());
+    let mut damage: Vec<Option<Damage>> = Vec::with_capacity(entries.len());
     for entry in entries {
-        let name = entry.display_name();
+        let name = BitmapName::from(entry.name.as_slice());
+        let subject = Subject::Bitmap(name.clone());
         let pos = fields.directory_offset + entry.dir_pos;
         let found = entry_problems(&entry, len, cluster_size);
         let mut first_problem = None;
-        for message in &found {
-            let message = format!("bitmap '{name}' (directory entry at {pos:#x}): {message}");
-            first_problem.get_or_insert_with(|| message.clone());
-            problems.qemu_refuses(&message);
-            problems.errors.push(message);
+        let mut refused = |problems: &mut Problems, kind: FindingKind| {
+            let finding = Finding::new(Severity::Error, subject.clone(), kind);
+            first_problem.get_or_insert_with(|| Damage::Found(finding.clone()));
+            problems.qemu_refuses(&finding.to_string());
+            problems.findings.push(finding);
+        };
+        for problem in &found {
+            refused(
+                problems,
+                FindingKind::BadEntry {
+                    at: pos,
+                    problem: problem.clone(),
+                },
+            );
         }
         if !names.insert(entry.name.clone()) {
             duplicates.insert(entry.name.clone());
-            let message = format!(
-                "bitmap '{name}' (directory entry at {pos:#x}): the name is used by another \
-                 bitmap too (names must be unique)"
-            );
-            first_problem.get_or_insert_with(|| message.clone());
-            problems.qemu_refuses(&message);
-            problems.errors.push(message);
+            refused(problems, FindingKind::DuplicateName { at: pos });
         }
         // QEMU reads such names (and qemu-img writes the first kind): they are not problems.
         if std::str::from_utf8(&entry.name).is_err() {
-            problems.notes.push(format!(
-                "bitmap '{name}' (directory entry at {pos:#x}): the name is not valid UTF-8 \
-                 (shown with \\xHH escapes)"
-            ));
+            problems.push(
+                Severity::Note,
+                subject.clone(),
+                FindingKind::NonUtf8Name { at: pos },
+            );
         }
         if entry.name.is_empty() {
-            problems.notes.push(format!(
-                "bitmap '' (directory entry at {pos:#x}): the name is empty (QEMU reads it, \
-                 but creates no such bitmap)"
-            ));
+            problems.push(
+                Severity::Note,
+                subject.clone(),
+                FindingKind::EmptyName { at: pos },
+            );
         }
         let qemu_name = entry.name.split(|&b| b == 0).next().unwrap_or_default();
         match qemu_names.get(qemu_name) {
             Some(other) if *other != name => {
-                problems.name_clashes += 1;
-                let message = format!(
-                    "bitmap '{name}' (directory entry at {pos:#x}): QEMU reads the name up to its \
-                 NUL byte, as '{}', the name of bitmap '{other}' too, and so refuses to open \
-                 the image (\"Bitmap already exists\"); remove or replace one of them",
-                    crate::qcow2::name::escape(qemu_name)
+                let finding = Finding::new(
+                    Severity::Warning,
+                    subject.clone(),
+                    FindingKind::NameClash {
+                        at: pos,
+                        qemu_name: crate::qcow2::name::escape(qemu_name),
+                        other: other.clone(),
+                    },
                 );
-                problems.qemu_refuses(&message);
-                problems.warnings.push(message);
+                problems.qemu_refuses(&finding.to_string());
+                problems.findings.push(finding);
             }
             Some(_) => {}
             None => {
@@ -302,17 +296,17 @@ pub(super) fn read_bitmaps(
             }
         }
         if let Some(nul) = entry.name.iter().position(|&b| b == 0) {
-            problems.notes.push(format!(
-                "bitmap '{name}' (directory entry at {pos:#x}): the name contains a NUL byte; \
-                 QEMU knows the bitmap as '{}', the name up to it",
-                crate::qcow2::name::escape(&entry.name[..nul])
-            ));
+            problems.push(
+                Severity::Note,
+                subject.clone(),
+                FindingKind::NameWithNul {
+                    at: pos,
+                    qemu_name: crate::qcow2::name::escape(&entry.name[..nul]),
+                },
+            );
         }
         if entry.in_use() {
-            problems.warnings.push(format!(
-                "bitmap '{name}' is in use (flag in_use): it was not saved properly and its \
-                 content may be inconsistent; it cannot be loaded, only inspected or removed"
-            ));
+            problems.push(Severity::Warning, subject.clone(), FindingKind::InUse);
         }
         let mut ok = found.is_empty();
         if ok
@@ -322,17 +316,22 @@ pub(super) fn read_bitmaps(
                 file_len,
             )
         {
-            let message = format!(
-                "bitmap '{name}' (directory entry at {pos:#x}): the bitmap table at {:#x} ({} \
-                 entries) extends past the end of the file ({file_len} bytes)",
-                entry.table_offset, entry.table_size
+            let finding = complaint(
+                entry.in_use(),
+                subject.clone(),
+                FindingKind::TablePastEnd {
+                    entry_at: pos,
+                    offset: entry.table_offset,
+                    entries: entry.table_size,
+                    file_len,
+                },
             );
-            first_problem.get_or_insert_with(|| message.clone());
+            first_problem.get_or_insert_with(|| Damage::Found(finding.clone()));
             if !entry.in_use() {
                 // QEMU reads the table of every bitmap not in use when it opens the image.
-                problems.qemu_refuses(&message);
+                problems.qemu_refuses(&finding.to_string());
             }
-            complain(problems, entry.in_use(), message);
+            problems.findings.push(finding);
             ok = false;
         }
         entry_ok.push(ok);
@@ -346,12 +345,16 @@ pub(super) fn read_bitmaps(
         });
     }
     let in_use: Vec<bool> = bitmaps.iter().map(|b| b.entry.in_use()).collect();
+    let names_of: Vec<BitmapName> = bitmaps
+        .iter()
+        .map(|b| BitmapName::from(b.entry.name.as_slice()))
+        .collect();
     // Reports overlaps; the bitmaps involved are no longer trusted.
     let mut directory_damaged = false;
     let mut settle = |found: Vec<Overlap>,
                       problems: &mut Problems,
                       entry_ok: &mut Vec<bool>,
-                      damage: &mut Vec<Option<String>>| {
+                      damage: &mut Vec<Option<Damage>>| {
         for mut overlap in found {
             directory_damaged |= overlap.directory;
             // Two bitmaps sharing a cluster, one in use and one consistent: the in-use one was
@@ -362,22 +365,29 @@ pub(super) fn read_bitmaps(
                 }
             }
             let soft = !overlap.bitmaps.is_empty() && overlap.bitmaps.iter().all(|&b| in_use[b]);
+            // The first bitmap involved, else the directory, else the bitmaps as a whole.
+            let subject = match overlap.bitmaps.first() {
+                Some(&b) => Subject::Bitmap(names_of[b].clone()),
+                None if overlap.directory => Subject::Directory,
+                None => Subject::Extension,
+            };
+            let finding = overlap
+                .kind
+                .clone()
+                .map(|kind| complaint(soft, subject, kind));
             for &b in &overlap.bitmaps {
                 entry_ok[b] = false;
-                damage[b].get_or_insert_with(|| {
-                    if overlap.message.is_empty() {
-                        "its clusters overlap other data".to_string()
-                    } else {
-                        overlap.message.clone()
-                    }
+                damage[b].get_or_insert_with(|| match &finding {
+                    Some(finding) => Damage::Found(finding.clone()),
+                    // Past the overlaps reported one by one.
+                    None => Damage::UnreportedOverlap,
                 });
             }
             if !soft {
                 problems.cross_link_clusters.extend(&overlap.clusters);
             }
-            if !overlap.message.is_empty() {
-                problems.cross_link_errors += usize::from(!soft);
-                complain(problems, soft, overlap.message);
+            if let Some(finding) = finding {
+                problems.findings.push(finding);
             }
         }
     };
@@ -396,7 +406,7 @@ pub(super) fn read_bitmaps(
         }
     }
     let cluster_bits = layout.header.cluster_bits;
-    let found = overlaps(&mut regions, &bitmaps, cluster_bits, |a, b| {
+    let found = overlaps(&mut regions, &bitmaps, true, cluster_bits, |a, b| {
         is_bitmap_owner(a.owner) || is_bitmap_owner(b.owner)
     });
     settle(found, problems, &mut entry_ok, &mut damage);
@@ -407,28 +417,35 @@ pub(super) fn read_bitmaps(
         if !entry_ok[index] {
             continue;
         }
-        let name = bitmap.name();
         let offset = bitmap.entry.table_offset;
         let raw = read_exact(
             io,
             offset,
             u64::from(bitmap.entry.table_size) * 8,
-            &format!("the bitmap table of '{name}'"),
+            &format!("the bitmap table of '{}'", names_of[index]),
         )?;
         let table = bitmap_table::decode(&raw);
         let mut ok = true;
         let mut regions = Vec::new();
         for (i, &entry) in table.iter().enumerate() {
             let entry_at = offset + 8 * i as u64;
+            let subject = || Subject::Bitmap(names_of[index].clone());
             if let Some(why) = bitmap_table::entry_problem(entry, cluster_size) {
-                let message = format!(
-                    "bitmap '{name}': bitmap table entry {i} at {entry_at:#x} is {entry:#x}: {why}"
+                let finding = complaint(
+                    in_use[index],
+                    subject(),
+                    FindingKind::InvalidTableEntry {
+                        index: i as u64,
+                        at: entry_at,
+                        value: entry,
+                        why,
+                    },
                 );
-                damage[index].get_or_insert_with(|| message.clone());
+                damage[index].get_or_insert_with(|| Damage::Found(finding.clone()));
                 if !in_use[index] {
-                    problems.qemu_refuses(&message);
+                    problems.qemu_refuses(&finding.to_string());
                 }
-                complain(problems, in_use[index], message);
+                problems.findings.push(finding);
                 ok = false;
                 continue;
             }
@@ -437,15 +454,21 @@ pub(super) fn read_bitmaps(
                 continue;
             }
             if data.saturating_add(cluster_size) > file_len {
-                let message = format!(
-                    "bitmap '{name}': bitmap table entry {i} at {entry_at:#x} points to a data \
-                     cluster at {data:#x}, past the end of the file ({file_len} bytes)"
+                let finding = complaint(
+                    in_use[index],
+                    subject(),
+                    FindingKind::TableEntryPastEnd {
+                        index: i as u64,
+                        at: entry_at,
+                        data,
+                        file_len,
+                    },
                 );
-                damage[index].get_or_insert_with(|| message.clone());
+                damage[index].get_or_insert_with(|| Damage::Found(finding.clone()));
                 if !in_use[index] {
-                    problems.qemu_refuses(&message);
+                    problems.qemu_refuses(&finding.to_string());
                 }
-                complain(problems, in_use[index], message);
+                problems.findings.push(finding);
                 ok = false;
                 continue;
             }
@@ -483,12 +506,17 @@ pub(super) fn read_bitmaps(
             .enumerate()
             .find_map(|(i, &e)| bitmap_table::entry_problem(e, cluster_size).map(|why| (i, why)))
         {
-            problems.qemu_refuses(&format!(
-                "bitmap '{}': bitmap table entry {i} at {:#x} is {:#x}: {why}",
-                bitmap.name(),
-                entry.table_offset + 8 * i as u64,
-                table[i]
-            ));
+            let finding = Finding::new(
+                Severity::Error,
+                Subject::Bitmap(names_of[index].clone()),
+                FindingKind::InvalidTableEntry {
+                    index: i as u64,
+                    at: entry.table_offset + 8 * i as u64,
+                    value: table[i],
+                    why,
+                },
+            );
+            problems.qemu_refuses(&finding.to_string());
         }
     }
     let guest = guest_cross_links(
@@ -499,11 +527,12 @@ pub(super) fn read_bitmaps(
         &dir_region,
         &data_regions,
         l2_tables,
+        counter,
     )?;
     settle(guest, problems, &mut entry_ok, &mut damage);
     let mut all = regions;
     all.extend(data_regions);
-    let found = overlaps(&mut all, &bitmaps, cluster_bits, |a, b| {
+    let found = overlaps(&mut all, &bitmaps, true, cluster_bits, |a, b| {
         matches!(a.owner, Owner::BitmapData(..)) || matches!(b.owner, Owner::BitmapData(..))
     });
     settle(found, problems, &mut entry_ok, &mut damage);
@@ -514,9 +543,7 @@ pub(super) fn read_bitmaps(
         }
         bitmap.trusted = entry_ok[index] && !duplicates.contains(&bitmap.entry.name);
         if !bitmap.trusted {
-            bitmap.damage = damage[index]
-                .take()
-                .or_else(|| Some("its entry or table is invalid".into()));
+            bitmap.damage = Some(damage[index].take().unwrap_or(Damage::Invalid));
         }
     }
     layout.directory_damaged = directory_damaged;
@@ -539,13 +566,16 @@ pub(super) fn read_bitmaps(
         if let Some(bit) = bitmap_table::padding_bit(&buf, len, gran, cluster_size, last_index) {
             // QEMU loads an all-ones table entry with whole words of ones and writes them back:
             // padding bits are ignored on reading, and our writes clear them.
-            problems.notes.push(format!(
-                "bitmap '{}': the last data cluster at {data:#x} (bitmap table entry {last_index} \
-                 at {:#x}) has padding bit {bit} set past the end of the bitmap; it is ignored \
-                 (QEMU writes such bits) and the next store of the bitmap clears it",
-                bitmap.name(),
-                bitmap.entry.table_offset + 8 * last_index
-            ));
+            problems.push(
+                Severity::Note,
+                Subject::Bitmap(names_of[index].clone()),
+                FindingKind::PaddingBit {
+                    data,
+                    index: last_index,
+                    entry_at: bitmap.entry.table_offset + 8 * last_index,
+                    bit,
+                },
+            );
         }
     }
     layout.ext = ExtState::Valid;
@@ -556,10 +586,11 @@ pub(super) fn read_bitmaps(
 
 /// An error, or a warning when it concerns only bitmaps in use (whose content QEMU never
 /// trusts: they can still be listed and removed).
-fn complain(problems: &mut Problems, in_use_only: bool, message: String) {
-    if in_use_only {
-        problems.warnings.push(message);
+fn complaint(in_use_only: bool, subject: Subject, kind: FindingKind) -> Finding {
+    let severity = if in_use_only {
+        Severity::Warning
     } else {
-        problems.errors.push(message);
-    }
+        Severity::Error
+    };
+    Finding::new(severity, subject, kind)
 }
