@@ -160,7 +160,7 @@ for bin in qemu-img qemu-io qemu-nbd storage-daemon/qemu-storage-daemon; do
   ln -sf "$build/$bin" "$tools/"
 done
 echo "qemu-img on PATH: $(PATH="$tools:$PATH" command -v qemu-img), linked to $(ldd "$tools/qemu-img" | awk '/libhbitmap/ {print $3}')"
-(cd "$repo" && PATH="$tools:$PATH" cargo test --release --test qcow2_interop -- --nocapture 2>&1) \
+(cd "$repo" && PATH="$tools:$PATH" cargo test --profile release-tests --test qcow2_interop -- --nocapture 2>&1) \
   >"$work/interop.log" || { tail -n 40 "$work/interop.log" >&2; exit 1; }
 grep '^test result' "$work/interop.log" | sed 's/^/interop tests: /' | tee -a "$results"
 if grep -i 'skipped' "$work/interop.log"; then
