@@ -20,6 +20,7 @@
 use std::hint::black_box;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use atomic_hbitmap::AtomicHBitmap;
@@ -201,18 +202,17 @@ fn marks(c: &mut Criterion) {
     }
 }
 
-/// The time the calling thread has run on a CPU, in nanoseconds (Linux: the first field of
-/// `/proc/thread-self/schedstat`); `None` elsewhere.
-fn thread_cpu_ns() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    stat.split_whitespace().next()?.parse().ok()
+/// The time the calling thread has run on a CPU, in nanoseconds (`CLOCK_THREAD_CPUTIME_ID`).
+fn thread_cpu_ns() -> u64 {
+    let time = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    time.tv_sec as u64 * 1_000_000_000 + time.tv_nsec as u64
 }
 
 /// Two threads marking random pages of one bitmap, 2^18 pages each (the same two page lists on
 /// both sides): the wall time for both (thread start included), and the CPU time of the two
 /// threads summed (the marks only), which time spent waiting for a CPU does not inflate.
-fn two_threads(lists: &[Vec<usize>; 2], mark: &(impl Fn(usize) + Sync)) -> (f64, Option<f64>) {
-    let cpu = std::sync::Mutex::new(Some(0));
+fn two_threads(lists: &[Vec<usize>; 2], mark: &(impl Fn(usize) + Sync)) -> (f64, f64) {
+    let cpu = AtomicU64::new(0);
     let start = Instant::now();
     std::thread::scope(|s| {
         for list in lists {
@@ -220,26 +220,22 @@ fn two_threads(lists: &[Vec<usize>; 2], mark: &(impl Fn(usize) + Sync)) -> (f64,
             s.spawn(move || {
                 let before = thread_cpu_ns();
                 list.iter().for_each(|&p| mark(p));
-                let spent = thread_cpu_ns()
-                    .zip(before)
-                    .map(|(after, before)| after - before);
-                let mut total = cpu.lock().unwrap();
-                *total = total.zip(spent).map(|(total, spent)| total + spent);
+                cpu.fetch_add(thread_cpu_ns() - before, Ordering::Relaxed);
             });
         }
     });
     let wall = start.elapsed().as_secs_f64() * 1e9;
-    (wall, cpu.into_inner().unwrap().map(|ns| ns as f64))
+    (wall, cpu.into_inner() as f64)
 }
 
 /// Rounds of the two-thread marks, and what the report prints of them.
 const ROUNDS: usize = 41;
 
 /// Medians over [`ROUNDS`] rounds of AtomicBitmap's time, AtomicHBitmap's, and the per-round
-/// ratios (theirs / ours): wall time, and CPU time where the system gives it.
+/// ratios (theirs / ours): wall time, and CPU time.
 struct Alternating {
     wall: [f64; 3],
-    cpu: Option<[f64; 3]>,
+    cpu: [f64; 3],
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -282,7 +278,7 @@ fn alternating(after_pass: bool) -> Alternating {
         };
         if round >= 2 {
             wall.push((a.0, b.0));
-            cpu.push(a.1.zip(b.1));
+            cpu.push((a.1, b.1));
         }
     }
     assert_eq!(
@@ -290,10 +286,9 @@ fn alternating(after_pass: bool) -> Alternating {
         consume_harvest(&ours),
         "both bitmaps hold the same pages"
     );
-    let cpu: Option<Vec<(f64, f64)>> = cpu.into_iter().collect();
     Alternating {
         wall: medians(&wall),
-        cpu: cpu.map(|cpu| medians(&cpu)),
+        cpu: medians(&cpu),
     }
 }
 
@@ -362,14 +357,13 @@ fn report(two_threads: &[(&str, Alternating)]) {
             human(theirs),
             human(ours),
         );
-        if let Some([theirs, ours, ratio]) = times.cpu {
-            println!(
-                "{:<26} {:>14} {:>14} {ratio:>9.2}x (CPU time of both threads, same rounds)",
-                "",
-                human(theirs),
-                human(ours),
-            );
-        }
+        let [theirs, ours, ratio] = times.cpu;
+        println!(
+            "{:<26} {:>14} {:>14} {ratio:>9.2}x (CPU time of both threads, same rounds)",
+            "",
+            human(theirs),
+            human(ours),
+        );
     }
     if let Some(ours) = median_ns("pass_12TiB_clean", "AtomicHBitmap") {
         println!("{:<26} {:>14} {:>14}", "pass_12TiB_clean", "-", human(ours));
