@@ -88,8 +88,7 @@ fn mask(lo: usize, hi: usize) -> u64 {
 ///
 /// - A mark ORs the page word with `AcqRel`, then reads its two ancestor words (`Relaxed`, in
 ///   either order) and ORs with `AcqRel` each whose bit is clear, bottom-up: after setting the
-///   level-1 bit it reads the level-2 word again. (It also reads its level-1 word before the OR,
-///   so that the cache miss starts early; that value can only make it OR a bit already set.)
+///   level-1 bit it reads the level-2 word again. It reads nothing before the OR.
 /// - A harvest reads each level-2 word (`Relaxed`), takes the non-zero ones with an `AcqRel`
 ///   swap to zero, descends into the level-1 words whose bits it took, takes them the same way,
 ///   and takes each page word under their bits with an `AcqRel` swap to zero, always top-down:
@@ -403,7 +402,8 @@ impl AtomicHBitmap {
     }
 
     /// ORs `bits` into page word `index`, then makes sure both its summary bits are set: `raise`
-    /// for level 0, written for the marks of single pages.
+    /// for level 0, written for the marks of single pages. The common case, both summary bits
+    /// already set, is the OR, two loads and one branch; the updates are out of line.
     #[inline]
     fn mark_word(&self, index: usize, bits: u64) {
         let [pages, summary, top] = &self.levels;
@@ -413,23 +413,37 @@ impl AtomicHBitmap {
         let grandparent = &top[index / WORD_BITS / WORD_BITS];
         let parent_bit = 1 << (index % WORD_BITS);
         let grandparent_bit = 1 << (index / WORD_BITS % WORD_BITS);
-        // Read the parent first: its cache miss then overlaps with the page word's, where after
-        // the OR (on x86 a full barrier, which the loads that follow wait for) it would come
-        // after it. That early value only adds ORs (the bit is set when either read shows it
-        // clear, an OR of a set bit changes nothing); what decides is the read after the OR.
-        // (Level 2 is small and stays in the cache. The page word is not read ahead: on a page
-        // of the bitmap never written, that read would map the zero page and the OR would then
-        // fault a second time.)
-        let early = parent.load(CHECK);
+        // Nothing is read before the OR: on x86 the OR is a locked instruction, and every load
+        // around it lengthens the chain of accesses a stream of marks waits on (an early read of
+        // the parent, meant to overlap its cache miss with the page word's, measured slower for
+        // two threads marking random pages, and no faster for one). The page word is not read ahead
+        // either: on a page of the bitmap never written, that read would map the zero page and
+        // the OR would then fault a second time.
         word.fetch_or(bits, RMW);
         // Both reads follow the OR; which of the two comes first does not matter (relaxed loads
-        // of two locations), but a bit set below must be followed by a read of the word above.
-        let mut above = grandparent.load(CHECK);
-        if parent.load(CHECK) & early & parent_bit == 0 {
-            parent.fetch_or(parent_bit, RMW);
-            above = grandparent.load(CHECK);
+        // of two locations). One branch on both, so that the loop of a caller marking many pages
+        // stays short.
+        let (parent_word, grandparent_word) = (parent.load(CHECK), grandparent.load(CHECK));
+        if (parent_word & parent_bit == 0) | (grandparent_word & grandparent_bit == 0) {
+            self.set_summary(index, parent_word & parent_bit != 0);
         }
-        if above & grandparent_bit == 0 {
+    }
+
+    /// The rare part of [`mark_word`](Self::mark_word): after the OR of page word `index` its
+    /// reads found a summary bit clear (`parent_set`: whether its level-1 bit was set). Sets the
+    /// bits bottom-up: a level-1 bit it sets is followed by a new read of the level-2 word.
+    #[cold]
+    #[inline(never)]
+    fn set_summary(&self, index: usize, parent_set: bool) {
+        let [_, summary, top] = &self.levels;
+        let grandparent = &top[index / WORD_BITS / WORD_BITS];
+        let grandparent_bit = 1 << (index / WORD_BITS % WORD_BITS);
+        if !parent_set {
+            summary[index / WORD_BITS].fetch_or(1 << (index % WORD_BITS), RMW);
+        }
+        // Read again even when the first read showed it clear: cheap here, and it skips the
+        // RMW when a racing mark has set it since.
+        if grandparent.load(CHECK) & grandparent_bit == 0 {
             grandparent.fetch_or(grandparent_bit, RMW);
         }
     }
