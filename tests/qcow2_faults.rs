@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use hbitmap::qcow2::io::{FailingIo, Faults, FileIo, ImageIo};
-use hbitmap::qcow2::{BitmapFlags, Error, Image, OpenOptions};
+use hbitmap::qcow2::{BitmapFlags, Error, FindingKind, Image, OpenOptions};
 use hbitmap::HBitmap;
 use hbitmap_testkit::{Rng, RW};
 use qcow2_util::*;
@@ -119,10 +119,7 @@ fn is_poisoned(image: &Image) -> bool {
     image
         .check()
         .warnings()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .iter()
-        .any(|w| w.contains("an earlier write through this handle failed"))
+        .any(|w| matches!(w.kind, FindingKind::WriteFailed { .. }))
 }
 
 type Run<'a> = Box<dyn Fn(&mut Image) -> Result<(), Error> + 'a>;
@@ -276,7 +273,7 @@ fn inject_each(op: &Op, base: &Path, dir: &Path, qemu: bool, totals: &mut Totals
             assert!(
                 report.errors().next().is_none(),
                 "{case}: {:?}",
-                report.errors().map(ToString::to_string).collect::<Vec<_>>()
+                texts(report.errors())
             );
             if qemu {
                 let text = qemu_check(&work, true);

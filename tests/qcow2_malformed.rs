@@ -530,15 +530,10 @@ fn malformed_images_are_refused() {
             Refused::Open => {
                 refused_or_confined(what, &path, read, expected);
                 let report = Image::check_file(&path, OpenOptions::default()).unwrap();
+                let errors = texts(report.errors());
                 assert!(
-                    report
-                        .errors()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .iter()
-                        .any(|e| e.contains(expected)),
-                    "{what}: check_file errors {:?}",
-                    report.errors().map(ToString::to_string).collect::<Vec<_>>()
+                    errors.iter().any(|e| e.contains(expected)),
+                    "{what}: check_file errors {errors:?}"
                 );
             }
             Refused::Write => {
@@ -546,11 +541,7 @@ fn malformed_images_are_refused() {
                 let image = read.unwrap_or_else(|e| panic!("{what}: read-only open failed: {e}"));
                 // The only errors: refcounts below the references (qemu-img check's
                 // corruptions), which block writing.
-                let errors = image
-                    .check()
-                    .errors()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>();
+                let errors = texts(image.check().errors());
                 assert!(
                     errors.iter().all(|e| e.contains("but 1 reference")),
                     "{what}: check errors {errors:?}"
@@ -589,11 +580,7 @@ fn stale_extension_is_ignored_then_dropped() {
     std::fs::write(&path, &bytes).unwrap();
     let image = Image::open(&path, OpenOptions::default()).unwrap();
     assert!(image.bitmaps().is_empty());
-    assert!(image
-        .check()
-        .warnings()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
+    assert!(texts(image.check().warnings())
         .iter()
         .any(|w| w.contains("stale")));
     drop(image);
@@ -843,45 +830,22 @@ fn resource_bounds_of_hostile_images() {
         let started = std::time::Instant::now();
         let read = Image::open(&path, OpenOptions::default());
         let report = Image::check_file(&path, OpenOptions::default()).unwrap();
+        let (errors, warnings) = (texts(report.errors()), texts(report.warnings()));
         // Messages are bounded too, however many entries are bad.
         assert!(
-            report
-                .errors()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .len()
-                <= 64
-                && report
-                    .warnings()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .len()
-                    <= 64,
+            errors.len() <= 64 && warnings.len() <= 64,
             "{what}: {} errors, {} warnings",
-            report
-                .errors()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .len(),
-            report
-                .warnings()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .len()
+            errors.len(),
+            warnings.len()
         );
         let open_rw = || Image::open(&path, RW);
         match outcome {
             Outcome::Refused(expected) => {
                 refused_or_confined(what, &path, read, expected);
                 assert!(
-                    report
-                        .errors()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .iter()
-                        .any(|e| e.contains(expected)),
+                    errors.iter().any(|e| e.contains(expected)),
                     "{what}: check_file errors {:?}",
-                    report.errors().map(ToString::to_string).collect::<Vec<_>>()
+                    errors
                 );
                 let err = open_rw().expect_err(what).to_string();
                 assert!(err.contains(expected), "{what}: writing: '{err}'");
@@ -892,29 +856,15 @@ fn resource_bounds_of_hostile_images() {
                 drop(image);
                 // Refcounts below the references are corruption, as for qemu-img check.
                 assert!(
-                    report
-                        .errors()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .iter()
-                        .all(|e| e.contains("reference")),
+                    errors.iter().all(|e| e.contains("reference")),
                     "{what}: {:?}",
-                    report.errors().map(ToString::to_string).collect::<Vec<_>>()
+                    errors
                 );
                 assert!(
-                    report
-                        .warnings()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .iter()
-                        .chain(&report.errors().map(ToString::to_string).collect::<Vec<_>>())
-                        .any(|w| w.contains(expected)),
+                    warnings.iter().chain(&errors).any(|w| w.contains(expected)),
                     "{what}: check_file warnings {:?}, errors {:?}",
-                    report
-                        .warnings()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>(),
-                    report.errors().map(ToString::to_string).collect::<Vec<_>>()
+                    warnings,
+                    errors
                 );
                 match open_rw() {
                     Err(Error::ReadOnly(text)) => {
@@ -933,18 +883,8 @@ fn resource_bounds_of_hostile_images() {
                 }
                 assert_eq!(image.inspect_bitmap("a").unwrap(), a, "{what}");
                 drop(image);
-                assert!(
-                    report.errors().next().is_none(),
-                    "{what}: {:?}",
-                    report.errors().map(ToString::to_string).collect::<Vec<_>>()
-                );
-                println!(
-                    "{what}: accepted (valid), warnings {:?}",
-                    report
-                        .warnings()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                );
+                assert!(report.errors().next().is_none(), "{what}: {:?}", errors);
+                println!("{what}: accepted (valid), warnings {:?}", warnings);
                 drop(open_rw().unwrap_or_else(|e| panic!("{what}: writing refused: {e}")));
             }
         }
@@ -982,19 +922,13 @@ fn names_with_a_nul_or_no_byte_are_read_and_edited() {
     let report = Image::check_file(&path, OpenOptions::default()).unwrap();
     assert!(report.is_clean(), "{report:?}");
     assert!(
-        report
-            .notes()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
+        texts(report.notes())
             .iter()
             .any(|n| n.contains("'a\\0'") && n.contains("NUL byte; QEMU knows the bitmap as 'a'")),
         "{report:?}"
     );
     assert!(
-        report
-            .notes()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
+        texts(report.notes())
             .iter()
             .any(|n| n.contains("name is empty")),
         "{report:?}"

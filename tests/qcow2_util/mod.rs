@@ -326,3 +326,8 @@ pub fn file_hash(path: &Path) -> (u64, u64) {
     }
     (data.len() as u64, hash)
 }
+
+/// The text of each finding, as the CLI prints it (for messages and substring checks).
+pub fn texts<'a>(findings: impl Iterator<Item = &'a hbitmap::qcow2::Finding>) -> Vec<String> {
+    findings.map(ToString::to_string).collect()
+}
