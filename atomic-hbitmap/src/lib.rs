@@ -308,9 +308,9 @@ impl AtomicHBitmap {
             words: [(0, 0); WORD_BITS],
             next_word: 0,
             words_len: 0,
-            runs: [(0, 0); RUNS],
-            next_run: 0,
-            runs_len: 0,
+            base: 0,
+            starts: 0,
+            lasts: 0,
             open: None,
         }
     }
@@ -591,98 +591,90 @@ impl Drop for Walk<'_> {
     }
 }
 
-/// Runs buffered by a harvest: those of one page word (at most 32) and the run before it.
-const RUNS: usize = WORD_BITS / 2 + 1;
-
 /// The iterator of [`AtomicHBitmap::harvest`]: runs of dirty page indexes, in increasing order.
 ///
-/// It takes page words a chunk at a time (see `Walk::next_chunk`), splits one word at a time
-/// into runs without a branch per bit, and returns the runs from a buffer.
+/// It takes page words a chunk at a time (see `Walk::next_chunk`) and splits one word at a time
+/// into runs: the word's run starts and run ends as two masks, from which each call takes the
+/// lowest of each, without a branch per bit.
 pub struct Harvest<'a> {
     walk: Walk<'a>,
     /// Page words taken and not yet split: `words[next_word..words_len]`.
     words: [(usize, u64); WORD_BITS],
     next_word: usize,
     words_len: usize,
-    /// Runs taken and not yet returned, as `(start, end)`: `runs[next_run..runs_len]`.
-    runs: [(usize, usize); RUNS],
-    next_run: usize,
-    runs_len: usize,
-    /// The last run split, ending at the end of its word: the next word may extend it.
+    /// The first page of the word being split.
+    base: usize,
+    /// The runs of that word not yet returned: their first pages (`starts`) and last pages
+    /// (`lasts`), one bit each, so that the lowest of each mask are one run.
+    starts: u64,
+    lasts: u64,
+    /// The run that reaches the end of the last word split, which the next word may extend.
     open: Option<(usize, usize)>,
 }
 
 impl Harvest<'_> {
-    /// Splits page word `index` (non-zero) into runs: those that end within the word go to the
-    /// buffer (after the open run, if the word does not extend it), the one that reaches its end
-    /// stays open.
-    fn split(&mut self, index: usize, bits: u64) {
-        let base = index * WORD_BITS;
-        if bits == u64::MAX {
-            // A full word extends the open run, or finishes it and opens one.
-            match &mut self.open {
-                Some((_, end)) if *end == base => {
-                    *end = base + WORD_BITS;
-                    (self.next_run, self.runs_len) = (0, 0);
-                }
-                open => {
-                    let finished = open.replace((base, base + WORD_BITS));
-                    self.runs[0] = finished.unwrap_or_default();
-                    (self.next_run, self.runs_len) = (0, usize::from(finished.is_some()));
-                }
-            }
-            return;
-        }
-        let mut len = 0;
-        let mut first_start = None;
-        if let Some((start, end)) = self.open.take() {
-            if end == base && bits & 1 != 0 {
-                first_start = Some(start);
-            } else {
-                self.runs[0] = (start, end);
-                len = 1;
+    /// The next page word taken, from the chunk or from the walk; `None` at the end.
+    fn next_word(&mut self) -> Option<(usize, u64)> {
+        if self.next_word == self.words_len {
+            self.next_word = 0;
+            self.words_len = self.walk.next_chunk(&mut self.words);
+            if self.words_len == 0 {
+                return None;
             }
         }
-        // The first page of each run, and its last page.
-        let mut starts = bits & !(bits << 1);
-        let mut lasts = bits & !(bits >> 1);
-        let first = len;
-        while starts != 0 {
-            self.runs[len] = (
-                base + starts.trailing_zeros() as usize,
-                base + lasts.trailing_zeros() as usize + 1,
-            );
-            starts &= starts - 1;
-            lasts &= lasts - 1;
-            len += 1;
-        }
-        if let Some(start) = first_start {
-            self.runs[first].0 = start;
-        }
-        if bits >> (WORD_BITS - 1) != 0 {
-            len -= 1;
-            self.open = Some(self.runs[len]);
-        }
-        (self.next_run, self.runs_len) = (0, len);
+        let word = self.words[self.next_word];
+        self.next_word += 1;
+        Some(word)
     }
 
-    /// The next run once the buffer is empty.
+    /// The lowest run left of the word being split.
+    #[inline]
+    fn pop(&mut self) -> Range<usize> {
+        let start = self.base + self.starts.trailing_zeros() as usize;
+        let end = self.base + self.lasts.trailing_zeros() as usize + 1;
+        self.starts &= self.starts - 1;
+        self.lasts &= self.lasts - 1;
+        start..end
+    }
+
+    /// The next run once the word being split has none left.
     fn refill(&mut self) -> Option<Range<usize>> {
         loop {
-            if self.next_word == self.words_len {
-                self.next_word = 0;
-                self.words_len = self.walk.next_chunk(&mut self.words);
-                if self.words_len == 0 {
-                    return self.open.take().map(|(start, end)| start..end);
+            let Some((index, bits)) = self.next_word() else {
+                return self.open.take().map(|(start, end)| start..end);
+            };
+            let base = index * WORD_BITS;
+            let mut starts = bits & !(bits << 1);
+            let mut lasts = bits & !(bits >> 1);
+            // The open run ends before this word, or its first run extends it.
+            let mut finished = None;
+            if let Some((start, end)) = self.open.take() {
+                if end == base && bits & 1 != 0 {
+                    let first_end = base + lasts.trailing_zeros() as usize + 1;
+                    starts &= starts - 1;
+                    lasts &= lasts - 1;
+                    if first_end == base + WORD_BITS {
+                        self.open = Some((start, first_end));
+                    } else {
+                        finished = Some(start..first_end);
+                    }
+                } else {
+                    finished = Some(start..end);
                 }
             }
-            let (index, bits) = self.words[self.next_word];
-            self.next_word += 1;
-            self.split(index, bits);
-            if self.runs_len != 0 {
-                self.next_run = 1;
-                let (start, end) = self.runs[0];
-                return Some(start..end);
+            // A run left that reaches the end of the word stays open.
+            if lasts >> (WORD_BITS - 1) != 0 {
+                let high = WORD_BITS - 1 - starts.leading_zeros() as usize;
+                starts &= !(1 << high);
+                lasts &= !(1 << (WORD_BITS - 1));
+                self.open = Some((base + high, base + WORD_BITS));
+            }
+            (self.base, self.starts, self.lasts) = (base, starts, lasts);
+            if finished.is_some() {
+                return finished;
+            }
+            if starts != 0 {
+                return Some(self.pop());
             }
         }
     }
@@ -693,10 +685,8 @@ impl Iterator for Harvest<'_> {
 
     #[inline]
     fn next(&mut self) -> Option<Range<usize>> {
-        if self.next_run < self.runs_len {
-            let (start, end) = self.runs[self.next_run];
-            self.next_run += 1;
-            return Some(start..end);
+        if self.starts != 0 {
+            return Some(self.pop());
         }
         self.refill()
     }
@@ -705,8 +695,11 @@ impl Iterator for Harvest<'_> {
 impl Drop for Harvest<'_> {
     fn drop(&mut self) {
         let bitmap = self.walk.bitmap;
-        let open = self.open.take();
-        for &(start, end) in self.runs[self.next_run..self.runs_len].iter().chain(&open) {
+        while self.starts != 0 {
+            let run = self.pop();
+            bitmap.mark_pages(run.start, run.end - 1);
+        }
+        if let Some((start, end)) = self.open.take() {
             bitmap.mark_pages(start, end - 1);
         }
         for &(index, bits) in &self.words[self.next_word..self.words_len] {
