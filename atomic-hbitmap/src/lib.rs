@@ -644,6 +644,13 @@ impl Harvest<'_> {
                 return self.open.take().map(|(start, end)| start..end);
             };
             let base = index * WORD_BITS;
+            if let (u64::MAX, Some((_, end))) = (bits, &mut self.open) {
+                // A full word extends the open run (the common case of a dense bitmap).
+                if *end == base {
+                    *end += WORD_BITS;
+                    continue;
+                }
+            }
             let mut starts = bits & !(bits << 1);
             let mut lasts = bits & !(bits >> 1);
             // The open run ends before this word, or its first run extends it.
