@@ -32,14 +32,23 @@ use std::fmt;
 use std::num::NonZeroUsize;
 use std::ops::Range;
 
-use sync::{zeroed, AtomicU64, Ordering};
+use sync::{fence, fence_for_loom, zeroed, AtomicU64, Ordering};
 
-/// The orderings used throughout; the type's documentation says why they suffice.
-const RMW: Ordering = Ordering::AcqRel;
+// The orderings used throughout; the type's documentation says why they suffice.
+/// A mark: its OR of page words, and its read and update of the summary.
+const MARK: Ordering = Ordering::SeqCst;
+/// The read-modify-writes that clear: a harvest's swaps, `reset_addr_range`'s ANDs.
+const TAKE: Ordering = Ordering::AcqRel;
+/// The reads of the non-destructive walks and of `is_bit_set`, as `AtomicBitmap`'s loads.
 const LOAD: Ordering = Ordering::Acquire;
-const CHECK: Ordering = Ordering::Relaxed;
+/// Reads that only decide which words a harvest takes or reads ahead.
+const PEEK: Ordering = Ordering::Relaxed;
 
 const WORD_BITS: usize = 64;
+/// Page words under one summary bit: one 64-byte cache line of page bits, 512 pages.
+const GROUP_WORDS: usize = 8;
+/// Page words under one summary word.
+const SUMMARY_WORD_SPAN: usize = GROUP_WORDS * WORD_BITS;
 
 /// Bits `lo..=hi` of a word (`lo <= hi < 64`).
 #[inline]
@@ -47,17 +56,29 @@ fn mask(lo: usize, hi: usize) -> u64 {
     (u64::MAX >> (63 - hi)) & (u64::MAX << lo)
 }
 
-/// A page-granular dirty bitmap that any number of threads mark through `&self`, with a
-/// hierarchical summary that lets a harvest visit only the dirty pages.
+/// The summary word and bit over page word `index`.
+#[inline]
+fn summary_bit(index: usize) -> (usize, u64) {
+    (
+        index / SUMMARY_WORD_SPAN,
+        1 << (index / GROUP_WORDS % WORD_BITS),
+    )
+}
+
+/// A page-granular dirty bitmap that any number of threads mark through `&self`, with a summary
+/// that lets a harvest visit only the dirty pages.
 ///
 /// # Structure
 ///
-/// Level 0 holds one bit per page, in 64-bit words, exactly as vm-memory's `AtomicBitmap`;
-/// `get_and_reset` returns these words. Level 1 holds one bit per word of level 0, level 2 one
-/// bit per word of level 1, each set when that word may be non-zero. There is no level above:
-/// a harvest reads level 2 in full (1,024 words for a 1 TiB guest of 4 KiB pages, 12,288 for
-/// 12 TiB, a few microseconds), which keeps a mark to two summary reads. The summary adds 1/64 +
-/// 1/4096 to the memory of the page bits (1 TiB: 32 MiB of page bits, 520 KiB of summary).
+/// The page bits are 64-bit words, one bit per page, exactly as vm-memory's `AtomicBitmap`;
+/// `get_and_reset` returns these words. Above them, one summary bit per group of 8 page words
+/// (one cache line, 512 pages) is set when a word of the group may be non-zero. A harvest reads
+/// the summary in full (8,192 words for a 1 TiB guest of 4 KiB pages, 98,304 for 12 TiB, read 8
+/// at a time) and then only the groups it shows. A mark reads the summary above its word after
+/// its OR (see below), and on x86 every read that follows the OR, a locked instruction, lengthens
+/// the mark even when it hits the cache: one level, and a small one, keeps that to one read of a
+/// line that stays cached. The summary is 1/512 of the page bits (1 TiB: 32 MiB of page bits,
+/// 64 KiB of summary).
 ///
 /// # Concurrency contract
 ///
@@ -67,9 +88,9 @@ fn mask(lo: usize, hi: usize) -> u64 {
 /// [`get_and_reset`](Self::get_and_reset), [`reset_addr_range`](Self::reset_addr_range),
 /// [`reset_bit`](Self::reset_bit) and [`reset`](Self::reset).
 ///
-/// - A mark is one atomic OR per word of page bits (one for a page, one per 64 pages of a range).
-///   It touches a summary word only to set a bit that is clear: it reads the two ancestor words
-///   and ORs only where a bit is missing, which after the first mark of a word is never.
+/// - A mark is one atomic OR per word of page bits (one for a page, one per 64 pages of a range),
+///   then one read of the summary word above; it writes the summary only to set a bit that is
+///   clear, which after the first mark of a group is never.
 /// - **No mark is lost.** A page whose mark *happens before* a harvest starts (the marking thread
 ///   returned and then told the harvester, through any synchronization) is returned by that
 ///   harvest or by an earlier one. A page marked while a harvest runs is returned by it, or stays
@@ -86,56 +107,68 @@ fn mask(lo: usize, hi: usize) -> u64 {
 ///
 /// # Memory orderings, and why they suffice
 ///
-/// - A mark ORs the page word with `AcqRel`, then reads its two ancestor words (`Relaxed`, in
-///   either order) and ORs with `AcqRel` each whose bit is clear, bottom-up: after setting the
-///   level-1 bit it reads the level-2 word again. It reads nothing before the OR.
-/// - A harvest reads each level-2 word (`Relaxed`), takes the non-zero ones with an `AcqRel`
-///   swap to zero, descends into the level-1 words whose bits it took, takes them the same way,
-///   and takes each page word under their bits with an `AcqRel` swap to zero, always top-down:
-///   a summary bit is cleared before the words under it are read. (The relaxed reads that come
-///   before the swaps, at level 2 and of the words about to be taken, only filter out clean
-///   words or bring lines into the cache: what is taken is what the swap returns.)
+/// - A mark ORs its page words, then reads the summary word above them and ORs the bits it finds
+///   clear, all `SeqCst` (on x86 the same instructions as weaker orderings). It reads nothing
+///   before the OR.
+/// - A harvest reads the summary words (`Relaxed`, eight at a time) and takes the non-zero ones
+///   with an `AcqRel` swap to zero, up to 64 groups at a time; then a `SeqCst` fence; then it
+///   reads each page word of those groups (`Relaxed`) and takes the non-zero ones with an
+///   `AcqRel` swap.
 ///
-/// Suppose a mark's OR of page word `w` comes after a harvest's swap of `w` in `w`'s modification
-/// order (otherwise the swap returned the page). Every write to a page word is a read-modify-write,
-/// so the mark's `Acquire` reads from the swap's release sequence: the swap synchronizes with the
-/// mark, and the harvest's earlier clearing of every ancestor bit happens before the mark's reads
-/// of those ancestors. By coherence those reads see the cleared bits (or bits set again since), so
-/// the mark sets every ancestor bit the harvest took, after it took it, and the next harvest finds
-/// the page. A mark that finds an ancestor bit already set relies on the marker who set it; the
-/// same argument shows that no harvest can have cleared it in between without also taking the
-/// page. Conversely, when a harvest's swap of a summary word reads a bit set by a mark (`Release`
-/// part of its OR), the mark's OR of the page word happens before the harvest's swap of that
-/// word, which therefore returns the page. A mark that happens before a harvest starts has set
-/// or seen its level-2 bit before, so the harvest's read of that word sees the bit, or a value
-/// written since by the swap of another harvest, which took the bit and, by the argument above,
-/// the page. The `Acquire` loads of `is_bit_set` and of the non-destructive walks
-/// (`dirty_pages`, `Clone`) read the words as `AtomicBitmap`'s loads do.
-/// `tests/loom.rs` checks these claims over every interleaving of small models.
+/// Take a mark of page word `w`, under summary bit `s`, and a harvest that took `s`. If the
+/// harvest's read of `w` sees the mark's OR, its swap of `w` takes the page (unless another
+/// harvest's swap took it first). If it does not, that read comes before the OR in `w`'s
+/// modification order, and then the mark's read of `s` cannot come before the harvest's swap of
+/// `s` in `s`'s: each side would miss the other's write (the store-buffering outcome), which
+/// C++20's rules for `SeqCst` (\[atomics.order\]) exclude when one side has a `SeqCst` fence
+/// between its write and its read and the other side's write and read are `SeqCst`. So the mark
+/// reads `s` clear, and sets it, or set again since by another mark; in both cases the next
+/// harvest that takes `s` reads `w` with the mark's OR (the same argument, with the mark's read
+/// of `s` before that harvest's swap). A mark that finds `s` set relies on it in the same way. A
+/// mark that happens before a harvest starts has set or seen `s`, so the harvest's read of the
+/// summary word sees `s`, or a value written since by the swap of another harvest, which took `s`
+/// and, by the argument above, the page. The `Acquire` loads of `is_bit_set` and of the
+/// non-destructive walks (`dirty_pages`, `Clone`) read the words as `AtomicBitmap`'s loads do.
+/// `tests/loom.rs` checks these claims over every interleaving of small models; loom models
+/// `SeqCst` accesses as `AcqRel`, so under loom a mark also has a `SeqCst` fence between its OR
+/// and its read of the summary, which excludes the same outcome.
 ///
 /// The page data too: a mark's OR releases, and the swap that takes the page acquires, so a
 /// harvester that takes a page sees every write to guest memory made before the page was marked
 /// (vm-memory marks after writing). This is why a mark is an OR even when its bit is already set:
 /// skipping it would let a harvest take the bit without seeing the new data.
 pub struct AtomicHBitmap {
-    /// `levels[0]`: one bit per page; `levels[1]`: one bit per word of `levels[0]`; `levels[2]`:
-    /// one bit per word of `levels[1]`, read in full by a harvest. Each has at least one word.
-    levels: [Box<[AtomicU64]>; LEVELS],
+    /// One bit per page: page word `i` is `pages[first + i]`.
+    pages: Box<[AtomicU64]>,
+    /// The first page word, chosen so that each group of page words is one cache line (a
+    /// harvest then reads a group with one cache miss): `pages` has room for whole groups from
+    /// there, the words past the last page word are never set.
+    first: usize,
+    /// Words of page bits.
+    words: usize,
+    /// One bit per group of [`GROUP_WORDS`] page words; at least one word.
+    summary: Box<[AtomicU64]>,
     /// Pages tracked.
     size: usize,
     byte_size: usize,
     page_size: NonZeroUsize,
 }
 
-/// The levels: the page words and two summaries.
-const LEVELS: usize = 3;
+/// Zeroed room for `groups` groups of page words, and the index of its first word on a cache
+/// line boundary. (The allocator aligns to 16 bytes; asking it for 64 would make it write the
+/// zeros itself, touching every page of the bitmap at creation.)
+fn page_words(groups: usize) -> (Box<[AtomicU64]>, usize) {
+    let pages = zeroed(groups * GROUP_WORDS + GROUP_WORDS - 1);
+    let to_line = pages.as_ptr().addr().wrapping_neg() % (GROUP_WORDS * size_of::<AtomicU64>());
+    let first = to_line / size_of::<AtomicU64>();
+    (pages, first)
+}
 
-/// Words of each level for `pages` pages: the page words, then the two summaries (at least one
-/// word each).
-fn level_sizes(pages: usize) -> [usize; LEVELS] {
+/// Words of page bits, groups and summary words for `pages` pages.
+fn level_sizes(pages: usize) -> (usize, usize, usize) {
     let words = pages.div_ceil(WORD_BITS);
-    let summary = words.div_ceil(WORD_BITS).max(1);
-    [words, summary, summary.div_ceil(WORD_BITS)]
+    let groups = words.div_ceil(GROUP_WORDS);
+    (words, groups, groups.div_ceil(WORD_BITS).max(1))
 }
 
 #[allow(clippy::len_without_is_empty)] // as vm-memory's AtomicBitmap
@@ -145,8 +178,13 @@ impl AtomicHBitmap {
     /// memory comes zeroed from the allocator: pages of the bitmap are touched only when marked.
     pub fn new(byte_size: usize, page_size: NonZeroUsize) -> Self {
         let size = byte_size.div_ceil(page_size.get());
+        let (words, groups, summary) = level_sizes(size);
+        let (pages, first) = page_words(groups);
         AtomicHBitmap {
-            levels: level_sizes(size).map(zeroed),
+            pages,
+            first,
+            words,
+            summary: zeroed(summary),
             size,
             byte_size,
             page_size,
@@ -159,21 +197,26 @@ impl AtomicHBitmap {
     pub fn enlarge(&mut self, additional_size: usize) {
         self.byte_size += additional_size;
         self.size = self.byte_size.div_ceil(self.page_size.get());
-        // The words added to each level are clean, and the summary bits of the old ones stay
-        // where they are.
-        for (level, words) in self.levels.iter_mut().zip(level_sizes(self.size)) {
-            if level.len() < words {
-                let mut grown = std::mem::take(level).into_vec();
-                grown.resize_with(words, || AtomicU64::new(0));
-                *level = grown.into_boxed_slice();
+        // The words added are clean, and the summary bits of the old ones stay where they are.
+        let (words, groups, summary) = level_sizes(self.size);
+        if words > self.words {
+            let (pages, first) = page_words(groups);
+            for index in 0..self.words {
+                pages[first + index].store(self.word(index).load(PEEK), PEEK);
             }
+            (self.pages, self.first, self.words) = (pages, first, words);
+        }
+        if summary > self.summary.len() {
+            let mut grown = std::mem::take(&mut self.summary).into_vec();
+            grown.resize_with(summary, || AtomicU64::new(0));
+            self.summary = grown.into_boxed_slice();
         }
     }
 
     /// Whether page `index` is marked; pages past the end are never marked.
     pub fn is_bit_set(&self, index: usize) -> bool {
         index < self.size
-            && self.levels[0][index / WORD_BITS].load(LOAD) & (1 << (index % WORD_BITS)) != 0
+            && self.word(index / WORD_BITS).load(LOAD) & (1 << (index % WORD_BITS)) != 0
     }
 
     /// Whether the page holding byte `addr` is marked.
@@ -184,7 +227,7 @@ impl AtomicHBitmap {
     /// The pages holding bytes `start_addr..start_addr + len`, clamped to the bitmap; `None`
     /// when there are none. The end saturates at `usize::MAX`, as in `AtomicBitmap`.
     #[inline]
-    fn pages(&self, start_addr: usize, len: usize) -> Option<(usize, usize)> {
+    fn page_range(&self, start_addr: usize, len: usize) -> Option<(usize, usize)> {
         if len == 0 {
             return None;
         }
@@ -198,7 +241,7 @@ impl AtomicHBitmap {
     /// saturates at `usize::MAX`.
     #[inline]
     pub fn set_addr_range(&self, start_addr: usize, len: usize) {
-        if let Some((first, last)) = self.pages(start_addr, len) {
+        if let Some((first, last)) = self.page_range(start_addr, len) {
             if first / WORD_BITS == last / WORD_BITS {
                 self.mark_word(first / WORD_BITS, mask(first % WORD_BITS, last % WORD_BITS));
             } else {
@@ -211,20 +254,9 @@ impl AtomicHBitmap {
     /// [`set_addr_range`](Self::set_addr_range)). The summary is left as it is (it may then
     /// over-approximate until the next harvest): clearing it here could hide a racing mark.
     pub fn reset_addr_range(&self, start_addr: usize, len: usize) {
-        if let Some((first, last)) = self.pages(start_addr, len) {
-            let (first_word, last_word) = (first / WORD_BITS, last / WORD_BITS);
-            for word in first_word..=last_word {
-                let lo = if word == first_word {
-                    first % WORD_BITS
-                } else {
-                    0
-                };
-                let hi = if word == last_word {
-                    last % WORD_BITS
-                } else {
-                    63
-                };
-                self.levels[0][word].fetch_and(!mask(lo, hi), RMW);
+        if let Some((first, last)) = self.page_range(start_addr, len) {
+            for (word, bits) in word_masks(first, last) {
+                self.word(word).fetch_and(!bits, TAKE);
             }
         }
     }
@@ -240,7 +272,8 @@ impl AtomicHBitmap {
     /// Clears page `index`; an index past the end is ignored.
     pub fn reset_bit(&self, index: usize) {
         if index < self.size {
-            self.levels[0][index / WORD_BITS].fetch_and(!(1 << (index % WORD_BITS)), RMW);
+            self.word(index / WORD_BITS)
+                .fetch_and(!(1 << (index % WORD_BITS)), TAKE);
         }
     }
 
@@ -255,11 +288,10 @@ impl AtomicHBitmap {
     }
 
     /// The heap memory the bitmap holds, in bytes: the page bits (as much as `AtomicBitmap`'s)
-    /// plus the two summary levels (1/64 and 1/4096 of that, and a word each). Allocated zeroed,
+    /// plus the summary (1/512 of that, and a word). Allocated zeroed,
     /// it is touched only where pages are marked.
     pub fn heap_bytes(&self) -> usize {
-        let words: usize = self.levels.iter().map(|level| level.len()).sum();
-        words * size_of::<u64>()
+        size_of_val(&*self.pages) + size_of_val(&*self.summary)
     }
 
     /// The page size given to [`new`](Self::new).
@@ -271,7 +303,7 @@ impl AtomicHBitmap {
     /// as `AtomicBitmap::get_and_reset` returns them, and clears them. Only dirty words are
     /// visited; the clean ones are zeros of a freshly allocated vector.
     pub fn get_and_reset(&self) -> Vec<u64> {
-        let mut words = vec![0u64; self.levels[0].len()];
+        let mut words = vec![0u64; self.words];
         self.take_words(|index, bits| words[index] = bits);
         words
     }
@@ -285,14 +317,28 @@ impl AtomicHBitmap {
     /// for each in increasing order.
     fn take_words(&self, mut f: impl FnMut(usize, u64)) {
         let mut walk = Walk::new(self);
-        let mut chunk = [(0, 0); WORD_BITS];
-        loop {
-            let len = walk.next_chunk(&mut chunk);
-            if len == 0 {
-                return;
-            }
-            for &(index, bits) in &chunk[..len] {
-                f(index, bits);
+        while walk.next_group != walk.groups_len || walk.take_groups() {
+            let group = walk.groups[walk.next_group];
+            walk.next_group += 1;
+            self.take_group(group, &mut f);
+        }
+    }
+
+    /// Takes the non-zero words of group `group`, calling `f(index, bits)` for each in increasing
+    /// order. All eight words are read first, then the non-zero ones taken: a branch per word
+    /// would be mispredicted about once per group where the summary is sparse.
+    #[inline]
+    fn take_group(&self, group: usize, mut f: impl FnMut(usize, u64)) {
+        let words = self.group(group);
+        let mut dirty = words.iter().enumerate().fold(0u32, |acc, (i, word)| {
+            acc | u32::from(word.load(PEEK) != 0) << i
+        });
+        while dirty != 0 {
+            let offset = dirty.trailing_zeros() as usize;
+            dirty &= dirty - 1;
+            let taken = words[offset].swap(0, TAKE);
+            if taken != 0 {
+                f(group * GROUP_WORDS + offset, taken);
             }
         }
     }
@@ -353,129 +399,123 @@ impl AtomicHBitmap {
     }
 
     /// Calls `f(index, bits)` for every non-zero page word, in increasing order, reading (not
-    /// clearing) the words the summary shows dirty.
+    /// clearing) the words of the groups the summary shows dirty.
     fn for_each_dirty_word(&self, mut f: impl FnMut(usize, u64)) {
-        for index in 0..self.levels[LEVELS - 1].len() {
-            self.visit(LEVELS - 1, index, &mut f);
-        }
-    }
-
-    fn visit(&self, level: usize, index: usize, f: &mut impl FnMut(usize, u64)) {
-        let mut bits = self.levels[level][index].load(LOAD);
-        if level == 0 {
-            if bits != 0 {
-                f(index, bits);
-            }
-            return;
-        }
-        while bits != 0 {
-            let child = index * WORD_BITS + bits.trailing_zeros() as usize;
-            bits &= bits - 1;
-            self.visit(level - 1, child, f);
-        }
-    }
-
-    /// Marks pages `first..=last` (both within the bitmap).
-    fn mark_pages(&self, first: usize, last: usize) {
-        let (mut lo, mut hi) = (first, last);
-        for (depth, level) in self.levels.iter().enumerate() {
-            let (first_word, last_word) = (lo / WORD_BITS, hi / WORD_BITS);
-            for word in first_word..=last_word {
-                let bits = mask(
-                    if word == first_word {
-                        lo % WORD_BITS
-                    } else {
-                        0
-                    },
-                    if word == last_word {
-                        hi % WORD_BITS
-                    } else {
-                        63
-                    },
-                );
-                if depth == 0 || level[word].load(CHECK) & bits != bits {
-                    level[word].fetch_or(bits, RMW);
+        for (index, word) in self.summary.iter().enumerate() {
+            let mut groups = word.load(LOAD);
+            while groups != 0 {
+                let group = index * WORD_BITS + groups.trailing_zeros() as usize;
+                groups &= groups - 1;
+                for (offset, word) in self.group(group).iter().enumerate() {
+                    let bits = word.load(LOAD);
+                    if bits != 0 {
+                        f(group * GROUP_WORDS + offset, bits);
+                    }
                 }
             }
-            (lo, hi) = (first_word, last_word);
         }
     }
 
-    /// ORs `bits` into page word `index`, then makes sure both its summary bits are set: `raise`
-    /// for level 0, written for the marks of single pages. The common case, both summary bits
-    /// already set, is the OR, two loads and one branch; the updates are out of line.
+    /// Page word `index`.
     #[inline]
-    fn mark_word(&self, index: usize, bits: u64) {
-        let [pages, summary, top] = &self.levels;
-        // The words are located before the OR: after it only the two summary words are read.
-        let word = &pages[index];
-        let parent = &summary[index / WORD_BITS];
-        let grandparent = &top[index / WORD_BITS / WORD_BITS];
-        let parent_bit = 1 << (index % WORD_BITS);
-        let grandparent_bit = 1 << (index / WORD_BITS % WORD_BITS);
-        // Nothing is read before the OR: on x86 the OR is a locked instruction, and every load
-        // around it lengthens the chain of accesses a stream of marks waits on (an early read of
-        // the parent, meant to overlap its cache miss with the page word's, measured slower for
-        // two threads marking random pages, and no faster for one). The page word is not read ahead
-        // either: on a page of the bitmap never written, that read would map the zero page and
-        // the OR would then fault a second time.
-        word.fetch_or(bits, RMW);
-        // Both reads follow the OR; which of the two comes first does not matter (relaxed loads
-        // of two locations). One branch on both, so that the loop of a caller marking many pages
-        // stays short.
-        let (parent_word, grandparent_word) = (parent.load(CHECK), grandparent.load(CHECK));
-        if (parent_word & parent_bit == 0) | (grandparent_word & grandparent_bit == 0) {
-            self.set_summary(index, parent_word & parent_bit != 0);
-        }
+    fn word(&self, index: usize) -> &AtomicU64 {
+        &self.pages[self.first + index]
     }
 
-    /// The rare part of [`mark_word`](Self::mark_word): after the OR of page word `index` its
-    /// reads found a summary bit clear (`parent_set`: whether its level-1 bit was set). Sets the
-    /// bits bottom-up: a level-1 bit it sets is followed by a new read of the level-2 word.
-    #[cold]
-    #[inline(never)]
-    fn set_summary(&self, index: usize, parent_set: bool) {
-        let [_, summary, top] = &self.levels;
-        let grandparent = &top[index / WORD_BITS / WORD_BITS];
-        let grandparent_bit = 1 << (index / WORD_BITS % WORD_BITS);
-        if !parent_set {
-            summary[index / WORD_BITS].fetch_or(1 << (index % WORD_BITS), RMW);
-        }
-        // Read again even when the first read showed it clear: cheap here, and it skips the
-        // RMW when a racing mark has set it since.
-        if grandparent.load(CHECK) & grandparent_bit == 0 {
-            grandparent.fetch_or(grandparent_bit, RMW);
-        }
+    /// The page words of group `group`, one cache line.
+    #[inline]
+    fn group(&self, group: usize) -> &[AtomicU64; GROUP_WORDS] {
+        let start = self.first + group * GROUP_WORDS;
+        self.pages[start..start + GROUP_WORDS]
+            .try_into()
+            .expect("a group is GROUP_WORDS words")
     }
 
-    /// ORs `bits` into word `index` of `level`, then makes sure every ancestor bit is set.
-    fn raise(&self, level: usize, index: usize, bits: u64) {
-        self.levels[level][index].fetch_or(bits, RMW);
-        let mut index = index;
-        for above in &self.levels[level + 1..] {
-            let bit = 1 << (index % WORD_BITS);
-            index /= WORD_BITS;
-            if above[index].load(CHECK) & bit == 0 {
-                above[index].fetch_or(bit, RMW);
+    /// Marks pages `first..=last` (both within the bitmap): ORs each word of page bits, then sets
+    /// the summary bits over them that are clear.
+    fn mark_pages(&self, first: usize, last: usize) {
+        for (word, bits) in word_masks(first, last) {
+            self.word(word).fetch_or(bits, MARK);
+        }
+        fence_for_loom();
+        let groups = (
+            first / WORD_BITS / GROUP_WORDS,
+            last / WORD_BITS / GROUP_WORDS,
+        );
+        for (word, bits) in word_masks(groups.0, groups.1) {
+            let word = &self.summary[word];
+            if word.load(MARK) & bits != bits {
+                word.fetch_or(bits, MARK);
             }
         }
     }
+
+    /// ORs `bits` into page word `index`, then makes sure its summary bit is set: the mark of a
+    /// page, or of pages within one word. The common case, the summary bit already set, is the
+    /// OR, one load and one branch; the update is out of line.
+    #[inline]
+    fn mark_word(&self, index: usize, bits: u64) {
+        let (summary_index, bit) = summary_bit(index);
+        // Both words are located before the OR, so that after it only the summary word is read.
+        let (word, summary) = (self.word(index), &self.summary[summary_index]);
+        // Nothing is read before the OR: on x86 the OR is a locked instruction, which waits for
+        // the loads before it. The page word is not read ahead either: on a page of the bitmap
+        // never written, that read would map the zero page and the OR would then fault again.
+        word.fetch_or(bits, MARK);
+        fence_for_loom();
+        if summary.load(MARK) & bit == 0 {
+            set_summary_bit(summary, bit);
+        }
+    }
 }
 
-/// The destructive walk shared by `harvest`, `get_and_reset` and `reset`: it reads the top level
-/// in full, takes the summary words top-down and hands out the non-zero page words it takes, in
-/// increasing order. What it holds when dropped (summary bits taken, words under them not yet
-/// taken) is given back.
+/// The rare part of a mark: its summary bit was clear.
+#[cold]
+#[inline(never)]
+fn set_summary_bit(word: &AtomicU64, bit: u64) {
+    word.fetch_or(bit, MARK);
+}
+
+/// The words holding bits `first..=last` of an array of words, each with the mask of those bits.
+fn word_masks(first: usize, last: usize) -> impl Iterator<Item = (usize, u64)> {
+    let (first_word, last_word) = (first / WORD_BITS, last / WORD_BITS);
+    (first_word..=last_word).map(move |word| {
+        let lo = if word == first_word {
+            first % WORD_BITS
+        } else {
+            0
+        };
+        let hi = if word == last_word {
+            last % WORD_BITS
+        } else {
+            WORD_BITS - 1
+        };
+        (word, mask(lo, hi))
+    })
+}
+
+/// The destructive walk shared by `harvest`, `get_and_reset` and `reset`: it reads the summary in
+/// full, takes its non-zero words, and hands out the non-zero page words of the groups whose bits
+/// it took, in increasing order. The summary bits it holds when dropped (taken, their groups not
+/// yet visited) are given back.
 struct Walk<'a> {
     bitmap: &'a AtomicHBitmap,
-    /// The next word of the top level to read.
+    /// The next summary word to read.
     cursor: usize,
-    /// `held[k]` for the summary levels `k` (`held[0]` unused): the index of the word of that
-    /// level being descended, and the bits taken from it whose subtrees are still to visit.
-    held: [(usize, u64); LEVELS],
+    /// The summary word being visited, and the bits taken from it whose groups are not yet in
+    /// `groups`.
+    held: (usize, u64),
+    /// Groups taken and not yet visited: `groups[next_group..groups_len]`.
+    groups: [usize; BATCH],
+    next_group: usize,
+    groups_len: usize,
 }
 
-/// Page words read ahead by a walk where the summary is sparse.
+/// Summary words read together, so that a clean stretch is skipped eight words at a time.
+const SCAN: usize = 8;
+/// Groups taken together: their first words are read ahead, so that where the summary is sparse
+/// their cache misses overlap (on x86 each swap is a locked instruction that would otherwise wait
+/// for its own miss).
 const BATCH: usize = 64;
 
 impl<'a> Walk<'a> {
@@ -483,110 +523,93 @@ impl<'a> Walk<'a> {
         Walk {
             bitmap,
             cursor: 0,
-            held: [(0, 0); LEVELS],
+            held: (0, 0),
+            groups: [0; BATCH],
+            next_group: 0,
+            groups_len: 0,
         }
     }
 
-    /// With nothing held at level 1, takes the next non-zero word of level 1 into `held[1]`;
-    /// `false` at the end.
-    fn descend(&mut self) -> bool {
-        let [_, summary, top] = &self.bitmap.levels;
-        loop {
-            if self.held[2].1 == 0 {
-                // The next top word that reads non-zero, taken; its children are read ahead so
-                // that their cache misses overlap (on x86 each swap is a full barrier that would
-                // otherwise wait for its own miss).
-                loop {
-                    let Some(word) = top.get(self.cursor) else {
-                        return false;
-                    };
-                    self.cursor += 1;
-                    if word.load(CHECK) != 0 {
-                        let taken = word.swap(0, RMW);
-                        if taken != 0 {
-                            let base = (self.cursor - 1) * WORD_BITS;
-                            self.held[2] = (self.cursor - 1, taken);
-                            let mut bits = taken;
-                            let mut ahead = 0;
-                            while bits != 0 {
-                                ahead |= summary[base + bits.trailing_zeros() as usize].load(CHECK);
-                                bits &= bits - 1;
-                            }
-                            std::hint::black_box(ahead);
-                            break;
-                        }
+    /// With nothing held, takes the next non-zero summary word into `held`; `false` at the end.
+    fn take_summary_word(&mut self) -> bool {
+        let summary = &self.bitmap.summary;
+        while let Some(word) = summary.get(self.cursor) {
+            if self.cursor % SCAN == 0 {
+                if let Some(block) = summary.get(self.cursor..self.cursor + SCAN) {
+                    if block.iter().fold(0, |acc, word| acc | word.load(PEEK)) == 0 {
+                        self.cursor += SCAN;
+                        continue;
                     }
                 }
             }
-            let (index, bits) = self.held[2];
-            let child = index * WORD_BITS + bits.trailing_zeros() as usize;
-            self.held[2].1 = bits & (bits - 1);
-            let taken = summary[child].swap(0, RMW);
-            if taken != 0 {
-                self.held[1] = (child, taken);
-                return true;
+            self.cursor += 1;
+            if word.load(PEEK) != 0 {
+                let taken = word.swap(0, TAKE);
+                if taken != 0 {
+                    self.held = (self.cursor - 1, taken);
+                    return true;
+                }
             }
-            // A summary bit over a clean word: cleared, nothing under it.
         }
+        false
+    }
+
+    /// With no group left to visit, takes up to [`BATCH`] groups from the summary and reads their
+    /// first words ahead; `false` at the end.
+    fn take_groups(&mut self) -> bool {
+        let mut count = 0;
+        loop {
+            let (index, bits) = &mut self.held;
+            while *bits != 0 && count < BATCH {
+                self.groups[count] = *index * WORD_BITS + bits.trailing_zeros() as usize;
+                *bits &= *bits - 1;
+                count += 1;
+            }
+            if count == BATCH || !self.take_summary_word() {
+                break;
+            }
+        }
+        (self.next_group, self.groups_len) = (0, count);
+        // Orders the swaps of the summary words before the reads of the page words under them
+        // (see the type's documentation).
+        fence(Ordering::SeqCst);
+        let bitmap = self.bitmap;
+        let ahead = self.groups[..count]
+            .iter()
+            .fold(0, |acc, &group| acc | bitmap.group(group)[0].load(PEEK));
+        std::hint::black_box(ahead);
+        count != 0
     }
 
     /// Takes the next non-zero page words, in increasing order, into `out`: their number, 0 at
-    /// the end. The caller owns them (it must return them or give them back): when the summary
-    /// shows 64 dirty words in a row they are taken in one tight loop, otherwise up to [`BATCH`]
-    /// words are read ahead together, then taken.
+    /// the end. The caller owns them (it must return them or give them back).
     fn next_chunk(&mut self, out: &mut [(usize, u64); WORD_BITS]) -> usize {
-        let pages = &self.bitmap.levels[0];
-        loop {
-            if self.held[1].1 == 0 && !self.descend() {
-                return 0;
+        let mut len = 0;
+        while len + GROUP_WORDS <= out.len() {
+            // A chunk ends with the groups taken, unless it is empty.
+            if self.next_group == self.groups_len && (len != 0 || !self.take_groups()) {
+                break;
             }
-            let mut len = 0;
-            if self.held[1].1 == u64::MAX {
-                let base = self.held[1].0 * WORD_BITS;
-                self.held[1].1 = 0;
-                for (offset, word) in pages[base..base + WORD_BITS].iter().enumerate() {
-                    let taken = word.swap(0, RMW);
-                    out[len] = (base + offset, taken);
-                    len += usize::from(taken != 0);
-                }
-            } else {
-                // Indexes from this level-1 word and the following ones, up to a full one.
-                let mut batch = [0; BATCH];
-                let mut count = 0;
-                loop {
-                    let (parent, bits) = &mut self.held[1];
-                    while *bits != 0 && count < BATCH {
-                        batch[count] = *parent * WORD_BITS + bits.trailing_zeros() as usize;
-                        *bits &= *bits - 1;
-                        count += 1;
-                    }
-                    if count == BATCH || !self.descend() || self.held[1].1 == u64::MAX {
-                        break;
-                    }
-                }
-                let ahead = batch[..count]
-                    .iter()
-                    .fold(0, |acc, &index| acc | pages[index].load(CHECK));
-                std::hint::black_box(ahead);
-                for &index in &batch[..count] {
-                    let taken = pages[index].swap(0, RMW);
-                    out[len] = (index, taken);
-                    len += usize::from(taken != 0);
-                }
-            }
-            if len != 0 {
-                return len;
-            }
+            let group = self.groups[self.next_group];
+            self.next_group += 1;
+            self.bitmap.take_group(group, |index, bits| {
+                out[len] = (index, bits);
+                len += 1;
+            });
         }
+        len
     }
 }
 
 impl Drop for Walk<'_> {
     fn drop(&mut self) {
-        for (level, &(index, bits)) in self.held.iter().enumerate().skip(1) {
-            if bits != 0 {
-                self.bitmap.raise(level, index, bits);
-            }
+        let summary = &self.bitmap.summary;
+        for &group in &self.groups[self.next_group..self.groups_len] {
+            summary[group / WORD_BITS].fetch_or(1 << (group % WORD_BITS), MARK);
+        }
+        let (index, bits) = self.held;
+        if bits != 0 {
+            summary[index].fetch_or(bits, MARK);
         }
     }
 }
@@ -710,7 +733,7 @@ impl Drop for Harvest<'_> {
             bitmap.mark_pages(start, end - 1);
         }
         for &(index, bits) in &self.words[self.next_word..self.words_len] {
-            bitmap.raise(0, index, bits);
+            bitmap.mark_word(index, bits);
         }
     }
 }
@@ -720,8 +743,12 @@ impl Clone for AtomicHBitmap {
     /// only dirty words. The copy's summary is exact for what it copied, so a mark racing with
     /// the clone is either in the copy with its summary bits or not in it at all.
     fn clone(&self) -> Self {
+        let (pages, first) = page_words(level_sizes(self.size).1);
         let copy = AtomicHBitmap {
-            levels: self.levels.each_ref().map(|level| zeroed(level.len())),
+            pages,
+            first,
+            words: self.words,
+            summary: zeroed(self.summary.len()),
             size: self.size,
             byte_size: self.byte_size,
             page_size: self.page_size,
@@ -770,35 +797,46 @@ mod tests {
 
     #[test]
     fn level_geometry() {
-        assert_eq!(level_sizes(0), [0, 1, 1]);
-        assert_eq!(level_sizes(64), [1, 1, 1]);
-        assert_eq!(level_sizes(65), [2, 1, 1]);
-        assert_eq!(level_sizes(64 * 64 + 1), [65, 2, 1]);
-        assert_eq!(level_sizes(64 * 64 * 64 + 1), [64 * 64 + 1, 65, 2]);
-        // 1 TiB of 4 KiB pages: the summary is 1/64 + 1/4096 of the page bits.
-        let sizes = level_sizes(1 << 28);
-        assert_eq!(sizes, [1 << 22, 1 << 16, 1 << 10]);
+        assert_eq!(level_sizes(0), (0, 0, 1));
+        assert_eq!(level_sizes(64), (1, 1, 1));
+        assert_eq!(level_sizes(65), (2, 1, 1));
+        assert_eq!(level_sizes(512 * 64), (512, 64, 1));
+        assert_eq!(level_sizes(512 * 64 + 1), (513, 65, 2));
+        assert_eq!(summary_bit(0), (0, 1));
+        assert_eq!(summary_bit(7), (0, 1));
+        assert_eq!(summary_bit(8), (0, 2));
+        assert_eq!(summary_bit(511), (0, 1 << 63));
+        assert_eq!(summary_bit(512), (1, 1));
+        // 1 TiB of 4 KiB pages: the summary is 1/512 of the page bits.
+        assert_eq!(level_sizes(1 << 28), (1 << 22, 1 << 19, 1 << 13));
         let b = AtomicHBitmap::new(1 << 40, NonZeroUsize::new(4096).unwrap());
         let page_bits = (1 << 22) * 8;
+        assert_eq!(b.heap_bytes(), page_bits + 7 * 8 + page_bits / 512);
         assert_eq!(
-            b.heap_bytes(),
-            page_bits + page_bits / 64 + page_bits / 4096
+            b.group(5).as_ptr().addr() % 64,
+            0,
+            "a group is a cache line"
         );
     }
 
     #[test]
-    fn runs_cross_words_and_levels() {
-        let b = bitmap(64 * 64 * 3);
+    fn runs_cross_words_groups_and_summary_words() {
+        let b = bitmap(32_768 * 2 + 100);
         b.set_bit(0);
-        b.set_addr_range(63 * 128, 3 * 128); // pages 63..66
-        b.set_addr_range(4000 * 128, 200 * 128); // across a level-1 word boundary (4096)
-        b.set_bit(64 * 64 * 3 - 1);
-        assert_eq!(b.dirty_pages(), 1 + 3 + 200 + 1);
+        b.set_addr_range(63 * 128, 3 * 128); // pages 63..66: two words
+        b.set_addr_range(500 * 128, 20 * 128); // across a group boundary (512)
+        b.set_addr_range(32_700 * 128, 200 * 128); // across a summary word boundary (32768)
+        b.set_bit(b.len() - 1);
+        assert_eq!(b.dirty_pages(), 1 + 3 + 20 + 200 + 1);
         let runs: Vec<_> = b.harvest().collect();
-        assert_eq!(runs, [0..1, 63..66, 4000..4200, 12287..12288]);
+        assert_eq!(
+            runs,
+            [0..1, 63..66, 500..520, 32_700..32_900, 65_635..65_636]
+        );
         assert_eq!(b.dirty_pages(), 0);
         assert_eq!(b.harvest().next(), None);
         assert!(b.get_and_reset().iter().all(|&w| w == 0));
+        assert!(b.summary.iter().all(|w| w.load(LOAD) == 0));
     }
 
     #[test]
@@ -850,7 +888,8 @@ mod tests {
         let mut b = bitmap(10);
         b.set_bit(3);
         b.enlarge(128 * 64 * 64 * 64 * 2);
-        assert_eq!(b.levels.each_ref().map(|level| level.len()), [8193, 129, 3]);
+        assert_eq!((b.words, b.summary.len()), (8193, 17));
+        assert_eq!(b.pages.len(), 1025 * GROUP_WORDS + GROUP_WORDS - 1);
         b.set_bit(64 * 64 + 1);
         b.set_bit(64 * 64 * 64 * 2 + 7);
         assert_eq!(

@@ -4,9 +4,20 @@
 //! with `--cfg loom` for the model tests (`tests/loom.rs`).
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicU64, Ordering};
+pub(crate) use loom::sync::atomic::{fence, AtomicU64, Ordering};
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicU64, Ordering};
+pub(crate) use std::sync::atomic::{fence, AtomicU64, Ordering};
+
+/// Between a mark's OR and its read of the summary, under loom only: loom models `SeqCst` loads
+/// and read-modify-writes as `AcqRel` (tokio-rs/loom#180), which would let the mark and a
+/// harvest each miss the other's write; a `SeqCst` fence, which loom does model, excludes that
+/// outcome as the `SeqCst` accesses do outside loom. Elsewhere it is nothing: a fence there would
+/// cost a mark as much as its OR.
+#[inline(always)]
+pub(crate) fn fence_for_loom() {
+    #[cfg(loom)]
+    fence(Ordering::SeqCst);
+}
 
 /// `len` words, all zero. Outside loom the memory comes zeroed from the allocator (`calloc`), so
 /// a large bitmap costs no memory until pages are marked.

@@ -2,8 +2,8 @@
 
 //! AtomicHBitmap against vm-memory's AtomicBitmap itself: random operations of the whole shared
 //! API, every result compared, `get_and_reset` word for word, and `harvest` against the pages
-//! the reference holds. Ranges are drawn around word and summary-level boundaries (64, 4096 and
-//! 262144 pages), past the end and up to `usize::MAX`; bitmaps are enlarged, cloned and (with
+//! the reference holds. Ranges are drawn around the boundaries of words, groups and summary words
+//! (64, 512 and 32768 pages), past the end and up to `usize::MAX`; bitmaps are enlarged, cloned and (with
 //! the `vm-memory` feature) sliced.
 //!
 //! `ATOMIC_HBITMAP_DIFF_OPS` (operations per seed, default 4000, 1000 in
@@ -47,7 +47,7 @@ fn address(rng: &mut Rng, pages: usize, page_size: usize) -> usize {
     let page = match rng.below(6) {
         0 => rng.usize_below(pages + 2),
         1 => {
-            let unit = [64usize, 4096, 262_144][rng.usize_below(3)];
+            let unit = [64usize, 512, 32_768][rng.usize_below(3)];
             let boundary = unit * rng.usize_below(pages / unit + 2);
             (boundary + rng.usize_below(5)).saturating_sub(2)
         }
@@ -69,7 +69,7 @@ fn length(rng: &mut Rng, page_size: usize) -> usize {
         1 => 1,
         2 => rng.usize_below(64),
         3 => rng.usize_below(200),
-        4 => 4096 + rng.usize_below(8) - 4,
+        4 => [512usize, 4096, 32_768][rng.usize_below(3)] + rng.usize_below(8) - 4,
         5 => rng.usize_below(10_000),
         6 => return usize::MAX - rng.usize_below(3),
         _ => rng.usize_below(300_000),

@@ -2,9 +2,9 @@
 
 //! Model tests of the concurrency contract under loom, over every interleaving (and every
 //! outcome the memory orderings allow; up to three preemptions, two where a harvest takes a full
-//! level-1 word) of small bitmaps: marks within one page word, one level-1 word, two, two words
-//! of the top level (which a harvest reads in full), and a level-1 word whose 64 page words are
-//! all dirty (taken by the harvest in one loop, then split):
+//! group) of small bitmaps: marks within one page word, two words of one group (the 8 page words
+//! under one summary bit), two groups, two summary words, and a group whose words are all dirty
+//! (taken by the harvest, then split into runs):
 //!
 //! `RUSTFLAGS="--cfg loom" cargo test -p atomic-hbitmap --test loom --release`
 //!
@@ -99,19 +99,16 @@ fn marks_of_one_word_vs_harvest() {
     marks_vs_harvest(64, 0, 1);
 }
 
+/// The harvest reads both words of the group after taking its summary bit; a mark of the second
+/// may come before or after that read.
 #[test]
-fn marks_under_two_levels_vs_harvest() {
-    marks_vs_harvest(64 * 3, 65, 66);
+fn marks_of_one_group_vs_harvest() {
+    marks_vs_harvest(64 * 3, 5, 64 + 5);
 }
 
 #[test]
-fn marks_under_three_levels_vs_harvest() {
-    marks_vs_harvest(64 * 64 + 64, 64 * 64 + 3, 64 * 64 + 5);
-}
-
-#[test]
-fn marks_of_different_subtrees_vs_harvest() {
-    marks_vs_harvest(64 * 64 + 64, 5, 64 * 64 + 5);
+fn marks_of_two_groups_vs_harvest() {
+    marks_vs_harvest(512 * 2, 5, 512 + 5);
 }
 
 #[test]
@@ -233,22 +230,22 @@ fn two_harvests_share_the_pages() {
     });
 }
 
-/// A bitmap whose top level has two words: marks under each race with a harvest, which reads
-/// the top level in full.
+/// A bitmap of two summary words: marks under each race with a harvest, which reads the summary
+/// in full.
 #[test]
-fn marks_under_two_top_words_vs_harvest() {
-    let second_top_word = 64 * 64 * 64;
-    marks_vs_harvest(second_top_word + 64, 7, second_top_word + 7);
+fn marks_under_two_summary_words_vs_harvest() {
+    let second_summary_word = 512 * 64;
+    marks_vs_harvest(second_summary_word + 64, 7, second_summary_word + 7);
 }
 
-/// The harvest takes the 64 page words under a full level-1 word in one loop and splits them
-/// one at a time; a mark of one of them races with it, and the harvest is dropped after its
-/// first run (the words taken and not yet split are given back), or runs to the end.
-fn mark_vs_harvest_of_full_summary_word(runs_taken: Option<usize>) {
+/// The harvest takes the 8 page words of a group whose words are all dirty and splits them one
+/// at a time; a mark of one of them races with it, and the harvest is dropped after its first
+/// run (the words taken and not yet split are given back), or runs to the end.
+fn mark_vs_harvest_of_full_group(runs_taken: Option<usize>) {
     model_bounded(2, move || {
-        let b = Arc::new(bitmap(64 * 64 + 64));
-        // Every page word under level-1 word 0 dirty: runs 0..10, 11..4096.
-        b.set_addr_range(0, 64 * 64);
+        let b = Arc::new(bitmap(512 + 64));
+        // Every page word of group 0 dirty: runs 0..10, 11..512.
+        b.set_addr_range(0, 512);
         b.reset_bit(10);
         let done = Arc::new(AtomicBool::new(false));
         let t = {
@@ -270,12 +267,12 @@ fn mark_vs_harvest_of_full_summary_word(runs_taken: Option<usize>) {
             );
         }
         t.join().unwrap();
-        let after = settle(&b, &(0..64 * 64).collect::<Vec<_>>());
+        let after = settle(&b, &(0..512).collect::<Vec<_>>());
         let mut all: Vec<usize> = during.iter().chain(&after).copied().collect();
         all.sort_unstable();
         assert_eq!(
             all,
-            (0..64 * 64).collect::<Vec<_>>(),
+            (0..512).collect::<Vec<_>>(),
             "during {} pages, after {}",
             during.len(),
             after.len()
@@ -284,11 +281,11 @@ fn mark_vs_harvest_of_full_summary_word(runs_taken: Option<usize>) {
 }
 
 #[test]
-fn mark_vs_harvest_of_full_summary_word_to_the_end() {
-    mark_vs_harvest_of_full_summary_word(None);
+fn mark_vs_harvest_of_full_group_to_the_end() {
+    mark_vs_harvest_of_full_group(None);
 }
 
 #[test]
-fn mark_vs_dropped_harvest_of_full_summary_word() {
-    mark_vs_harvest_of_full_summary_word(Some(1));
+fn mark_vs_dropped_harvest_of_full_group() {
+    mark_vs_harvest_of_full_group(Some(1));
 }
