@@ -142,7 +142,8 @@ pub struct AtomicHBitmap {
     pages: Box<[AtomicU64]>,
     /// The first page word, chosen so that each group of page words is one cache line (a
     /// harvest then reads a group with one cache miss): `pages` has room for whole groups from
-    /// there, the words past the last page word are never set.
+    /// there (`pages.len() / GROUP_WORDS` of them); the words past the last page word are never
+    /// set.
     first: usize,
     /// Words of page bits.
     words: usize,
@@ -199,13 +200,14 @@ impl AtomicHBitmap {
         self.size = self.byte_size.div_ceil(self.page_size.get());
         // The words added are clean, and the summary bits of the old ones stay where they are.
         let (words, groups, summary) = level_sizes(self.size);
-        if words > self.words {
+        if groups > self.pages.len() / GROUP_WORDS {
             let (pages, first) = page_words(groups);
             for index in 0..self.words {
                 pages[first + index].store(self.word(index).load(PEEK), PEEK);
             }
-            (self.pages, self.first, self.words) = (pages, first, words);
+            (self.pages, self.first) = (pages, first);
         }
+        self.words = words;
         if summary > self.summary.len() {
             let mut grown = std::mem::take(&mut self.summary).into_vec();
             grown.resize_with(summary, || AtomicU64::new(0));
@@ -287,9 +289,9 @@ impl AtomicHBitmap {
         self.byte_size
     }
 
-    /// The heap memory the bitmap holds, in bytes: the page bits (as much as `AtomicBitmap`'s)
-    /// plus the summary (1/512 of that, and a word). Allocated zeroed,
-    /// it is touched only where pages are marked.
+    /// The heap memory the bitmap holds, in bytes: the page bits (as much as `AtomicBitmap`'s, and
+    /// up to 14 words to align them) plus the summary (1/512 of that, and a word). Allocated
+    /// zeroed, it is touched only where pages are marked.
     pub fn heap_bytes(&self) -> usize {
         size_of_val(&*self.pages) + size_of_val(&*self.summary)
     }
