@@ -37,7 +37,8 @@ use sync::{fence, fence_for_loom, zeroed, AtomicU64, Ordering};
 // The orderings used throughout; the type's documentation says why they suffice.
 /// A mark: its OR of page words, and its read and update of the summary.
 const MARK: Ordering = Ordering::SeqCst;
-/// The read-modify-writes that clear: a harvest's swaps, `reset_addr_range`'s ANDs.
+/// The read-modify-writes that clear: a harvest's swaps, the ANDs of `reset_addr_range` and
+/// `reset_bit`.
 const TAKE: Ordering = Ordering::AcqRel;
 /// The reads of the non-destructive walks and of `is_bit_set`, as `AtomicBitmap`'s loads.
 const LOAD: Ordering = Ordering::Acquire;

@@ -2,9 +2,9 @@
 
 //! AtomicHBitmap against vm-memory's AtomicBitmap itself: random operations of the whole shared
 //! API, every result compared, `get_and_reset` word for word, and `harvest` against the pages
-//! the reference holds. Ranges are drawn around the boundaries of words, groups and summary words
-//! (64, 512 and 32768 pages), past the end and up to `usize::MAX`; bitmaps are enlarged, cloned and (with
-//! the `vm-memory` feature) sliced.
+//! the reference holds. Ranges are drawn around the boundaries of words, groups and summary
+//! words (64, 512 and 32768 pages), past the end and up to `usize::MAX`; bitmaps are enlarged,
+//! cloned and (with the `vm-memory` feature) sliced.
 //!
 //! `ATOMIC_HBITMAP_DIFF_OPS` (operations per seed, default 4000, 1000 in
 //! a debug build) and `ATOMIC_HBITMAP_DIFF_SEEDS`

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Real threads: markers dirty clustered pages (and ranges crossing words, groups and summary words)
-//! while another thread harvests over and over, mixing in `get_and_reset`. In the end the union
-//! of what was harvested is exactly what was marked. `ATOMIC_HBITMAP_STRESS_MARKS` (per thread)
-//! makes the run longer.
+//! Real threads: markers dirty clustered pages (and ranges crossing words, groups and summary
+//! words) while another thread harvests over and over, mixing in `get_and_reset`. In the end the
+//! union of what was harvested is exactly what was marked. `ATOMIC_HBITMAP_STRESS_MARKS` (per
+//! thread) makes the run longer.
 
 mod common;
 
