@@ -146,8 +146,6 @@ pub struct AtomicHBitmap {
     /// there (`pages.len() / GROUP_WORDS` of them); the words past the last page word are never
     /// set.
     first: usize,
-    /// Words of page bits.
-    words: usize,
     /// One bit per group of [`GROUP_WORDS`] page words; at least one word.
     summary: Box<[AtomicU64]>,
     /// Pages tracked.
@@ -173,6 +171,11 @@ fn level_sizes(pages: usize) -> (usize, usize, usize) {
     (words, groups, groups.div_ceil(WORD_BITS).max(1))
 }
 
+/// Words of page bits for `pages` pages.
+fn page_word_count(pages: usize) -> usize {
+    level_sizes(pages).0
+}
+
 #[allow(clippy::len_without_is_empty)] // as vm-memory's AtomicBitmap
 impl AtomicHBitmap {
     /// Creates a bitmap tracking `byte_size` bytes, one bit per page of `page_size` bytes (the
@@ -180,12 +183,11 @@ impl AtomicHBitmap {
     /// memory comes zeroed from the allocator: pages of the bitmap are touched only when marked.
     pub fn new(byte_size: usize, page_size: NonZeroUsize) -> Self {
         let size = byte_size.div_ceil(page_size.get());
-        let (words, groups, summary) = level_sizes(size);
+        let (_, groups, summary) = level_sizes(size);
         let (pages, first) = page_words(groups);
         AtomicHBitmap {
             pages,
             first,
-            words,
             summary: zeroed(summary),
             size,
             byte_size,
@@ -197,18 +199,18 @@ impl AtomicHBitmap {
     /// made are kept. (Like `AtomicBitmap::enlarge`, it panics if the byte size overflows `usize`
     /// in a debug build.)
     pub fn enlarge(&mut self, additional_size: usize) {
+        let old_words = page_word_count(self.size);
         self.byte_size += additional_size;
         self.size = self.byte_size.div_ceil(self.page_size.get());
         // The words added are clean, and the summary bits of the old ones stay where they are.
-        let (words, groups, summary) = level_sizes(self.size);
+        let (_, groups, summary) = level_sizes(self.size);
         if groups > self.pages.len() / GROUP_WORDS {
             let (pages, first) = page_words(groups);
-            for index in 0..self.words {
+            for index in 0..old_words {
                 pages[first + index].store(self.word(index).load(PEEK), PEEK);
             }
             (self.pages, self.first) = (pages, first);
         }
-        self.words = words;
         if summary > self.summary.len() {
             let mut grown = std::mem::take(&mut self.summary).into_vec();
             grown.resize_with(summary, || AtomicU64::new(0));
@@ -306,7 +308,7 @@ impl AtomicHBitmap {
     /// as `AtomicBitmap::get_and_reset` returns them, and clears them. Only dirty words are
     /// visited; the clean ones are zeros of a freshly allocated vector.
     pub fn get_and_reset(&self) -> Vec<u64> {
-        let mut words = vec![0u64; self.words];
+        let mut words = vec![0u64; page_word_count(self.size)];
         self.take_words(|index, bits| words[index] = bits);
         words
     }
@@ -320,9 +322,7 @@ impl AtomicHBitmap {
     /// for each in increasing order.
     fn take_words(&self, mut f: impl FnMut(usize, u64)) {
         let mut walk = Walk::new(self);
-        while walk.next_group != walk.groups_len || walk.take_groups() {
-            let group = walk.groups[walk.next_group];
-            walk.next_group += 1;
+        while let Some(group) = walk.next_group(true) {
             self.take_group(group, &mut f);
         }
     }
@@ -508,9 +508,9 @@ struct Walk<'a> {
     /// The summary word being visited, and the bits taken from it whose groups are not yet in
     /// `groups`.
     held: (usize, u64),
-    /// Groups taken and not yet visited: `groups[next_group..groups_len]`.
+    /// Groups taken and not yet visited: `groups[group_at..groups_len]`.
     groups: [usize; BATCH],
-    next_group: usize,
+    group_at: usize,
     groups_len: usize,
 }
 
@@ -528,7 +528,7 @@ impl<'a> Walk<'a> {
             cursor: 0,
             held: (0, 0),
             groups: [0; BATCH],
-            next_group: 0,
+            group_at: 0,
             groups_len: 0,
         }
     }
@@ -572,7 +572,7 @@ impl<'a> Walk<'a> {
                 break;
             }
         }
-        (self.next_group, self.groups_len) = (0, count);
+        (self.group_at, self.groups_len) = (0, count);
         // Orders the swaps of the summary words before the reads of the page words under them
         // (see the type's documentation).
         fence(Ordering::SeqCst);
@@ -584,17 +584,25 @@ impl<'a> Walk<'a> {
         count != 0
     }
 
+    /// The next group to visit; when none is left, with `refill`, the first of a new batch.
+    fn next_group(&mut self, refill: bool) -> Option<usize> {
+        if self.group_at == self.groups_len && !(refill && self.take_groups()) {
+            return None;
+        }
+        let group = self.groups[self.group_at];
+        self.group_at += 1;
+        Some(group)
+    }
+
     /// Takes the next non-zero page words, in increasing order, into `out`: their number, 0 at
     /// the end. The caller owns them (it must return them or give them back).
     fn next_chunk(&mut self, out: &mut [(usize, u64); WORD_BITS]) -> usize {
         let mut len = 0;
         while len + GROUP_WORDS <= out.len() {
             // A chunk ends with the groups taken, unless it is empty.
-            if self.next_group == self.groups_len && (len != 0 || !self.take_groups()) {
+            let Some(group) = self.next_group(len == 0) else {
                 break;
-            }
-            let group = self.groups[self.next_group];
-            self.next_group += 1;
+            };
             self.bitmap.take_group(group, |index, bits| {
                 out[len] = (index, bits);
                 len += 1;
@@ -607,7 +615,7 @@ impl<'a> Walk<'a> {
 impl Drop for Walk<'_> {
     fn drop(&mut self) {
         let summary = &self.bitmap.summary;
-        for &group in &self.groups[self.next_group..self.groups_len] {
+        for &group in &self.groups[self.group_at..self.groups_len] {
             summary[group / WORD_BITS].fetch_or(1 << (group % WORD_BITS), MARK);
         }
         let (index, bits) = self.held;
@@ -750,7 +758,6 @@ impl Clone for AtomicHBitmap {
         let copy = AtomicHBitmap {
             pages,
             first,
-            words: self.words,
             summary: zeroed(self.summary.len()),
             size: self.size,
             byte_size: self.byte_size,
@@ -891,7 +898,7 @@ mod tests {
         let mut b = bitmap(10);
         b.set_bit(3);
         b.enlarge(128 * 64 * 64 * 64 * 2);
-        assert_eq!((b.words, b.summary.len()), (8193, 17));
+        assert_eq!((page_word_count(b.size), b.summary.len()), (8193, 17));
         assert_eq!(b.pages.len(), 1025 * GROUP_WORDS + GROUP_WORDS - 1);
         b.set_bit(64 * 64 + 1);
         b.set_bit(64 * 64 * 64 * 2 + 7);
